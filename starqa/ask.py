@@ -1,0 +1,137 @@
+"""Ask: Phase 2 over a stored document's KV (or, for comparison, full attention over document + question).
+
+Data flows one way: store -> engine (Phase 2) -> answer. The answer streams to stdout as it is decoded; timings go
+to stderr; with --json each question's result is one JSON object on one line of stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+from starqa import report
+from starqa.engine import ContextKV
+from starqa.store import DocumentStore, StoredDocument
+from starqa.tokens import context_ids_for, prompt_template, query_ids_for
+
+
+@dataclass
+class Answer:
+    question: str
+    answer: str
+    doc: str
+    attention: str  # "star" or "full"
+    cache_hit: bool
+    context_tokens: int
+    query_tokens: int
+    answer_tokens: int
+    phase1_s: float
+    prefill_s: float
+    ttft_s: float
+    decode_tokens_per_s: float
+    sources: list = field(default_factory=list)
+
+    def to_json(self) -> str:
+        row = asdict(self)
+        for key in ("phase1_s", "prefill_s", "ttft_s", "decode_tokens_per_s"):
+            row[key] = round(row[key], 4)
+        return json.dumps(row, ensure_ascii=False)
+
+
+def load_context(engine, store: DocumentStore, document: StoredDocument,
+                 block_indices: Sequence[int] | None = None) -> ContextKV:
+    """Read (and check) the stored blocks into one contiguous KV per layer."""
+    from starqa.engine import EncodedBlock
+
+    indices = [block["index"] for block in document.blocks] if block_indices is None else list(block_indices)
+    blocks = [
+        EncodedBlock(index=meta["index"], start=meta["start"], end=meta["end"], keys=keys, values=values)
+        for meta, keys, values in store.load_blocks(document, indices, device=engine.device, dtype=engine.dtype)
+    ]
+    return engine.context_from_blocks(blocks, document.manifest["context_tokens"])
+
+
+class _StreamPrinter:
+    """Prints decoded text as tokens arrive (decoding the whole answer each time keeps multi-byte chars whole)."""
+
+    def __init__(self, tokenizer, stop_ids, out=sys.stdout) -> None:
+        self.tokenizer, self.stop_ids, self.out = tokenizer, stop_ids, out
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def __call__(self, token: int) -> None:
+        if token in self.stop_ids:
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return
+        self.out.write(text[len(self.printed):])
+        self.out.flush()
+        self.printed = text
+
+
+def answer_text(engine, new_ids: list[int]) -> str:
+    kept = [token for token in new_ids if token not in engine.stop_ids]
+    return engine.tokenizer.decode(kept, skip_special_tokens=True).strip()
+
+
+def ask_star(engine, ctx: ContextKV, document: StoredDocument, question: str, settings, *, cache_hit: bool,
+             phase1_s: float, stream: bool, generate: Callable | None = None) -> Answer:
+    query_ids = query_ids_for(engine.tokenizer, prompt_template(engine.tokenizer), question)
+    printer = _StreamPrinter(engine.tokenizer, engine.stop_ids) if stream else None
+    run = generate or engine.generate
+    new_ids = run(ctx, query_ids, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                  top_p=settings.top_p, seed=settings.seed, on_token=printer)
+    if printer is not None:
+        print(file=sys.stdout, flush=True)
+    stats = engine.last_stats
+    return Answer(question=question, answer=answer_text(engine, new_ids), doc=document.name, attention="star",
+                  cache_hit=cache_hit, context_tokens=ctx.n_tokens, query_tokens=len(query_ids),
+                  answer_tokens=stats.new_tokens, phase1_s=phase1_s, prefill_s=stats.prefill_s,
+                  ttft_s=stats.ttft_s, decode_tokens_per_s=stats.decode_tokens_per_s)
+
+
+def ask_full(engine, document: StoredDocument, question: str, settings, *, stream: bool) -> Answer:
+    """Full attention for comparison: document and question in one causal pass, no stored KV used."""
+    template = prompt_template(engine.tokenizer)
+    context_ids = context_ids_for(engine.tokenizer, template, engine.encode_document_text(document.text()))
+    query_ids = query_ids_for(engine.tokenizer, template, question)
+    printer = _StreamPrinter(engine.tokenizer, engine.stop_ids) if stream else None
+    new_ids = engine.generate_full(context_ids + query_ids, max_new_tokens=settings.max_new_tokens,
+                                   temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
+                                   on_token=printer)
+    if printer is not None:
+        print(file=sys.stdout, flush=True)
+    stats = engine.last_stats
+    return Answer(question=question, answer=answer_text(engine, new_ids), doc=document.name, attention="full",
+                  cache_hit=False, context_tokens=len(context_ids), query_tokens=len(query_ids),
+                  answer_tokens=stats.new_tokens, phase1_s=0.0, prefill_s=stats.prefill_s, ttft_s=stats.ttft_s,
+                  decode_tokens_per_s=stats.decode_tokens_per_s)
+
+
+def print_timings(answer: Answer, load_s: float | None = None) -> None:
+    rows = []
+    if load_s is not None:
+        rows.append(("load (model + KV)", f"{load_s:.2f} s"))
+    if answer.phase1_s:
+        rows.append(("Phase 1", f"{answer.phase1_s:.2f} s"))
+    label = "Phase 2 prefill" if answer.attention == "star" else "full-attention prefill"
+    rows += [
+        (label, f"{answer.prefill_s:.3f} s ({answer.query_tokens if answer.attention == 'star' else answer.context_tokens + answer.query_tokens} tokens)"),
+        ("time to first token", f"{answer.ttft_s:.3f} s"),
+        ("decode", f"{answer.decode_tokens_per_s:.1f} tokens/s ({answer.answer_tokens} tokens)"),
+        ("peak memory (RSS)", f"{report.peak_rss_mb():,.0f} MiB"),
+    ]
+    cuda = report.cuda_peak_mb()
+    if cuda is not None:
+        rows.append(("peak CUDA memory", f"{cuda:,.0f} MiB"))
+    report.table(f"{answer.attention} attention over '{answer.doc}' ({answer.context_tokens:,} context tokens)", rows)
+
+
+def timer() -> Callable[[], float]:
+    started = time.perf_counter()
+    return lambda: time.perf_counter() - started

@@ -1,0 +1,294 @@
+"""The `starqa` command line: thin wiring of documents, engine, store and report. No logic of its own lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+
+from starqa import report
+from starqa.errors import StarqaError, UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Answer questions about long documents with a local LLM, using Star Attention.")
+
+# Options shared by several commands (Typer has no option groups; these keep the signatures short).
+ConfigOpt = typer.Option(None, "--config", help="YAML file layered over configs/default.yaml.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="Only answers and errors; no progress or tables.")
+DebugOpt = typer.Option(False, "--debug", help="Show the full traceback of an error.")
+ModelOpt = typer.Option(None, "--model", help="smollm2-135m, a local HF model dir, a .gguf file, or a cached HF id.")
+DtypeOpt = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA).")
+DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N.")
+BlockOpt = typer.Option(None, "--block-size", help="Phase 1 block size in tokens.")
+AnchorOpt = typer.Option(None, "--anchor-size", help="Anchor size in tokens (default: the block size).")
+TrustOpt = typer.Option(False, "--trust-remote-code", help="Allow a model directory's own Python code to run.")
+
+
+def _settings(config: Optional[Path], quiet: bool, **overrides):
+    from starqa.config import load_settings
+
+    report.set_quiet(quiet)
+    return load_settings(config, **overrides)
+
+
+def _store(settings):
+    from starqa.store import DocumentStore
+
+    return DocumentStore(settings.store)
+
+
+def _load_engine(settings, model: str | None = None, trust_remote_code: bool = False):
+    from starqa.engine import StarEngine
+
+    name = model or settings.model
+    report.info(f"loading model {name}")
+    return StarEngine.load(name, device=settings.device, dtype=settings.dtype, store_root=_store(settings).root,
+                           attention_backend=settings.attention_backend, trust_remote_code=trust_remote_code,
+                           on_status=report.info)
+
+
+@app.command()
+def ingest(
+    files: list[str] = typer.Argument(..., help="PDF, .txt or .md files (or - for stdin)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Document name (default: the file's stem)."),
+    force: bool = typer.Option(False, "--force", help="Replace a stored document of the same name."),
+    allow_long: bool = typer.Option(False, "--allow-long", help="Encode documents longer than the model's context."),
+    password: Optional[str] = typer.Option(None, "--password", help="Password of an encrypted PDF."),
+    model: Optional[str] = ModelOpt, dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
+    block_size: Optional[int] = BlockOpt, anchor_size: Optional[int] = AnchorOpt,
+    trust_remote_code: bool = TrustOpt,
+    config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
+) -> None:
+    """Extract a document, run Phase 1 and store its KV cache."""
+    from starqa.ingest import ingest as ingest_one
+
+    settings = _settings(config, quiet, model=model, dtype=dtype, device=device, block_size=block_size,
+                         anchor_size=anchor_size)
+    if name is not None and len(files) > 1:
+        raise UsageError("--name names one document; drop it to ingest several files (each takes its stem)")
+    store = _store(settings)
+    engine = _load_engine(settings, trust_remote_code=trust_remote_code)
+    failed = 0
+    for source in files:
+        try:
+            ingest_one(source, settings, engine, store, name=name, force=force, allow_long=allow_long,
+                       password=password)
+        except StarqaError as exc:
+            if len(files) == 1:
+                raise
+            failed += 1
+            report.error(f"{source}: {exc}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def ask(
+    question: Optional[str] = typer.Argument(None, help="The question (or use --questions)."),
+    doc: str = typer.Option(..., "--doc", help="A stored document name, or a file to ingest first."),
+    questions: Optional[Path] = typer.Option(None, "--questions", help="File with one question per line."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per question on stdout."),
+    attention: str = typer.Option("star", "--attention", help="star (stored KV) or full (one pass, no cache)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="0 = greedy."),
+    top_p: Optional[float] = typer.Option(None, "--top-p"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    name: Optional[str] = typer.Option(None, "--name", help="Name to store --doc FILE under."),
+    model: Optional[str] = ModelOpt, dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
+    block_size: Optional[int] = BlockOpt, anchor_size: Optional[int] = AnchorOpt,
+    trust_remote_code: bool = TrustOpt,
+    config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
+) -> None:
+    """Answer questions about a document from its stored KV cache (Phase 2 only)."""
+    from starqa.ask import ask_full, ask_star, load_context, print_timings, timer
+    from starqa.ingest import check_usable, ingest as ingest_one
+    from starqa.store import validate_name
+
+    settings = _settings(config, quiet, model=model, dtype=dtype, device=device, block_size=block_size,
+                         anchor_size=anchor_size, max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_p=top_p, seed=seed)
+    if attention not in ("star", "full"):
+        raise UsageError(f"--attention must be star or full, not {attention!r}")
+    asked = _read_questions(question, questions)
+    store = _store(settings)
+    elapsed = timer()
+
+    stored_name = _stored_name(store, doc)
+    if stored_name is not None:
+        document = store.get(stored_name)
+        engine = _load_engine(settings, model or document.manifest.get("model"), trust_remote_code)
+        check_usable(document, engine, settings, explicit_sizes=block_size is not None or anchor_size is not None)
+        cache_hit, phase1_s = True, 0.0
+    else:
+        if not Path(doc).exists():
+            validate_name(doc)
+            document = store.get(doc)  # raises: unknown document, with close names
+        engine = _load_engine(settings, model, trust_remote_code)
+        result = ingest_one(doc, settings, engine, store, name=name)
+        document, cache_hit, phase1_s = result.document, not result.phase1_ran, result.phase1_s
+
+    ctx = load_context(engine, store, document) if attention == "star" else None
+    load_s = elapsed()
+    for index, text in enumerate(asked):
+        stream = not as_json
+        if attention == "star":
+            answer = ask_star(engine, ctx, document, text, settings, cache_hit=cache_hit,
+                              phase1_s=phase1_s if index == 0 else 0.0, stream=stream)
+        else:
+            answer = ask_full(engine, document, text, settings, stream=stream)
+        if as_json:
+            print(answer.to_json(), flush=True)
+        print_timings(answer, load_s if index == 0 else None)
+
+
+def _stored_name(store, doc: str) -> str | None:
+    from starqa.store import validate_name
+
+    try:
+        validate_name(doc)
+    except UsageError:
+        return None
+    return doc if store.exists(doc) else None
+
+
+def _read_questions(question: str | None, questions: Path | None) -> list[str]:
+    if (question is None) == (questions is None):
+        raise UsageError("give one question as an argument, or --questions FILE (one question per line)")
+    if question is not None:
+        if not question.strip():
+            raise UsageError("the question is empty")
+        return [question]
+    try:
+        lines = questions.read_text(encoding="utf-8").splitlines() if str(questions) != "-" else sys.stdin.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read questions file {questions}: {exc.__class__.__name__}") from None
+    asked = [line.strip() for line in lines if line.strip()]
+    if not asked:
+        raise UsageError(f"questions file {questions} has no questions")
+    return asked
+
+
+@app.command("list")
+def list_documents(
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per document."),
+    config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
+) -> None:
+    """List stored documents."""
+    settings = _settings(config, quiet)
+    store = _store(settings)
+    documents = [store.get(name) for name in store.names()]
+    if as_json:
+        for document in documents:
+            m = document.manifest
+            print(json.dumps({"name": document.name, "context_tokens": m["context_tokens"],
+                              "blocks": len(m["blocks"]), "model": m["model"], "kv_bytes": m["kv_bytes"],
+                              "created": m["created"], "source": m["source"]["path"]}))
+        return
+    if not documents:
+        report.info(f"no documents stored in {store.root}")
+        return
+    for document in documents:
+        m = document.manifest
+        print(f"{document.name}\t{m['context_tokens']} tokens\t{len(m['blocks'])} blocks\t"
+              f"{m['block_size']}/{m['anchor_size']}\t{m['model']}\t{m['created']}")
+
+
+@app.command()
+def info(
+    name: str = typer.Argument(..., help="Document name."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+    config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
+) -> None:
+    """Show what is stored for a document."""
+    settings = _settings(config, quiet)
+    document = _store(settings).get(name)
+    m = document.manifest
+    if as_json:
+        print(json.dumps(m, indent=2))
+        return
+    rows = [("name", document.name), ("source", m["source"]["path"]), ("source sha256", m["source"]["sha256"][:16]),
+            ("model", m["model"]), ("model fingerprint", m["model_fingerprint"]),
+            ("tokenizer", f"{m['tokenizer_fingerprint']} ({m.get('tokenizer_engine', 'hf')} engine)"),
+            ("pages", str(m["pages"])), ("context tokens", f"{m['context_tokens']:,}"),
+            ("blocks", str(len(m["blocks"]))), ("block / anchor size", f"{m['block_size']} / {m['anchor_size']}"),
+            ("dtype", m["dtype"]), ("Phase 1", f"{m.get('phase1_s', 0):.2f} s"),
+            ("KV on disk", f"{m['kv_bytes']:,} bytes"), ("created", m["created"]), ("stored in", str(document.path))]
+    for label, value in rows:
+        print(f"{label + ':':22}{value}")
+
+
+@app.command()
+def rm(
+    names: list[str] = typer.Argument(..., help="Document names."),
+    config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
+) -> None:
+    """Remove stored documents completely."""
+    settings = _settings(config, quiet)
+    store = _store(settings)
+    for name in names:
+        store.get(name)  # fail before removing anything if any name is unknown
+    for name in names:
+        freed = store.remove(name)
+        report.info(f"removed '{name}' ({report.human_bytes(freed)})")
+
+
+@app.command()
+def verify(
+    name: str = typer.Argument(..., help="Document name."),
+    config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
+) -> None:
+    """Check every stored file of a document against its SHA-256."""
+    settings = _settings(config, quiet)
+    store = _store(settings)
+    document = store.get(name)
+    store.check_files(document, full=True)
+    report.info(f"'{name}': {len(document.manifest['files'])} files match their checksums")
+
+
+@app.command()
+def gc(config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt) -> None:
+    """Remove leftovers of interrupted ingests and report the bytes freed."""
+    settings = _settings(config, quiet)
+    removed, freed = _store(settings).collect_garbage()
+    report.info(f"removed {removed} leftover item(s), freed {report.human_bytes(freed)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=args, prog_name="starqa", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.UsageError as exc:
+        hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+        report.error(f"{exc.format_message()}{hint}")
+        return 2
+    except click.exceptions.Abort:
+        report.error("interrupted")
+        return 130
+    except KeyboardInterrupt:
+        report.error("interrupted")
+        return 130
+    except StarqaError as exc:
+        if debug:
+            raise
+        report.error(str(exc))
+        return exc.exit_code
+    except BrokenPipeError:
+        return 1
+    except Exception as exc:  # a bug, or an environment problem we did not foresee
+        if debug:
+            raise
+        report.error(f"{exc.__class__.__name__}: {exc} (rerun with --debug for the traceback)")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

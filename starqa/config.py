@@ -1,0 +1,145 @@
+"""Settings: configs/default.yaml, then a user's --config file, then command-line flags, as one frozen dataclass.
+
+Unknown keys and wrong types are usage errors that name the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from starqa.errors import UsageError
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str
+    dtype: str
+    device: str
+    block_size: int
+    anchor_size: int | None
+    phase1_batch: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    store: str | None
+    nproc: int | str
+    attention_backend: str
+
+    @property
+    def effective_anchor_size(self) -> int:
+        return self.block_size if self.anchor_size is None else self.anchor_size
+
+
+# Accepted Python types per key (bool is excluded from int on purpose: `block_size: yes` is a typo).
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (str,),
+    "dtype": (str,),
+    "device": (str,),
+    "block_size": (int,),
+    "anchor_size": (int, type(None)),
+    "phase1_batch": (int,),
+    "max_new_tokens": (int,),
+    "temperature": (float, int),
+    "top_p": (float, int),
+    "seed": (int,),
+    "store": (str, type(None)),
+    "nproc": (int, str),
+    "attention_backend": (str,),
+}
+_CHOICES = {
+    "dtype": {"auto", "float32", "bfloat16", "float16"},
+    "device": None,  # "auto", "cpu", "cuda", "cuda:N": checked in validate()
+    "attention_backend": {"auto", "torch", "triton"},
+}
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"config file not found: {path}") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read config file {path}: {exc.__class__.__name__}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise UsageError(f"config file {path} is not valid YAML{line}: fix it or pass another --config") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path} must be a mapping of settings, e.g. 'block_size: 1024'")
+    return data
+
+
+def _check_keys_and_types(values: dict[str, Any], origin: str) -> None:
+    for key, value in values.items():
+        if key not in _FIELD_TYPES:
+            known = ", ".join(sorted(_FIELD_TYPES))
+            raise UsageError(f"unknown setting '{key}' in {origin}; known settings: {known}")
+        allowed = _FIELD_TYPES[key]
+        if isinstance(value, bool) or not isinstance(value, allowed):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise UsageError(f"setting '{key}' in {origin} must be {names}, not {value!r}")
+
+
+def validate(settings: Settings) -> Settings:
+    """Reject impossible values with a message naming the setting."""
+    if settings.block_size <= 0:
+        raise UsageError(f"block size must be a positive number of tokens, not {settings.block_size}")
+    if settings.anchor_size is not None:
+        if settings.anchor_size <= 0:
+            raise UsageError(f"anchor size must be a positive number of tokens, not {settings.anchor_size}")
+        if settings.anchor_size > settings.block_size:
+            raise UsageError(
+                f"anchor size {settings.anchor_size} is larger than the block size {settings.block_size}; "
+                "use an anchor no larger than the block"
+            )
+    if settings.phase1_batch <= 0:
+        raise UsageError(f"phase1_batch must be positive, not {settings.phase1_batch}")
+    if settings.max_new_tokens <= 0:
+        raise UsageError(f"max new tokens must be positive, not {settings.max_new_tokens}")
+    if settings.temperature < 0:
+        raise UsageError(f"temperature must be >= 0, not {settings.temperature}")
+    if not 0 < settings.top_p <= 1:
+        raise UsageError(f"top-p must be in (0, 1], not {settings.top_p}")
+    for key, choices in _CHOICES.items():
+        value = getattr(settings, key)
+        if choices is not None and value not in choices:
+            raise UsageError(f"setting '{key}' must be one of {', '.join(sorted(choices))}, not {value!r}")
+    if not (settings.device in ("auto", "cpu", "cuda") or settings.device.startswith("cuda:")):
+        raise UsageError(f"device must be auto, cpu, cuda or cuda:N, not {settings.device!r}")
+    if isinstance(settings.nproc, str) and settings.nproc != "auto":
+        raise UsageError(f"nproc must be a positive number or 'auto', not {settings.nproc!r}")
+    if isinstance(settings.nproc, int) and settings.nproc <= 0:
+        raise UsageError(f"nproc must be a positive number or 'auto', not {settings.nproc}")
+    return settings
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Defaults, then `config_file`, then every override that is not None."""
+    values = _read_yaml(DEFAULT_CONFIG_PATH)
+    _check_keys_and_types(values, str(DEFAULT_CONFIG_PATH))
+    missing = set(_FIELD_TYPES) - set(values)
+    if missing:
+        raise UsageError(f"{DEFAULT_CONFIG_PATH} lacks settings: {', '.join(sorted(missing))}")
+    if config_file is not None:
+        user_values = _read_yaml(Path(config_file))
+        _check_keys_and_types(user_values, str(config_file))
+        values.update(user_values)
+    flag_values = {key: value for key, value in overrides.items() if value is not None}
+    _check_keys_and_types(flag_values, "the command line")
+    values.update(flag_values)
+    settings = Settings(**values)
+    if isinstance(settings.nproc, str) and settings.nproc.isdigit():
+        settings = dataclasses.replace(settings, nproc=int(settings.nproc))
+    return validate(settings)

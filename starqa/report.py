@@ -1,0 +1,102 @@
+"""What starqa tells people on stderr: Rich progress bars (on a terminal only), timing and memory tables, warnings.
+
+stdout is reserved for answers and JSON, so everything here writes to stderr. `NO_COLOR` is honoured by Rich;
+`--quiet` silences all but errors.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+_state = {"quiet": False}
+console = Console(stderr=True, highlight=False)
+
+
+def set_quiet(quiet: bool) -> None:
+    _state["quiet"] = quiet
+
+
+def is_quiet() -> bool:
+    return _state["quiet"]
+
+
+def info(message: str) -> None:
+    if not _state["quiet"]:
+        console.print(message, markup=False)
+
+
+def warn(message: str) -> None:
+    if not _state["quiet"]:
+        console.print(f"starqa: warning: {message}", markup=False, style="yellow")
+
+
+def error(message: str) -> None:
+    # Errors are printed even with --quiet; plain print keeps them on one line whatever the terminal width.
+    print(f"starqa: error: {message}", file=sys.stderr, flush=True)
+
+
+class _Silent:
+    def add_task(self, *args, **kwargs):
+        return 0
+
+    def update(self, *args, **kwargs):
+        pass
+
+    def advance(self, *args, **kwargs):
+        pass
+
+
+@contextmanager
+def progress():
+    """A Rich progress display on a terminal; a silent stand-in in pipes, logs and with --quiet."""
+    if _state["quiet"] or not console.is_terminal:
+        yield _Silent()
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        yield bar
+
+
+def peak_rss_mb() -> float:
+    # ru_maxrss is in KiB on Linux (bytes on macOS).
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def cuda_peak_mb() -> float | None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return None
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def table(title: str, rows: list[tuple[str, str]]) -> None:
+    if _state["quiet"]:
+        return
+    grid = Table(title=title, show_header=False, title_justify="left")
+    grid.add_column(style="bold")
+    grid.add_column(justify="right")
+    for label, value in rows:
+        grid.add_row(label, value)
+    console.print(grid)
+
+
+def wants_color() -> bool:
+    return console.is_terminal and "NO_COLOR" not in os.environ

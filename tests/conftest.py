@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny random-weight models (built from a config, with the bundled model's tokenizer) and an
+isolated store per test. The real bundled model is converted once per test session into a shared store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY_CONFIGS = {
+    "llama": dict(model_type="llama"),
+    "mistral": dict(model_type="mistral", sliding_window=None),
+    "qwen2": dict(model_type="qwen2", use_sliding_window=False),
+}
+
+
+def tiny_config(architecture: str = "llama", **changes):
+    from transformers import AutoConfig
+
+    values = dict(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        tie_word_embeddings=True, rope_theta=10000.0,
+    )
+    values.update({k: v for k, v in TINY_CONFIGS[architecture].items() if k != "model_type"})
+    values.update(changes)
+    return AutoConfig.for_model(TINY_CONFIGS[architecture]["model_type"], **values)
+
+
+def tiny_model(architecture: str = "llama", seed: int = 0, **changes):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(architecture, **changes), dtype=torch.float32)
+    # Larger random weights than the init default make logits less flat, so greedy paths are not ties.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0, 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def bundled_tokenizer():
+    from transformers import AutoTokenizer
+
+    from starqa.models import bundled_gguf_path
+
+    path = bundled_gguf_path("smollm2-135m")
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, bundled_tokenizer) -> Path:
+    """A tiny random-weight Llama saved as an HF directory, usable as `--model DIR` in CLI tests."""
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(directory)
+    bundled_tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def shared_home(tmp_path_factory) -> Path:
+    """A store shared by the tests that need the real bundled model, so it is converted once."""
+    return tmp_path_factory.mktemp("starqa-shared-home")
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """An empty store for one test, as STARQA_HOME."""
+    root = tmp_path / "home"
+    monkeypatch.setenv("STARQA_HOME", str(root))
+    return root
+
+
+@pytest.fixture(scope="session")
+def bundled_engine(shared_home):
+    from starqa.engine import StarEngine
+
+    return StarEngine.load("smollm2-135m", device="cpu", dtype="float32", store_root=shared_home)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    os.environ.pop("NO_COLOR", None)

@@ -1,0 +1,143 @@
+"""Star Attention's engine against plain HF transformers on the same ids."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from conftest import tiny_model
+from starqa.engine import StarEngine
+from starqa.tokens import plan_blocks
+
+
+class _NoTokenizer:
+    eos_token_id = None
+
+
+def _engines(architecture: str = "llama"):
+    """A StarEngine and a reference HF model (sdpa attention) with the same weights."""
+    model = tiny_model(architecture)
+    reference = copy.deepcopy(model)
+    reference.set_attn_implementation("sdpa")
+    return StarEngine(model, _NoTokenizer()), reference
+
+
+def _random_ids(n: int, seed: int = 1) -> list[int]:
+    return torch.randint(3, 49152, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _hf_greedy(reference, prompt_ids, max_new_tokens):
+    output = reference.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)
+    return output[0, len(prompt_ids):].tolist()
+
+
+@pytest.mark.parametrize("architecture", ["llama", "mistral", "qwen2"])
+def test_one_block_equals_hf_greedy(architecture):
+    engine, reference = _engines(architecture)
+    engine.stop_ids = set()
+    context, query = _random_ids(150), _random_ids(9, seed=2)
+    ctx = engine.encode_context(context, block_size=256)
+    assert len(ctx.spans) == 1
+    star = engine.generate(ctx, query, max_new_tokens=16)
+    assert star == _hf_greedy(reference, context + query, 16)
+
+
+def test_full_attention_mode_equals_hf_greedy():
+    engine, reference = _engines()
+    engine.stop_ids = set()
+    prompt = _random_ids(120)
+    assert engine.generate_full(prompt, max_new_tokens=12) == _hf_greedy(reference, prompt, 12)
+
+
+def _hf_kv(reference, ids, positions):
+    cache = DynamicCache(config=reference.config)
+    with torch.no_grad():
+        reference.model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]), cache=cache,
+                        use_cache=True)
+    return [layer.keys[0] for layer in cache.layers], [layer.values[0] for layer in cache.layers]
+
+
+@pytest.mark.parametrize("block_size,anchor_size", [(64, 64), (64, 16), (50, 50), (48, 7)])
+def test_block_kv_equals_anchor_plus_block_encoded_directly(block_size, anchor_size):
+    engine, reference = _engines()
+    context = _random_ids(205)  # 205 is no multiple of these sizes: the last block is short
+    blocks = list(engine.encode_blocks(context, block_size, anchor_size, batch=2))
+    assert [(b.start, b.end) for b in blocks] == plan_blocks(205, block_size)
+    for block in blocks:
+        if block.index == 0:
+            ids, positions, keep_from = context[: block.end], list(range(block.end)), 0
+        else:
+            ids = context[:anchor_size] + context[block.start : block.end]
+            positions = list(range(anchor_size)) + list(range(block.start, block.end))
+            keep_from = anchor_size  # the anchor's KV is thrown away
+        keys, values = _hf_kv(reference, ids, positions)
+        for layer in range(engine.num_layers):
+            torch.testing.assert_close(block.keys[layer], keys[layer][:, keep_from:], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(block.values[layer], values[layer][:, keep_from:], rtol=1e-4, atol=1e-4)
+
+
+def test_phase1_on_a_subset_of_blocks_equals_all_blocks():
+    engine, _ = _engines()
+    context = _random_ids(200)
+    everything = {b.index: b for b in engine.encode_blocks(context, 64, 32)}
+    subset = list(engine.encode_blocks(context, 64, 32, block_indices=[2, 3]))  # no block 0: encodes the anchor
+    for block in subset:
+        torch.testing.assert_close(block.keys[0], everything[block.index].keys[0], rtol=1e-5, atol=1e-5)
+
+
+def test_phase2_over_stored_blocks_equals_hf_forward_with_concatenated_cache():
+    engine, reference = _engines()
+    context, query = _random_ids(230), _random_ids(11, seed=3)
+    ctx = engine.encode_context(context, block_size=64, anchor_size=32)
+    assert len(ctx.spans) == 4
+    cache = DynamicCache(config=reference.config)
+    for layer in range(engine.num_layers):
+        cache.update(ctx.keys[layer].clone(), ctx.values[layer].clone(), layer)
+    positions = torch.arange(len(context), len(context) + len(query))[None]
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor([query]), position_ids=positions, cache=cache).logits[0, -1]
+    star_cache = engine._new_cache(batch=1, capacity=len(query), prefix=(ctx.keys, ctx.values))
+    logits = engine._step(star_cache, query, len(context))
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_batched_phase1_equals_one_block_at_a_time():
+    engine, _ = _engines()
+    context = _random_ids(256)
+    one = list(engine.encode_blocks(context, 32, 32, batch=1))
+    batched = list(engine.encode_blocks(context, 32, 32, batch=4))
+    for a, b in zip(one, batched):
+        torch.testing.assert_close(a.values[1], b.values[1], rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    engine, _ = _engines()
+    engine.stop_ids = set()
+    ctx = engine.encode_context(_random_ids(100), block_size=32)
+    first = engine.generate(ctx, [5, 6, 7], max_new_tokens=10, temperature=0.8, top_p=0.9, seed=7)
+    again = engine.generate(ctx, [5, 6, 7], max_new_tokens=10, temperature=0.8, top_p=0.9, seed=7)
+    assert first == again
+
+
+@pytest.mark.slow
+def test_bundled_model_one_block_equals_hf_greedy(bundled_engine):
+    from transformers import AutoModelForCausalLM
+
+    from starqa.tokens import context_ids_for, encode_document, prompt_template, query_ids_for
+
+    tokenizer = bundled_engine.tokenizer
+    template = prompt_template(tokenizer)
+    document = "The vault code is 48213. Paris was rainy all week, and the museum closed at six."
+    context = context_ids_for(tokenizer, template, encode_document(tokenizer, document))
+    query = query_ids_for(tokenizer, template, "What is the vault code?")
+    reference = AutoModelForCausalLM.from_pretrained(bundled_engine.model_dir, dtype=torch.float32,
+                                                     attn_implementation="sdpa")
+    ctx = bundled_engine.encode_context(context, block_size=512)
+    star = bundled_engine.generate(ctx, query, max_new_tokens=20)
+    expected = reference.generate(torch.tensor([context + query]), max_new_tokens=20, do_sample=False)
+    assert star == expected[0, len(context) + len(query):].tolist()
+    assert "48213" in tokenizer.decode(star)
