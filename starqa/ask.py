@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from starqa import report
+from starqa.distributed import Ranks, agree, block_plan, merge_across_ranks, token_from_query_host
 from starqa.engine import ContextKV
 from starqa.store import DocumentStore, StoredDocument
 from starqa.tokens import context_ids_for, prompt_template, query_ids_for
@@ -80,12 +81,18 @@ def answer_text(engine, new_ids: list[int]) -> str:
 
 
 def ask_star(engine, ctx: ContextKV, document: StoredDocument, question: str, settings, *, cache_hit: bool,
-             phase1_s: float, stream: bool, generate: Callable | None = None) -> Answer:
+             phase1_s: float, stream: bool, ranks: Ranks | None = None) -> Answer:
+    ranks = ranks or Ranks()
     query_ids = query_ids_for(engine.tokenizer, prompt_template(engine.tokenizer), question)
-    printer = _StreamPrinter(engine.tokenizer, engine.stop_ids) if stream else None
-    run = generate or engine.generate
-    new_ids = run(ctx, query_ids, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                  top_p=settings.top_p, seed=settings.seed, on_token=printer)
+    printer = _StreamPrinter(engine.tokenizer, engine.stop_ids) if stream and ranks.is_speaker else None
+    spread = {}
+    if ranks.distributed:
+        spread = dict(keep_local=ranks.is_query_host,
+                      merge_across_ranks=lambda out, lse: merge_across_ranks(out, lse, ranks.group),
+                      sync_token=lambda token: token_from_query_host(token, ranks))
+    new_ids = engine.generate(ctx, query_ids, max_new_tokens=settings.max_new_tokens,
+                              temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
+                              on_token=printer, **spread)
     if printer is not None:
         print(file=sys.stdout, flush=True)
     stats = engine.last_stats
@@ -135,3 +142,73 @@ def print_timings(answer: Answer, load_s: float | None = None) -> None:
 def timer() -> Callable[[], float]:
     started = time.perf_counter()
     return lambda: time.perf_counter() - started
+
+
+def load_context_share(engine, store: DocumentStore, document: StoredDocument | None, ranks: Ranks,
+                       n_blocks: int, n_tokens: int) -> ContextKV:
+    """This rank's contiguous run of the stored blocks (all of them in one process); every rank must succeed."""
+    error, ctx = None, None
+    try:
+        if document is None:  # a rank other than 0 after a distributed ingest: open what rank 0 published
+            raise RuntimeError("no document")
+        ctx = load_context(engine, store, document, block_plan(n_blocks, ranks.world, ranks.rank))
+    except Exception as exc:  # noqa: BLE001 - every rank must hear of it; re-raised by agree()
+        if not ranks.distributed:
+            raise
+        error = exc
+    agree(ranks, "loading the KV", error)
+    return ctx
+
+
+def run(engine_loader, settings, store: DocumentStore, *, doc: str, questions: list[str], as_json: bool,
+        attention: str, name: str | None, explicit_model: str | None, explicit_sizes: bool,
+        ranks: Ranks) -> None:
+    """The `ask` command: find (or first ingest) the document, load its KV, answer every question."""
+    from starqa.ingest import check_usable, ingest
+    from starqa.store import validate_name
+
+    elapsed = timer()
+    stored_name = doc if _is_valid_name(doc) and store.exists(doc) else None
+    if stored_name is not None:
+        document = store.get(stored_name)
+        engine = engine_loader(explicit_model or document.manifest.get("model"))
+        check_usable(document, engine, settings, explicit_sizes=explicit_sizes)
+        cache_hit, phase1_s = True, 0.0
+    else:
+        from pathlib import Path
+
+        if not Path(doc).exists():
+            validate_name(doc)
+            store.get(doc)  # raises: no such document (with close names)
+        engine = engine_loader(explicit_model)
+        result = ingest(doc, settings, engine, store, name=name, ranks=ranks)
+        document = store.get(result.name)
+        cache_hit, phase1_s = not result.phase1_ran, result.phase1_s
+
+    ctx = None
+    if attention == "star":
+        ctx = load_context_share(engine, store, document, ranks, len(document.blocks),
+                                 document.manifest["context_tokens"])
+    load_s = elapsed()
+    for index, question in enumerate(questions):
+        stream = not as_json
+        if attention == "star":
+            answer = ask_star(engine, ctx, document, question, settings, cache_hit=cache_hit,
+                              phase1_s=phase1_s if index == 0 else 0.0, stream=stream, ranks=ranks)
+        else:
+            answer = ask_full(engine, document, question, settings, stream=stream and ranks.is_speaker)
+        if ranks.is_speaker:
+            if as_json:
+                print(answer.to_json(), flush=True)
+            print_timings(answer, load_s if index == 0 else None)
+
+
+def _is_valid_name(doc: str) -> bool:
+    from starqa.errors import UsageError
+    from starqa.store import validate_name
+
+    try:
+        validate_name(doc)
+    except UsageError:
+        return False
+    return True

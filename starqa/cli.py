@@ -26,6 +26,32 @@ DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N.")
 BlockOpt = typer.Option(None, "--block-size", help="Phase 1 block size in tokens.")
 AnchorOpt = typer.Option(None, "--anchor-size", help="Anchor size in tokens (default: the block size).")
 TrustOpt = typer.Option(False, "--trust-remote-code", help="Allow a model directory's own Python code to run.")
+NprocOpt = typer.Option(None, "--nproc", help="Processes (GPUs) for Phase 1/2: a number or auto (visible GPUs).")
+
+
+class _Relaunched(Exception):
+    """Raised after the command ran under torchrun in child processes; carries their exit code."""
+
+    def __init__(self, exit_code: int) -> None:
+        self.exit_code = exit_code
+
+
+def _launch_if_asked(settings) -> None:
+    from starqa import distributed
+
+    nproc = distributed.requested_nproc(settings.nproc)
+    if nproc > 1 and not distributed.under_torchrun():
+        raise _Relaunched(distributed.launch(nproc, sys.argv[1:] if _ARGV is None else _ARGV))
+
+
+def _ranks(settings):
+    from starqa import distributed
+
+    ranks = distributed.setup(settings.device)
+    _RANKS[0] = ranks
+    if not ranks.is_speaker:
+        report.set_quiet(True)  # one rank talks; the others only compute
+    return ranks
 
 
 def _settings(config: Optional[Path], quiet: bool, **overrides):
@@ -41,12 +67,13 @@ def _store(settings):
     return DocumentStore(settings.store)
 
 
-def _load_engine(settings, model: str | None = None, trust_remote_code: bool = False):
+def _load_engine(settings, model: str | None = None, trust_remote_code: bool = False, ranks=None):
     from starqa.engine import StarEngine
 
     name = model or settings.model
     report.info(f"loading model {name}")
-    return StarEngine.load(name, device=settings.device, dtype=settings.dtype, store_root=_store(settings).root,
+    device = ranks.device if ranks is not None and ranks.distributed else settings.device
+    return StarEngine.load(name, device=device, dtype=settings.dtype, store_root=_store(settings).root,
                            attention_backend=settings.attention_backend, trust_remote_code=trust_remote_code,
                            on_status=report.info)
 
@@ -59,30 +86,34 @@ def ingest(
     allow_long: bool = typer.Option(False, "--allow-long", help="Encode documents longer than the model's context."),
     password: Optional[str] = typer.Option(None, "--password", help="Password of an encrypted PDF."),
     model: Optional[str] = ModelOpt, dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
-    block_size: Optional[int] = BlockOpt, anchor_size: Optional[int] = AnchorOpt,
+    block_size: Optional[int] = BlockOpt, anchor_size: Optional[int] = AnchorOpt, nproc: Optional[str] = NprocOpt,
     trust_remote_code: bool = TrustOpt,
     config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
-    """Extract a document, run Phase 1 and store its KV cache."""
+    """Extract documents, run Phase 1 and store their KV caches (one document per file)."""
     from starqa.ingest import ingest as ingest_one
 
     settings = _settings(config, quiet, model=model, dtype=dtype, device=device, block_size=block_size,
-                         anchor_size=anchor_size)
+                         anchor_size=anchor_size, nproc=nproc)
     if name is not None and len(files) > 1:
         raise UsageError("--name names one document; drop it to ingest several files (each takes its stem)")
+    _launch_if_asked(settings)
+    ranks = _ranks(settings)
     store = _store(settings)
-    engine = _load_engine(settings, trust_remote_code=trust_remote_code)
+    engine = _load_engine(settings, None, trust_remote_code, ranks)
     failed = 0
     for source in files:
         try:
             ingest_one(source, settings, engine, store, name=name, force=force, allow_long=allow_long,
-                       password=password)
+                       password=password, ranks=ranks)
         except StarqaError as exc:
             if len(files) == 1:
                 raise
             failed += 1
-            report.error(f"{source}: {exc}")
+            if ranks.is_speaker:
+                report.error(f"{source}: {exc}")
     if failed:
+        report.error(f"{failed} of {len(files)} files failed")
         raise typer.Exit(1)
 
 
@@ -99,60 +130,24 @@ def ask(
     seed: Optional[int] = typer.Option(None, "--seed"),
     name: Optional[str] = typer.Option(None, "--name", help="Name to store --doc FILE under."),
     model: Optional[str] = ModelOpt, dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
-    block_size: Optional[int] = BlockOpt, anchor_size: Optional[int] = AnchorOpt,
+    block_size: Optional[int] = BlockOpt, anchor_size: Optional[int] = AnchorOpt, nproc: Optional[str] = NprocOpt,
     trust_remote_code: bool = TrustOpt,
     config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """Answer questions about a document from its stored KV cache (Phase 2 only)."""
-    from starqa.ask import ask_full, ask_star, load_context, print_timings, timer
-    from starqa.ingest import check_usable, ingest as ingest_one
-    from starqa.store import validate_name
+    from starqa import ask as asking
 
     settings = _settings(config, quiet, model=model, dtype=dtype, device=device, block_size=block_size,
                          anchor_size=anchor_size, max_new_tokens=max_new_tokens, temperature=temperature,
-                         top_p=top_p, seed=seed)
+                         top_p=top_p, seed=seed, nproc=nproc)
     if attention not in ("star", "full"):
         raise UsageError(f"--attention must be star or full, not {attention!r}")
     asked = _read_questions(question, questions)
-    store = _store(settings)
-    elapsed = timer()
-
-    stored_name = _stored_name(store, doc)
-    if stored_name is not None:
-        document = store.get(stored_name)
-        engine = _load_engine(settings, model or document.manifest.get("model"), trust_remote_code)
-        check_usable(document, engine, settings, explicit_sizes=block_size is not None or anchor_size is not None)
-        cache_hit, phase1_s = True, 0.0
-    else:
-        if not Path(doc).exists():
-            validate_name(doc)
-            document = store.get(doc)  # raises: unknown document, with close names
-        engine = _load_engine(settings, model, trust_remote_code)
-        result = ingest_one(doc, settings, engine, store, name=name)
-        document, cache_hit, phase1_s = result.document, not result.phase1_ran, result.phase1_s
-
-    ctx = load_context(engine, store, document) if attention == "star" else None
-    load_s = elapsed()
-    for index, text in enumerate(asked):
-        stream = not as_json
-        if attention == "star":
-            answer = ask_star(engine, ctx, document, text, settings, cache_hit=cache_hit,
-                              phase1_s=phase1_s if index == 0 else 0.0, stream=stream)
-        else:
-            answer = ask_full(engine, document, text, settings, stream=stream)
-        if as_json:
-            print(answer.to_json(), flush=True)
-        print_timings(answer, load_s if index == 0 else None)
-
-
-def _stored_name(store, doc: str) -> str | None:
-    from starqa.store import validate_name
-
-    try:
-        validate_name(doc)
-    except UsageError:
-        return None
-    return doc if store.exists(doc) else None
+    _launch_if_asked(settings)
+    ranks = _ranks(settings)
+    asking.run(lambda model_name: _load_engine(settings, model_name, trust_remote_code, ranks), settings,
+               _store(settings), doc=doc, questions=asked, as_json=as_json, attention=attention, name=name,
+               explicit_model=model, explicit_sizes=block_size is not None or anchor_size is not None, ranks=ranks)
 
 
 def _read_questions(question: str | None, questions: Path | None) -> list[str]:
@@ -257,8 +252,28 @@ def gc(config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool =
     report.info(f"removed {removed} leftover item(s), freed {report.human_bytes(freed)}")
 
 
+_ARGV: list[str] | None = None  # the arguments main() runs, re-used to relaunch under torchrun
+_RANKS: list = [None]  # this process's Ranks once a command has set them up
+
+
+def _report_failure(message: str, exc: BaseException) -> None:
+    from starqa import distributed
+
+    ranks = _RANKS[0]
+    if ranks is not None and ranks.distributed:
+        if distributed.report_rank_error(ranks, exc):
+            return  # the launcher prints one line for all ranks
+        if not ranks.is_speaker and isinstance(exc, distributed.RankFailure):
+            return  # rank 0 prints the same line
+        if not ranks.is_speaker:
+            message = f"[rank {ranks.rank}] {message}"
+    report.error(message)
+
+
 def main(argv: list[str] | None = None) -> int:
+    global _ARGV
     args = sys.argv[1:] if argv is None else argv
+    _ARGV = list(args)
     debug = "--debug" in args
     command = typer.main.get_command(app)
     try:
@@ -276,18 +291,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         report.error("interrupted")
         return 130
+    except _Relaunched as relaunched:
+        return relaunched.exit_code
     except StarqaError as exc:
         if debug:
             raise
-        report.error(str(exc))
+        _report_failure(str(exc), exc)
         return exc.exit_code
     except BrokenPipeError:
         return 1
     except Exception as exc:  # a bug, or an environment problem we did not foresee
         if debug:
             raise
-        report.error(f"{exc.__class__.__name__}: {exc} (rerun with --debug for the traceback)")
+        _report_failure(f"{exc.__class__.__name__}: {exc} (rerun with --debug for the traceback)", exc)
         return 1
+    finally:
+        if _RANKS[0] is not None:
+            from starqa import distributed
+
+            distributed.shutdown(_RANKS[0])
+            _RANKS[0] = None
 
 
 if __name__ == "__main__":

@@ -139,9 +139,14 @@ class StarEngine:
     def load(cls, model: str = "smollm2-135m", *, device: str = "auto", dtype: str = "auto",
              store_root: Path | str | None = None, attention_backend: str = "auto",
              trust_remote_code: bool = False, on_status: Callable[[str], None] | None = None) -> "StarEngine":
+        import transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from starqa import models
+
+        # Our own progress and messages go to stderr through starqa.report; transformers' bars would only add noise.
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
         from starqa.store import default_store_root
 
         root = Path(store_root) if store_root is not None else default_store_root()
@@ -278,13 +283,20 @@ class StarEngine:
     def generate(self, ctx: ContextKV, query_ids: Sequence[int], *, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                  on_token: Callable[[int], None] | None = None, keep_local: bool = True,
-                 merge_across_ranks=None, on_prefix_attention=None) -> list[int]:
-        """Phase 2: encode the query against the context KV, then decode; returns the new token ids."""
+                 merge_across_ranks=None, sync_token: Callable[[int], int] | None = None,
+                 on_prefix_attention=None) -> list[int]:
+        """Phase 2: encode the query against the context KV, then decode; returns the new token ids.
+
+        Distributed: each rank passes its own blocks in `ctx`; `merge_across_ranks` combines the ranks' partial
+        attention per layer; only the query host keeps the query's KV (`keep_local`); `sync_token` makes every
+        rank continue with the query host's token.
+        """
         cache = self._new_cache(batch=1, capacity=len(query_ids) + max_new_tokens,
                                 prefix=(ctx.keys, ctx.values), keep_local=keep_local,
                                 merge_across_ranks=merge_across_ranks)
         cache.on_prefix_attention = on_prefix_attention
-        return self._decode(cache, list(query_ids), ctx.n_tokens, max_new_tokens, temperature, top_p, seed, on_token)
+        return self._decode(cache, list(query_ids), ctx.n_tokens, max_new_tokens, temperature, top_p, seed, on_token,
+                            sync_token)
 
     def generate_full(self, prompt_ids: Sequence[int], *, max_new_tokens: int = 128, temperature: float = 0.0,
                       top_p: float = 1.0, seed: int = 0, on_token: Callable[[int], None] | None = None) -> list[int]:
@@ -292,7 +304,8 @@ class StarEngine:
         cache = self._new_cache(batch=1, capacity=len(prompt_ids) + max_new_tokens)
         return self._decode(cache, list(prompt_ids), 0, max_new_tokens, temperature, top_p, seed, on_token)
 
-    def _decode(self, cache, prompt_ids, first_position, max_new_tokens, temperature, top_p, seed, on_token):
+    def _decode(self, cache, prompt_ids, first_position, max_new_tokens, temperature, top_p, seed, on_token,
+                sync_token=None):
         generator = torch.Generator(device="cpu").manual_seed(seed)
         stats = GenerationStats()
         started = time.perf_counter()
@@ -303,6 +316,8 @@ class StarEngine:
         decode_started = 0.0
         while True:
             token = _sample(logits, temperature, top_p, generator)
+            if sync_token is not None:
+                token = sync_token(token)
             new_ids.append(token)
             if len(new_ids) == 1:
                 stats.ttft_s = time.perf_counter() - started

@@ -1,31 +1,46 @@
 """Ingest: extract a document, tokenize the context part of the prompt, run Phase 1, and store the KV.
 
 Data flows one way: documents -> tokens -> engine (Phase 1) -> store. Blocks are written as Phase 1 yields them, so
-the KV of a long document never has to fit in memory at once.
+the KV of a long document never has to fit in memory at once. Under torch.distributed, rank 0 prepares the document
+and owns the store; every rank encodes its contiguous run of blocks and writes their files into rank 0's staging
+folder; the manifest is written and the document published only after all ranks have finished.
 """
 
 from __future__ import annotations
 
 import hashlib
-import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from starqa import __version__, report
 from starqa.config import Settings
-from starqa.documents import extract_document
+from starqa.distributed import RankFailure, Ranks, agree, block_plan, broadcast_object, gather_objects, share_outcome
 from starqa.errors import StarqaError, UsageError
-from starqa.store import DocumentStore, StoredDocument, name_from_path, validate_name
-from starqa.tokens import PROMPT_LAYOUT_VERSION, context_ids_for, encode_document, prompt_template
+from starqa.store import DocumentStore, StoredDocument, name_from_path, validate_name, write_block_file
+from starqa.tokens import PROMPT_LAYOUT_VERSION, context_ids_for, plan_blocks, prompt_template
+
+# Test hook: STARQA_FAIL_PHASE1_RANK=N makes rank N raise during Phase 1 (how the fault tests stage a failure).
+_FAIL_RANK_ENV = "STARQA_FAIL_PHASE1_RANK"
 
 
 @dataclass
 class IngestResult:
     name: str
-    document: StoredDocument
+    document: StoredDocument | None  # None on ranks other than 0
     phase1_ran: bool  # False when the document was already stored with the same source and settings
     phase1_s: float = 0.0
+
+
+@dataclass
+class _Prepared:
+    name: str
+    context_ids: list[int]
+    manifest: dict
+    text: str
+    pages: list[dict]
+    stored: bool  # already stored with the same source and settings: nothing to do
 
 
 def dtype_name(engine) -> str:
@@ -45,15 +60,14 @@ def settings_signature(engine, settings: Settings) -> dict:
 
 
 def differences(manifest: dict, signature: dict) -> list[str]:
-    labels = {"model_fingerprint": "model", "tokenizer_fingerprint": "tokenizer",
-              "prompt_layout_version": "prompt layout", "block_size": "block size",
-              "anchor_size": "anchor size", "dtype": "dtype"}
+    labels = {"tokenizer_fingerprint": "tokenizer", "prompt_layout_version": "prompt layout",
+              "block_size": "block size", "anchor_size": "anchor size", "dtype": "dtype"}
     found = []
     for key, wanted in signature.items():
         stored = manifest.get(key)
         if stored != wanted:
             if key == "model_fingerprint":
-                found.append(f"model ({manifest.get('model', '?')} as stored)")
+                found.append(f"model (stored with {manifest.get('model', '?')})")
             else:
                 found.append(f"{labels[key]} (stored {stored}, now {wanted})")
     return found
@@ -69,110 +83,186 @@ def _source_digest(source: str, text: str) -> str:
     return digest.hexdigest()
 
 
-def ingest(source: str, settings: Settings, engine, store: DocumentStore, *, name: str | None = None,
-           force: bool = False, allow_long: bool = False, password: str | None = None,
-           encode_blocks=None) -> IngestResult:
-    """Ingest one file (or "-" for stdin) as document `name` (default: the file's stem)."""
+def _prepare(source, settings, engine, store, *, name, force, allow_long, password) -> _Prepared:
+    from starqa.documents import extract_document
+
     name = validate_name(name if name is not None else name_from_path(source))
     with report.progress() as bar:
         pages_task = bar.add_task("extracting pages", total=None)
-
-        def on_page(done: int, total: int) -> None:
-            bar.update(pages_task, completed=done, total=total)
-
-        extracted = extract_document(source, password=password, on_page=on_page)
+        extracted = extract_document(source, password=password,
+                                     on_page=lambda done, total: bar.update(pages_task, completed=done, total=total))
     for warning in extracted.warnings:
         report.warn(warning)
     source_sha256 = _source_digest(source, extracted.text)
     signature = settings_signature(engine, settings)
-
     if store.exists(name):
         stored = store.get(name)
         same_source = stored.manifest.get("source", {}).get("sha256") == source_sha256
         diffs = differences(stored.manifest, signature)
         if same_source and not diffs and not force:
             report.info(f"'{name}' is already stored from the same source with the same settings; nothing to do")
-            return IngestResult(name=name, document=stored, phase1_ran=False)
+            return _Prepared(name, [], {}, "", [], stored=True)
         if not force:
             what = "a different source file" if not same_source else "different settings: " + ", ".join(diffs)
             raise UsageError(f"document '{name}' is already stored with {what}; pass --force to replace it, "
                              "or --name to store it under another name")
 
-    tokenizer = engine.tokenizer
-    template = prompt_template(tokenizer)
+    template = prompt_template(engine.tokenizer)
     document_ids = engine.encode_document_text(extracted.text)
-    context_ids = context_ids_for(tokenizer, template, document_ids)
+    context_ids = context_ids_for(engine.tokenizer, template, document_ids)
     window = engine.context_window
     if window and len(context_ids) > window and not allow_long:
         raise UsageError(
             f"'{source}' is {len(context_ids):,} tokens with the prompt, but the model reads at most {window:,}; "
             "use a model with a longer context, or pass --allow-long to encode it anyway"
         )
-    anchor_size = settings.effective_anchor_size
     manifest = {
         "source": {"path": str(Path(source).resolve()) if source != "-" else "-", "sha256": source_sha256,
                    "kind": extracted.kind},
         "model": engine.model_name,
         **signature,
-        "tokenizer_engine": getattr(engine, "tokenizer_engine", "hf"),
+        "tokenizer_engine": engine.tokenizer_engine,
         "context_tokens": len(context_ids),
         "document_tokens": len(document_ids),
         "document_token_offset": len(context_ids) - len(document_ids),
         "pages": len(extracted.pages),
         "starqa_version": __version__,
     }
+    pages = [{"number": p.number, "start": p.start, "end": p.end} for p in extracted.pages]
+    return _Prepared(name, context_ids, manifest, extracted.text, pages, stored=False)
+
+
+def ingest(source: str, settings: Settings, engine, store: DocumentStore, *, name: str | None = None,
+           force: bool = False, allow_long: bool = False, password: str | None = None,
+           ranks: Ranks | None = None) -> IngestResult:
+    """Ingest one file (or "-" for stdin) as document `name` (default: the file's stem)."""
+    ranks = ranks or Ranks()
+    prepared = share_outcome(ranks, lambda: _prepare(source, settings, engine, store, name=name, force=force,
+                                                     allow_long=allow_long, password=password))
+    if prepared.stored:
+        document = store.get(prepared.name) if ranks.is_speaker else None
+        return IngestResult(name=prepared.name, document=document, phase1_ran=False)
+
+    spans = plan_blocks(len(prepared.context_ids), settings.block_size)
+    if ranks.is_speaker:
+        phase1_s, document = _store_as_speaker(prepared, settings, engine, store, spans, ranks, force)
+    else:
+        staging = broadcast_object(None, ranks)
+        if staging is None:  # rank 0 failed before Phase 1 and reports why
+            raise RankFailure("rank 0 could not start storing the document")
+        phase1_s = _phase1(engine, prepared.context_ids, settings, Path(staging), spans, ranks)
+        agree(ranks, "storing the document", None)
+        document = None
+    peaks = gather_objects(report.peak_rss_mb(), ranks)
+    if ranks.is_speaker:
+        _summary(prepared, settings, phase1_s, document, peaks)
+    return IngestResult(name=prepared.name, document=document, phase1_ran=True, phase1_s=phase1_s)
+
+
+def _store_as_speaker(prepared, settings, engine, store, spans, ranks, force):
+    """Rank 0 (or the only process): lock, stage, run its share of Phase 1, record every block, publish."""
+    stage = "before Phase 1"
+    try:
+        with store.lock(prepared.name, on_wait=report.info):
+            _refuse_if_stored_meanwhile(store, prepared, force)
+            with store.writing(prepared.name, prepared.manifest) as writer:
+                writer.write_text(prepared.text, prepared.pages)
+                writer.write_context_ids(prepared.context_ids)
+                broadcast_object(str(writer.staging), ranks)
+                stage = "Phase 1"
+                phase1_s = _phase1(engine, prepared.context_ids, settings, writer.staging, spans, ranks)
+                stage = "publishing"
+                for index, (start, end) in enumerate(spans):
+                    writer.record_existing_block(index, start, end)
+                prepared.manifest["phase1_s"] = round(phase1_s, 3)
+                prepared.manifest["nproc"] = ranks.world
+        document = store.get(prepared.name)
+    except BaseException as exc:
+        if stage == "before Phase 1":
+            broadcast_object(None, ranks)
+        elif stage == "publishing" and isinstance(exc, Exception):
+            agree(ranks, "storing the document", exc)
+        raise
+    agree(ranks, "storing the document", None)
+    return phase1_s, document
+
+
+def _refuse_if_stored_meanwhile(store: DocumentStore, prepared: _Prepared, force: bool) -> None:
+    if store.exists(prepared.name) and not force:  # a concurrent ingest stored it while we waited for the lock
+        raise UsageError(f"document '{prepared.name}' was just stored by another starqa process; "
+                         "pass --force to replace it")
+
+
+def _phase1(engine, context_ids, settings: Settings, staging: Path, spans, ranks: Ranks) -> float:
+    """This rank's share of Phase 1, each block written as soon as it is encoded; all ranks then agree."""
+    mine = block_plan(len(spans), ranks.world, ranks.rank)
     started = time.perf_counter()
-    with store.lock(name, on_wait=report.info):
-        if store.exists(name) and not force:  # stored by a concurrent ingest while we waited for the lock
-            stored = store.get(name)
-            if stored.manifest.get("source", {}).get("sha256") == source_sha256 and not differences(stored.manifest, signature):
-                report.info(f"'{name}' was just stored by another starqa process; nothing to do")
-                return IngestResult(name=name, document=stored, phase1_ran=False)
-            raise UsageError(f"document '{name}' was just stored by another process; pass --force to replace it")
-        with store.writing(name, manifest) as writer:
-            writer.write_text(extracted.text, [{"number": p.number, "start": p.start, "end": p.end}
-                                               for p in extracted.pages])
-            writer.write_context_ids(context_ids)
-            run_phase1 = encode_blocks or _encode_blocks_here
-            phase1_s = run_phase1(engine, context_ids, settings, writer)
-            writer_manifest_extra = {"phase1_s": round(phase1_s, 3)}
-            manifest.update(writer_manifest_extra)
-    document = store.get(name)
-    _summary(name, extracted, context_ids, settings, phase1_s, document, time.perf_counter() - started)
-    return IngestResult(name=name, document=document, phase1_ran=True, phase1_s=phase1_s)
-
-
-def _encode_blocks_here(engine, context_ids, settings: Settings, writer) -> float:
-    """Phase 1 in this process, writing each block as soon as it is encoded."""
-    from starqa.tokens import plan_blocks
-
-    n_blocks = len(plan_blocks(len(context_ids), settings.block_size))
-    started = time.perf_counter()
+    error = None
     with report.progress() as bar:
-        task = bar.add_task("Phase 1: encoding blocks", total=n_blocks)
-        for block in engine.encode_blocks(context_ids, settings.block_size, settings.effective_anchor_size,
-                                          batch=settings.phase1_batch):
-            writer.write_block(block.index, block.start, block.end, block.keys, block.values)
-            bar.advance(task)
+        task = bar.add_task("Phase 1: encoding blocks", total=len(spans))
+        watcher = _BlockFileWatcher(staging, bar, task) if ranks.is_speaker and ranks.distributed else None
+        try:
+            if str(ranks.rank) == _fail_rank():
+                raise StarqaError("injected failure (STARQA_FAIL_PHASE1_RANK)")
+            for block in engine.encode_blocks(context_ids, settings.block_size, settings.effective_anchor_size,
+                                              block_indices=mine, batch=settings.phase1_batch):
+                write_block_file(staging, block.index, block.start, block.end, block.keys, block.values)
+                if watcher is None:
+                    bar.advance(task)
+        except Exception as exc:  # noqa: BLE001 - every rank must hear of it; re-raised by agree()
+            if not ranks.distributed:
+                raise
+            error = exc
+        finally:
+            if watcher is not None:
+                watcher.stop()
+        agree(ranks, "Phase 1", error)
+        bar.update(task, completed=len(spans))
     return time.perf_counter() - started
 
 
-def _summary(name, extracted, context_ids, settings, phase1_s, document, total_s) -> None:
+def _fail_rank() -> str:
+    import os
+
+    return os.environ.get(_FAIL_RANK_ENV, "")
+
+
+class _BlockFileWatcher:
+    """Rank 0's progress across ranks: counts block files appearing in the shared staging folder."""
+
+    def __init__(self, staging: Path, bar, task) -> None:
+        self.staging, self.bar, self.task = staging, bar, task
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.wait(0.5):
+            self.bar.update(self.task, completed=sum(1 for _ in (self.staging / "blocks").glob("*.safetensors")))
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
+
+
+def _summary(prepared: _Prepared, settings, phase1_s, document, peaks: list[float]) -> None:
+    n_tokens = len(prepared.context_ids)
     rows = [
-        ("pages", f"{len(extracted.pages)}"),
-        ("tokens", f"{len(context_ids):,}"),
+        ("pages", f"{prepared.manifest['pages']}"),
+        ("tokens", f"{n_tokens:,}"),
         ("blocks", f"{len(document.blocks)}"),
         ("block / anchor size", f"{settings.block_size} / {settings.effective_anchor_size}"),
-        ("Phase 1", f"{phase1_s:.2f} s ({len(context_ids) / max(phase1_s, 1e-9):,.0f} tokens/s)"),
-        ("peak memory (RSS)", f"{report.peak_rss_mb():,.0f} MiB"),
+        ("Phase 1", f"{phase1_s:.2f} s ({n_tokens / max(phase1_s, 1e-9):,.0f} tokens/s)"),
     ]
+    if len(peaks) == 1:
+        rows.append(("peak memory (RSS)", f"{peaks[0]:,.0f} MiB"))
+    else:
+        rows += [(f"peak memory rank {rank} (RSS)", f"{peak:,.0f} MiB") for rank, peak in enumerate(peaks)]
     cuda = report.cuda_peak_mb()
     if cuda is not None:
-        rows.append(("peak CUDA memory", f"{cuda:,.0f} MiB"))
+        rows.append(("peak CUDA memory (rank 0)", f"{cuda:,.0f} MiB"))
     rows.append(("KV on disk", report.human_bytes(document.manifest["kv_bytes"])))
-    report.table(f"ingested '{name}'", rows)
-    if not report.is_quiet():
-        print(f"stored '{name}' ({len(context_ids):,} tokens, {len(document.blocks)} blocks)", file=sys.stderr)
+    report.table(f"ingested '{prepared.name}'", rows)
 
 
 def check_usable(document: StoredDocument, engine, settings: Settings, *, explicit_sizes: bool) -> None:

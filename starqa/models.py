@@ -117,39 +117,51 @@ def _cached_hf_snapshot(repo_id: str) -> Path | None:
 
 
 def ensure_converted(source: ModelSource, *, on_status=None) -> ModelSource:
-    """De-quantise a GGUF once into a safetensors directory (written aside, then renamed into place)."""
+    """De-quantise a GGUF once into a safetensors directory (written aside, then renamed into place).
+
+    A file lock makes concurrent first uses (two jobs, or several ranks) convert once; the others wait for it.
+    """
     if source.gguf_file is None:
         return source
+    from filelock import FileLock
+
+    source.directory.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with FileLock(str(source.directory.parent / f"{source.directory.name}.lock")):
+        if not (source.directory / "config.json").is_file():
+            if source.directory.exists():  # left incomplete by an older, interrupted conversion
+                shutil.rmtree(source.directory)
+            _convert_gguf(Path(source.gguf_file), source.directory, on_status)
+    return ModelSource(name=source.name, directory=source.directory)
+
+
+def _convert_gguf(gguf_path: Path, target: Path, on_status) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_path = Path(source.gguf_file)
     if on_status:
         on_status(f"converting {gguf_path.name} to a safetensors copy (once; about 20 s)")
-    staging = source.directory.parent / f".tmp-{source.directory.name}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True, mode=0o700)
+    staging = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(mode=0o700)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF reader's own progress bar; we said what is happening
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-        )
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                     dtype=torch.float32)
         # The de-quantised weights are plain float tensors; drop the GGUF marker so they can be saved.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.hf_quantizer = None
-        model.save_pretrained(staging)
+        # is_main_process: under torchrun transformers would otherwise let only rank 0 write the weights.
+        model.save_pretrained(staging, is_main_process=True)
         tokenizer.save_pretrained(staging)
         (staging / "starqa-source.json").write_text(
             json.dumps({"gguf": str(gguf_path), "gguf_sha256": _file_digest(gguf_path)}, indent=2)
         )
-        try:
-            staging.rename(source.directory)
-        except OSError:
-            if not (source.directory / "config.json").is_file():  # lost a race to another process: fine
-                raise
+        if not (staging / "config.json").is_file() or not any(staging.glob("*.safetensors")):
+            raise StarqaError(f"converting {gguf_path.name} wrote no weights; nothing was stored")
+        staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return ModelSource(name=source.name, directory=source.directory)
 
 
 def check_architecture(config) -> None:

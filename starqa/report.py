@@ -29,7 +29,7 @@ def is_quiet() -> bool:
 
 def info(message: str) -> None:
     if not _state["quiet"]:
-        console.print(message, markup=False)
+        console.print(message, markup=False, soft_wrap=True)
 
 
 def warn(message: str) -> None:

@@ -125,6 +125,22 @@ class StoredDocument:
             return handle.get_tensor("ids").tolist()
 
 
+def block_file_name(index: int) -> str:
+    return f"blocks/block_{index:05d}.safetensors"
+
+
+def write_block_file(staging: Path, index: int, start: int, end: int, keys: Sequence[torch.Tensor],
+                     values: Sequence[torch.Tensor]) -> None:
+    """One block's KV for every layer; any rank may write its blocks into the staging folder of rank 0's writer."""
+    tensors = {}
+    for layer, (key, value) in enumerate(zip(keys, values)):
+        tensors[f"layers.{layer}.key"] = key.detach().to("cpu").contiguous()  # [kv_heads, tokens, head_dim]
+        tensors[f"layers.{layer}.value"] = value.detach().to("cpu").contiguous()
+    path = staging / block_file_name(index)
+    save_file(tensors, str(path), metadata={"index": str(index), "start": str(start), "end": str(end)})
+    os.chmod(path, _FILE_MODE)
+
+
 class DocumentWriter:
     """Collects one document's files in a staging folder; `DocumentStore.writing` publishes it when complete."""
 
@@ -151,26 +167,17 @@ class DocumentWriter:
 
     def write_block(self, index: int, start: int, end: int, keys: Sequence[torch.Tensor],
                     values: Sequence[torch.Tensor]) -> None:
-        relative = f"blocks/block_{index:05d}.safetensors"
-        tensors = {}
-        for layer, (key, value) in enumerate(zip(keys, values)):
-            tensors[f"layers.{layer}.key"] = key.detach().to("cpu").contiguous()  # [kv_heads, tokens, head_dim]
-            tensors[f"layers.{layer}.value"] = value.detach().to("cpu").contiguous()
-        save_file(tensors, str(self.staging / relative),
-                  metadata={"index": str(index), "start": str(start), "end": str(end)})
-        self._record(relative)
-        self.blocks.append({"index": index, "start": start, "end": end, "file": relative})
+        write_block_file(self.staging, index, start, end, keys, values)
+        self.record_existing_block(index, start, end)
 
     def record_existing_block(self, index: int, start: int, end: int) -> None:
-        """A block file written into the staging folder by another process (a distributed rank)."""
-        relative = f"blocks/block_{index:05d}.safetensors"
+        """Record a block file already in the staging folder (written here or by another rank)."""
+        relative = block_file_name(index)
         if not (self.staging / relative).is_file():
             raise StarqaError(f"block {index} was not written by any rank")
         self._record(relative)
         self.blocks.append({"index": index, "start": start, "end": end, "file": relative})
 
-    def block_path(self, index: int) -> Path:
-        return self.staging / f"blocks/block_{index:05d}.safetensors"
 
 
 class DocumentStore:

@@ -1,0 +1,106 @@
+"""Distributed Star Attention (gloo CPU processes): the merge, the block plan, and the CLI under torchrun."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from clihelp import REPO, json_lines, starqa, tree_snapshot
+from starqa.attention import attention_with_lse
+from starqa.distributed import block_plan, merge_across_ranks
+
+
+@pytest.mark.parametrize("n_blocks,world", [(1, 1), (5, 2), (7, 3), (2, 3), (8, 4)])
+def test_block_plan_gives_each_rank_a_contiguous_run_in_order(n_blocks, world):
+    plans = [block_plan(n_blocks, world, rank) for rank in range(world)]
+    assert [index for plan in plans for index in plan] == list(range(n_blocks))
+    assert 0 in plans[0]
+    assert max(map(len, plans)) - min(map(len, plans)) <= 1
+
+
+def _merge_worker(rank, world, init_file, shards, result_path):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    q, k, v = torch.load(shards)  # test data written by the parent test (trusted, made in this test)
+    bounds = torch.linspace(0, k.shape[2], world + 1).long().tolist()
+    if world == 3:
+        bounds = [0, 0, k.shape[2] // 2, k.shape[2]]  # rank 0 holds an empty shard
+    lo, hi = bounds[rank], bounds[rank + 1]
+    out, lse = attention_with_lse(q, k[:, :, lo:hi], v[:, :, lo:hi], causal=False)
+    merged_out, merged_lse = merge_across_ranks(out, lse)
+    if rank == world - 1:
+        torch.save((merged_out, merged_lse), result_path)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_merge_across_ranks_equals_single_pass_attention(tmp_path, world):
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 6, 3, 16, generator=generator)
+    k = torch.randn(1, 2, 40, 16, generator=generator)
+    v = torch.randn(1, 2, 40, 16, generator=generator)
+    torch.save((q, k, v), tmp_path / "shards.pt")
+    mp.spawn(_merge_worker, args=(world, str(tmp_path / "init"), str(tmp_path / "shards.pt"),
+                                  str(tmp_path / "result.pt")), nprocs=world, join=True)
+    merged_out, merged_lse = torch.load(tmp_path / "result.pt")
+    out, lse = attention_with_lse(q, k, v, causal=False)
+    torch.testing.assert_close(merged_out, out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged_lse, lse, rtol=1e-5, atol=1e-5)
+
+
+DOCUMENT = (
+    "Clause 1. The supplier delivers the reports every Tuesday.\n\n"
+    "Clause 2. Either party may end this agreement with ninety days of written notice.\n\n"
+    "Clause 3. The fee is 4,200 euros per month, payable within thirty days.\n\n"
+) * 4
+
+
+@pytest.fixture
+def doc_file(tmp_path):
+    path = tmp_path / "terms.txt"
+    path.write_text(DOCUMENT)
+    return path
+
+
+def _ask_json(home, model_dir, nproc, *extra):
+    result = starqa("ask", "--doc", "terms", "What is the fee?", "--json", "--max-new-tokens", "8",
+                    "--nproc", str(nproc), "--model", str(model_dir), *extra, home=home)
+    assert result.returncode == 0, result.stderr
+    return json_lines(result.stdout)[0]["answer"]
+
+
+@pytest.mark.slow
+def test_two_ranks_answer_token_for_token_like_one(tmp_path, doc_file, tiny_model_dir):
+    answers = {}
+    for nproc in (1, 2):
+        home = tmp_path / f"home{nproc}"
+        result = starqa("ingest", str(doc_file), "--block-size", "48", "--nproc", str(nproc),
+                        "--model", str(tiny_model_dir), home=home)
+        assert result.returncode == 0, result.stderr
+        answers[nproc] = _ask_json(home, tiny_model_dir, nproc)
+    assert answers[1] == answers[2]
+    # A cache written by 2 ranks is read by 1 and by 3, and one written by 1 is read by 2.
+    assert _ask_json(tmp_path / "home2", tiny_model_dir, 1) == answers[1]
+    assert _ask_json(tmp_path / "home2", tiny_model_dir, 3) == answers[1]
+    assert _ask_json(tmp_path / "home1", tiny_model_dir, 2) == answers[1]
+
+
+@pytest.mark.slow
+def test_a_rank_failing_in_phase1_fails_the_command_and_leaves_the_store_unchanged(tmp_path, doc_file,
+                                                                                    tiny_model_dir):
+    home = tmp_path / "home"
+    assert starqa("ingest", str(doc_file), "--name", "kept", "--block-size", "48", "--model",
+                  str(tiny_model_dir), home=home).returncode == 0
+    before = tree_snapshot(home)
+    started = time.monotonic()
+    result = starqa("ingest", str(doc_file), "--name", "lost", "--block-size", "48", "--nproc", "2",
+                    "--model", str(tiny_model_dir), home=home, env={"STARQA_FAIL_PHASE1_RANK": "1"}, timeout=240)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 240
+    assert "rank 1" in result.stderr and "Phase 1" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert tree_snapshot(home) == before
