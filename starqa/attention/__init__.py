@@ -56,6 +56,8 @@ def attention_with_lse(
     if backend == "torch":
         return attention_with_lse_torch(q, k, v, causal=causal, scale=scale, q_offset=q_offset)
     check_attention_args(q, k, v)
+    if not triton_available():
+        raise RuntimeError("attention backend 'triton' needs the triton package, which does not import here")
     from .triton_kernels import attention_with_lse_triton
 
     return attention_with_lse_triton(q, k, v, causal=causal, scale=scale, q_offset=q_offset)

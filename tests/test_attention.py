@@ -1,0 +1,536 @@
+"""Tests of starqa.attention: attention_with_lse (torch and Triton backends) and merge_attention.
+
+Every backend is compared with a naive float64 reference (explicit scores and mask). Triton
+kernels run on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1), on tiny shapes.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated; set it before anything imports
+# starqa.attention.triton_kernels (the kernels also pick the interpreter for CPU tensors).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib.util  # noqa: E402
+import math  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from starqa.attention import attention_with_lse, merge_attention  # noqa: E402
+from starqa.attention import torch_backend  # noqa: E402
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+NEG_INF = float("-inf")
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def reference_attention(q, k, v, *, causal, scale=None, q_offset=0):
+    """Naive float64 attention: explicit scores, explicit mask (key j hidden if j > i + q_offset).
+
+    Returns (out float64 [b, hq, L, d], lse float64 [b, hq, L]); rows without keys: 0 and -inf.
+    """
+    b, hq, q_len, d = q.shape
+    hk, k_len = k.shape[1], k.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    group = hq // hk
+    k64 = k.double().expand(b, -1, -1, -1).repeat_interleave(group, dim=1)
+    v64 = v.double().expand(b, -1, -1, -1).repeat_interleave(group, dim=1)
+    s = torch.matmul(q.double(), k64.transpose(-1, -2)) * scale  # [b, hq, L, S]
+    if causal:
+        i = torch.arange(q_len).unsqueeze(1)
+        j = torch.arange(k_len).unsqueeze(0)
+        s = s.masked_fill(j > i + q_offset, NEG_INF)
+    lse = torch.logsumexp(s, dim=-1)  # -inf for empty rows (and k_len = 0)
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).unsqueeze(-1))
+    return torch.matmul(p, v64), lse
+
+
+def make_qkv(b, hq, hk, q_len, k_len, d, dtype=torch.float32, seed=0, expand_kv=False):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, q_len, d, generator=gen).to(dtype)
+    kb = 1 if expand_kv else b
+    k = torch.randn(kb, hk, k_len, d, generator=gen).to(dtype)
+    v = torch.randn(kb, hk, k_len, d, generator=gen).to(dtype)
+    if expand_kv:
+        k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)  # stride-0 batch
+    return q, k, v
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a child Python that must import this checkout's starqa."""
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+# Per input dtype; float64 is limited by the float32 lse (merges weigh parts by it).
+TOL = {torch.float32: 2e-5, torch.float64: 1e-6, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+def assert_matches_reference(out, lse, q, k, v, *, causal, scale=None, q_offset=0):
+    ref_out, ref_lse = reference_attention(q, k, v, causal=causal, scale=scale, q_offset=q_offset)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == q.shape[:-1] and lse.dtype == torch.float32
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    empty = torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(lse), empty), "rows without keys must have lse = -inf, only those"
+    assert (lse[empty] < 0).all()
+    assert (out.float()[empty] == 0).all(), "rows without keys must have out = 0"
+    tol = TOL[q.dtype]
+    # out is a convex combination of values ~N(0,1): absolute tolerance scaled by the dtype.
+    torch.testing.assert_close(out.double(), ref_out.to(out.dtype).double(), atol=tol * 4, rtol=tol * 4)
+    fin = ~empty
+    lse_tol = max(tol, 1e-6)  # lse is float32 whatever the input dtype
+    torch.testing.assert_close(lse.double()[fin], ref_lse[fin], atol=lse_tol * 4, rtol=lse_tol)
+
+
+# (batch, q_heads, kv_heads, q_len, k_len, head_dim, causal, q_offset)
+CASES = [
+    (1, 1, 1, 1, 1, 16, False, 0),  # one query, one key
+    (2, 3, 1, 7, 31, 16, False, 0),  # GQA 3, odd lengths
+    (1, 8, 1, 33, 70, 32, False, 0),  # GQA 8
+    (2, 4, 4, 33, 33, 16, True, 0),  # square causal, GQA 1
+    (1, 6, 2, 33, 70, 16, True, 37),  # causal over a cache: q_offset = k_len - q_len
+    (1, 6, 2, 7, 70, 16, True, 20),  # causal, keys after the last diagonal are hidden
+    (2, 3, 1, 1, 31, 16, True, 30),  # decode: one query over a cache
+    (1, 8, 1, 33, 31, 16, True, 0),  # causal, more queries than keys
+    (1, 3, 1, 33, 31, 16, True, -5),  # negative offset: the first 5 rows see no key
+    (1, 3, 1, 7, 31, 16, True, -7),  # negative offset: every row sees no key
+    (2, 3, 1, 7, 0, 16, False, 0),  # empty shard (k_len = 0)
+    (2, 3, 1, 7, 0, 16, True, 0),  # empty shard, causal
+    (1, 2, 2, 0, 5, 16, False, 0),  # no queries
+    (2, 4, 2, 129, 300, 64, True, 171),  # longer, several tiles
+]
+
+
+def case_id(c):
+    b, hq, hk, L, S, d, causal, off = c
+    return f"b{b}-h{hq}/{hk}-L{L}-S{S}-d{d}-{'causal' if causal else 'full'}{off:+d}"
+
+
+# --------------------------------------------------------------------------- torch backend
+
+
+@pytest.fixture(params=["dispatch", "chunked"])
+def torch_path(request, monkeypatch):
+    """'dispatch': the normal torch path (fused CPU kernel where it fits); 'chunked': force the
+    online-softmax loop with tiny chunks so that query blocks and key chunks are exercised."""
+    if request.param == "chunked":
+        monkeypatch.setattr(torch_backend, "_FEW_QUERY_ROWS", 1 << 30)
+        monkeypatch.setattr(torch_backend, "_FEW_QUERY_MIN_KEYS", 0)
+        monkeypatch.setattr(torch_backend, "_K_BLOCK", 16)
+        monkeypatch.setattr(torch_backend, "_SCORE_BUDGET", 512)
+    return request.param
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_torch_backend_matches_float64_reference(case, torch_path):
+    b, hq, hk, q_len, k_len, d, causal, q_offset = case
+    q, k, v = make_qkv(b, hq, hk, q_len, k_len, d)
+    out, lse = attention_with_lse(q, k, v, causal=causal, q_offset=q_offset, backend="torch")
+    assert_matches_reference(out, lse, q, k, v, causal=causal, q_offset=q_offset)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("causal,q_offset", [(False, 0), (True, 0), (True, 20)])
+def test_torch_backend_half_precision_inputs_give_half_output_and_float32_lse(
+    dtype, causal, q_offset, torch_path
+):
+    q, k, v = make_qkv(2, 6, 2, 33, 53, 32, dtype=dtype, seed=1)
+    out, lse = attention_with_lse(q, k, v, causal=causal, q_offset=q_offset, backend="torch")
+    assert_matches_reference(out, lse, q, k, v, causal=causal, q_offset=q_offset)
+
+
+@pytest.mark.parametrize("q_len", [1, 33])
+def test_torch_backend_float64_inputs_give_float64_output(q_len, torch_path):
+    q, k, v = make_qkv(1, 6, 2, q_len, 53, 16, dtype=torch.float64, seed=9)
+    out, lse = attention_with_lse(q, k, v, causal=True, q_offset=20, backend="torch")
+    assert_matches_reference(out, lse, q, k, v, causal=True, q_offset=20)
+
+
+@pytest.mark.parametrize(
+    "q_len,causal,q_offset", [(1, True, 40), (9, False, 0), (9, True, 32), (33, True, 0)]
+)
+def test_torch_backend_accepts_stride0_expanded_kv_batch(q_len, causal, q_offset, torch_path):
+    q, k, v = make_qkv(3, 6, 2, q_len, 41, 16, seed=2, expand_kv=True)
+    assert k.stride(0) == 0
+    out, lse = attention_with_lse(q, k, v, causal=causal, q_offset=q_offset, backend="torch")
+    assert_matches_reference(out, lse, q, k, v, causal=causal, q_offset=q_offset)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_torch_decode_over_a_long_cache_matches_reference(dtype):
+    """One token over thousands of keys: the default path (explicit scores for float32)."""
+    q, k, v = make_qkv(2, 9, 3, 1, 5000, 64, dtype=dtype, seed=16)
+    out, lse = attention_with_lse(q, k, v, causal=True, q_offset=4999, backend="torch")
+    assert_matches_reference(out, lse, q, k, v, causal=True, q_offset=4999)
+
+
+def test_torch_backend_accepts_batch1_kv_for_a_larger_query_batch():
+    q, k, v = make_qkv(3, 4, 2, 5, 17, 16, seed=3)
+    out, lse = attention_with_lse(q, k[:1], v[:1], causal=False, backend="torch")
+    assert_matches_reference(out, lse, q, k[:1], v[:1], causal=False)
+
+
+def test_torch_backend_accepts_noncontiguous_query_from_bshd_layout(torch_path):
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 9, 6, 16, generator=gen).transpose(1, 2)  # [b, h, L, d] view of [b, L, h, d]
+    k = torch.randn(2, 19, 2, 16, generator=gen).transpose(1, 2)
+    v = torch.randn(2, 19, 2, 16, generator=gen).transpose(1, 2)
+    out, lse = attention_with_lse(q, k, v, causal=True, q_offset=10, backend="torch")
+    assert_matches_reference(out, lse, q, k, v, causal=True, q_offset=10)
+
+
+def test_custom_scale_is_applied_to_scores_and_lse(torch_path):
+    q, k, v = make_qkv(1, 4, 2, 12, 20, 16, seed=5)
+    out, lse = attention_with_lse(q, k, v, causal=True, scale=0.3, q_offset=8, backend="torch")
+    assert_matches_reference(out, lse, q, k, v, causal=True, scale=0.3, q_offset=8)
+
+
+def test_default_scale_is_inverse_sqrt_head_dim():
+    q, k, v = make_qkv(1, 2, 2, 4, 6, 16, seed=6)
+    a = attention_with_lse(q, k, v, causal=False, backend="torch")
+    b = attention_with_lse(q, k, v, causal=False, scale=1 / math.sqrt(16), backend="torch")
+    torch.testing.assert_close(a, b)
+
+
+def test_auto_backend_uses_torch_for_cpu_tensors():
+    q, k, v = make_qkv(1, 2, 1, 3, 5, 16, seed=7)
+    torch.testing.assert_close(
+        attention_with_lse(q, k, v, causal=True, q_offset=2),
+        attention_with_lse(q, k, v, causal=True, q_offset=2, backend="torch"),
+    )
+
+
+@pytest.mark.parametrize(
+    "kshape,msg",
+    [((1, 3, 5, 16), "multiple of kv heads"), ((1, 2, 5, 8), "head_dim"), ((2, 2, 5, 16), "batch")],
+)
+def test_bad_shapes_are_rejected_with_a_clear_message(kshape, msg):
+    q = torch.randn(3, 4, 2, 16)
+    k = torch.randn(*kshape)
+    with pytest.raises(ValueError, match=msg):
+        attention_with_lse(q, k, k, causal=False, backend="torch")
+
+
+def test_unknown_backend_is_rejected():
+    q = torch.randn(1, 1, 1, 16)
+    with pytest.raises(ValueError, match="backend"):
+        attention_with_lse(q, q, q, causal=False, backend="cuda")
+
+
+def test_long_context_chunked_path_never_builds_a_full_score_matrix(monkeypatch):
+    """With a small score budget the loop processes bounded tiles and still matches exactly."""
+    monkeypatch.setattr(torch_backend, "_FEW_QUERY_ROWS", 1 << 30)
+    monkeypatch.setattr(torch_backend, "_FEW_QUERY_MIN_KEYS", 0)
+    monkeypatch.setattr(torch_backend, "_K_BLOCK", 64)
+    monkeypatch.setattr(torch_backend, "_SCORE_BUDGET", 64 * 64 * 4)
+    largest = 0
+    real_matmul = torch.matmul
+
+    def spy(a, b_):
+        nonlocal largest
+        r = real_matmul(a, b_)
+        largest = max(largest, r.numel())
+        return r
+
+    monkeypatch.setattr(torch, "matmul", spy)
+    q, k, v = make_qkv(1, 4, 2, 300, 500, 16, seed=8)
+    out, lse = attention_with_lse(q, k, v, causal=True, q_offset=200, backend="torch")
+    monkeypatch.undo()
+    assert largest <= 64 * 64 * 4
+    assert_matches_reference(out, lse, q, k, v, causal=True, q_offset=200)
+
+
+def test_package_imports_and_torch_backend_runs_where_triton_is_missing():
+    code = textwrap.dedent(
+        """
+        import builtins
+        real_import = builtins.__import__
+        def no_triton(name, *args, **kwargs):
+            if name == "triton" or name.startswith("triton."):
+                raise ImportError("triton hidden by the test")
+            return real_import(name, *args, **kwargs)
+        builtins.__import__ = no_triton
+        import torch
+        from starqa.attention import attention_with_lse, triton_available
+        assert not triton_available()
+        q = torch.randn(1, 2, 3, 16)
+        out, lse = attention_with_lse(q, q, q, causal=True)
+        assert out.shape == q.shape and lse.shape == (1, 2, 3)
+        try:
+            attention_with_lse(q, q, q, causal=True, backend="triton")
+        except RuntimeError as e:
+            assert "triton" in str(e)
+        else:
+            raise AssertionError("backend='triton' without triton must fail clearly")
+        """
+    )
+    env = subprocess_env()
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def split_points(k_len, n_shards, gen):
+    """n_shards - 1 sorted cut points in [0, k_len] (repeats allowed: empty shards)."""
+    cuts = torch.randint(0, k_len + 1, (n_shards - 1,), generator=gen).sort().values.tolist()
+    return [0, *cuts, k_len]
+
+
+@pytest.mark.parametrize("n_shards", [1, 2, 3, 5])
+@pytest.mark.parametrize("causal", [False, True])
+def test_merging_key_shards_equals_attention_over_all_keys(n_shards, causal):
+    gen = torch.Generator().manual_seed(10 + n_shards)
+    b, hq, hk, q_len, k_len, d = 2, 6, 2, 9, 40, 16
+    q, k, v = make_qkv(b, hq, hk, q_len, k_len, d, seed=n_shards)
+    q_offset = 15 if causal else 0  # with causal, later shards are fully hidden from early rows
+    bounds = split_points(k_len, n_shards, gen)
+    if n_shards == 5:
+        bounds = [0, 0, 12, 12, 39, 40]  # two empty shards and a one-key shard
+    parts = []
+    for s0, s1 in zip(bounds[:-1], bounds[1:]):
+        # Shard [s0, s1) of the keys: query i sees shard key j' when s0 + j' <= i + q_offset.
+        parts.append(
+            attention_with_lse(q, k[:, :, s0:s1], v[:, :, s0:s1], causal=causal, q_offset=q_offset - s0)
+        )
+    out, lse = merge_attention(parts)
+    assert_matches_reference(out, lse, q, k, v, causal=causal, q_offset=q_offset)
+    full_out, full_lse = attention_with_lse(q, k, v, causal=causal, q_offset=q_offset)
+    torch.testing.assert_close(out, full_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, full_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_merging_parts_that_are_all_empty_gives_zero_and_minus_inf_without_nan():
+    out_part = torch.zeros(2, 3, 4, 8)
+    lse_part = torch.full((2, 3, 4), NEG_INF)
+    out, lse = merge_attention([(out_part, lse_part), (out_part.clone(), lse_part.clone())])
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.isneginf(lse).all()
+
+
+def test_merging_with_an_empty_part_changes_nothing():
+    q, k, v = make_qkv(1, 4, 2, 6, 10, 16, seed=11)
+    part = attention_with_lse(q, k, v, causal=False)
+    empty = attention_with_lse(q, k[:, :, :0], v[:, :, :0], causal=False)
+    for parts in ([part, empty], [empty, part], [empty, part, empty]):
+        out, lse = merge_attention(parts)
+        torch.testing.assert_close(out, part[0], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(lse, part[1], atol=1e-6, rtol=1e-6)
+
+
+def test_merging_rows_empty_in_some_parts_only_uses_the_parts_that_saw_keys():
+    out_a = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    lse_a = torch.tensor([0.0, NEG_INF])
+    out_b = torch.tensor([[5.0, 6.0], [7.0, 8.0]])
+    lse_b = torch.tensor([NEG_INF, 1.0])
+    out_b[0] = 0  # a row without keys has out = 0 by contract
+    out, lse = merge_attention([(out_a, lse_a), (out_b, lse_b)])
+    torch.testing.assert_close(out, torch.tensor([[1.0, 2.0], [7.0, 8.0]]))
+    torch.testing.assert_close(lse, torch.tensor([0.0, 1.0]))
+
+
+def test_merge_weights_parts_by_their_softmax_mass():
+    out_a, out_b = torch.ones(1, 1, 1, 4), -torch.ones(1, 1, 1, 4)
+    lse_a, lse_b = torch.full((1, 1, 1), math.log(3.0)), torch.zeros(1, 1, 1)
+    out, lse = merge_attention([(out_a, lse_a), (out_b, lse_b)])
+    torch.testing.assert_close(out, torch.full((1, 1, 1, 4), 0.5))  # (3*1 + 1*(-1)) / 4
+    torch.testing.assert_close(lse, torch.full((1, 1, 1), math.log(4.0)))
+
+
+def test_merge_accumulates_in_float32_and_returns_the_first_parts_dtype():
+    q, k, v = make_qkv(1, 4, 2, 6, 30, 16, dtype=torch.bfloat16, seed=12)
+    parts = [attention_with_lse(q, k[:, :, a:b], v[:, :, a:b], causal=False) for a, b in [(0, 10), (10, 30)]]
+    out, lse = merge_attention(parts)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    assert_matches_reference(out, lse, q, k, v, causal=False)
+
+
+def test_merge_of_large_lse_values_does_not_overflow():
+    out_a, out_b = torch.ones(1, 4), torch.zeros(1, 4)
+    lse_a, lse_b = torch.tensor([1000.0]), torch.tensor([1000.0])
+    out, lse = merge_attention([(out_a, lse_a), (out_b, lse_b)])
+    torch.testing.assert_close(out, torch.full((1, 4), 0.5))
+    torch.testing.assert_close(lse, torch.tensor([1000.0 + math.log(2.0)]))
+
+
+def test_merge_rejects_mismatched_parts():
+    with pytest.raises(ValueError):
+        merge_attention([])
+    with pytest.raises(ValueError, match="part 1"):
+        merge_attention(
+            [(torch.zeros(2, 3, 4), torch.zeros(2, 3)), (torch.zeros(2, 4, 4), torch.zeros(2, 4))]
+        )
+
+
+# --------------------------------------------------------------------------- Triton kernels
+# CPU tensors run the kernels in Triton's interpreter: small shapes and 16-wide tiles, so that
+# several query blocks, key tiles and key splits are still exercised. The interpreter needs
+# TRITON_INTERPRET=1 before `import triton` (set at the top of this module); if something in
+# this pytest process imported triton earlier, these tests run in a fresh process instead.
+
+
+def _triton_interpreter_ready() -> bool:
+    if not HAS_TRITON:
+        return False
+    from starqa.attention.triton_kernels import interpreter_ready
+
+    return interpreter_ready()
+
+
+TRITON_IN_PROCESS = _triton_interpreter_ready()
+triton_only = pytest.mark.skipif(
+    not TRITON_IN_PROCESS,
+    reason="triton missing, or imported before TRITON_INTERPRET=1 (then a subprocess runs these)",
+)
+
+
+@pytest.mark.skipif(not HAS_TRITON or TRITON_IN_PROCESS, reason="Triton tests run in this process")
+def test_triton_kernels_pass_in_a_fresh_interpreter_process():
+    env = subprocess_env(TRITON_INTERPRET="1")
+    only = "triton and not compile and not missing"  # the interpreter tests, nothing else
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", only]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def triton_attention(q, k, v, **kw):
+    from starqa.attention.triton_kernels import attention_with_lse_triton
+
+    return attention_with_lse_triton(q, k, v, **kw)
+
+
+@triton_only
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_triton_backend_matches_float64_reference(case):
+    b, hq, hk, q_len, k_len, d, causal, q_offset = case
+    q, k, v = make_qkv(b, hq, hk, q_len, k_len, d)
+    out, lse = attention_with_lse(q, k, v, causal=causal, q_offset=q_offset, backend="triton")
+    assert_matches_reference(out, lse, q, k, v, causal=causal, q_offset=q_offset)
+
+
+# (batch, q_heads, kv_heads, q_len, k_len, causal, q_offset)
+KERNEL_CASES = [
+    (1, 3, 1, 1, 70, True, 69),  # decode over a cache
+    (2, 8, 1, 2, 53, True, 51),  # two queries, GQA 8
+    (1, 2, 2, 7, 70, True, 20),  # diagonal crosses the key splits
+    (1, 3, 1, 21, 50, True, -3),  # negative offset: empty rows
+    (1, 2, 1, 19, 64, False, 0),  # non-causal
+]
+
+
+@triton_only
+@pytest.mark.parametrize("kernel", ["fwd", "decode"])
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_triton_fwd_and_split_kv_decode_kernels_match_reference(case, kernel, num_splits):
+    b, hq, hk, q_len, k_len, causal, q_offset = case
+    if kernel == "decode" and (hq // hk) * q_len > 64:
+        pytest.skip("the decode kernel holds at most 64 query rows per kv head")
+    q, k, v = make_qkv(b, hq, hk, q_len, k_len, 16, seed=q_len)
+    out, lse = triton_attention(
+        q, k, v, causal=causal, q_offset=q_offset, decode=(kernel == "decode"), num_splits=num_splits
+    )
+    assert_matches_reference(out, lse, q, k, v, causal=causal, q_offset=q_offset)
+
+
+@triton_only
+@pytest.mark.parametrize("head_dim", [64, 128, 48])
+@pytest.mark.parametrize("decode", [False, True])
+def test_triton_kernels_support_head_dims_64_128_and_padded(head_dim, decode):
+    q, k, v = make_qkv(1, 2, 1, 5 if decode else 20, 37, head_dim, seed=head_dim)
+    out, lse = triton_attention(q, k, v, causal=True, q_offset=17, decode=decode, num_splits=2)
+    assert_matches_reference(out, lse, q, k, v, causal=True, q_offset=17)
+
+
+@triton_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("q_len", [1, 20])
+def test_triton_half_precision_inputs_give_half_output_and_float32_lse(dtype, q_len):
+    q, k, v = make_qkv(1, 4, 2, q_len, 45, 32, dtype=dtype, seed=13)
+    out, lse = attention_with_lse(q, k, v, causal=True, q_offset=25, backend="triton")
+    assert_matches_reference(out, lse, q, k, v, causal=True, q_offset=25)
+
+
+@triton_only
+@pytest.mark.parametrize("q_len", [1, 20])
+def test_triton_accepts_stride0_expanded_kv_batch_and_noncontiguous_q(q_len):
+    q, k, v = make_qkv(3, 4, 2, q_len, 29, 16, seed=14, expand_kv=True)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # [b, h, L, d] view of [b, L, h, d]
+    q = torch.cat([q, torch.zeros_like(q)], dim=-1)[..., :16]  # and a head_dim slice
+    assert k.stride(0) == 0 and not q.is_contiguous()
+    out, lse = attention_with_lse(q, k, v, causal=True, q_offset=9, backend="triton")
+    assert_matches_reference(out, lse, q, k, v, causal=True, q_offset=9)
+
+
+@triton_only
+def test_triton_and_torch_backends_agree_and_merge_across_backends():
+    q, k, v = make_qkv(1, 6, 2, 9, 40, 16, seed=15)
+    t_part = attention_with_lse(q, k[:, :, :25], v[:, :, :25], causal=False, backend="triton")
+    c_part = attention_with_lse(q, k[:, :, 25:], v[:, :, 25:], causal=True, q_offset=6, backend="torch")
+    out, lse = merge_attention([t_part, c_part])
+    assert_matches_reference(out, lse, q, k, v, causal=True, q_offset=31)
+
+
+AOT_COMPILE_SCRIPT = """
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from starqa.attention import triton_kernels as tk
+
+def compile_for_sm90(fn, pointers, consts, options):
+    fn = triton.jit(fn)
+    names = fn.arg_names
+    signature = {
+        n: "constexpr" if n in consts else pointers.get(n, "fp32" if n == "qk_scale_log2" else "i32")
+        for n in names
+    }
+    constexprs = {(names.index(n),): v for n, v in consts.items()}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    assert "cubin" in compiled.asm
+
+for dtype, tl_name in [(torch.bfloat16, "bf16"), (torch.float32, "fp32")]:
+    ptrs = {"Q": "*" + tl_name, "K": "*" + tl_name, "V": "*" + tl_name, "Out": "*" + tl_name, "Lse": "*fp32"}
+    for head_dim in ((64, 128) if dtype == torch.bfloat16 else (64,)):
+        base = dict(CAUSAL=True, HEAD_DIM=head_dim, BLOCK_D=head_dim, UPCAST=False,
+                    DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+        for name, cfg in [("fwd", tk._fwd_config(head_dim, dtype, interpret=False)),
+                          ("decode", dict(tk._decode_config(head_dim, dtype, interpret=False), BLOCK_R=16))]:
+            consts = {**base, **cfg}
+            options = {k: consts.pop(k) for k in ("num_warps", "num_stages")}
+            compile_for_sm90({"fwd": tk._attn_fwd, "decode": tk._attn_decode}[name], ptrs, consts, options)
+            print("compiled", name, tl_name, head_dim)
+compile_for_sm90(tk._attn_combine,
+                 {"PartOut": "*fp32", "PartLse": "*fp32", "Out": "*bf16", "Lse": "*fp32"},
+                 dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_S=64), {"num_warps": 4})
+print("compiled combine")
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_kernels_compile_for_a_hopper_gpu_without_one(tmp_path):
+    """Ahead-of-time compile to cubin for sm_90 of the GPU configurations (bf16 with head_dim
+    64/128, fp32 with 64), so compile errors that the CPU interpreter cannot see are caught without a GPU.
+    Runs in a process without TRITON_INTERPRET (the compiler needs un-interpreted triton)."""
+    env = subprocess_env(
+        TRITON_CACHE_DIR=str(tmp_path),  # really compile, every time
+        TRITON_DEFAULT_FP_FUSION="1",  # triton 3.9 warns when unset
+    )
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run(
+        [sys.executable, "-c", AOT_COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    if result.returncode != 0 and "ptxas" in result.stderr and "No such file" in result.stderr:
+        pytest.skip("this triton install has no ptxas")  # pragma: no cover
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "compiled combine" in result.stdout
