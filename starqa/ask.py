@@ -13,8 +13,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from starqa import report
-from starqa.distributed import Ranks, agree, block_plan, merge_across_ranks, token_from_query_host
+from starqa.distributed import Ranks, agree, block_plan, gather_objects, merge_across_ranks, token_from_query_host
 from starqa.engine import ContextKV
+from starqa.sources import AttentionShares, block_pages, format_sources, rank_sources, shares_from_parts
 from starqa.store import DocumentStore, StoredDocument
 from starqa.tokens import context_ids_for, prompt_template, query_ids_for
 
@@ -33,7 +34,7 @@ class Answer:
     prefill_s: float
     ttft_s: float
     decode_tokens_per_s: float
-    sources: list = field(default_factory=list)
+    sources: list = field(default_factory=list)  # [{"pages": [4, 5], "block": 3, "share": 0.41}, ...]
 
     def to_json(self) -> str:
         row = asdict(self)
@@ -90,16 +91,31 @@ def ask_star(engine, ctx: ContextKV, document: StoredDocument, question: str, se
         spread = dict(keep_local=ranks.is_query_host,
                       merge_across_ranks=lambda out, lse: merge_across_ranks(out, lse, ranks.group),
                       sync_token=lambda token: token_from_query_host(token, ranks))
+    shares = AttentionShares(ctx.spans, document.manifest["document_token_offset"], engine.head_dim ** -0.5)
     new_ids = engine.generate(ctx, query_ids, max_new_tokens=settings.max_new_tokens,
                               temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
-                              on_token=printer, **spread)
+                              on_token=printer, observe_prefix=shares.observe, **spread)
+    stats = engine.last_stats
+    sources = _sources(engine, document, shares, ranks)
     if printer is not None:
         print(file=sys.stdout, flush=True)
-    stats = engine.last_stats
+        if sources:
+            print(format_sources(sources), file=sys.stdout, flush=True)
     return Answer(question=question, answer=answer_text(engine, new_ids), doc=document.name, attention="star",
                   cache_hit=cache_hit, context_tokens=ctx.n_tokens, query_tokens=len(query_ids),
                   answer_tokens=stats.new_tokens, phase1_s=phase1_s, prefill_s=stats.prefill_s,
-                  ttft_s=stats.ttft_s, decode_tokens_per_s=stats.decode_tokens_per_s)
+                  ttft_s=stats.ttft_s, decode_tokens_per_s=stats.decode_tokens_per_s, sources=sources)
+
+
+def _sources(engine, document: StoredDocument, shares: AttentionShares, ranks: Ranks) -> list[dict]:
+    """Rank the document's blocks by the answer's attention share (all ranks' blocks, in order)."""
+    parts = gather_objects(shares.stacked(), ranks)  # every rank's blocks, in rank (= block) order
+    pages_per_block = [block.get("pages") for block in document.blocks]
+    if any(pages is None for pages in pages_per_block):  # stored before page sources existed
+        spans = [(block["start"], block["end"]) for block in document.blocks]
+        pages_per_block = block_pages(engine.tokenizer, document.context_ids(),
+                                      document.manifest["document_token_offset"], spans, document.pages())
+    return rank_sources(shares_from_parts(parts), pages_per_block)
 
 
 def ask_full(engine, document: StoredDocument, question: str, settings, *, stream: bool) -> Answer:

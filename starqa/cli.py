@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -91,30 +92,51 @@ def ingest(
     config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """Extract documents, run Phase 1 and store their KV caches (one document per file)."""
+    from starqa.ingest import expand_sources
     from starqa.ingest import ingest as ingest_one
 
     settings = _settings(config, quiet, model=model, dtype=dtype, device=device, block_size=block_size,
                          anchor_size=anchor_size, nproc=nproc)
+    files = expand_sources(files)  # quoted globs: "docs/*.pdf"
     if name is not None and len(files) > 1:
         raise UsageError("--name names one document; drop it to ingest several files (each takes its stem)")
+    _check_sources(files, name)  # usage errors before loading a model (or converting one, ~20 s)
     _launch_if_asked(settings)
     ranks = _ranks(settings)
     store = _store(settings)
     engine = _load_engine(settings, None, trust_remote_code, ranks)
     failed = 0
-    for source in files:
-        try:
-            ingest_one(source, settings, engine, store, name=name, force=force, allow_long=allow_long,
-                       password=password, ranks=ranks)
-        except StarqaError as exc:
-            if len(files) == 1:
-                raise
-            failed += 1
-            if ranks.is_speaker:
-                report.error(f"{source}: {exc}")
+    with report.progress() as bar:
+        files_task = bar.add_task("files", total=len(files)) if len(files) > 1 else None
+        for source in files:
+            try:
+                ingest_one(source, settings, engine, store, name=name, force=force, allow_long=allow_long,
+                           password=password, ranks=ranks)
+            except Exception as exc:  # noqa: BLE001 - one file's failure is reported; the others go on
+                if len(files) == 1:
+                    raise
+                failed += 1
+                if ranks.is_speaker:
+                    message = str(exc) if isinstance(exc, StarqaError) else f"{type(exc).__name__}: {exc}"
+                    report.error(f"{source}: {message}")
+            if files_task is not None:
+                bar.advance(files_task)
     if failed:
         report.error(f"{failed} of {len(files)} files failed")
         raise typer.Exit(1)
+
+
+def _check_sources(files: list[str], name: str | None) -> None:
+    from starqa.store import validate_name
+
+    if name is not None:
+        validate_name(name)
+    for source in files:
+        path = Path(source)
+        if source != "-" and not path.exists():
+            raise UsageError(f"'{path}' does not exist: check the path (use - to read standard input)")
+        if source != "-" and path.is_dir():
+            raise UsageError(f"'{path}' is a directory, not a file: give the path of a PDF or text file")
 
 
 @app.command()
@@ -208,6 +230,7 @@ def info(
     rows = [("name", document.name), ("source", m["source"]["path"]), ("source sha256", m["source"]["sha256"][:16]),
             ("model", m["model"]), ("model fingerprint", m["model_fingerprint"]),
             ("tokenizer", f"{m['tokenizer_fingerprint']} ({m.get('tokenizer_engine', 'hf')} engine)"),
+            *([("why not tiktoken", m["tokenizer_engine_reason"])] if m.get("tokenizer_engine_reason") else []),
             ("pages", str(m["pages"])), ("context tokens", f"{m['context_tokens']:,}"),
             ("blocks", str(len(m["blocks"]))), ("block / anchor size", f"{m['block_size']} / {m['anchor_size']}"),
             ("dtype", m["dtype"]), ("Phase 1", f"{m.get('phase1_s', 0):.2f} s"),
@@ -252,6 +275,10 @@ def gc(config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool =
     report.info(f"removed {removed} leftover item(s), freed {report.human_bytes(freed)}")
 
 
+from starqa.eval.command import eval_command  # noqa: E402  (the eval command lives in its own package)
+app.command("eval")(eval_command)
+
+
 _ARGV: list[str] | None = None  # the arguments main() runs, re-used to relaunch under torchrun
 _RANKS: list = [None]  # this process's Ranks once a command has set them up
 
@@ -270,6 +297,18 @@ def _report_failure(message: str, exc: BaseException) -> None:
     report.error(message)
 
 
+def _click_classes(name: str) -> tuple[type, ...]:
+    """click's exception `name`, and the copy in the click that newer Typer versions vendor (typer._click)."""
+    classes = [getattr(click.exceptions, name)]
+    try:
+        from typer._click import exceptions as vendored
+
+        classes.append(getattr(vendored, name))
+    except (ImportError, AttributeError):
+        pass
+    return tuple(classes)
+
+
 def main(argv: list[str] | None = None) -> int:
     global _ARGV
     args = sys.argv[1:] if argv is None else argv
@@ -279,13 +318,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = command.main(args=args, prog_name="starqa", standalone_mode=False)
         return result if isinstance(result, int) else 0
-    except click.exceptions.Exit as exc:
+    except (click.exceptions.Exit, typer.Exit) as exc:
         return exc.exit_code
-    except click.exceptions.UsageError as exc:
+    except _click_classes("UsageError") as exc:
         hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
         report.error(f"{exc.format_message()}{hint}")
         return 2
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, typer.Abort):
         report.error("interrupted")
         return 130
     except KeyboardInterrupt:
@@ -295,15 +334,16 @@ def main(argv: list[str] | None = None) -> int:
         return relaunched.exit_code
     except StarqaError as exc:
         if debug:
-            raise
+            traceback.print_exc()  # then the same one line and exit code as without --debug
         _report_failure(str(exc), exc)
         return exc.exit_code
     except BrokenPipeError:
         return 1
     except Exception as exc:  # a bug, or an environment problem we did not foresee
         if debug:
-            raise
-        _report_failure(f"{exc.__class__.__name__}: {exc} (rerun with --debug for the traceback)", exc)
+            traceback.print_exc()
+        hint = "" if debug else " (rerun with --debug for the traceback)"
+        _report_failure(f"{exc.__class__.__name__}: {' '.join(str(exc).split())}{hint}", exc)
         return 1
     finally:
         if _RANKS[0] is not None:

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import bisect
 import io
+import json
 import logging
 import re
 import statistics
 import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from starqa.errors import StarqaError, UsageError
 
@@ -162,23 +164,51 @@ def _join_pages(page_paragraphs: list[list[str]], separator: str) -> tuple[str, 
 
 
 def _assemble(pieces: list[str], piece_pages: list[int], total: int) -> tuple[str, tuple[Page, ...]]:
-    """The text and its page map from pieces tagged with 0-based page indices (non-decreasing).
+    """The text and its page map from pieces tagged with 0-based page indices (non-decreasing)."""
+    builder = _TextBuilder()
+    for piece, page in zip(pieces, piece_pages):
+        builder.add(piece, page)
+    return builder.finish(total)
+
+
+class _TextBuilder:
+    """Builds the text and its page map from pieces added in order, each tagged with its 0-based page index.
 
     A page starts at its first piece; a page with no pieces is empty and sits where the next page starts (or at the
     end of the text); each page ends where the next one starts, so the map covers the text.
     """
-    starts: list[int] = []
-    offset = 0
-    for piece, page in zip(pieces, piece_pages):
-        while len(starts) <= page:
-            starts.append(offset)
-        offset += len(piece)
-    while len(starts) < total:
-        starts.append(offset)
-    if starts:
-        starts[0] = 0
-    ends = starts[1:] + [offset]
-    return "".join(pieces), tuple(Page(number=i + 1, start=s, end=e) for i, (s, e) in enumerate(zip(starts, ends)))
+
+    _JOIN_EVERY = 4096  # pieces; joining them keeps the overhead of many small strings off a long document
+
+    def __init__(self) -> None:
+        self._joined: list[str] = []
+        self._pieces: list[str] = []  # the latest pieces: the last one may still be cut
+        self._starts: list[int] = []
+        self._offset = 0
+
+    def add(self, piece: str, page: int) -> None:
+        while len(self._starts) <= page:
+            self._starts.append(self._offset)
+        self._pieces.append(piece)
+        self._offset += len(piece)
+        if len(self._pieces) >= self._JOIN_EVERY:
+            self._joined.append("".join(self._pieces[:-1]))
+            del self._pieces[:-1]
+
+    def cut(self, chars: int) -> None:
+        """Remove the last `chars` characters of the last piece added."""
+        self._pieces[-1] = self._pieces[-1][:-chars]
+        self._offset -= chars
+
+    def finish(self, total: int) -> tuple[str, tuple[Page, ...]]:
+        starts = self._starts
+        while len(starts) < total:
+            starts.append(self._offset)
+        if starts:
+            starts[0] = 0
+        ends = starts[1:] + [self._offset]
+        text = "".join(self._joined + self._pieces)
+        return text, tuple(Page(number=i + 1, start=s, end=e) for i, (s, e) in enumerate(zip(starts, ends)))
 
 
 # --------------------------------------------------------------------------------------------------------- PDF
@@ -208,6 +238,7 @@ def _extract_pdf(data: bytes, label: str, *, password: str | None,
     from pypdf.errors import DependencyError, FileNotDecryptedError, PyPdfError
 
     warnings: list[str] = []
+    spill = _PageSpill()
     logger = logging.getLogger("pypdf")
     collector = _LogCollector()
     logger.addHandler(collector)
@@ -248,44 +279,88 @@ def _extract_pdf(data: bytes, label: str, *, password: str | None,
         if total == 0:
             raise StarqaError(f"{label} has no pages: check the file")
 
-        pages_lines: list[list[_Line]] = []
+        # Pages stream through: each one's lines are spilled to a temporary file as it is extracted, and only its
+        # first and last lines (where running headers and footers are) stay in memory.
         failed: list[int] = []
+        blank: list[int] = []
+        edges: list[tuple[list[_Line], list[_Line]]] = []
         for index in range(total):
             try:
-                pages_lines.append(_page_lines(reader.pages[index], index))
+                lines = _page_lines(reader.pages[index], index)
             except damaged:
                 failed.append(index + 1)
-                pages_lines.append([])
+                lines = []
+            else:
+                if not any(line.text.strip() for line in lines):
+                    blank.append(index + 1)
+            spill.write(lines)
+            edges.append((lines[:_EDGE], lines[-_EDGE:]))
+            if (index + 1) % _PARSED_OBJECTS_PAGES == 0:
+                _forget_parsed_objects(reader)
             if on_page is not None:
                 on_page(index + 1, total)
+        del reader
+        if len(failed) == total:
+            raise StarqaError(f"{label} is not a readable PDF (no page could be read): check the file, or export "
+                              "it again from the program that made it")
+        if len(failed) + len(blank) == total:
+            raise StarqaError(f"{label} has no text layer (scanned?): run OCR first (e.g. ocrmypdf) and ingest "
+                              "the result")
+        if failed:
+            warnings.append(f"{label}: could not read {_page_list(failed)}: their text is missing")
+        if blank and len(blank) < total:
+            warnings.append(f"{label}: {_page_list(blank)} {'has' if len(blank) == 1 else 'have'} no text "
+                            "(scanned images?): run OCR on the file if they matter")
+        if collector.messages:
+            more = f" (and {len(collector.messages) - 1} more)" if len(collector.messages) > 1 else ""
+            warnings.append(f"{label}: the PDF reader reported problems: {collector.messages[0]}{more}; the text "
+                            "may be incomplete")
+
+        running = _running_lines(edges)
+        del edges
+        text, pages = _paragraphs(lambda: (running.strip(lines) for lines in spill.read()), total)
     finally:
         logger.removeHandler(collector)
         logger.propagate = saved_propagate
+        spill.close()
 
-    if len(failed) == total:
-        raise StarqaError(f"{label} is not a readable PDF (no page could be read): check the file, or export it "
-                          "again from the program that made it")
-    if not any(line.text.strip() for lines in pages_lines for line in lines):
-        raise StarqaError(f"{label} has no text layer (scanned?): run OCR first (e.g. ocrmypdf) and ingest the "
-                          "result")
-    if failed:
-        warnings.append(f"{label}: could not read {_page_list(failed)}: their text is missing")
-    blank = [i + 1 for i, lines in enumerate(pages_lines)
-             if i + 1 not in failed and not any(line.text.strip() for line in lines)]
-    if blank and len(blank) < total:
-        warnings.append(f"{label}: {_page_list(blank)} {'has' if len(blank) == 1 else 'have'} no text "
-                        "(scanned images?): run OCR on the file if they matter")
-    if collector.messages:
-        more = f" (and {len(collector.messages) - 1} more)" if len(collector.messages) > 1 else ""
-        warnings.append(f"{label}: the PDF reader reported problems: {collector.messages[0]}{more}; the text may "
-                        "be incomplete")
-
-    body = _drop_running_lines(pages_lines)
-    text, pages = _paragraphs(body, total)
     if not text.strip():
         raise StarqaError(f"{label} has no text layer (scanned?): run OCR first (e.g. ocrmypdf) and ingest the "
                           "result")
     return ExtractedDocument(text=text, pages=pages, kind="pdf", warnings=tuple(warnings))
+
+
+# pypdf keeps every object it has parsed (content streams, fonts) for the life of the reader; forgetting them every
+# so many pages keeps its memory flat on long documents, at no measurable cost in speed.
+_PARSED_OBJECTS_PAGES = 32
+
+
+def _forget_parsed_objects(reader) -> None:
+    cache = getattr(reader, "resolved_objects", None)
+    if isinstance(cache, dict):
+        cache.clear()
+
+
+class _PageSpill:
+    """Each page's lines, written to a temporary file (one JSON line per page) and read back in order."""
+
+    def __init__(self) -> None:
+        try:
+            self._file = tempfile.TemporaryFile("w+", encoding="utf-8", prefix="starqa-pages-")
+        except OSError:  # no writable temporary folder: keep them in memory
+            self._file = io.StringIO()
+
+    def write(self, lines: list[_Line]) -> None:
+        self._file.write(json.dumps([[line.text, line.y] for line in lines], ensure_ascii=False) + "\n")
+
+    def read(self) -> Iterator[list[_Line]]:
+        self._file.flush()
+        self._file.seek(0)
+        for index, row in enumerate(self._file):
+            yield [_Line(text, index, y) for text, y in json.loads(row)]
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def _reason(error: BaseException) -> str:
@@ -356,41 +431,48 @@ def _edge_key(text: str) -> str:
     return re.sub(r"\d+", "#", " ".join(text.lower().split()))
 
 
-def _drop_running_lines(pages_lines: list[list[_Line]]) -> list[list[_Line]]:
-    """Drop running headers and footers, and bare page numbers, from the top and bottom of each page.
+@dataclass(frozen=True)
+class _RunningLines:
+    """The running headers and footers of a document, found by `_running_lines`; `strip` drops them from a page."""
+
+    keys: dict[str, set[str]]  # zone ("top", "bottom") -> edge keys of its running lines
+    page_number_offset: int | None  # page label minus page index, when the edges of most pages carry it
+
+    def strip(self, lines: list[_Line]) -> list[_Line]:
+        """The page's lines without running headers and footers, bare page numbers and blank edge lines."""
+        lines = list(lines)
+        offset = self.page_number_offset
+        for zone, index in (("top", 0), ("bottom", -1)):
+            removed = 0
+            while lines and removed < _EDGE and (
+                    not lines[index].text or _PAGE_NUMBER.match(lines[index].text)
+                    or _edge_key(lines[index].text) in self.keys[zone]
+                    or (removed == 0 and offset is not None
+                        and offset + lines[index].page in _edge_numbers(lines[index]))):
+                lines.pop(index)
+                removed += 1
+        return lines
+
+
+def _running_lines(edges: Sequence[tuple[list[_Line], list[_Line]]]) -> _RunningLines:
+    """Find running headers and footers from each page's first and last `_EDGE` lines (all that `strip` looks at).
 
     A running line sits among the first (or last) few lines of more than half of the pages that have text, with
     digits matching any digits; it must read the same on those pages ("CONFIDENTIAL") or carry a number that
     counts with the pages ("Page 3 of 7"), so that "Article 5", "Article 9" at the tops of pages stay.
     """
-    with_text = [lines for lines in pages_lines if lines]
+    with_text = [(head, tail) for head, tail in edges if head]
     need = max(2, len(with_text) // 2 + 1)
     running: dict[str, set[str]] = {}
     for zone in ("top", "bottom"):
         seen: dict[str, dict[int, str]] = {}
-        for lines in with_text:
-            edge = lines[:_EDGE] if zone == "top" else lines[-_EDGE:]
-            for line in edge:
+        for head, tail in with_text:
+            for line in head if zone == "top" else tail:
                 if line.text:
                     seen.setdefault(_edge_key(line.text), {}).setdefault(line.page, " ".join(line.text.split()))
         running[zone] = {key for key, occurrences in seen.items()
                          if len(occurrences) >= need and _is_running(occurrences, need)}
-
-    offset = _page_number_offset(with_text, need)
-    result = []
-    for lines in pages_lines:
-        lines = list(lines)
-        for zone, index in (("top", 0), ("bottom", -1)):
-            removed = 0
-            while lines and removed < _EDGE and (
-                    not lines[index].text or _PAGE_NUMBER.match(lines[index].text)
-                    or _edge_key(lines[index].text) in running[zone]
-                    or (removed == 0 and offset is not None
-                        and offset + lines[index].page in _edge_numbers(lines[index]))):
-                lines.pop(index)
-                removed += 1
-        result.append(lines)
-    return result
+    return _RunningLines(running, _page_number_offset(with_text, need))
 
 
 def _edge_numbers(line: _Line) -> set[int]:
@@ -400,14 +482,14 @@ def _edge_numbers(line: _Line) -> set[int]:
     return {int(number) for pair in re.findall(r"^(\d{1,4})\b|\b(\d{1,4})$", line.text) for number in pair if number}
 
 
-def _page_number_offset(pages_lines: list[list[_Line]], need: int) -> int | None:
+def _page_number_offset(edges: Sequence[tuple[list[_Line], list[_Line]]], need: int) -> int | None:
     """The page label minus the page index, when the first or last lines of most pages carry it; else None.
 
     This finds headers whose text changes from chapter to chapter but that carry the page number.
     """
     offsets: Counter = Counter()
-    for lines in pages_lines:
-        offsets.update({number - line.page for line in lines[:1] + lines[-1:] for number in _edge_numbers(line)})
+    for head, tail in edges:
+        offsets.update({number - line.page for line in head[:1] + tail[-1:] for number in _edge_numbers(line)})
     if not offsets:
         return None
     offset, count = offsets.most_common(1)[0]
@@ -437,40 +519,42 @@ _HYPHEN_END = re.compile(r"(\w+)[-\u00ad]$")
 _WORD_START = re.compile(r"^(\w+)")
 
 
-def _paragraphs(pages_lines: list[list[_Line]], total: int) -> tuple[str, tuple[Page, ...]]:
-    lines = [line for page in pages_lines for line in page]
-    layout = _layout(lines)
-    words, compounds = _vocabulary([line for line in lines if line.text])
+def _paragraphs(read_pages: Callable[[], Iterable[list[_Line]]], total: int) -> tuple[str, tuple[Page, ...]]:
+    """The text and page map of the pages' body lines; `read_pages()` gives the pages, in order, once per pass.
 
-    pieces: list[str] = []
-    piece_pages: list[int] = []
+    The first pass measures the layout and collects the vocabulary; the second joins lines into paragraphs.
+    """
+    counts = _LayoutCounts()
+    words: set[str] = set()
+    compounds: set[str] = set()
+    for lines in read_pages():
+        counts.add(lines)
+        _add_vocabulary([line for line in lines if line.text], words, compounds)
+    layout = counts.layout()
+
+    text = _TextBuilder()
     previous: _Line | None = None
     blank_before = False
-    for line in lines:
-        if not line.text:
-            blank_before = True
-            continue
-        if previous is None:
-            pieces.append(line.text)
-            piece_pages.append(line.page)
-        elif blank_before or _breaks(previous, line, layout):
-            pieces.append("\n\n")
-            piece_pages.append(previous.page)
-            pieces.append(line.text)
-            piece_pages.append(line.page)
-        else:
-            cut, joint = _join(pieces[-1], line.text, words, compounds)
-            if cut:
-                pieces[-1] = pieces[-1][:-cut]
-            if joint:
-                pieces.append(joint)
-                piece_pages.append(previous.page)
-            pieces.append(line.text)
-            piece_pages.append(line.page)
-        previous = line
-        blank_before = False
-
-    return _assemble(pieces, piece_pages, total)
+    for lines in read_pages():
+        for line in lines:
+            if not line.text:
+                blank_before = True
+                continue
+            if previous is None:
+                text.add(line.text, line.page)
+            elif blank_before or _breaks(previous, line, layout):
+                text.add("\n\n", previous.page)
+                text.add(line.text, line.page)
+            else:
+                cut, joint = _join(previous.text, line.text, words, compounds)
+                if cut:
+                    text.cut(cut)
+                if joint:
+                    text.add(joint, previous.page)
+                text.add(line.text, line.page)
+            previous = line
+            blank_before = False
+    return text.finish(total)
 
 
 def _join(before: str, after: str, words: set[str], compounds: set[str]) -> tuple[int, str]:
@@ -517,34 +601,47 @@ class _Layout:
     spaced: bool  # whether the document separates paragraphs by space (then gaps decide, on one page)
 
 
-def _layout(lines: list[_Line]) -> _Layout:
-    body = [line.text for line in lines if line.text]
-    lengths = sorted(len(text) for text in body)
-    full = float(lengths[min(len(lengths) - 1, int(len(lengths) * 0.8))]) if lengths else 0.0
-    gaps = []
-    for previous, line in zip(lines, lines[1:]):
-        if previous.page == line.page and previous.y is not None and line.y is not None and line.text:
-            gap = previous.y - line.y
-            if gap > 0:
-                gaps.append(round(gap * 2) / 2)
-    if len(gaps) < 5:
-        return _Layout(full=full, pitch=None, paragraph_gap=float("inf"), spaced=False)
-    counts = Counter(gaps)
-    best = max(counts.values())
-    pitch = statistics.median(gap for gap, count in counts.items() if count == best)
-    paragraph_gap = pitch * 1.2 + 0.5
-    wide = sum(1 for gap in gaps if gap > paragraph_gap)
-    return _Layout(full=full, pitch=pitch, paragraph_gap=paragraph_gap, spaced=wide >= max(3, 0.05 * len(gaps)))
+class _LayoutCounts:
+    """Line lengths and baseline gaps of the body text, counted page by page, and the `_Layout` they give."""
+
+    def __init__(self) -> None:
+        self.lengths: Counter = Counter()  # chars in a line -> lines
+        self.gaps: Counter = Counter()  # distance between consecutive baselines on a page (to 0.5) -> times
+
+    def add(self, lines: list[_Line]) -> None:
+        """One page's lines, in order."""
+        self.lengths.update(len(line.text) for line in lines if line.text)
+        for previous, line in zip(lines, lines[1:]):
+            if previous.page == line.page and previous.y is not None and line.y is not None and line.text:
+                gap = previous.y - line.y
+                if gap > 0:
+                    self.gaps[round(gap * 2) / 2] += 1
+
+    def layout(self) -> _Layout:
+        full = 0.0
+        n_lines = sum(self.lengths.values())
+        if n_lines:
+            rank = min(n_lines - 1, int(n_lines * 0.8))  # the 80th percentile of the lengths
+            for length in sorted(self.lengths):
+                rank -= self.lengths[length]
+                if rank < 0:
+                    full = float(length)
+                    break
+        n_gaps = sum(self.gaps.values())
+        if n_gaps < 5:
+            return _Layout(full=full, pitch=None, paragraph_gap=float("inf"), spaced=False)
+        best = max(self.gaps.values())
+        pitch = statistics.median(gap for gap, count in self.gaps.items() if count == best)
+        paragraph_gap = pitch * 1.2 + 0.5
+        wide = sum(count for gap, count in self.gaps.items() if gap > paragraph_gap)
+        return _Layout(full=full, pitch=pitch, paragraph_gap=paragraph_gap, spaced=wide >= max(3, 0.05 * n_gaps))
 
 
-def _vocabulary(lines: list[_Line]) -> tuple[set[str], set[str]]:
-    """Words and hyphenated compounds that occur inside lines (not split across them), lowercased."""
-    words: set[str] = set()
-    compounds: set[str] = set()
+def _add_vocabulary(lines: list[_Line], words: set[str], compounds: set[str]) -> None:
+    """Add the words and hyphenated compounds that occur inside lines (not split across them), lowercased."""
     for line in lines:
         text = line.text.lower()
         words.update(re.findall(r"\w+", text))
         for compound in re.findall(r"\w+(?:-\w+)+", text.rstrip("-")):
             parts = compound.split("-")
             compounds.update(f"{a}-{b}" for a, b in zip(parts, parts[1:]))
-    return words, compounds

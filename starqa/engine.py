@@ -79,7 +79,7 @@ class StarEngine:
     """A causal LM with Star Attention on its forward path; see the module docstring."""
 
     def __init__(self, model, tokenizer, *, model_name: str = "", model_dir: Path | None = None,
-                 attention_backend: str = "auto") -> None:
+                 attention_backend: str = "auto", store_root: Path | None = None) -> None:
         from starqa.models import check_architecture
 
         check_architecture(model.config)
@@ -88,6 +88,7 @@ class StarEngine:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.model_dir = model_dir
+        self.store_root = store_root  # where the tokenizer check is recorded (None: not recorded)
         self.attention_backend = attention_backend
         config = model.config
         self.config = config
@@ -100,6 +101,7 @@ class StarEngine:
         self.last_stats = GenerationStats()
         self.phase1_blocks_encoded = 0  # counts real Phase 1 work (tests assert a cache hit skips it)
         self._fingerprints: dict[str, str] = {}
+        self._text_encoder = None  # built on first use: ask does not need it
 
     # ---------------------------------------------------------------- identity and tokenization
 
@@ -127,13 +129,41 @@ class StarEngine:
         return model_context_window(self.config)
 
     @property
+    def text_encoder(self):
+        """Document tokenization: tiktoken when checked identical to the HF tokenizer, else the HF tokenizer.
+
+        The check runs on the model's first use and its outcome is recorded (see `_tokenizer_check_record`)."""
+        if self._text_encoder is None:
+            from starqa.fast_tokenizer import text_encoder_for
+
+            self._text_encoder = text_encoder_for(self.tokenizer, self._tokenizer_check_record())
+        return self._text_encoder
+
+    def _tokenizer_check_record(self) -> Path | None:
+        """A model converted into the store's models/ folder keeps the record in its own folder; a user's model
+        directory is never written to: its record goes to a file in models/ keyed like every record."""
+        if self.store_root is None:
+            return None
+        from starqa.fast_tokenizer import RECORD_FILE_NAME
+
+        models_root = Path(self.store_root) / "models"
+        if self.model_dir is not None and Path(self.model_dir).resolve().parent == models_root.resolve():
+            return Path(self.model_dir) / RECORD_FILE_NAME
+        return models_root / RECORD_FILE_NAME
+
+    @property
     def tokenizer_engine(self) -> str:
-        return "hf"
+        """The engine `encode_document_text` uses, "tiktoken" or "hf"; both give the same ids."""
+        return self.text_encoder.engine
+
+    @property
+    def tokenizer_engine_reason(self) -> str:
+        """Why the HF tokenizer is used instead of tiktoken ("" when tiktoken is)."""
+        return self.text_encoder.reason
 
     def encode_document_text(self, text: str) -> list[int]:
-        from starqa.tokens import encode_document
-
-        return encode_document(self.tokenizer, text)
+        """Ids of document text: exactly `starqa.tokens.encode_document` (special-token strings are plain text)."""
+        return self.text_encoder.encode(text)
 
     @classmethod
     def load(cls, model: str = "smollm2-135m", *, device: str = "auto", dtype: str = "auto",
@@ -165,7 +195,7 @@ class StarEngine:
         tokenizer = AutoTokenizer.from_pretrained(source.directory, local_files_only=True,
                                                   trust_remote_code=trust_remote_code)
         return cls(hf_model, tokenizer, model_name=source.name, model_dir=source.directory,
-                   attention_backend=attention_backend)
+                   attention_backend=attention_backend, store_root=root)
 
     def _stop_token_ids(self) -> set[int]:
         stop: set[int] = set()
@@ -284,7 +314,7 @@ class StarEngine:
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                  on_token: Callable[[int], None] | None = None, keep_local: bool = True,
                  merge_across_ranks=None, sync_token: Callable[[int], int] | None = None,
-                 on_prefix_attention=None) -> list[int]:
+                 observe_prefix=None) -> list[int]:
         """Phase 2: encode the query against the context KV, then decode; returns the new token ids.
 
         Distributed: each rank passes its own blocks in `ctx`; `merge_across_ranks` combines the ranks' partial
@@ -294,7 +324,7 @@ class StarEngine:
         cache = self._new_cache(batch=1, capacity=len(query_ids) + max_new_tokens,
                                 prefix=(ctx.keys, ctx.values), keep_local=keep_local,
                                 merge_across_ranks=merge_across_ranks)
-        cache.on_prefix_attention = on_prefix_attention
+        cache.observe_prefix = observe_prefix
         return self._decode(cache, list(query_ids), ctx.n_tokens, max_new_tokens, temperature, top_p, seed, on_token,
                             sync_token)
 

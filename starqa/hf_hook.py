@@ -51,7 +51,8 @@ class StarCache:
         self.length = 0  # tokens written to the buffer by completed forward passes
         self.merge_across_ranks = merge_across_ranks
         self.backend = backend
-        self.on_prefix_attention: Callable[[int, torch.Tensor], None] | None = None  # (layer, prefix lse) observer
+        # Observer of each layer's queries against the prefix keys (answer sources): (layer, query, prefix_keys).
+        self.observe_prefix: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         # key_states: [batch, kv_heads, new_tokens, head_dim]
@@ -92,12 +93,12 @@ def star_attention_forward(
         layer = module.layer_idx
         prefix_keys = star_cache.prefix_keys[layer]
         prefix_values = star_cache.prefix_values[layer]
+        if star_cache.observe_prefix is not None:
+            star_cache.observe_prefix(layer, query, prefix_keys)
         if prefix_keys.shape[0] != query.shape[0]:  # one prefix shared by a batch of blocks: a view, no copy
             prefix_keys = prefix_keys.expand(query.shape[0], -1, -1, -1)
             prefix_values = prefix_values.expand(query.shape[0], -1, -1, -1)
         prefix = attention_with_lse(query, prefix_keys, prefix_values, causal=False, scale=scaling, backend=backend)
-        if star_cache.on_prefix_attention is not None:
-            star_cache.on_prefix_attention(layer, prefix[1])
         parts.insert(0, prefix)
     out, lse = merge_attention(parts) if len(parts) > 1 else local
     if star_cache is not None and star_cache.merge_across_ranks is not None:

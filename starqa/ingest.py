@@ -18,6 +18,7 @@ from starqa import __version__, report
 from starqa.config import Settings
 from starqa.distributed import RankFailure, Ranks, agree, block_plan, broadcast_object, gather_objects, share_outcome
 from starqa.errors import StarqaError, UsageError
+from starqa.sources import block_pages
 from starqa.store import DocumentStore, StoredDocument, name_from_path, validate_name, write_block_file
 from starqa.tokens import PROMPT_LAYOUT_VERSION, context_ids_for, plan_blocks, prompt_template
 
@@ -41,6 +42,34 @@ class _Prepared:
     text: str
     pages: list[dict]
     stored: bool  # already stored with the same source and settings: nothing to do
+
+
+def expand_sources(arguments: list[str]) -> list[str]:
+    """The files to ingest: each argument as given, or the files a glob pattern matches (sorted), in order.
+
+    Patterns are expanded here so that quoted ones work (`starqa ingest "docs/*.pdf"`) and on shells that leave an
+    unmatched pattern as it is; `**` matches folders recursively. A pattern that matches no file is an error naming
+    it. An argument that exists as a path is never a pattern; a file given twice is ingested once.
+    """
+    import glob
+    import os
+
+    sources: list[str] = []
+    seen: set[str] = set()
+    for argument in arguments:
+        if argument == "-" or os.path.lexists(argument) or not glob.has_magic(argument):
+            matches = [argument]
+        else:
+            matches = sorted(path for path in glob.glob(os.path.expanduser(argument), recursive=True)
+                             if os.path.isfile(path))
+            if not matches:
+                raise UsageError(f"'{argument}' matches no file: check the pattern")
+        for source in matches:
+            key = source if source == "-" else os.path.realpath(source)
+            if key not in seen:
+                seen.add(key)
+                sources.append(source)
+    return sources
 
 
 def dtype_name(engine) -> str:
@@ -122,6 +151,7 @@ def _prepare(source, settings, engine, store, *, name, force, allow_long, passwo
         "model": engine.model_name,
         **signature,
         "tokenizer_engine": engine.tokenizer_engine,
+        "tokenizer_engine_reason": engine.tokenizer_engine_reason,
         "context_tokens": len(context_ids),
         "document_tokens": len(document_ids),
         "document_token_offset": len(context_ids) - len(document_ids),
@@ -172,8 +202,10 @@ def _store_as_speaker(prepared, settings, engine, store, spans, ranks, force):
                 stage = "Phase 1"
                 phase1_s = _phase1(engine, prepared.context_ids, settings, writer.staging, spans, ranks)
                 stage = "publishing"
+                pages_per_block = block_pages(engine.tokenizer, prepared.context_ids,
+                                              prepared.manifest["document_token_offset"], spans, prepared.pages)
                 for index, (start, end) in enumerate(spans):
-                    writer.record_existing_block(index, start, end)
+                    writer.record_existing_block(index, start, end, pages_per_block[index])
                 prepared.manifest["phase1_s"] = round(phase1_s, 3)
                 prepared.manifest["nproc"] = ranks.world
         document = store.get(prepared.name)

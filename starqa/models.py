@@ -126,7 +126,7 @@ def ensure_converted(source: ModelSource, *, on_status=None) -> ModelSource:
     from filelock import FileLock
 
     source.directory.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with FileLock(str(source.directory.parent / f"{source.directory.name}.lock")):
+    with FileLock(str(source.directory.parent / f"{source.directory.name}.lock"), mode=0o600):
         if not (source.directory / "config.json").is_file():
             if source.directory.exists():  # left incomplete by an older, interrupted conversion
                 shutil.rmtree(source.directory)
@@ -159,6 +159,8 @@ def _convert_gguf(gguf_path: Path, target: Path, on_status) -> None:
         )
         if not (staging / "config.json").is_file() or not any(staging.glob("*.safetensors")):
             raise StarqaError(f"converting {gguf_path.name} wrote no weights; nothing was stored")
+        for path in staging.rglob("*"):  # the store is private: folders 0700, files 0600
+            os.chmod(path, 0o700 if path.is_dir() else 0o600)
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

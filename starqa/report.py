@@ -34,7 +34,7 @@ def info(message: str) -> None:
 
 def warn(message: str) -> None:
     if not _state["quiet"]:
-        console.print(f"starqa: warning: {message}", markup=False, style="yellow")
+        console.print(f"starqa: warning: {message}", markup=False, style="yellow", soft_wrap=True)  # one line
 
 
 def error(message: str) -> None:

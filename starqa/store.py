@@ -10,26 +10,33 @@
 A document is visible only once its folder is complete and its link is in place, so a crash at any moment leaves
 the previous version or the new one, never a mixture; leftovers are cleaned by the next run (`starqa gc` reports them).
 Nothing here is ever unpickled: KV and ids are safetensors, everything else JSON or text.
+
+Test hook (tests/test_hardening.py stops an ingest at an exact moment to kill or resume it):
+STARQA_TEST_PAUSE_AT=after-block:N (this process has written N block files) or before-link-swap (the complete
+object folder is in place, the name's link not yet swapped) makes the writer wait there until the file named by
+STARQA_TEST_RESUME_FILE exists, for at most 120 s.
 """
 
 from __future__ import annotations
 
 import difflib
+import errno
 import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from filelock import FileLock, Timeout
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from starqa.errors import StarqaError, UsageError
@@ -38,6 +45,7 @@ MANIFEST_FORMAT = 1
 _NAME_MAX = 100
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
+_PAUSE_ENV, _RESUME_ENV = "STARQA_TEST_PAUSE_AT", "STARQA_TEST_RESUME_FILE"
 
 
 def default_store_root() -> Path:
@@ -92,8 +100,42 @@ def _write_json(path: Path, data) -> None:
 
 def _replace_json(path: Path, data) -> None:
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    _write_json(temporary, data)
-    os.replace(temporary, path)
+    try:
+        _write_json(temporary, data)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT from Python's own I/O, or safetensors' Rust writer saying the same in words."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return any(sign in text for sign in ("No space left on device", "Disk quota exceeded",
+                                         f"os error {errno.ENOSPC})", f"os error {errno.EDQUOT})"))
+
+
+def _test_pause(point: str) -> None:
+    if os.environ.get(_PAUSE_ENV) != point:
+        return
+    resume = os.environ.get(_RESUME_ENV, "")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (resume and os.path.exists(resume)):
+        time.sleep(0.05)
+
+
+def _lock_for(root: Path, name: str) -> FileLock:
+    return FileLock(str(root / "locks" / f"{name}.lock"), mode=_FILE_MODE)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -102,6 +144,11 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _reingest_hint(doc: "StoredDocument") -> str:
+    source = doc.manifest.get("source", {}).get("path") or "SOURCE"
+    return f"re-ingest it: starqa ingest {shlex.quote(source)} --name {shlex.quote(doc.name)} --force"
 
 
 @dataclass
@@ -139,6 +186,9 @@ def write_block_file(staging: Path, index: int, start: int, end: int, keys: Sequ
     path = staging / block_file_name(index)
     save_file(tensors, str(path), metadata={"index": str(index), "start": str(start), "end": str(end)})
     os.chmod(path, _FILE_MODE)
+    _fsync_file(path)
+    if os.environ.get(_PAUSE_ENV, "").startswith("after-block:"):
+        _test_pause(f"after-block:{sum(1 for _ in (staging / 'blocks').glob('*.safetensors'))}")
 
 
 class DocumentWriter:
@@ -163,6 +213,7 @@ class DocumentWriter:
 
     def write_context_ids(self, ids: Sequence[int]) -> None:
         save_file({"ids": torch.tensor(list(ids), dtype=torch.int64)}, str(self.staging / "context_ids.safetensors"))
+        _fsync_file(self.staging / "context_ids.safetensors")
         self._record("context_ids.safetensors")
 
     def write_block(self, index: int, start: int, end: int, keys: Sequence[torch.Tensor],
@@ -170,13 +221,13 @@ class DocumentWriter:
         write_block_file(self.staging, index, start, end, keys, values)
         self.record_existing_block(index, start, end)
 
-    def record_existing_block(self, index: int, start: int, end: int) -> None:
+    def record_existing_block(self, index: int, start: int, end: int, pages: Sequence[int] = ()) -> None:
         """Record a block file already in the staging folder (written here or by another rank)."""
         relative = block_file_name(index)
         if not (self.staging / relative).is_file():
             raise StarqaError(f"block {index} was not written by any rank")
         self._record(relative)
-        self.blocks.append({"index": index, "start": start, "end": end, "file": relative})
+        self.blocks.append({"index": index, "start": start, "end": end, "file": relative, "pages": list(pages)})
 
 
 
@@ -230,19 +281,19 @@ class DocumentStore:
                 stat = path.stat()
             except FileNotFoundError:
                 raise StarqaError(
-                    f"document '{doc.name}' is damaged: {relative} is missing; re-ingest it with --force"
+                    f"document '{doc.name}' is damaged: {relative} is missing; {_reingest_hint(doc)}"
                 ) from None
             if stat.st_size != expected["size"]:
                 raise StarqaError(
                     f"document '{doc.name}' is damaged: {relative} has {stat.st_size} bytes, expected "
-                    f"{expected['size']}; re-ingest it with --force"
+                    f"{expected['size']}; {_reingest_hint(doc)}"
                 )
             stamp = [stat.st_size, stat.st_mtime_ns]
             if full or checks.get(relative) != stamp:
                 if sha256_file(path) != expected["sha256"]:
                     raise StarqaError(
                         f"document '{doc.name}' is damaged: {relative} does not match its checksum; "
-                        "re-ingest it with --force"
+                        + _reingest_hint(doc)
                     )
                 checks[relative] = stamp
                 changed = True
@@ -259,12 +310,16 @@ class DocumentStore:
         for index in indices:
             block = by_index[index]
             keys, values = [], []
-            with safe_open(doc.path / block["file"], framework="pt", device=str(device)) as handle:
-                layer = 0
-                while f"layers.{layer}.key" in handle.keys():
-                    keys.append(handle.get_tensor(f"layers.{layer}.key"))
-                    values.append(handle.get_tensor(f"layers.{layer}.value"))
-                    layer += 1
+            try:
+                with safe_open(doc.path / block["file"], framework="pt", device=str(device)) as handle:
+                    layer = 0
+                    while f"layers.{layer}.key" in handle.keys():
+                        keys.append(handle.get_tensor(f"layers.{layer}.key"))
+                        values.append(handle.get_tensor(f"layers.{layer}.value"))
+                        layer += 1
+            except (OSError, SafetensorError) as exc:  # checked a moment ago: changed or removed since
+                raise StarqaError(f"document '{doc.name}' is damaged: {block['file']} cannot be read "
+                                  f"({' '.join(str(exc).split())[:120]}); {_reingest_hint(doc)}") from None
             if dtype is not None and keys and keys[0].dtype != dtype:
                 raise StarqaError(f"document '{doc.name}' holds {keys[0].dtype} KV, not {dtype}")
             yield block, keys, values
@@ -273,7 +328,7 @@ class DocumentStore:
 
     @contextmanager
     def lock(self, name: str, *, timeout: float = 600.0, on_wait=None):
-        lock = FileLock(str(self.root / "locks" / f"{name}.lock"))
+        lock = _lock_for(self.root, name)
         try:
             lock.acquire(timeout=0)
         except Timeout:
@@ -292,11 +347,21 @@ class DocumentStore:
 
     @contextmanager
     def writing(self, name: str, manifest: dict) -> Iterator[DocumentWriter]:
-        """Stage a document; on normal exit write its manifest and publish it atomically. Caller holds lock(name)."""
+        """Stage a document; on normal exit write its manifest and publish it atomically. Caller holds lock(name).
+
+        Leftovers of earlier, killed writers are removed first. On any failure the staging folder is removed and
+        the store is as it was; running out of disk space is reported as such.
+        """
         validate_name(name)
+        self.collect_garbage(held={name})
         object_name = f"{name}.{uuid.uuid4().hex[:12]}"
         staging = self.root / "objects" / f".tmp-{object_name}.{os.getpid()}"
-        staging.mkdir(mode=_DIR_MODE)
+        try:
+            staging.mkdir(mode=_DIR_MODE)
+        except OSError as exc:
+            if _disk_full(exc):
+                raise self._disk_full_error(name) from None
+            raise
         try:
             writer = DocumentWriter(staging)
             yield writer
@@ -307,61 +372,124 @@ class DocumentStore:
             _write_json(staging / "manifest.json", manifest)
             checks = {rel: [(staging / rel).stat().st_size, (staging / rel).stat().st_mtime_ns] for rel in writer.files}
             _write_json(staging / "checks.json", checks)
+            _fsync_dir(staging / "blocks")
             _fsync_dir(staging)
             final = self.root / "objects" / object_name
             os.rename(staging, final)
+            staging = final  # from here a failure before the link swap leaves an unlinked object: remove it too
+            _test_pause("before-link-swap")
             self._publish(name, final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+        except BaseException as exc:
+            if not (self.root / "documents" / name).resolve() == staging:
+                shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, Exception) and _disk_full(exc):
+                raise self._disk_full_error(name) from None
             raise
+
+    def _disk_full_error(self, name: str) -> StarqaError:
+        return StarqaError(f"no space left on device while writing document '{name}' into {self.root}; nothing was "
+                           "stored: free some space (starqa gc, starqa rm NAME) and try again")
 
     def _publish(self, name: str, target: Path) -> None:
         link = self.root / "documents" / name
         previous = link.resolve() if link.is_symlink() else None
         temporary_link = self.root / "documents" / f".link-{name}.{uuid.uuid4().hex[:8]}"
-        os.symlink(Path("..") / "objects" / target.name, temporary_link)
-        os.replace(temporary_link, link)  # the atomic moment: readers see the old or the new document
+        try:
+            os.symlink(Path("..") / "objects" / target.name, temporary_link)
+            os.replace(temporary_link, link)  # the atomic moment: readers see the old or the new document
+        except BaseException:
+            temporary_link.unlink(missing_ok=True)
+            raise
         _fsync_dir(link.parent)
         if previous is not None and previous != target and previous.exists():
             shutil.rmtree(previous, ignore_errors=True)
 
     def remove(self, name: str) -> int:
-        doc = self.get(name)
+        """Remove a document completely (its link, then its folder); returns the bytes freed."""
+        self.get(name)
         with self.lock(name):
+            doc = self.get(name)  # the link may have been swapped by a writer we waited for
             freed = _tree_size(doc.path)
             (self.root / "documents" / name).unlink()
+            _fsync_dir(self.root / "documents")
             shutil.rmtree(doc.path, ignore_errors=True)
+            self.collect_garbage(held={name})
         return freed
 
-    def collect_garbage(self) -> tuple[int, int]:
-        """Remove staging folders of dead processes and objects no name links to; returns (items, bytes)."""
-        linked = {p.resolve() for p in (self.root / "documents").iterdir() if p.is_symlink() and p.exists()}
-        removed = freed = 0
-        for link in (self.root / "documents").iterdir():
-            if link.name.startswith(".link-") or (link.is_symlink() and not link.exists()):
-                link.unlink(missing_ok=True)
-                removed += 1
-        for path in (self.root / "objects").iterdir():
-            if path.resolve() in linked:
+    def _linked_objects(self) -> set[Path]:
+        """Object folders a document name links to (a writer's temporary link does not count)."""
+        return {p.resolve() for p in (self.root / "documents").iterdir()
+                if p.is_symlink() and not p.name.startswith(".link-")}
+
+    def collect_garbage(self, *, held: Collection[str] = ()) -> tuple[int, int]:
+        """Remove what interrupted or killed writers left: staging folders, objects that no name links to,
+        temporary and dangling links. Returns (items removed, bytes freed).
+
+        Each item is removed only under its document name's lock (every writer holds it for as long as its
+        staging folder or unlinked object exists), so a live writer's work is never touched; a staging folder
+        whose pid is another live process is kept as well. `held`: names whose lock the caller already holds.
+        """
+        documents, objects = self.root / "documents", self.root / "objects"
+        candidates: list[tuple[str, Path]] = []  # (document name, path)
+        for link in documents.iterdir():
+            if link.name.startswith(".link-"):
+                candidates.append((link.name[len(".link-"):].rsplit(".", 1)[0], link))
+            elif link.is_symlink() and not link.exists():
+                candidates.append((link.name, link))
+        linked_now = self._linked_objects()
+        for path in objects.iterdir():
+            if path.resolve() in linked_now:
                 continue
             if path.name.startswith(".tmp-"):
-                pid = path.name.rsplit(".", 1)[-1]
-                if pid.isdigit() and _process_alive(int(pid)):
+                stem, _, pid = path.name[len(".tmp-"):].rpartition(".")
+                if pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid)):
                     continue
-                doc_name = path.name[len(".tmp-"):].rsplit(".", 2)[0]
+                candidates.append((stem.rsplit(".", 1)[0], path))
             else:
-                doc_name = path.name.rsplit(".", 1)[0]
-            lock = FileLock(str(self.root / "locks" / f"{doc_name}.lock"))
+                candidates.append((path.name.rsplit(".", 1)[0], path))
+        removed = freed = 0
+        for name, path in candidates:
+            lock = None
+            if name not in held:
+                lock = _lock_for(self.root, name)
+                try:
+                    lock.acquire(timeout=0)
+                except Timeout:
+                    continue  # a writer of that name is at work
             try:
-                lock.acquire(timeout=0)  # a writer of that name may be about to link this object
+                if path.parent == objects:
+                    if path.resolve() in self._linked_objects():
+                        continue
+                    size = _tree_size(path) if path.is_dir() else path.lstat().st_size
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
+                elif path.name.startswith(".link-") or not path.exists():
+                    size = 0
+                    path.unlink(missing_ok=True)
+                else:
+                    continue
+                if not os.path.lexists(path):
+                    removed += 1
+                    freed += size
+            finally:
+                if lock is not None:
+                    lock.release()
+        models = self.root / "models"
+        for path in models.glob(".tmp-*") if models.is_dir() else ():
+            # An interrupted GGUF conversion (starqa.models): its lock is held while a conversion runs.
+            lock = FileLock(str(models / f"{path.name[len('.tmp-'):].rsplit('-', 1)[0]}.lock"), mode=_FILE_MODE)
+            try:
+                lock.acquire(timeout=0)
             except Timeout:
                 continue
             try:
-                if path.resolve() in {p.resolve() for p in (self.root / "documents").iterdir() if p.is_symlink()}:
-                    continue
-                freed += _tree_size(path)
+                size = _tree_size(path)
                 shutil.rmtree(path, ignore_errors=True)
-                removed += 1
+                if not path.exists():
+                    removed += 1
+                    freed += size
             finally:
                 lock.release()
         return removed, freed

@@ -1,0 +1,283 @@
+"""`starqa eval`: Star Attention against full attention, side by side: accuracy, speed, memory.
+
+    starqa eval --doc contract --qa samples/contract-qa.jsonl
+    starqa eval --suite ruler --lengths 2048,4096,8192 --samples 20
+    starqa eval --suite ruler --lengths 8192 --block-size 1024,2048 --anchor-size 256,1024
+    starqa eval ... --json > report.json
+
+Wiring only: options -> settings and engine -> cases (tasks.py) -> runner.py -> summary.py. Registered in cli.py with
+`app.command("eval")(eval_command)`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from starqa import report
+from starqa.errors import StarqaError, UsageError
+
+DEFAULT_LENGTHS = (4096,)
+DEFAULT_SAMPLES = 20
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def parse_lengths(text: str | None) -> list[int]:
+    if text is None:
+        return list(DEFAULT_LENGTHS)
+    lengths = []
+    for part in _split(text):
+        if not part.isdigit() or int(part) <= 0:
+            raise UsageError(f"--lengths takes positive token counts separated by commas, e.g. 2048,4096; not {part!r}")
+        lengths.append(int(part))
+    if not lengths:
+        raise UsageError("--lengths is empty")
+    return sorted(set(lengths))
+
+
+def parse_tasks(text: str | None) -> list[str]:
+    from starqa.eval.tasks import TASK_NAMES
+
+    if text is None:
+        return list(TASK_NAMES)
+    tasks = _split(text)
+    unknown = [task for task in tasks if task not in TASK_NAMES]
+    if unknown or not tasks:
+        raise UsageError(f"unknown task {', '.join(unknown) or '(none)'}; tasks: {', '.join(TASK_NAMES)}")
+    return list(dict.fromkeys(tasks))
+
+
+def parse_star_specs(block_size: str | None, anchor_size: str | None, pairs: str | None):
+    """The Star configurations: --pairs as given, else the --block-size x --anchor-size grid (default L/4 each)."""
+    from starqa.eval.runner import QUARTER, SizeSpec, StarSpec
+
+    if pairs is not None:
+        if block_size is not None or anchor_size is not None:
+            raise UsageError("--pairs gives block:anchor pairs itself; drop --block-size / --anchor-size")
+        specs = []
+        for part in _split(pairs):
+            block, colon, anchor = part.partition(":")
+            if not colon:
+                raise UsageError(f"--pairs takes BLOCK:ANCHOR items, e.g. L/4:L/4,1024:256; not {part!r}")
+            specs.append(StarSpec(SizeSpec.parse(block), SizeSpec.parse(anchor)))
+        if not specs:
+            raise UsageError("--pairs is empty")
+        return list(dict.fromkeys(specs))
+    if block_size is None and anchor_size is None:
+        return [QUARTER]
+    blocks = [SizeSpec.parse(part) for part in _split(block_size)] if block_size is not None else [QUARTER.block]
+    if anchor_size is None:  # anchor = block, as everywhere in starqa
+        return list(dict.fromkeys(StarSpec(block, block) for block in blocks))
+    anchors = [SizeSpec.parse(part) for part in _split(anchor_size)]
+    if not blocks or not anchors:
+        raise UsageError("--block-size and --anchor-size need at least one size each")
+    return list(dict.fromkeys(StarSpec(block, anchor) for block in blocks for anchor in anchors))
+
+
+def _load_engine(settings, model: str | None):
+    """As starqa/cli.py loads it."""
+    from starqa.engine import StarEngine
+    from starqa.store import DocumentStore
+
+    name = model or settings.model
+    report.info(f"loading model {name}")
+    return StarEngine.load(name, device=settings.device, dtype=settings.dtype,
+                           store_root=DocumentStore(settings.store).root,
+                           attention_backend=settings.attention_backend, on_status=report.info)
+
+
+def _document_text(doc: str, settings) -> tuple[str, str]:
+    """(name, text) of --doc: a stored document, or a file extracted the way `ingest` extracts it."""
+    from starqa.store import DocumentStore, validate_name
+
+    store = DocumentStore(settings.store)
+    try:
+        validate_name(doc)
+        stored = store.exists(doc)
+    except UsageError:
+        stored = False
+    if stored:
+        return doc, store.get(doc).text()
+    path = Path(doc)
+    if not path.is_file():
+        raise UsageError(f"--doc {doc!r} is neither a stored document (see `starqa list`) nor a file")
+    try:
+        from starqa.documents import extract_document
+    except ImportError:
+        raise StarqaError("document extraction (starqa.documents) is not available in this installation") from None
+    return path.stem, extract_document(path).text
+
+
+def eval_command(
+    doc: Optional[str] = typer.Option(None, "--doc", help="A stored document name, or a file (PDF, .txt, .md)."),
+    qa: Optional[Path] = typer.Option(None, "--qa", help='Questions for --doc, JSONL: {"question": ..., "answers": [...]} per line.'),
+    suite: Optional[str] = typer.Option(None, "--suite", help="ruler: the synthetic long-context suite (generated locally)."),
+    lengths: Optional[str] = typer.Option(None, "--lengths", help="Prompt lengths in tokens, comma-separated (suite; default 4096)."),
+    samples: Optional[int] = typer.Option(None, "--samples", help=f"Samples per task and length (suite; default {DEFAULT_SAMPLES})."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated subset of the suite's tasks (default: all)."),
+    block_size: Optional[str] = typer.Option(None, "--block-size", help="Block sizes, comma-separated: tokens or L/N (default L/4)."),
+    anchor_size: Optional[str] = typer.Option(None, "--anchor-size", help="Anchor sizes, comma-separated (default: the block size)."),
+    pairs: Optional[str] = typer.Option(None, "--pairs", help="Explicit BLOCK:ANCHOR pairs, e.g. L/4:L/4,1024:256, instead of the grid."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the generated cases (default: the config's seed)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object on stdout."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw accuracy and speed-up against length into this PNG."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="JSONL results log: each finished case is appended; cases already in it are skipped."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Answer budget (default: per task as in RULER; the config's for --doc)."),
+    model: Optional[str] = typer.Option(None, "--model", help="smollm2-135m, a local HF model dir, a .gguf file, or a cached HF id."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file layered over configs/default.yaml."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the JSON (with --json) and errors; no progress or tables."),
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error."),
+) -> None:
+    """Compare Star Attention with full attention: accuracy, speed and memory, on your document or a RULER-style suite."""
+    from starqa.config import load_settings
+    from starqa.eval import summary
+    from starqa.eval.runner import ResultLog
+
+    report.set_quiet(quiet)
+    settings = load_settings(config, model=model, dtype=dtype, device=device, max_new_tokens=max_new_tokens)
+    if (doc is None) == (suite is None):
+        raise UsageError("give --doc NAME --qa FILE (your document) or --suite ruler (synthetic), not both or neither")
+    if suite is not None and suite != "ruler":
+        raise UsageError(f"--suite must be ruler, not {suite!r}")
+    if doc is not None:
+        if qa is None:
+            raise UsageError("--doc needs --qa FILE: questions with their answers, one JSON object per line")
+        given = [flag for flag, value in (("--lengths", lengths), ("--samples", samples), ("--tasks", tasks))
+                 if value is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} apply to --suite ruler; --doc uses the whole document")
+    elif qa is not None:
+        raise UsageError("--qa goes with --doc; the suite brings its own questions")
+    if samples is not None and samples <= 0:
+        raise UsageError(f"--samples must be positive, not {samples}")
+    specs = parse_star_specs(block_size, anchor_size, pairs)
+    if plot is not None:
+        summary.require_matplotlib()
+        if not plot.parent.is_dir():
+            raise UsageError(f"cannot write the plot {plot}: folder {plot.parent} does not exist")
+    log = ResultLog(resume) if resume is not None else None
+    seed = settings.seed if seed is None else seed
+
+    if doc is not None:
+        from starqa.eval.qa_file import load_qa_file
+
+        pairs_asked = load_qa_file(qa)
+        name, text = _document_text(doc, settings)
+        if not text.strip():
+            raise UsageError(f"--doc {doc!r} has no text")
+        engine = _load_engine(settings, model)
+        cases = _document_cases(engine, name, text, pairs_asked, max_new_tokens or settings.max_new_tokens)
+        origin = {"document": name, "suite": None}
+    else:
+        task_names = parse_tasks(tasks)
+        length_list = parse_lengths(lengths)
+        qa_source = _suite_qa_source(task_names, explicit=tasks is not None)
+        if qa_source is None:
+            task_names = [task for task in task_names if task != "qa"]
+        engine = _load_engine(settings, model)
+        cases = _suite_cases(engine, task_names, length_list, samples or DEFAULT_SAMPLES, seed, qa_source)
+        origin = {"document": None, "suite": "ruler", "tasks": task_names, "seed": seed}
+
+    interrupted, skipped, runner = _run(engine, cases, specs, settings, max_new_tokens, log)
+    rows, overall = summary.summarize(runner.records)
+    label = f"{engine.model_name or 'model'} on {engine.device.type}, {str(engine.dtype).removeprefix('torch.')}"
+    title = f"Star Attention vs full attention — {label}" + (" — interrupted: partial results" if interrupted else "")
+    if rows:
+        summary.print_table(rows, overall, title=title)
+    else:
+        report.info("nothing was measured")
+    if as_json:
+        print(json.dumps(summary.document(
+            engine.model_name, rows, overall, dtype=str(engine.dtype).removeprefix("torch."),
+            device=str(engine.device), **origin, interrupted=interrupted, peak_rss_scope=runner.peak_rss_scope,
+            resumed=runner.resumed, skipped=skipped), indent=2), flush=True)
+    if plot is not None and overall:
+        series = [("full", None)] + [(spec.label, spec) for spec in specs]
+        summary.plot(overall, plot, title=title, series=series)
+        report.info(f"plot written to {plot}")
+    if interrupted:
+        report.error("interrupted: the report holds the cases finished so far (--resume FILE continues a run)")
+        raise KeyboardInterrupt  # the CLI exits with 130
+
+
+def _suite_qa_source(task_names: list[str], *, explicit: bool):
+    from starqa.eval.qa_file import bundled_sample
+
+    if "qa" not in task_names:
+        return None
+    source = bundled_sample()
+    if source is None:
+        message = "the qa task needs samples/contract.txt and samples/contract-qa.jsonl, which are not here"
+        if explicit:
+            raise UsageError(message)
+        report.warn(f"{message}; qa skipped")
+    return source
+
+
+def _suite_cases(engine, task_names, lengths, samples, seed, qa_source):
+    from starqa.eval.haystack import LengthError
+    from starqa.eval.prompts import PromptBuilder
+    from starqa.eval.tasks import generate_cases
+
+    window = engine.context_window
+    for length in lengths:
+        if window and length > window:
+            report.warn(f"length {length:,} is beyond {engine.model_name}'s context window ({window:,} tokens)")
+    prompts = PromptBuilder(engine.tokenizer)
+    report.info(f"generating {len(task_names) * len(lengths) * samples} cases")
+    cases = []
+    for length in lengths:
+        for task in task_names:
+            try:
+                cases += generate_cases(task, length, samples, seed, prompts.count, qa_source=qa_source)
+            except LengthError as exc:
+                raise UsageError(f"{exc}; choose a larger --lengths value") from None
+    return cases
+
+
+def _document_cases(engine, name, text, pairs, max_new_tokens):
+    from starqa.eval.prompts import PromptBuilder
+    from starqa.eval.tasks import document_cases
+
+    context_tokens = len(PromptBuilder(engine.tokenizer).context_ids(text))
+    report.info(f"'{name}': {context_tokens:,} context tokens, {len(pairs)} questions")
+    window = engine.context_window
+    if window and context_tokens > window:
+        report.warn(f"'{name}' ({context_tokens:,} tokens) is longer than {engine.model_name}'s context window "
+                    f"({window:,} tokens): expect weak answers from both modes")
+    return document_cases(name, text, pairs, context_tokens, max_new_tokens=max_new_tokens)
+
+
+def _run(engine, cases, specs, settings, max_new_tokens, log):
+    """Run every case in every mode; a Ctrl-C stops the run and keeps what was measured."""
+    from starqa.eval.runner import EvalRunner, modes_for
+
+    plan, skipped = [], []
+    for case in cases:
+        modes, notes = modes_for(case.length, specs)
+        plan.append((case, modes))
+        skipped += [note for note in notes if note not in skipped]
+    for note in skipped:
+        report.warn(note)
+    interrupted = False
+    with report.progress() as bar:
+        progress_id = bar.add_task("eval", total=sum(len(modes) for _, modes in plan))
+        runner = EvalRunner(engine, phase1_batch=settings.phase1_batch, max_new_tokens=max_new_tokens, log=log,
+                            on_record=lambda record: bar.advance(progress_id))
+        if runner.previous:
+            report.info(f"resuming: {len(runner.previous)} results already in {log.path}")
+        try:
+            for case, modes in plan:
+                bar.update(progress_id, description=f"{case.task} {case.length:,} #{case.index}")
+                runner.run_case(case, modes)
+        except KeyboardInterrupt:
+            interrupted = True
+    return interrupted, skipped, runner

@@ -1,0 +1,264 @@
+"""Per-case records -> report rows: per task and length, and overall; as a Rich table, a JSON document, a plot.
+
+A row is one (task, length, mode, block, anchor):
+    accuracy             mean score x 100 (RULER: string_match_all / string_match_part)
+    retention            star rows: star accuracy / full accuracy x 100, over the samples both modes finished
+    phase1_s             star rows: mean Phase 1 seconds (null for full attention: it has no Phase 1)
+    ttft_s               mean seconds from the start of the prompt's forward pass to the first answer token
+    decode_tokens_per_s  mean decoding speed after the first token (over cases that decoded more than one token)
+    peak_rss_mb          highest peak RSS seen in the row's runs (peak_cuda_mb likewise on CUDA)
+    speedup              star rows: full ttft / (star phase1_s + star ttft), on the samples both modes finished
+Overall rows (task "overall") average each mode's per-task rows at one length, over the tasks that mode ran.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from statistics import fmean
+
+from starqa import report
+from starqa.errors import StarqaError
+
+
+def _mean(values) -> float | None:
+    values = [value for value in values if value is not None]
+    return fmean(values) if values else None
+
+
+def _max(values) -> float | None:
+    values = [value for value in values if value is not None]
+    return max(values) if values else None
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _mode_key(record: dict) -> tuple:
+    return (record["mode"], record["block_size"], record["anchor_size"])
+
+
+def _mode_order(key: tuple) -> tuple:
+    mode, block, anchor = key
+    return (mode != "full", block or 0, anchor or 0)
+
+
+def _star_latency(record: dict) -> float:
+    return (record["phase1_s"] or 0.0) + record["ttft_s"]
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+def summarize(records: Sequence[dict]) -> tuple[list[dict], list[dict]]:
+    """(rows per task and length, overall rows per length), both ordered by length, then full before star."""
+    groups: dict[tuple, dict[int, dict]] = {}
+    for record in records:
+        groups.setdefault((record["task"], record["length"], *_mode_key(record)), {})[record["index"]] = record
+    task_order: dict[str, int] = {}
+    for record in records:
+        task_order.setdefault(record["task"], len(task_order))
+
+    rows = []
+    for key in sorted(groups, key=lambda k: (k[1], task_order[k[0]], _mode_order(k[2:]))):
+        task, length, mode, block, anchor = key
+        cases = groups[key]
+        full = groups.get((task, length, "full", None, None), {})
+        row = {
+            "task": task, "length": length, "mode": mode, "block_size": block, "anchor_size": anchor,
+            "samples": len(cases),
+            "accuracy": 100 * fmean(case["score"] for case in cases.values()),
+            "retention": None,
+            "phase1_s": _mean(case["phase1_s"] for case in cases.values()) if mode == "star" else None,
+            "ttft_s": fmean(case["ttft_s"] for case in cases.values()),
+            "decode_tokens_per_s": _mean(case["decode_tokens_per_s"] for case in cases.values()
+                                         if case["new_tokens"] > 1),
+            "peak_rss_mb": _max(case["peak_rss_mb"] for case in cases.values()),
+            "peak_cuda_mb": _max(case.get("peak_cuda_mb") for case in cases.values()),
+            "speedup": None,
+        }
+        if mode == "star":
+            paired = sorted(set(cases) & set(full))
+            if paired:
+                full_accuracy = fmean(full[i]["score"] for i in paired)
+                star_accuracy = fmean(cases[i]["score"] for i in paired)
+                row["retention"] = _ratio(100 * star_accuracy, full_accuracy)
+                row["speedup"] = _ratio(fmean(full[i]["ttft_s"] for i in paired),
+                                        fmean(_star_latency(cases[i]) for i in paired))
+        rows.append(row)
+    return [_rounded(row) for row in rows], [_rounded(row) for row in _overall(rows)]
+
+
+def _overall(rows: Sequence[dict]) -> list[dict]:
+    by_length_mode: dict[tuple, list[dict]] = {}
+    for row in rows:
+        by_length_mode.setdefault((row["length"], row["mode"], row["block_size"], row["anchor_size"]), []).append(row)
+    overall = []
+    for key in sorted(by_length_mode, key=lambda k: (k[0], _mode_order(k[1:]))):
+        length, mode, block, anchor = key
+        group = by_length_mode[key]
+        row = {
+            "task": "overall", "length": length, "mode": mode, "block_size": block, "anchor_size": anchor,
+            "samples": sum(row["samples"] for row in group),
+            "accuracy": fmean(row["accuracy"] for row in group),
+            "retention": None,
+            "phase1_s": _mean(row["phase1_s"] for row in group),
+            "ttft_s": fmean(row["ttft_s"] for row in group),
+            "decode_tokens_per_s": _mean(row["decode_tokens_per_s"] for row in group),
+            "peak_rss_mb": _max(row["peak_rss_mb"] for row in group),
+            "peak_cuda_mb": _max(row["peak_cuda_mb"] for row in group),
+            "speedup": None,
+        }
+        if mode == "star":
+            full = {r["task"]: r for r in by_length_mode.get((length, "full", None, None), [])}
+            paired = [r for r in group if r["task"] in full]
+            if paired:
+                row["retention"] = _ratio(100 * fmean(r["accuracy"] for r in paired),
+                                          fmean(full[r["task"]]["accuracy"] for r in paired))
+                row["speedup"] = _ratio(fmean(full[r["task"]]["ttft_s"] for r in paired),
+                                        fmean((r["phase1_s"] or 0.0) + r["ttft_s"] for r in paired))
+        overall.append(row)
+    return overall
+
+
+def _rounded(row: dict) -> dict:
+    digits = {"accuracy": 2, "retention": 2, "phase1_s": 4, "ttft_s": 4, "decode_tokens_per_s": 2,
+              "peak_rss_mb": 1, "peak_cuda_mb": 1, "speedup": 3}
+    return {key: _round(value, digits[key]) if key in digits else value for key, value in row.items()}
+
+
+def mode_label(row: dict) -> str:
+    return "full" if row["mode"] == "full" else f"star {row['block_size']}/{row['anchor_size']}"
+
+
+# ---------------------------------------------------------------- output
+
+
+def document(model: str, rows: list[dict], overall: list[dict], **extra) -> dict:
+    """The --json document: one object, {"model", "results", "overall", ...}."""
+    return {"model": model, **extra, "results": rows, "overall": overall}
+
+
+def _cell(value, fmt: str, suffix: str = "") -> str:
+    return "–" if value is None else f"{value:{fmt}}{suffix}"
+
+
+def print_table(rows: list[dict], overall: list[dict], *, title: str) -> None:
+    if report.is_quiet():
+        return
+    from rich.table import Table
+
+    cuda = any(row["peak_cuda_mb"] is not None for row in rows)
+    table = Table(title=title, title_justify="left")
+    for header, justify in (("task", "left"), ("length", "right"), ("mode", "left"), ("n", "right"),
+                            ("accuracy %", "right"), ("retention %", "right"), ("Phase 1 s", "right"),
+                            ("TTFT s", "right"), ("decode tok/s", "right"), ("peak RSS MiB", "right")):
+        table.add_column(header, justify=justify, no_wrap=header in ("task", "mode"))
+    if cuda:
+        table.add_column("peak CUDA MiB", justify="right")
+    table.add_column("speed-up", justify="right")
+
+    def add(row: dict, style: str | None = None) -> None:
+        cells = [row["task"], f"{row['length']:,}", mode_label(row), str(row["samples"]),
+                 _cell(row["accuracy"], ".1f"), _cell(row["retention"], ".1f"), _cell(row["phase1_s"], ".3f"),
+                 _cell(row["ttft_s"], ".3f"), _cell(row["decode_tokens_per_s"], ".1f"),
+                 _cell(row["peak_rss_mb"], ",.0f")]
+        if cuda:
+            cells.append(_cell(row["peak_cuda_mb"], ",.0f"))
+        cells.append(_cell(row["speedup"], ".2f", "×"))
+        table.add_row(*cells, style=style)
+
+    for position, row in enumerate(rows):
+        if position and row["length"] != rows[position - 1]["length"]:
+            table.add_section()
+        add(row)
+    several = {length for length in {row["length"] for row in rows}
+               if len({row["task"] for row in rows if row["length"] == length}) > 1}
+    shown = [row for row in overall if row["length"] in several]  # an overall of one task would repeat its rows
+    if shown:
+        table.add_section()
+        for row in shown:
+            add(row, style="bold")
+    # Logs and pipes get a wide table rather than Rich's 80 columns, which would wrap every row.
+    console = report.console
+    if console.is_terminal:
+        console.print(table)
+        return
+    width = console.width
+    console.width = max(width, 150)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
+
+
+def plot(overall: list[dict], path: Path | str, *, title: str, series: Sequence[tuple[str, object]] | None = None) -> None:
+    """Accuracy and speed-up against context length, one line per mode.
+
+    `series` is [(label, spec)] where spec resolves a length to a concrete mode (runner.StarSpec, or None for full
+    attention); without it, each concrete (block, anchor) pair is its own line.
+    """
+    plt = require_matplotlib()
+    lengths = sorted({row["length"] for row in overall})
+    by_key = {(row["length"], row["mode"], row["block_size"], row["anchor_size"]): row for row in overall}
+    lines: dict[str, list[dict]] = {}
+    if series is None:
+        for row in overall:
+            lines.setdefault(mode_label(row), []).append(row)
+    else:
+        for label, spec in series:
+            for length in lengths:
+                key = ((length, "full", None, None) if spec is None
+                       else (length, "star", spec.block.resolve(length), spec.anchor.resolve(length)))
+                if key in by_key:
+                    lines.setdefault(label, []).append(by_key[key])
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6), constrained_layout=True)
+    star_markers = iter(["s", "^", "D", "v", "P", "X", "<", ">"] * 4)
+    for label, points in lines.items():
+        points = sorted(points, key=lambda row: row["length"])
+        xs = [row["length"] for row in points]
+        if label == "full":
+            style = dict(marker="o", markersize=8, linewidth=2, color="black", linestyle="--")
+        else:  # hollow markers of different shapes stay visible where lines meet
+            style = dict(marker=next(star_markers), markersize=9, markerfacecolor="none", markeredgewidth=1.8,
+                         linewidth=1.6)
+        left.plot(xs, [row["accuracy"] for row in points], label=label, **style)
+        if label == "full":
+            right.plot(xs, [1.0] * len(xs), label=label, **style)
+        else:
+            speedups = [row["speedup"] if row["speedup"] is not None else math.nan for row in points]
+            right.plot(xs, speedups, label=label, **style)
+    for axis, ylabel in ((left, "accuracy (%)"), (right, "speed-up over full attention (×)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(lengths, [f"{length:,}" for length in lengths])
+        axis.minorticks_off()
+        axis.set_xlabel("context length (tokens)")
+        axis.set_ylabel(ylabel)
+        axis.grid(True, alpha=0.3)
+    left.set_ylim(-3, 103)
+    left.set_title("accuracy (mean over tasks)")
+    right.set_title("speed-up in time to first answer token (Phase 1 included)")
+    right.set_ylim(bottom=0)
+    handles, labels = left.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 4), frameon=False)
+    figure.suptitle(title)
+    figure.savefig(path, dpi=130)
+    plt.close(figure)
+
+
+def require_matplotlib():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise StarqaError("--plot needs matplotlib, which is not installed: pip install 'starqa[plot]' "
+                          "(or pip install matplotlib)") from None
+    return plt
