@@ -104,3 +104,18 @@ def test_a_rank_failing_in_phase1_fails_the_command_and_leaves_the_store_unchang
     assert "rank 1" in result.stderr and "Phase 1" in result.stderr
     assert "Traceback" not in result.stderr
     assert tree_snapshot(home) == before
+
+
+@pytest.mark.slow
+def test_two_ranks_answer_like_one_with_the_bundled_model(tmp_path, doc_file, shared_home):
+    # The shared store already holds the converted bundled model (or converts it once, here).
+    answers = []
+    for nproc in (1, 2):
+        result = starqa("ask", "--doc", str(doc_file), "--name", f"terms{nproc}", "What is the fee?", "--json",
+                        "--block-size", "64", "--max-new-tokens", "12", "--nproc", str(nproc), home=shared_home)
+        assert result.returncode == 0, result.stderr
+        row = json_lines(result.stdout)[0]
+        assert row["cache_hit"] is False
+        answers.append(row["answer"])
+    assert answers[0] == answers[1]
+    assert "4,200" in answers[0] or "4200" in answers[0]

@@ -1,0 +1,88 @@
+"""The working tool end to end: ingest the samples, ask from the stored KV in a new process, list/info/rm, config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from clihelp import REPO, json_lines, starqa
+from starqa.config import load_settings
+from starqa.errors import UsageError
+
+JSON_KEYS = {"question", "answer", "doc", "attention", "cache_hit", "context_tokens", "query_tokens",
+             "answer_tokens", "phase1_s", "prefill_s", "ttft_s", "decode_tokens_per_s", "sources"}
+
+
+@pytest.mark.slow
+def test_round_trip_ingest_then_ask_in_a_new_process_skips_phase1(tmp_path, tiny_model_dir):
+    home = tmp_path / "home"
+    model = ("--model", str(tiny_model_dir), "--max-new-tokens", "6")
+    # `ask --doc FILE` ingests first (Phase 1 runs in that process) and answers.
+    first = starqa("ask", "--doc", "samples/contract.txt", "What is the monthly fee?", "--json", "--block-size",
+                   "512", *model, home=home)
+    assert first.returncode == 0, first.stderr
+    fresh = json_lines(first.stdout)[0]
+    assert fresh["cache_hit"] is False and fresh["phase1_s"] > 0
+    # A new process answers the same from the KV on disk, without Phase 1.
+    second = starqa("ask", "--doc", "contract", "What is the monthly fee?", "--json", *model, home=home)
+    assert second.returncode == 0, second.stderr
+    cached = json_lines(second.stdout)[0]
+    assert set(cached) >= JSON_KEYS
+    assert cached["cache_hit"] is True and cached["phase1_s"] == 0
+    assert cached["answer"] == fresh["answer"]
+    assert cached["context_tokens"] == fresh["context_tokens"] > 4000
+    # Ingesting the same source with the same settings again does nothing, and says so.
+    again = starqa("ingest", "samples/contract.txt", "--block-size", "512", "--model", str(tiny_model_dir),
+                   home=home)
+    assert again.returncode == 0 and "nothing to do" in again.stderr
+
+
+@pytest.mark.slow
+def test_ingest_pdf_ask_questions_file_list_info_rm(tmp_path, tiny_model_dir):
+    home = tmp_path / "home"
+    ingest = starqa("ingest", "samples/contract.pdf", "--name", "msa", "--block-size", "1024", "--model",
+                    str(tiny_model_dir), home=home)
+    assert ingest.returncode == 0, ingest.stderr
+    assert ingest.stdout == ""  # stdout is for answers only
+    asked = starqa("ask", "--doc", "msa", "--questions", "samples/contract-questions.txt", "--json",
+                   "--max-new-tokens", "4", "--model", str(tiny_model_dir), home=home)
+    assert asked.returncode == 0, asked.stderr
+    rows = json_lines(asked.stdout)
+    questions = [q for q in (REPO / "samples/contract-questions.txt").read_text().splitlines() if q.strip()]
+    assert [row["question"] for row in rows] == questions
+    assert all(row["doc"] == "msa" and row["attention"] == "star" for row in rows)
+
+    listed = starqa("list", "--json", home=home)
+    assert [row["name"] for row in json_lines(listed.stdout)] == ["msa"]
+    info = json.loads(starqa("info", "msa", "--json", home=home).stdout)
+    assert info["pages"] == 7 and info["block_size"] == 1024 and info["source"]["kind"] == "pdf"
+    assert all(block["pages"] for block in info["blocks"])
+    assert starqa("verify", "msa", home=home).returncode == 0
+
+    full = starqa("ask", "--doc", "msa", "Who signed?", "--attention", "full", "--json", "--max-new-tokens", "3",
+                  "--model", str(tiny_model_dir), home=home)
+    assert full.returncode == 0 and json_lines(full.stdout)[0]["attention"] == "full"
+
+    assert starqa("rm", "msa", home=home).returncode == 0
+    assert starqa("list", "--json", home=home).stdout == ""
+    assert not any((home / "objects").iterdir())
+
+
+def test_config_file_layers_over_defaults_and_flags_win(tmp_path):
+    config = tmp_path / "mine.yaml"
+    config.write_text("block_size: 512\nmax_new_tokens: 32\n")
+    settings = load_settings(config, max_new_tokens=8)
+    assert settings.block_size == 512 and settings.effective_anchor_size == 512
+    assert settings.max_new_tokens == 8
+    assert load_settings().block_size == 1024
+
+
+def test_config_rejects_unknown_keys_and_wrong_types_by_name(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("blocksize: 512\n")
+    with pytest.raises(UsageError, match="blocksize"):
+        load_settings(config)
+    config.write_text("block_size: lots\n")
+    with pytest.raises(UsageError, match="block_size"):
+        load_settings(config)
