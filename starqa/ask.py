@@ -160,13 +160,11 @@ def timer() -> Callable[[], float]:
     return lambda: time.perf_counter() - started
 
 
-def load_context_share(engine, store: DocumentStore, document: StoredDocument | None, ranks: Ranks,
-                       n_blocks: int, n_tokens: int) -> ContextKV:
+def load_context_share(engine, store: DocumentStore, document: StoredDocument, ranks: Ranks,
+                       n_blocks: int) -> ContextKV:
     """This rank's contiguous run of the stored blocks (all of them in one process); every rank must succeed."""
     error, ctx = None, None
     try:
-        if document is None:  # a rank other than 0 after a distributed ingest: open what rank 0 published
-            raise RuntimeError("no document")
         ctx = load_context(engine, store, document, block_plan(n_blocks, ranks.world, ranks.rank))
     except Exception as exc:  # noqa: BLE001 - every rank must hear of it; re-raised by agree()
         if not ranks.distributed:
@@ -203,8 +201,7 @@ def run(engine_loader, settings, store: DocumentStore, *, doc: str, questions: l
 
     ctx = None
     if attention == "star":
-        ctx = load_context_share(engine, store, document, ranks, len(document.blocks),
-                                 document.manifest["context_tokens"])
+        ctx = load_context_share(engine, store, document, ranks, len(document.blocks))
     load_s = elapsed()
     for index, question in enumerate(questions):
         stream = not as_json

@@ -1,9 +1,9 @@
 """Benchmark of document tokenization: the HF tokenizer against starqa's tiktoken engine, on one thread each.
 
-    python benchmarks/tokenizers.py                      # ~1M tokens, the bundled SmolLM2 tokenizer
-    python benchmarks/tokenizers.py --tokens 200000      # quicker
-    python benchmarks/tokenizers.py --text my.txt        # repeat a file of your own to the size
-    python benchmarks/tokenizers.py --tokenizer DIR      # an HF tokenizer directory instead
+    python benchmarks/tokenization.py                      # ~1M tokens, the bundled SmolLM2 tokenizer
+    python benchmarks/tokenization.py --tokens 200000      # quicker
+    python benchmarks/tokenization.py --text my.txt        # repeat a file of your own to the size
+    python benchmarks/tokenization.py --tokenizer DIR      # an HF tokenizer directory instead
 
 The text is samples/contract.txt repeated (when it is there) interleaved with seeded synthetic prose, numbers,
 code and non-Latin paragraphs; nothing is downloaded. Rows: `hf` is `tokenizer.encode(text,
@@ -27,9 +27,6 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-# This file is named like the `tokenizers` package: keep its folder off the path or it would shadow it.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(REPO))
 
 from starqa.fast_tokenizer import TextEncoder  # noqa: E402
