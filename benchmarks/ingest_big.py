@@ -28,8 +28,6 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
-# Python puts this folder first on the path, but benchmarks/tokenizers.py would shadow the `tokenizers` package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
 sys.path.insert(0, str(REPO))
 
 
@@ -99,12 +97,9 @@ def main() -> None:
     if pdf is None:
         pdf = Path(f"/tmp/starqa-big-{args.pages}.pdf")
         if not pdf.is_file():
-            import importlib.util
+            from make_big_pdf import build  # this folder is on the path
 
-            spec = importlib.util.spec_from_file_location("make_big_pdf", REPO / "benchmarks" / "make_big_pdf.py")
-            make_big_pdf = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(make_big_pdf)
-            written, seconds = make_big_pdf.build(pdf, args.pages)
+            written, seconds = build(pdf, args.pages)
             print(f"made {pdf}: {written} pages in {seconds:.1f} s", file=sys.stderr)
     report.set_quiet(True)
     print(f"python RSS at start: {rss_mib()[0]:,.0f} MiB", file=sys.stderr)
