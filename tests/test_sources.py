@@ -1,0 +1,66 @@
+"""Answers cite their pages: the page holding a needle is the first source."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from starqa.sources import AttentionShares, block_pages, format_sources, rank_sources, shares_from_parts
+from starqa.tokens import context_ids_for, encode_document, prompt_template, query_ids_for
+from conftest import REPO
+
+
+def test_format_sources_joins_page_runs_strongest_first():
+    sources = [{"pages": [4, 5], "block": 3, "share": 0.4}, {"pages": [12], "block": 9, "share": 0.3}]
+    assert format_sources(sources) == "Sources: pp. 4\u20135, 12"
+    assert format_sources([{"pages": [2], "block": 1, "share": 1.0}]) == "Sources: p. 2"
+
+
+def test_shares_combined_across_ranks_equal_one_process():
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, 2, 40, 8, generator=generator)
+    query = torch.randn(1, 4, 1, 8, generator=generator)
+    spans = [(0, 10), (10, 25), (25, 40)]
+    whole = AttentionShares(spans, document_offset=3, scale=0.35)
+    whole.observe(0, query, keys)
+    first, second = AttentionShares(spans[:1], 3, 0.35), AttentionShares(spans[1:], 3, 0.35)
+    first.observe(0, query, keys[:, :, :10])
+    second.observe(0, query, keys[:, :, 10:])
+    together = shares_from_parts([whole.stacked()])
+    torch.testing.assert_close(shares_from_parts([first.stacked(), second.stacked()]), together)
+    assert float(together.sum()) == pytest.approx(1.0)
+    assert rank_sources(together, [[1], [2], [3]])[0]["block"] == int(together.argmax())
+
+
+@pytest.mark.slow
+def test_the_needle_page_is_the_first_source_with_the_bundled_model(bundled_engine):
+    engine, tokenizer = bundled_engine, bundled_engine.tokenizer
+    template = prompt_template(tokenizer)
+    paragraphs = (REPO / "samples" / "contract.txt").read_text().split("\n\n")
+    rng = random.Random(0)
+    hits = 0
+    for case in range(10):
+        pages = ["\n\n".join(paragraphs[(page * 4 + i) % len(paragraphs)] for i in range(4)) for page in range(8)]
+        needle_page = case % 8
+        number = rng.randint(1_000_000, 9_999_999)
+        chunks = pages[needle_page].split("\n\n")
+        chunks.insert(2, f"The special magic number is {number}.")
+        pages[needle_page] = "\n\n".join(chunks)
+        text = "\n\n".join(pages)
+        page_map, offset = [], 0
+        for number_on_page, page in enumerate(pages, start=1):
+            page_map.append({"number": number_on_page, "start": offset, "end": offset + len(page)})
+            offset += len(page) + 2
+        document_ids = encode_document(tokenizer, text)
+        context = context_ids_for(tokenizer, template, document_ids)
+        document_offset = len(context) - len(document_ids)
+        ctx = engine.encode_context(context, block_size=256)
+        shares = AttentionShares(ctx.spans, document_offset, engine.head_dim ** -0.5)
+        engine.generate(ctx, query_ids_for(tokenizer, template, "What is the special magic number?"),
+                        max_new_tokens=16, observe_prefix=shares.observe)
+        sources = rank_sources(shares_from_parts([shares.stacked()]),
+                               block_pages(tokenizer, context, document_offset, ctx.spans, page_map))
+        hits += needle_page + 1 in sources[0]["pages"]
+    assert hits >= 9
