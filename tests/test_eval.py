@@ -22,7 +22,7 @@ from starqa.eval.scoring import score, string_match_all, string_match_part
 from starqa.eval.tasks import TASK_NAMES, TASKS, cwe_frequencies, generate_cases
 
 ROW_KEYS = {"task", "length", "mode", "block_size", "anchor_size", "samples", "accuracy", "retention", "phase1_s",
-            "ttft_s", "decode_tokens_per_s", "peak_rss_mb", "speedup"}
+            "ttft_s", "decode_tokens_per_s", "peak_rss_mb", "speedup", "source_hit"}
 
 SMALL_SOURCE = QASource(
     name="lease",
@@ -257,8 +257,10 @@ def test_tiny_end_to_end_run(tiny_engine, prompts):
         assert 0.0 <= row["accuracy"] <= 100.0
         if row["mode"] == "star":
             assert row["speedup"] > 0 and row["phase1_s"] > 0
+            assert row["source_hit"] is None or 0.0 <= row["source_hit"] <= 100.0
         else:
             assert row["retention"] is None and row["speedup"] is None and row["phase1_s"] is None
+            assert row["source_hit"] is None
 
 
 def test_summary_numbers_on_hand_made_records():

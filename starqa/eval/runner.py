@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from starqa import report
+from starqa.sources import AttentionShares, block_char_spans, shares_from_parts
+from starqa.tokens import context_ids_for, prompt_template
 from starqa.errors import UsageError
 from starqa.eval.prompts import PromptBuilder
 from starqa.eval.scoring import clean_prediction, score
@@ -265,7 +267,7 @@ class EvalRunner:
         if not reset_peak_rss():
             self.peak_rss_scope = "process"
         _cuda_reset(engine)
-        phase1_s = None
+        phase1_s = source_hit = None
         if mode.name == "full":
             new_ids = engine.generate_full(list(context_ids) + list(query_ids), max_new_tokens=budget,
                                            temperature=0.0)
@@ -274,7 +276,11 @@ class EvalRunner:
             ctx = engine.encode_context(context_ids, mode.block_size, mode.anchor_size, batch=self.phase1_batch)
             _synchronize(engine)
             phase1_s = time.perf_counter() - started
-            new_ids = engine.generate(ctx, query_ids, max_new_tokens=budget, temperature=0.0)
+            document_offset = len(context_ids_for(engine.tokenizer, prompt_template(engine.tokenizer), []))
+            shares = AttentionShares(ctx.spans, document_offset, engine.head_dim ** -0.5)
+            new_ids = engine.generate(ctx, query_ids, max_new_tokens=budget, temperature=0.0,
+                                      observe_prefix=shares.observe)
+            source_hit = _source_hit(engine, case, context_ids, document_offset, ctx.spans, shares)
             del ctx
         stats = engine.last_stats
         prediction = prediction_text(engine, new_ids)
@@ -290,4 +296,21 @@ class EvalRunner:
             "phase1_s": phase1_s, "prefill_s": stats.prefill_s, "ttft_s": stats.ttft_s, "decode_s": stats.decode_s,
             "new_tokens": stats.new_tokens, "decode_tokens_per_s": stats.decode_tokens_per_s,
             "peak_rss_mb": report.peak_rss_mb(), "peak_cuda_mb": cuda_peak, "max_new_tokens": budget,
+            "source_hit": source_hit,
         }
+
+
+def _source_hit(engine, case: Case, context_ids, document_offset: int, spans, shares) -> bool | None:
+    """Whether the block ranked first as the answer's source (starqa.sources) holds the first reference answer.
+
+    None when no reference occurs in the context (e.g. cwe's counted words are everywhere they are counted).
+    """
+    position = case.context_text.find(case.answers[0]) if case.answers else -1
+    if position < 0 or case.context_text.count(case.answers[0]) != 1:
+        return None
+    strengths = shares_from_parts([shares.stacked()])
+    if strengths.numel() == 0:
+        return None
+    char_spans = block_char_spans(engine.tokenizer, context_ids, document_offset, spans)
+    holding = [i for i, (start, end) in enumerate(char_spans) if start <= position < end]
+    return bool(holding) and int(strengths.argmax()) == holding[0]

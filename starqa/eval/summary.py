@@ -81,6 +81,9 @@ def summarize(records: Sequence[dict]) -> tuple[list[dict], list[dict]]:
             "peak_rss_mb": _max(case["peak_rss_mb"] for case in cases.values()),
             "peak_cuda_mb": _max(case.get("peak_cuda_mb") for case in cases.values()),
             "speedup": None,
+            # star rows: % of cases whose first-ranked source block holds the answer (None where not applicable)
+            "source_hit": _mean(100.0 * case["source_hit"] for case in cases.values()
+                                if case.get("source_hit") is not None),
         }
         if mode == "star":
             paired = sorted(set(cases) & set(full))
@@ -113,6 +116,7 @@ def _overall(rows: Sequence[dict]) -> list[dict]:
             "peak_rss_mb": _max(row["peak_rss_mb"] for row in group),
             "peak_cuda_mb": _max(row["peak_cuda_mb"] for row in group),
             "speedup": None,
+            "source_hit": _mean(row.get("source_hit") for row in group),
         }
         if mode == "star":
             full = {r["task"]: r for r in by_length_mode.get((length, "full", None, None), [])}
@@ -128,7 +132,7 @@ def _overall(rows: Sequence[dict]) -> list[dict]:
 
 def _rounded(row: dict) -> dict:
     digits = {"accuracy": 2, "retention": 2, "phase1_s": 4, "ttft_s": 4, "decode_tokens_per_s": 2,
-              "peak_rss_mb": 1, "peak_cuda_mb": 1, "speedup": 3}
+              "peak_rss_mb": 1, "peak_cuda_mb": 1, "speedup": 3, "source_hit": 1}
     return {key: _round(value, digits[key]) if key in digits else value for key, value in row.items()}
 
 
@@ -162,6 +166,7 @@ def print_table(rows: list[dict], overall: list[dict], *, title: str) -> None:
     if cuda:
         table.add_column("peak CUDA MiB", justify="right")
     table.add_column("speed-up", justify="right")
+    table.add_column("source hit %", justify="right")
 
     def add(row: dict, style: str | None = None) -> None:
         cells = [row["task"], f"{row['length']:,}", mode_label(row), str(row["samples"]),
@@ -171,6 +176,7 @@ def print_table(rows: list[dict], overall: list[dict], *, title: str) -> None:
         if cuda:
             cells.append(_cell(row["peak_cuda_mb"], ",.0f"))
         cells.append(_cell(row["speedup"], ".2f", "×"))
+        cells.append(_cell(row.get("source_hit"), ".0f"))
         table.add_row(*cells, style=style)
 
     for position, row in enumerate(rows):
