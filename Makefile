@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 demo: install
 	$(STARQA) ingest samples/contract.pdf
-	$(STARQA) ask --doc contract "How much notice must a party give to terminate the agreement for convenience?"
+	$(STARQA) ask --doc contract "Which law governs this agreement?" --max-new-tokens 48
 
 test: install
 	$(PY) -m pytest -q -ra
