@@ -130,15 +130,8 @@ def _lock_for(root: Path, name: str) -> FileLock:
     return FileLock(str(root / "locks" / f"{name}.lock"), mode=_FILE_MODE)
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (renames, new files), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -186,7 +179,7 @@ def write_block_file(staging: Path, index: int, start: int, end: int, keys: Sequ
     path = staging / block_file_name(index)
     save_file(tensors, str(path), metadata={"index": str(index), "start": str(start), "end": str(end)})
     os.chmod(path, _FILE_MODE)
-    _fsync_file(path)
+    _fsync(path)
     if os.environ.get(_PAUSE_ENV, "").startswith("after-block:"):
         _test_pause(f"after-block:{sum(1 for _ in (staging / 'blocks').glob('*.safetensors'))}")
 
@@ -213,7 +206,7 @@ class DocumentWriter:
 
     def write_context_ids(self, ids: Sequence[int]) -> None:
         save_file({"ids": torch.tensor(list(ids), dtype=torch.int64)}, str(self.staging / "context_ids.safetensors"))
-        _fsync_file(self.staging / "context_ids.safetensors")
+        _fsync(self.staging / "context_ids.safetensors")
         self._record("context_ids.safetensors")
 
     def write_block(self, index: int, start: int, end: int, keys: Sequence[torch.Tensor],
@@ -372,8 +365,8 @@ class DocumentStore:
             _write_json(staging / "manifest.json", manifest)
             checks = {rel: [(staging / rel).stat().st_size, (staging / rel).stat().st_mtime_ns] for rel in writer.files}
             _write_json(staging / "checks.json", checks)
-            _fsync_dir(staging / "blocks")
-            _fsync_dir(staging)
+            _fsync(staging / "blocks")
+            _fsync(staging)
             final = self.root / "objects" / object_name
             os.rename(staging, final)
             staging = final  # from here a failure before the link swap leaves an unlinked object: remove it too
@@ -400,7 +393,7 @@ class DocumentStore:
         except BaseException:
             temporary_link.unlink(missing_ok=True)
             raise
-        _fsync_dir(link.parent)
+        _fsync(link.parent)
         if previous is not None and previous != target and previous.exists():
             shutil.rmtree(previous, ignore_errors=True)
 
@@ -411,7 +404,7 @@ class DocumentStore:
             doc = self.get(name)  # the link may have been swapped by a writer we waited for
             freed = _tree_size(doc.path)
             (self.root / "documents" / name).unlink()
-            _fsync_dir(self.root / "documents")
+            _fsync(self.root / "documents")
             shutil.rmtree(doc.path, ignore_errors=True)
             self.collect_garbage(held={name})
         return freed

@@ -16,7 +16,7 @@ class PromptBuilder:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.template = prompt_template(tokenizer)
-        self._head_tokens = len(context_ids_for(tokenizer, self.template, []))
+        self.document_offset = len(context_ids_for(tokenizer, self.template, []))  # template tokens before the document
         self._query_tokens: dict[str, int] = {}
 
     def context_ids(self, context_text: str) -> list[int]:
@@ -29,4 +29,4 @@ class PromptBuilder:
         """Tokens of the whole prompt: the context part's head and document, plus the query part."""
         if question not in self._query_tokens:
             self._query_tokens[question] = len(self.query_ids(question))
-        return self._head_tokens + len(encode_document(self.tokenizer, context_text)) + self._query_tokens[question]
+        return self.document_offset + len(encode_document(self.tokenizer, context_text)) + self._query_tokens[question]

@@ -25,7 +25,6 @@ from pathlib import Path
 
 from starqa import report
 from starqa.sources import AttentionShares, block_char_spans, shares_from_parts
-from starqa.tokens import context_ids_for, prompt_template
 from starqa.errors import UsageError
 from starqa.eval.prompts import PromptBuilder
 from starqa.eval.scoring import clean_prediction, score
@@ -276,7 +275,7 @@ class EvalRunner:
             ctx = engine.encode_context(context_ids, mode.block_size, mode.anchor_size, batch=self.phase1_batch)
             _synchronize(engine)
             phase1_s = time.perf_counter() - started
-            document_offset = len(context_ids_for(engine.tokenizer, prompt_template(engine.tokenizer), []))
+            document_offset = self.prompts.document_offset
             shares = AttentionShares(ctx.spans, document_offset, engine.head_dim ** -0.5)
             new_ids = engine.generate(ctx, query_ids, max_new_tokens=budget, temperature=0.0,
                                       observe_prefix=shares.observe)
