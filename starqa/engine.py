@@ -45,10 +45,6 @@ class ContextKV:
     values: list[torch.Tensor]
     phase1_s: float = 0.0
 
-    @property
-    def held_tokens(self) -> int:
-        return sum(end - start for start, end in self.spans)
-
 
 @dataclass
 class GenerationStats:

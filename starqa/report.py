@@ -6,7 +6,6 @@ stdout is reserved for answers and JSON, so everything here writes to stderr. `N
 
 from __future__ import annotations
 
-import os
 import resource
 import sys
 from contextlib import contextmanager
@@ -96,7 +95,3 @@ def table(title: str, rows: list[tuple[str, str]]) -> None:
     for label, value in rows:
         grid.add_row(label, value)
     console.print(grid)
-
-
-def wants_color() -> bool:
-    return console.is_terminal and "NO_COLOR" not in os.environ
