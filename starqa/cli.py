@@ -353,5 +353,14 @@ def main(argv: list[str] | None = None) -> int:
             _RANKS[0] = None
 
 
+def run() -> None:
+    """The `starqa` command and `python -m starqa` (what torchrun starts on every rank)."""
+    from starqa import distributed
+
+    code = main()
+    distributed.exit_rank(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

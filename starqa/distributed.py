@@ -167,8 +167,27 @@ def shutdown(ranks: Ranks) -> None:
     if ranks.distributed:
         import torch.distributed as dist
 
+        ranks.group = None  # our reference would keep the C++ process group alive past destroy
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def exit_rank(code: int) -> None:
+    """End a torchrun rank without interpreter finalization (returns at once in a single process).
+
+    Finalization can still find gloo's C++ worker threads touching Python objects; on Python 3.11 such a thread is
+    killed by pthread_exit, and its forced unwind through C++ aborts the whole rank ("terminate called without an
+    active exception", exit by SIGABRT) after the command had succeeded. Every file and lock is closed by then.
+    """
+    if not under_torchrun():
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed pipe: nothing left to say
+    logging.shutdown()
+    os._exit(code)
 
 
 def report_rank_error(ranks: Ranks, error: BaseException) -> bool:
