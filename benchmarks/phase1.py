@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--ttft-length", type=int, default=8192)
     parser.add_argument("--quick", action="store_true", help="one repetition, shorter decode")
     parser.add_argument("--store", default=None, help="STARQA_HOME for the converted model")
+    parser.add_argument("--phase1-only", action="store_true", help="only table (1)")
     args = parser.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
 
@@ -80,17 +81,24 @@ def main() -> None:
                 reference.model(input_ids=torch.tensor([piece]), position_ids=torch.tensor([positions]),
                                 use_cache=True)
 
-    print("\n(1) Phase 1 seconds (lower is better); x = HF full prefill / Star Phase 1")
+    print("\n(1) Phase 1 seconds (lower is better); x = HF full prefill / Star Phase 1; new path x = Phase 1 through"
+          " HF's attention (each [anchor, block] in full) / starqa's Phase 1, at 1024/512 and at the default 1024/1024")
     print(f"{'tokens':>7} {'HF full prefill':>16} {'star 1024/512':>14} {'x':>6} {'star n/4':>10} {'x':>6}"
-          f" {'HF-attention star 1024/512':>27} {'new path x':>11}")
+          f" {'HF-attention star 1024/512':>27} {'new path x':>11}"
+          f" {'star 1024/1024':>15} {'HF-attention 1024/1024':>23} {'new path x':>11}")
     for n in lengths:
         ids = context_of(engine, n)
         full = timed(lambda: hf_prefill(ids))
         star = timed(lambda: engine.encode_context(ids, 1024, 512))
         quarter = timed(lambda: engine.encode_context(ids, n // 4, n // 4))
         plain = timed(lambda: hf_star_phase1(ids, 1024, 512))
+        default = timed(lambda: engine.encode_context(ids, 1024, 1024))
+        plain_default = timed(lambda: hf_star_phase1(ids, 1024, 1024))
         print(f"{n:>7} {full:>15.2f}s {star:>13.2f}s {full / star:>5.2f}x {quarter:>9.2f}s {full / quarter:>5.2f}x"
-              f" {plain:>26.2f}s {plain / star:>10.2f}x", flush=True)
+              f" {plain:>26.2f}s {plain / star:>10.2f}x"
+              f" {default:>14.2f}s {plain_default:>22.2f}s {plain_default / default:>10.2f}x", flush=True)
+    if args.phase1_only:
+        return
 
     n = args.ttft_length
     ids = context_of(engine, n)

@@ -19,7 +19,7 @@ from starqa.eval.prompts import PromptBuilder
 from starqa.eval.qa_file import QAPair, QASource, bundled_sample, parse_qa_lines
 from starqa.eval.runner import QUARTER, EvalRunner, ResultLog, SizeSpec, StarSpec, modes_for
 from starqa.eval.scoring import score, string_match_all, string_match_part
-from starqa.eval.tasks import TASK_NAMES, TASKS, cwe_frequencies, generate_cases
+from starqa.eval.tasks import TASK_NAMES, TASKS, cwe_frequencies, generate_cases, spread_order
 
 ROW_KEYS = {"task", "length", "mode", "block_size", "anchor_size", "samples", "accuracy", "retention", "phase1_s",
             "ttft_s", "decode_tokens_per_s", "peak_rss_mb", "speedup", "source_hit"}
@@ -114,6 +114,16 @@ def test_needle_depth_walks_through_the_context(prompts):
     assert positions == sorted(positions)
     assert positions[0] < 0.1 and positions[-1] > 0.9
     assert all(abs(position - case.depth) < 0.12 for position, case in zip(positions, cases))
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 20])
+def test_run_order_spreads_every_prefix_over_the_depths(n):
+    order = spread_order(n)
+    assert sorted(order) == list(range(n))
+    if n >= 5:
+        first = sorted(order[:5])
+        assert first[0] == 0 and first[-1] == n - 1
+        assert max(b - a for a, b in zip(first, first[1:])) <= -(-(n - 1) // 4)  # as even as whole indices allow
 
 
 def test_variable_tracking_chain_resolves_to_the_answers(prompts):

@@ -225,7 +225,7 @@ def _suite_qa_source(task_names: list[str], *, explicit: bool):
 def _suite_cases(engine, task_names, lengths, samples, seed, qa_source):
     from starqa.eval.haystack import LengthError
     from starqa.eval.prompts import PromptBuilder
-    from starqa.eval.tasks import generate_cases
+    from starqa.eval.tasks import generate_cases, spread_order
 
     window = engine.context_window
     for length in lengths:
@@ -240,7 +240,10 @@ def _suite_cases(engine, task_names, lengths, samples, seed, qa_source):
                 cases += generate_cases(task, length, samples, seed, prompts.count, qa_source=qa_source)
             except LengthError as exc:
                 raise UsageError(f"{exc}; choose a larger --lengths value") from None
-    return cases
+    # Sample by sample over every task and length, depths spread out first: a run stopped part-way (hours on a CPU)
+    # holds a balanced, depth-spread share of every row instead of every sample of the first rows only.
+    rank = {index: position for position, index in enumerate(spread_order(samples))}
+    return sorted(cases, key=lambda case: rank[case.index])
 
 
 def _document_cases(engine, name, text, pairs, max_new_tokens):

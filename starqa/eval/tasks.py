@@ -121,6 +121,20 @@ def _rng(seed: int, task: str, length: int, index: int, part: str = "case") -> r
     return random.Random(f"starqa-eval/{seed}/{task}/{length}/{index}/{part}")
 
 
+def spread_order(n: int) -> list[int]:
+    """0..n-1 ordered so that every prefix is spread out (sample i's needle sits at depth i / (n - 1)): both ends,
+    then the middle, then the quarters, the eighths, ... (depth fractions in bisection order, rounded to indices)."""
+    order = list(dict.fromkeys(index for index in (0, n - 1) if n > 0))
+    level = 1
+    while len(order) < n and 2 ** level <= 2 * n:
+        for k in range(1, 2 ** level, 2):
+            index = round(k / 2 ** level * (n - 1))
+            if index not in order:
+                order.append(index)
+        level += 1
+    return order + [index for index in range(n) if index not in order]
+
+
 def generate_cases(task: str, length: int, n_samples: int, seed: int, count_tokens: CountTokens, *,
                    qa_source: QASource | None = None, tolerance: float = TOLERANCE) -> list[Case]:
     """n_samples cases of `task` whose prompts are `length` tokens long (within tolerance, never longer)."""
@@ -348,4 +362,4 @@ def document_cases(name: str, text: str, pairs: Sequence[QAPair], context_tokens
 
 
 __all__ = ["Case", "CountTokens", "LengthError", "TASKS", "TASK_NAMES", "TaskSpec", "answerable_pairs",
-           "cwe_frequencies", "document_cases", "generate_cases", "with_answer_prefix"]
+           "cwe_frequencies", "document_cases", "generate_cases", "spread_order", "with_answer_prefix"]
