@@ -208,8 +208,10 @@ def run(engine_loader, settings, store: DocumentStore, *, doc: str, questions: l
         if attention == "star":
             answer = ask_star(engine, ctx, document, question, settings, cache_hit=cache_hit,
                               phase1_s=phase1_s if index == 0 else 0.0, stream=stream, ranks=ranks)
+        elif ranks.is_speaker:
+            answer = ask_full(engine, document, question, settings, stream=stream)
         else:
-            answer = ask_full(engine, document, question, settings, stream=stream and ranks.is_speaker)
+            continue  # one full-attention pass needs one process; the other ranks of a torchrun job only wait
         if ranks.is_speaker:
             if as_json:
                 print(answer.to_json(), flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import traceback
@@ -165,6 +166,10 @@ def ask(
     if attention not in ("star", "full"):
         raise UsageError(f"--attention must be star or full, not {attention!r}")
     asked = _read_questions(question, questions)
+    if attention == "full" and str(settings.nproc) != "1":
+        # Full attention is one pass over the whole prompt: more ranks would each repeat it. A document given as a
+        # file is then ingested in this one process as well.
+        settings = dataclasses.replace(settings, nproc=1)
     _launch_if_asked(settings)
     ranks = _ranks(settings)
     asking.run(lambda model_name: _load_engine(settings, model_name, trust_remote_code, ranks), settings,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -87,6 +88,22 @@ def test_two_ranks_answer_token_for_token_like_one(tmp_path, doc_file, tiny_mode
     assert _ask_json(tmp_path / "home2", tiny_model_dir, 1) == answers[1]
     assert _ask_json(tmp_path / "home2", tiny_model_dir, 3) == answers[1]
     assert _ask_json(tmp_path / "home1", tiny_model_dir, 2) == answers[1]
+
+
+def test_full_attention_runs_in_one_process_whatever_nproc_asks(tmp_path, doc_file, tiny_model_dir):
+    # One full-attention pass cannot be shared by ranks; with --nproc 2 each rank would only repeat it.
+    answers = []
+    for nproc in (1, 2):
+        home = tmp_path / f"home{nproc}"
+        result = starqa("ask", "--doc", str(doc_file), "What is the fee?", "--attention", "full", "--json",
+                        "--max-new-tokens", "8", "--block-size", "48", "--nproc", str(nproc),
+                        "--model", str(tiny_model_dir), home=home)
+        assert result.returncode == 0, result.stderr
+        assert "rank 1" not in result.stderr
+        answers.append(json_lines(result.stdout)[0]["answer"])
+        manifest = json.loads(next(home.glob("objects/terms.*/manifest.json")).read_text())
+        assert manifest["nproc"] == 1  # the file was ingested in the same single process
+    assert answers[0] == answers[1]
 
 
 @pytest.mark.slow
