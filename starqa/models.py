@@ -56,14 +56,6 @@ def bundled_gguf_path(name: str) -> Path:
     return path
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _converted_dir(models_root: Path, name: str, gguf_path: Path) -> Path:
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -138,6 +130,8 @@ def _convert_gguf(gguf_path: Path, target: Path, on_status) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from starqa.store import sha256_file
+
     if on_status:
         on_status(f"converting {gguf_path.name} to a safetensors copy (once; about 20 s)")
     staging = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
@@ -155,7 +149,7 @@ def _convert_gguf(gguf_path: Path, target: Path, on_status) -> None:
         model.save_pretrained(staging, is_main_process=True)
         tokenizer.save_pretrained(staging)
         (staging / "starqa-source.json").write_text(
-            json.dumps({"gguf": str(gguf_path), "gguf_sha256": _file_digest(gguf_path)}, indent=2)
+            json.dumps({"gguf": str(gguf_path), "gguf_sha256": sha256_file(gguf_path)}, indent=2)
         )
         if not (staging / "config.json").is_file() or not any(staging.glob("*.safetensors")):
             raise StarqaError(f"converting {gguf_path.name} wrote no weights; nothing was stored")
