@@ -90,6 +90,17 @@ def test_two_ranks_answer_token_for_token_like_one(tmp_path, doc_file, tiny_mode
     assert _ask_json(tmp_path / "home1", tiny_model_dir, 2) == answers[1]
 
 
+@pytest.mark.parametrize("args", [("--help",), ("ask", "--doc", "nosuch", "What?"), ("gc",)])
+def test_a_torchrun_rank_ends_with_its_exit_code_and_all_its_output(tmp_path, args):
+    # Ranks end with os._exit (no interpreter finalization, see distributed.exit_rank): piped output must still be
+    # flushed and the exit code kept, exactly as the same command outside torchrun.
+    rank_env = {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}
+    plain = starqa(*args, home=tmp_path / "home")
+    as_rank = starqa(*args, home=tmp_path / "home", env=rank_env)
+    assert (as_rank.returncode, as_rank.stdout, as_rank.stderr) == (plain.returncode, plain.stdout, plain.stderr)
+    assert as_rank.stdout or as_rank.stderr
+
+
 def test_full_attention_runs_in_one_process_whatever_nproc_asks(tmp_path, doc_file, tiny_model_dir):
     # One full-attention pass cannot be shared by ranks; with --nproc 2 each rank would only repeat it.
     answers = []
