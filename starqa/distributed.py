@@ -6,6 +6,9 @@
 - `block_plan`: contiguous runs of blocks per rank (block 0 on rank 0).
 - `merge_across_ranks`: Phase 2's only communication per layer: all-gather each rank's (out, lse) and merge them
   with the one `merge_attention`. KV never crosses ranks.
+
+torch is imported inside the functions that use it: every command's exit (`exit_rank`) imports this module, and
+`starqa --help` or `starqa list` should not pay the seconds torch takes to import.
 """
 
 from __future__ import annotations
@@ -20,8 +23,6 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from starqa.errors import StarqaError, UsageError
 
@@ -56,6 +57,8 @@ class Ranks:
 
 
 def requested_nproc(nproc: int | str) -> int:
+    import torch
+
     if nproc == "auto":
         return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
     return int(nproc)
@@ -69,6 +72,7 @@ def setup(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Ranks:
     """Join the process group torchrun set up (or return a single-process `Ranks`)."""
     if not under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return Ranks(device=device)
+    import torch
     import torch.distributed as dist
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -94,6 +98,7 @@ def block_plan(n_blocks: int, world: int, rank: int) -> list[int]:
 
 def merge_across_ranks(out: torch.Tensor, lse: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Tensor]:
     """All-gather every rank's partial attention (out, lse) for the same queries and merge them exactly."""
+    import torch
     import torch.distributed as dist
 
     from starqa.attention import merge_attention
@@ -108,6 +113,7 @@ def merge_across_ranks(out: torch.Tensor, lse: torch.Tensor, group=None) -> tupl
 
 def token_from_query_host(token: int, ranks: Ranks) -> int:
     """Every rank continues with the token the query host chose (they agree anyway; this makes it certain)."""
+    import torch
     import torch.distributed as dist
 
     box = torch.tensor([token], dtype=torch.long, device=ranks.device if ranks.device.startswith("cuda") else "cpu")
@@ -202,6 +208,7 @@ def report_rank_error(ranks: Ranks, error: BaseException) -> bool:
 
 def launch(nproc: int, argv: list[str]) -> int:
     """Run `python -m starqa ARGV` on nproc local processes, as torchrun --standalone would; returns the exit code."""
+    import torch
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
