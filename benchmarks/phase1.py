@@ -2,8 +2,9 @@
 
 Prints (1) Phase 1 seconds per context length: Star (block 1024 / anchor 512, and block = anchor = n/4) vs HF's
 full-attention prefill of the same ids, and vs Phase 1 done through HF's default attention (each [anchor, block]
-encoded in full, the plain way) to show what starqa's path (anchor KV reused as a prefix, LSE kernels) adds; (2) time to first token of a question over a stored document vs a cold
-full-attention prefill of document + question; (3) decode tokens/s at a short vs a long context.
+encoded in full, the plain way, at 1024/512 and at the default 1024/1024) to show what starqa's path (anchor KV reused
+as a prefix, LSE kernels) adds; (2) time to first token of a question over a stored document vs a cold full-attention
+prefill of document + question; (3) decode tokens/s at a short vs a long context.
 
     .venv/bin/python benchmarks/phase1.py                      # 2K, 4K, 8K, 16K (takes a while on a CPU)
     .venv/bin/python benchmarks/phase1.py --lengths 2048 --quick

@@ -4,8 +4,9 @@ PDF text is rebuilt as a word processor's paragraphs: running headers, footers a
 wrapped inside a paragraph are joined and words hyphenated at line ends are rejoined, because a small model answers
 far worse from hard-wrapped text. PDF pages stream through: each is extracted, its lines spilled to a temporary
 file and only its first and last lines (where running headers are) kept, so the memory a long PDF takes is about
-its text, not its pages (~30 MiB at the peak for 1,000 pages). Text that is not valid UTF-8 is decoded with replacement characters (U+FFFD) and
-a warning, rather than refused: one bad byte in a long file should not stop an ingest.
+its text, not its pages (~30 MiB at the peak for 1,000 pages). Text that is not valid UTF-8 is decoded with
+replacement characters (U+FFFD) and a warning, rather than refused: one bad byte in a long file should not stop an
+ingest.
 """
 
 from __future__ import annotations

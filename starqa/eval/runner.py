@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from starqa import report
-from starqa.sources import AttentionShares, block_char_spans, shares_from_parts
 from starqa.errors import UsageError
 from starqa.eval.prompts import PromptBuilder
 from starqa.eval.scoring import clean_prediction, score
 from starqa.eval.tasks import Case
+from starqa.sources import AttentionShares, block_char_spans, shares_from_parts
 
 RecordKey = tuple  # (task, length, index, mode, block_size, anchor_size)
 
