@@ -22,7 +22,8 @@ from starqa.eval.scoring import score, string_match_all, string_match_part
 from starqa.eval.tasks import TASK_NAMES, TASKS, cwe_frequencies, generate_cases, spread_order
 
 ROW_KEYS = {"task", "length", "mode", "block_size", "anchor_size", "samples", "accuracy", "retention", "phase1_s",
-            "ttft_s", "decode_tokens_per_s", "peak_rss_mb", "speedup", "source_hit"}
+            "ttft_s", "decode_tokens_per_s", "peak_rss_mb", "speedup", "source_hit", "delta", "delta_ci95",
+            "better", "worse"}
 
 SMALL_SOURCE = QASource(
     name="lease",
@@ -287,6 +288,33 @@ def test_summary_numbers_on_hand_made_records():
     assert star["accuracy"] == 75.0 and star["retention"] == 75.0
     assert star["speedup"] == 4.0  # full ttft 4 s / (Phase 1 0.5 s + ttft 0.5 s)
     assert overall[1]["task"] == "overall" and overall[1]["retention"] == 75.0 and overall[1]["speedup"] == 4.0
+    # paired differences star - full: 0 and -0.5 -> mean -25 points, variance 0.125, half-width 1.96 * sd / sqrt(2)
+    assert star["delta"] == -25.0 and star["better"] == 0 and star["worse"] == 1
+    assert star["delta_ci95"] == pytest.approx(100 * 1.959964 * 0.125 ** 0.5 / 2 ** 0.5, abs=0.01)
+    assert full["delta"] is None and full["delta_ci95"] is None and full["better"] is None
+
+
+def test_overall_delta_combines_task_variances():
+    def record(task, mode, index, score_):
+        return {"task": task, "length": 512, "index": index, "mode": mode, "block_size": 64 if mode == "star" else None,
+                "anchor_size": 64 if mode == "star" else None, "score": score_, "phase1_s": 0.1 if mode == "star"
+                else None, "ttft_s": 1.0, "new_tokens": 2, "decode_tokens_per_s": 5.0, "peak_rss_mb": 1.0,
+                "peak_cuda_mb": None}
+
+    # vt: star loses 1 of 4 (differences 0, 0, 0, -1); cwe: star wins 1 of 4 and loses 2 (1, -1, -1, 0)
+    records = [record("vt", "full", i, 1.0) for i in range(4)] + [record("vt", "star", i, s)
+                                                                  for i, s in enumerate([1, 1, 1, 0])]
+    records += [record("cwe", "full", i, s) for i, s in enumerate([0, 1, 1, 0])]
+    records += [record("cwe", "star", i, s) for i, s in enumerate([1, 0, 0, 0])]
+    rows, overall = summary.summarize(records)
+    vt, cwe = (next(r for r in rows if r["task"] == task and r["mode"] == "star") for task in ("vt", "cwe"))
+    assert (vt["delta"], vt["better"], vt["worse"]) == (-25.0, 0, 1)
+    assert (cwe["delta"], cwe["better"], cwe["worse"]) == (-25.0, 1, 2)
+    star = overall[1]
+    assert star["delta"] == -25.0 and (star["better"], star["worse"]) == (1, 3)
+    # var of each task's mean: vt sd^2 = 0.25, cwe sd^2 = 0.9167, each / 4; the overall is their mean
+    half_width = 1.959964 * 100 * ((0.25 / 4 + (11 / 12) / 4) / 4) ** 0.5
+    assert star["delta_ci95"] == pytest.approx(half_width, abs=0.01)
 
 
 # ---------------------------------------------------------------- the command: JSON report, --resume, Ctrl-C

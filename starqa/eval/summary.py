@@ -8,7 +8,12 @@ A row is one (task, length, mode, block, anchor):
     decode_tokens_per_s  mean decoding speed after the first token (over cases that decoded more than one token)
     peak_rss_mb          highest peak RSS seen in the row's runs (peak_cuda_mb likewise on CUDA)
     speedup              star rows: full ttft / (star phase1_s + star ttft), on the samples both modes finished
-Overall rows (task "overall") average each mode's per-task rows at one length, over the tasks that mode ran.
+    delta                star rows: star accuracy - full accuracy in points, over the samples both modes finished
+    delta_ci95           half-width of delta's 95 % confidence interval (normal approximation of the paired
+                         per-sample differences; null under 2 samples): a loss whose interval holds 0 may be noise
+    better, worse        star rows: how many paired samples Star scored higher / lower on than full attention
+Overall rows (task "overall") average each mode's per-task rows at one length, over the tasks that mode ran; their
+delta_ci95 combines the per-task variances (a stratified mean), and better / worse add up the tasks' counts.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from statistics import fmean
+from statistics import fmean, stdev
 
 from starqa import report
 from starqa.errors import StarqaError
@@ -47,6 +52,17 @@ def _mode_order(key: tuple) -> tuple:
 
 def _star_latency(record: dict) -> float:
     return (record["phase1_s"] or 0.0) + record["ttft_s"]
+
+
+Z95 = 1.959964  # two-sided 95 % quantile of the normal distribution
+
+
+def _paired(star_scores: Sequence[float], full_scores: Sequence[float]) -> dict:
+    """Star minus full on the same samples: mean difference in points, its variance of the mean, wins, losses."""
+    differences = [star - full for star, full in zip(star_scores, full_scores)]
+    variance = stdev(differences) ** 2 / len(differences) if len(differences) > 1 else None
+    return {"delta": 100 * fmean(differences), "variance": None if variance is None else 100 ** 2 * variance,
+            "better": sum(d > 0 for d in differences), "worse": sum(d < 0 for d in differences)}
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -84,6 +100,7 @@ def summarize(records: Sequence[dict]) -> tuple[list[dict], list[dict]]:
             # star rows: % of cases whose first-ranked source block holds the answer (None where not applicable)
             "source_hit": _mean(100.0 * case["source_hit"] for case in cases.values()
                                 if case.get("source_hit") is not None),
+            **_NO_PAIRS,
         }
         if mode == "star":
             paired = sorted(set(cases) & set(full))
@@ -93,8 +110,21 @@ def summarize(records: Sequence[dict]) -> tuple[list[dict], list[dict]]:
                 row["retention"] = _ratio(100 * star_accuracy, full_accuracy)
                 row["speedup"] = _ratio(fmean(full[i]["ttft_s"] for i in paired),
                                         fmean(_star_latency(cases[i]) for i in paired))
+                row.update(_paired([cases[i]["score"] for i in paired], [full[i]["score"] for i in paired]))
         rows.append(row)
-    return [_rounded(row) for row in rows], [_rounded(row) for row in _overall(rows)]
+    overall = _overall(rows)
+    return [_finished(row) for row in rows], [_finished(row) for row in overall]
+
+
+_NO_PAIRS = {"delta": None, "variance": None, "better": None, "worse": None}
+
+
+def _finished(row: dict) -> dict:
+    """The row as reported: the variance of delta becomes a 95 % half-width, numbers are rounded."""
+    row = dict(row)
+    variance = row.pop("variance")
+    row["delta_ci95"] = None if variance is None else Z95 * math.sqrt(variance)
+    return _rounded(row)
 
 
 def _overall(rows: Sequence[dict]) -> list[dict]:
@@ -117,6 +147,7 @@ def _overall(rows: Sequence[dict]) -> list[dict]:
             "peak_cuda_mb": _max(row["peak_cuda_mb"] for row in group),
             "speedup": None,
             "source_hit": _mean(row.get("source_hit") for row in group),
+            **_NO_PAIRS,
         }
         if mode == "star":
             full = {r["task"]: r for r in by_length_mode.get((length, "full", None, None), [])}
@@ -126,13 +157,22 @@ def _overall(rows: Sequence[dict]) -> list[dict]:
                                           fmean(full[r["task"]]["accuracy"] for r in paired))
                 row["speedup"] = _ratio(fmean(full[r["task"]]["ttft_s"] for r in paired),
                                         fmean((r["phase1_s"] or 0.0) + r["ttft_s"] for r in paired))
+            measured = [r for r in group if r["delta"] is not None]
+            if measured:
+                # The overall accuracy is a mean of task means, so its delta's variance is sum(var_t) / tasks^2.
+                variances = [r["variance"] for r in measured]
+                row["delta"] = fmean(r["delta"] for r in measured)
+                row["variance"] = (None if None in variances else sum(variances) / len(measured) ** 2)
+                row["better"] = sum(r["better"] for r in measured)
+                row["worse"] = sum(r["worse"] for r in measured)
         overall.append(row)
     return overall
 
 
 def _rounded(row: dict) -> dict:
     digits = {"accuracy": 2, "retention": 2, "phase1_s": 4, "ttft_s": 4, "decode_tokens_per_s": 2,
-              "peak_rss_mb": 1, "peak_cuda_mb": 1, "speedup": 3, "source_hit": 1}
+              "peak_rss_mb": 1, "peak_cuda_mb": 1, "speedup": 3, "source_hit": 1, "delta": 2,
+              "delta_ci95": 2}
     return {key: _round(value, digits[key]) if key in digits else value for key, value in row.items()}
 
 
@@ -152,6 +192,13 @@ def _cell(value, fmt: str, suffix: str = "") -> str:
     return "–" if value is None else f"{value:{fmt}}{suffix}"
 
 
+def _delta_cell(row: dict) -> str:
+    if row["delta"] is None:
+        return "–"
+    spread = "" if row["delta_ci95"] is None else f" ±{row['delta_ci95']:.1f}"
+    return f"{row['delta']:+.1f}{spread}"
+
+
 def print_table(rows: list[dict], overall: list[dict], *, title: str) -> None:
     if report.is_quiet():
         return
@@ -166,6 +213,8 @@ def print_table(rows: list[dict], overall: list[dict], *, title: str) -> None:
     if cuda:
         table.add_column("peak CUDA MiB", justify="right")
     table.add_column("speed-up", justify="right")
+    table.add_column("Δ acc ±95 %", justify="right")
+    table.add_column("won/lost", justify="right")
     table.add_column("source hit %", justify="right")
 
     def add(row: dict, style: str | None = None) -> None:
@@ -176,6 +225,8 @@ def print_table(rows: list[dict], overall: list[dict], *, title: str) -> None:
         if cuda:
             cells.append(_cell(row["peak_cuda_mb"], ",.0f"))
         cells.append(_cell(row["speedup"], ".2f", "×"))
+        cells.append(_delta_cell(row))
+        cells.append("–" if row["better"] is None else f"{row['better']}/{row['worse']}")
         cells.append(_cell(row.get("source_hit"), ".0f"))
         table.add_row(*cells, style=style)
 
@@ -196,7 +247,7 @@ def print_table(rows: list[dict], overall: list[dict], *, title: str) -> None:
         console.print(table)
         return
     width = console.width
-    console.width = max(width, 150)
+    console.width = max(width, 180)
     try:
         console.print(table)
     finally:
