@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import typer
@@ -452,3 +454,29 @@ def test_plot_without_matplotlib_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
     with pytest.raises(StarqaError, match="needs matplotlib"):
         summary.require_matplotlib()
+
+
+def test_readme_tables_from_a_report():
+    """benchmarks/ruler_tables.py renders the README's tables from a --json report."""
+    spec = importlib.util.spec_from_file_location(
+        "ruler_tables", Path(__file__).resolve().parents[1] / "benchmarks" / "ruler_tables.py")
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+
+    def record(mode, index, score_, block=None, anchor=None):
+        return {"task": "vt", "length": 2048, "index": index, "mode": mode, "block_size": block,
+                "anchor_size": anchor, "score": score_, "phase1_s": 1.0 if block else None, "ttft_s": 2.0,
+                "new_tokens": 2, "decode_tokens_per_s": 5.0, "peak_rss_mb": 1.0, "peak_cuda_mb": None}
+
+    records = [record("full", i, 1.0) for i in range(2)]
+    records += [record("star", 0, 1.0, 512, 512), record("star", 1, 0.0, 512, 512)]
+    records += [record("star", i, 1.0, 1024, 256) for i in range(2)]
+    rows, overall = summary.summarize(records)
+    report = summary.document("m", rows, overall)
+    lengths = tables.length_table(report)
+    assert "Star L/4" in lengths[0] and "Star 1024/256" in lengths[0]
+    cells = [cell.strip() for cell in lengths[2].strip("|").split("|")]
+    assert cells[:5] == ["2,048", "2", "100.0 %", "50.0 % (512/512)", "100.0 %"]
+    assert cells[5:9] == ["50 %", "100 %", "-50.0 ± 98.0", "+0.0 ± 0.0"]
+    assert cells[9:] == ["0 / 1", "0 / 0", "0.67x", "0.67x"]  # full ttft 2 s / (Phase 1 1 s + ttft 2 s)
+    assert tables.task_table(report)[-1] == "| vt | 100 / 50 / 100 |"
