@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from starqa import report
 from starqa.distributed import Ranks, agree, block_plan, gather_objects, merge_across_ranks, token_from_query_host
 from starqa.engine import ContextKV
+from starqa.errors import UsageError
 from starqa.sources import AttentionShares, block_pages, format_sources, rank_sources, shares_from_parts
 from starqa.store import DocumentStore, StoredDocument
 from starqa.tokens import context_ids_for, prompt_template, query_ids_for
@@ -176,13 +177,20 @@ def load_context_share(engine, store: DocumentStore, document: StoredDocument, r
 
 def run(engine_loader, settings, store: DocumentStore, *, doc: str, questions: list[str], as_json: bool,
         attention: str, name: str | None, explicit_model: str | None, explicit_sizes: bool,
-        ranks: Ranks) -> None:
-    """The `ask` command: find (or first ingest) the document, load its KV, answer every question."""
+        ranks: Ranks, ingest_options: dict | None = None) -> None:
+    """The `ask` command: find (or first ingest) the document, load its KV, answer every question.
+
+    `ingest_options` (force, allow_long, password) apply when `doc` is a file to ingest first.
+    """
     from starqa.ingest import check_usable, ingest
     from starqa.store import validate_name
 
+    ingest_options = {key: value for key, value in (ingest_options or {}).items() if value}
     elapsed = timer()
     stored_name = doc if _is_valid_name(doc) and store.exists(doc) else None
+    if stored_name is not None and ingest_options:
+        flags = ", ".join("--" + key.replace("_", "-") for key in ingest_options)
+        raise UsageError(f"{flags} apply when --doc is a file to ingest, and '{doc}' is a stored document name")
     if stored_name is not None:
         document = store.get(stored_name)
         engine = engine_loader(explicit_model or document.manifest.get("model"))
@@ -195,7 +203,7 @@ def run(engine_loader, settings, store: DocumentStore, *, doc: str, questions: l
             validate_name(doc)
             store.get(doc)  # raises: no such document (with close names)
         engine = engine_loader(explicit_model)
-        result = ingest(doc, settings, engine, store, name=name, ranks=ranks)
+        result = ingest(doc, settings, engine, store, name=name, ranks=ranks, **ingest_options)
         document = store.get(result.name)
         cache_hit, phase1_s = not result.phase1_ran, result.phase1_s
 
@@ -219,7 +227,6 @@ def run(engine_loader, settings, store: DocumentStore, *, doc: str, questions: l
 
 
 def _is_valid_name(doc: str) -> bool:
-    from starqa.errors import UsageError
     from starqa.store import validate_name
 
     try:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 from typing import Optional
@@ -38,12 +40,30 @@ class _Relaunched(Exception):
         self.exit_code = exit_code
 
 
-def _launch_if_asked(settings) -> None:
+# Set for the ranks of our own relaunch: a file holding the questions the launching process read from stdin.
+_QUESTIONS_ENV = "STARQA_STDIN_QUESTIONS"
+
+
+def _launch_if_asked(settings, stdin_questions: list[str] | None = None) -> None:
+    """Relaunch this command under torchrun when more than one process is asked for (and we are not under it)."""
     from starqa import distributed
 
     nproc = distributed.requested_nproc(settings.nproc)
-    if nproc > 1 and not distributed.under_torchrun():
-        raise _Relaunched(distributed.launch(nproc, sys.argv[1:] if _ARGV is None else _ARGV))
+    if nproc <= 1 or distributed.under_torchrun():
+        return
+    argv = sys.argv[1:] if _ARGV is None else _ARGV
+    if stdin_questions is None:
+        raise _Relaunched(distributed.launch(nproc, argv))
+    # Standard input is read once, here; the ranks read the questions from a private file instead.
+    fd, handoff = tempfile.mkstemp(prefix="starqa-questions-", suffix=".txt")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write("\n".join(stdin_questions) + "\n")
+        os.environ[_QUESTIONS_ENV] = handoff
+        raise _Relaunched(distributed.launch(nproc, argv))
+    finally:
+        os.environ.pop(_QUESTIONS_ENV, None)
+        os.unlink(handoff)
 
 
 def _ranks(settings):
@@ -152,6 +172,10 @@ def ask(
     top_p: Optional[float] = typer.Option(None, "--top-p"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     name: Optional[str] = typer.Option(None, "--name", help="Name to store --doc FILE under."),
+    force: bool = typer.Option(False, "--force", help="With --doc FILE: replace a stored document of that name."),
+    allow_long: bool = typer.Option(False, "--allow-long", help="With --doc FILE: encode it even if longer than "
+                                    "the model's context."),
+    password: Optional[str] = typer.Option(None, "--password", help="With --doc FILE: password of an encrypted PDF."),
     model: Optional[str] = ModelOpt, dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
     block_size: Optional[int] = BlockOpt, anchor_size: Optional[int] = AnchorOpt, nproc: Optional[str] = NprocOpt,
     trust_remote_code: bool = TrustOpt,
@@ -166,15 +190,27 @@ def ask(
     if attention not in ("star", "full"):
         raise UsageError(f"--attention must be star or full, not {attention!r}")
     asked = _read_questions(question, questions)
+    from_stdin = questions is not None and str(questions) == "-"
     if attention == "full" and str(settings.nproc) != "1":
         # Full attention is one pass over the whole prompt: more ranks would each repeat it. A document given as a
         # file is then ingested in this one process as well.
         settings = dataclasses.replace(settings, nproc=1)
-    _launch_if_asked(settings)
+    _launch_if_asked(settings, asked if from_stdin else None)
     ranks = _ranks(settings)
+    if from_stdin and ranks.distributed:
+        from starqa.distributed import broadcast_object
+
+        asked = broadcast_object(asked, ranks)  # under a hand-launched torchrun only rank 0 read standard input
     asking.run(lambda model_name: _load_engine(settings, model_name, trust_remote_code, ranks), settings,
                _store(settings), doc=doc, questions=asked, as_json=as_json, attention=attention, name=name,
+               ingest_options=dict(force=force, allow_long=allow_long, password=password),
                explicit_model=model, explicit_sizes=block_size is not None or anchor_size is not None, ranks=ranks)
+
+
+def _torchrun_follower() -> bool:
+    from starqa import distributed
+
+    return distributed.under_torchrun() and os.environ.get("RANK", "0") != "0"
 
 
 def _read_questions(question: str | None, questions: Path | None) -> list[str]:
@@ -185,7 +221,14 @@ def _read_questions(question: str | None, questions: Path | None) -> list[str]:
             raise UsageError("the question is empty")
         return [question]
     try:
-        lines = questions.read_text(encoding="utf-8").splitlines() if str(questions) != "-" else sys.stdin.read().splitlines()
+        if str(questions) != "-":
+            lines = questions.read_text(encoding="utf-8").splitlines()
+        elif os.environ.get(_QUESTIONS_ENV):  # a rank of our own relaunch: the launching process read stdin
+            lines = Path(os.environ[_QUESTIONS_ENV]).read_text(encoding="utf-8").splitlines()
+        elif _torchrun_follower():
+            return []  # under a hand-launched torchrun, rank 0 reads standard input and shares the questions
+        else:
+            lines = sys.stdin.read().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read questions file {questions}: {exc.__class__.__name__}") from None
     asked = [line.strip() for line in lines if line.strip()]
@@ -200,9 +243,16 @@ def list_documents(
     config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """List stored documents."""
+    from starqa.store import DamagedDocument
+
     settings = _settings(config, quiet)
     store = _store(settings)
-    documents = [store.get(name) for name in store.names()]
+    documents = []
+    for stored_name in store.names():
+        try:
+            documents.append(store.get(stored_name))
+        except DamagedDocument as exc:  # listed on stderr; the readable documents are still listed
+            report.warn(str(exc))
     if as_json:
         for document in documents:
             m = document.manifest
@@ -253,7 +303,7 @@ def rm(
     settings = _settings(config, quiet)
     store = _store(settings)
     for name in names:
-        store.get(name)  # fail before removing anything if any name is unknown
+        store.object_path(name)  # fail before removing anything if any name is unknown (a damaged one is removed)
     for name in names:
         freed = store.remove(name)
         report.info(f"removed '{name}' ({report.human_bytes(freed)})")

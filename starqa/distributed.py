@@ -155,6 +155,8 @@ def agree(ranks: Ranks, what: str, error: BaseException | None) -> None:
 
 def share_outcome(ranks: Ranks, compute):
     """Run `compute()` on rank 0 only and give every rank its result, or raise its exception on every rank."""
+    if not ranks.distributed:
+        return compute()
     outcome = None
     if ranks.is_speaker:
         try:
@@ -162,7 +164,8 @@ def share_outcome(ranks: Ranks, compute):
         except StarqaError as exc:
             outcome = ("error", exc)
         except Exception as exc:  # noqa: BLE001 - re-raised below on every rank
-            outcome = ("error", RankFailure(f"rank 0 failed: {exc.__class__.__name__}: {exc}"))
+            message = " ".join(str(exc).split())  # one line, whatever the exception says
+            outcome = ("error", RankFailure(f"rank 0 failed: {exc.__class__.__name__}: {message}"))
     kind, value = broadcast_object(outcome, ranks)
     if kind == "error":
         raise value
@@ -229,7 +232,7 @@ def launch(nproc: int, argv: list[str]) -> int:
         return 0
     except ChildFailedError as failure:
         print(f"starqa: error: {_describe_failure(failure, status_dir)}", file=sys.stderr, flush=True)
-        return 1
+        return _failure_exit_code(failure)
     except KeyboardInterrupt:
         print("starqa: error: interrupted", file=sys.stderr, flush=True)
         return 130
@@ -238,6 +241,13 @@ def launch(nproc: int, argv: list[str]) -> int:
             path.unlink(missing_ok=True)
         status_dir.rmdir()
         os.environ.pop(_STATUS_DIR_ENV, None)
+
+
+def _failure_exit_code(failure) -> int:
+    """The lowest failed rank's own exit code (2 for a usage error, as in one process); 1 if ranks were killed."""
+    codes = [process.exitcode for _, process in sorted(failure.failures.items())
+             if process.exitcode is not None and process.exitcode > 0]
+    return codes[0] if codes else 1
 
 
 def _describe_failure(failure, status_dir: Path) -> str:

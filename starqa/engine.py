@@ -43,7 +43,6 @@ class ContextKV:
     spans: list[tuple[int, int]]  # global [start, end) of each block held, in order
     keys: list[torch.Tensor]  # per layer [1, kv_heads, held_tokens, head_dim]
     values: list[torch.Tensor]
-    phase1_s: float = 0.0
 
 
 @dataclass
@@ -283,11 +282,8 @@ class StarEngine:
     def encode_context(self, context_ids: Sequence[int], block_size: int, anchor_size: int | None = None, *,
                        batch: int = 4) -> ContextKV:
         """Phase 1 over the whole context, in this process."""
-        started = time.perf_counter()
         blocks = list(self.encode_blocks(context_ids, block_size, anchor_size, batch=batch))
-        ctx = self.context_from_blocks(blocks, len(context_ids))
-        ctx.phase1_s = time.perf_counter() - started
-        return ctx
+        return self.context_from_blocks(blocks, len(context_ids))
 
     def context_from_blocks(self, blocks: Sequence[EncodedBlock], n_tokens: int) -> ContextKV:
         """Lay the blocks' KV out contiguously per layer (one copy, at load; decoding never copies it again)."""

@@ -19,7 +19,8 @@ from starqa.config import Settings
 from starqa.distributed import RankFailure, Ranks, agree, block_plan, broadcast_object, gather_objects, share_outcome
 from starqa.errors import StarqaError, UsageError
 from starqa.sources import block_pages
-from starqa.store import DocumentStore, StoredDocument, name_from_path, validate_name, write_block_file
+from starqa.store import (DamagedDocument, DocumentStore, StoredDocument, name_from_path, reingest_hint, validate_name,
+                          write_block_file)
 from starqa.tokens import PROMPT_LAYOUT_VERSION, context_ids_for, plan_blocks, prompt_template
 
 # Test hook: STARQA_FAIL_PHASE1_RANK=N makes rank N raise during Phase 1 (how the fault tests stage a failure).
@@ -124,8 +125,15 @@ def _prepare(source, settings, engine, store, *, name, force, allow_long, passwo
         report.warn(warning)
     source_sha256 = _source_digest(source, extracted.text)
     signature = settings_signature(engine, settings)
+    stored = None
     if store.exists(name):
-        stored = store.get(name)
+        try:
+            stored = store.get(name)
+        except DamagedDocument:
+            if not force:
+                raise
+            report.warn(f"replacing '{name}', whose stored manifest cannot be read")
+    if stored is not None:
         same_source = stored.manifest.get("source", {}).get("sha256") == source_sha256
         diffs = differences(stored.manifest, signature)
         if same_source and not diffs and not force:
@@ -305,8 +313,5 @@ def check_usable(document: StoredDocument, engine, settings: Settings, *, explic
         signature.pop("anchor_size")
     diffs = differences(document.manifest, signature)
     if diffs:
-        source = document.manifest.get("source", {}).get("path", "SOURCE")
-        raise StarqaError(
-            f"document '{document.name}' was stored with a different " + ", ".join(diffs)
-            + f"; re-ingest it: starqa ingest {source} --name {document.name} --force (with your --model/--dtype)"
-        )
+        raise StarqaError(f"document '{document.name}' was stored with a different {', '.join(diffs)}; "
+                          f"{reingest_hint(document)} (with your --model/--dtype)")

@@ -27,6 +27,7 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Collection, Iterator, Sequence
@@ -59,8 +60,12 @@ def default_store_root() -> Path:
 def validate_name(name: str) -> str:
     if not name:
         raise UsageError("document name is empty: pass --name")
-    if len(name) > _NAME_MAX:
-        raise UsageError(f"document name is {len(name)} characters long; use at most {_NAME_MAX}")
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if size > _NAME_MAX:  # in bytes: file names are limited in bytes, and ours get a suffix of up to 40 bytes
+        if size == len(name):
+            raise UsageError(f"document name is {size} characters long; use at most {_NAME_MAX}")
+        raise UsageError(f"document name is {size} bytes long in UTF-8 ({len(name)} characters); use at most "
+                         f"{_NAME_MAX} bytes")
     if "/" in name or "\\" in name or os.sep in name:
         raise UsageError(f"document name '{name}' contains a path separator; pass --name with a plain name")
     if name in (".", "..") or ".." in name:
@@ -75,7 +80,7 @@ def validate_name(name: str) -> str:
 def name_from_path(path: str) -> str:
     stem = Path(path).stem if path != "-" else "stdin"
     cleaned = re.sub(r"[^\w.+-]+", "-", stem).strip("-.") or "document"
-    return cleaned[:_NAME_MAX]
+    return cleaned.encode("utf-8", "surrogateescape")[:_NAME_MAX].decode("utf-8", "ignore")  # whole characters
 
 
 def sha256_file(path: Path) -> str:
@@ -139,7 +144,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _reingest_hint(doc: "StoredDocument") -> str:
+def reingest_hint(doc: "StoredDocument") -> str:
     source = doc.manifest.get("source", {}).get("path") or "SOURCE"
     return f"re-ingest it: starqa ingest {shlex.quote(source)} --name {shlex.quote(doc.name)} --force"
 
@@ -209,11 +214,6 @@ class DocumentWriter:
         _fsync(self.staging / "context_ids.safetensors")
         self._record("context_ids.safetensors")
 
-    def write_block(self, index: int, start: int, end: int, keys: Sequence[torch.Tensor],
-                    values: Sequence[torch.Tensor]) -> None:
-        write_block_file(self.staging, index, start, end, keys, values)
-        self.record_existing_block(index, start, end)
-
     def record_existing_block(self, index: int, start: int, end: int, pages: Sequence[int] = ()) -> None:
         """Record a block file already in the staging folder (written here or by another rank)."""
         relative = block_file_name(index)
@@ -224,12 +224,21 @@ class DocumentWriter:
 
 
 
+class DamagedDocument(StarqaError):
+    """A stored name whose manifest cannot be read (or comes from another layout): only --force replaces it."""
+
+
 class DocumentStore:
     def __init__(self, root: Path | str | None = None) -> None:
-        self.root = Path(root) if root is not None else default_store_root()
+        # Absolute and without links, so an object folder compares equal to what a document link resolves to.
+        self.root = (Path(root).expanduser() if root is not None else default_store_root()).resolve()
         for folder in (self.root, self.root / "documents", self.root / "objects", self.root / "locks"):
             folder.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
-        os.chmod(self.root, _DIR_MODE)
+        if stat.S_IMODE(self.root.stat().st_mode) != _DIR_MODE:
+            try:
+                os.chmod(self.root, _DIR_MODE)
+            except OSError:
+                pass  # a read-only store (or someone else's) can still be read
 
     # ------------------------------------------------------------ reading
 
@@ -240,22 +249,28 @@ class DocumentStore:
         link = self.root / "documents" / name
         return link.is_symlink() and link.exists()
 
-    def get(self, name: str) -> StoredDocument:
+    def object_path(self, name: str) -> Path:
+        """The object folder a stored name links to; a usage error (with close names) if nothing is stored."""
         validate_name(name)
         link = self.root / "documents" / name
         if not (link.is_symlink() and link.exists()):
             close = difflib.get_close_matches(name, self.names(), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else "; `starqa list` shows what is stored"
             raise UsageError(f"no document named '{name}' in {self.root}{hint}")
-        path = link.resolve()
+        return link.resolve()
+
+    def get(self, name: str) -> StoredDocument:
+        path = self.object_path(name)
         try:
             manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            raise StarqaError(
-                f"document '{name}' has a missing or damaged manifest: re-ingest it with --force"
+            raise DamagedDocument(
+                f"document '{name}' has a missing or damaged manifest: re-ingest it with --force, or remove it "
+                f"with starqa rm {shlex.quote(name)}"
             ) from None
-        if manifest.get("format") != MANIFEST_FORMAT:
-            raise StarqaError(f"document '{name}' was stored by an incompatible starqa version: re-ingest it")
+        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+            raise DamagedDocument(f"document '{name}' was stored by an incompatible starqa version: re-ingest it "
+                                  "with --force")
         return StoredDocument(name=name, path=path, manifest=manifest)
 
     def check_files(self, doc: StoredDocument, *, full: bool = False, only: Sequence[str] | None = None) -> None:
@@ -271,22 +286,25 @@ class DocumentStore:
                 continue
             path = doc.path / relative
             try:
-                stat = path.stat()
+                status = path.stat()
             except FileNotFoundError:
+                if not doc.path.exists():  # `ingest --force` or `rm` of this name finished meanwhile
+                    raise StarqaError(f"document '{doc.name}' was replaced or removed by another starqa process "
+                                      "while it was being read; try again") from None
                 raise StarqaError(
-                    f"document '{doc.name}' is damaged: {relative} is missing; {_reingest_hint(doc)}"
+                    f"document '{doc.name}' is damaged: {relative} is missing; {reingest_hint(doc)}"
                 ) from None
-            if stat.st_size != expected["size"]:
+            if status.st_size != expected["size"]:
                 raise StarqaError(
-                    f"document '{doc.name}' is damaged: {relative} has {stat.st_size} bytes, expected "
-                    f"{expected['size']}; {_reingest_hint(doc)}"
+                    f"document '{doc.name}' is damaged: {relative} has {status.st_size} bytes, expected "
+                    f"{expected['size']}; {reingest_hint(doc)}"
                 )
-            stamp = [stat.st_size, stat.st_mtime_ns]
+            stamp = [status.st_size, status.st_mtime_ns]
             if full or checks.get(relative) != stamp:
                 if sha256_file(path) != expected["sha256"]:
                     raise StarqaError(
                         f"document '{doc.name}' is damaged: {relative} does not match its checksum; "
-                        + _reingest_hint(doc)
+                        + reingest_hint(doc)
                     )
                 checks[relative] = stamp
                 changed = True
@@ -312,7 +330,7 @@ class DocumentStore:
                         layer += 1
             except (OSError, SafetensorError) as exc:  # checked a moment ago: changed or removed since
                 raise StarqaError(f"document '{doc.name}' is damaged: {block['file']} cannot be read "
-                                  f"({' '.join(str(exc).split())[:120]}); {_reingest_hint(doc)}") from None
+                                  f"({' '.join(str(exc).split())[:120]}); {reingest_hint(doc)}") from None
             if dtype is not None and keys and keys[0].dtype != dtype:
                 raise StarqaError(f"document '{doc.name}' holds {keys[0].dtype} KV, not {dtype}")
             yield block, keys, values
@@ -398,14 +416,14 @@ class DocumentStore:
             shutil.rmtree(previous, ignore_errors=True)
 
     def remove(self, name: str) -> int:
-        """Remove a document completely (its link, then its folder); returns the bytes freed."""
-        self.get(name)
+        """Remove a document completely (its link, then its folder), even a damaged one; returns the bytes freed."""
+        self.object_path(name)
         with self.lock(name):
-            doc = self.get(name)  # the link may have been swapped by a writer we waited for
-            freed = _tree_size(doc.path)
+            path = self.object_path(name)  # the link may have been swapped by a writer we waited for
+            freed = _tree_size(path)
             (self.root / "documents" / name).unlink()
             _fsync(self.root / "documents")
-            shutil.rmtree(doc.path, ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True)
             self.collect_garbage(held={name})
         return freed
 

@@ -101,6 +101,23 @@ def test_a_torchrun_rank_ends_with_its_exit_code_and_all_its_output(tmp_path, ar
     assert as_rank.stdout or as_rank.stderr
 
 
+def test_questions_from_stdin_and_usage_errors_keep_their_meaning_on_two_ranks(tmp_path, doc_file, tiny_model_dir):
+    home = tmp_path / "home"
+    assert starqa("ingest", str(doc_file), "--block-size", "48", "--model", str(tiny_model_dir),
+                  home=home).returncode == 0
+    questions = "What is the fee?\nWhen are the reports delivered?\n"
+    answers = {}
+    for nproc in (1, 2):  # standard input is read once, by the launching process, and reaches every rank
+        result = starqa("ask", "--doc", "terms", "--questions", "-", "--json", "--max-new-tokens", "6", "--nproc",
+                        str(nproc), "--model", str(tiny_model_dir), home=home, stdin=questions)
+        assert result.returncode == 0, result.stderr
+        answers[nproc] = [(row["question"], row["answer"]) for row in json_lines(result.stdout)]
+    assert answers[2] == answers[1] and len(answers[1]) == 2
+    result = starqa("ask", "--doc", "nosuch", "What?", "--nproc", "2", home=home)
+    assert result.returncode == 2, result.stderr  # a usage error exits 2 under the launcher too
+    assert "no document named 'nosuch'" in result.stderr
+
+
 def test_full_attention_runs_in_one_process_whatever_nproc_asks(tmp_path, doc_file, tiny_model_dir):
     # One full-attention pass cannot be shared by ranks; with --nproc 2 each rank would only repeat it.
     answers = []

@@ -158,6 +158,8 @@ BAD_INPUTS = [
      "control characters"),
     ("name too long", lambda i, m, s: ["ingest", i / "terms.txt", "--name", "x" * 101], 2,
      "101 characters long; use at most 100"),
+    ("name too long in UTF-8", lambda i, m, s: ["ingest", i / "terms.txt", "--name", "\u5951" * 40], 2,
+     "120 bytes long in UTF-8 (40 characters); use at most 100 bytes"),
     ("unknown document (ask)", lambda i, m, s: ["ask", "--doc", "term", QUESTION], 2,
      "no document named 'term'"),
     ("unknown document (info)", lambda i, m, s: ["info", "terms-v1"], 2, "did you mean terms?"),
@@ -317,12 +319,70 @@ def test_a_change_that_keeps_size_and_mtime_is_caught_by_verify(capsys, home, in
     assert "blocks/block_00000.safetensors does not match its checksum" in error_lines(err)[0]
 
 
-def test_a_damaged_manifest_is_reported(capsys, home, inputs, tiny_model_dir):
+def test_a_damaged_manifest_is_reported_and_the_document_can_be_listed_around_replaced_or_removed(
+        capsys, home, inputs, tiny_model_dir):
     _ingest(capsys, inputs / "terms.txt", tiny_model_dir)
+    _ingest(capsys, inputs / "v2.txt", tiny_model_dir)
     manifest = (home / "documents" / "terms").resolve() / "manifest.json"
     manifest.write_text(manifest.read_text()[:50])
     code, out, err = run(capsys, "ask", "--doc", "terms", QUESTION, "--model", tiny_model_dir)
     assert code == 1 and out == "" and "'terms' has a missing or damaged manifest" in error_lines(err)[0]
+    code, out, err = run(capsys, "list")  # the others are still listed; the damaged one is named on stderr
+    assert code == 0 and out.startswith("v2\t") and "'terms' has a missing or damaged manifest" in err
+    before = tree_snapshot(home)
+    code, _, err = run(capsys, "ingest", inputs / "terms.txt", "--block-size", "48", "--model", tiny_model_dir)
+    assert code == 1 and "re-ingest it with --force" in error_lines(err)[0] and tree_snapshot(home) == before
+    _ingest(capsys, inputs / "terms.txt", tiny_model_dir, "--force")
+    assert _answer(capsys, tiny_model_dir)
+    manifest = (home / "documents" / "terms").resolve() / "manifest.json"
+    manifest.write_text('{"format": 0}')
+    code, _, err = run(capsys, "info", "terms")
+    assert code == 1 and "incompatible starqa version" in error_lines(err)[0]
+    assert run(capsys, "rm", "terms")[0] == 0
+    assert not (home / "documents" / "terms").exists()
+    assert [p.name.split(".")[0] for p in (home / "objects").iterdir()] == ["v2"]
+
+
+def test_ask_passes_ingest_options_for_a_file(capsys, home, inputs, tiny_model_dir):
+    _ingest(capsys, inputs / "terms.txt", tiny_model_dir)
+    ask = ["ask", "--doc", inputs / "v2.txt", "--name", "terms", QUESTION, "--max-new-tokens", "2",
+           "--block-size", "48", "--model", tiny_model_dir]
+    code, _, err = run(capsys, *ask)
+    assert code == 2 and "pass --force to replace it" in error_lines(err)[0]
+    code, out, err = run(capsys, *ask, "--force", "--json")
+    assert code == 0, err
+    assert json.loads((home / "documents" / "terms" / "manifest.json").read_text())["source"]["path"].endswith("v2.txt")
+    code, _, err = run(capsys, "ask", "--doc", "terms", QUESTION, "--force", "--model", tiny_model_dir)
+    assert code == 2 and "--force apply when --doc is a file to ingest" in error_lines(err)[0]
+
+
+def test_a_store_path_with_a_link_or_tilde_is_resolved(tmp_path, monkeypatch):
+    from starqa.store import DocumentStore
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    assert DocumentStore(tmp_path / "link").root == real.resolve()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert DocumentStore("~/store").root == (tmp_path / "store").resolve()
+
+
+def test_a_document_replaced_while_read_is_not_called_damaged(capsys, home, inputs, tiny_model_dir):
+    from starqa.store import DocumentStore
+
+    _ingest(capsys, inputs / "terms.txt", tiny_model_dir)
+    store = DocumentStore(home)
+    document = store.get("terms")
+    _ingest(capsys, inputs / "v2.txt", tiny_model_dir, "--name", "terms", "--force")  # another process, meanwhile
+    with pytest.raises(Exception, match="was replaced or removed by another starqa process while it was being read"):
+        list(store.load_blocks(document, [0]))
+
+
+def test_an_unexpected_error_in_one_process_keeps_its_own_type():
+    from starqa.distributed import Ranks, share_outcome
+
+    with pytest.raises(ZeroDivisionError):
+        share_outcome(Ranks(), lambda: 1 / 0)
 
 
 @pytest.mark.parametrize("failure", [
