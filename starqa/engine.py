@@ -124,6 +124,12 @@ class StarEngine:
         return model_context_window(self.config)
 
     @property
+    def sliding_window(self) -> int | None:
+        from starqa.models import model_sliding_window
+
+        return model_sliding_window(self.config)
+
+    @property
     def text_encoder(self):
         """Document tokenization: tiktoken when checked identical to the HF tokenizer, else the HF tokenizer.
 

@@ -17,6 +17,7 @@ import torch
 from transformers import AttentionInterface
 
 from starqa.attention import attention_with_lse, merge_attention
+from starqa.errors import StarqaError
 
 ATTN_IMPLEMENTATION = "starqa"
 
@@ -84,6 +85,14 @@ def star_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     backend = star_cache.backend if star_cache is not None else "auto"
+    window = kwargs.get("sliding_window")
+    if window is not None:
+        seen = key.shape[2] + (star_cache.prefix_keys[0].shape[2]
+                                if star_cache is not None and star_cache.prefix_keys is not None else 0)
+        if seen > window:  # ingest refuses such documents; a long question and answer can still get here
+            raise StarqaError(f"this model attends to only the last {window:,} tokens in some layers (sliding-window "
+                              f"attention), and document, question and answer reach {seen:,} tokens: starqa cannot "
+                              "answer this exactly; ask with a shorter --max-new-tokens or use another model")
     # The buffer's tokens precede each other causally; the newest q_len of them are the queries.
     local = attention_with_lse(
         query, key, value, causal=True, scale=scaling, q_offset=key.shape[2] - query.shape[2], backend=backend

@@ -153,6 +153,15 @@ def _prepare(source, settings, engine, store, *, name, force, allow_long, passwo
             f"'{source}' is {len(context_ids):,} tokens with the prompt, but the model reads at most {window:,}; "
             "use a model with a longer context, or pass --allow-long to encode it anyway"
         )
+    sliding = engine.sliding_window
+    if sliding and len(context_ids) > sliding:
+        # Within the window a sliding-window layer attends exactly like a full one; beyond it, Star Attention (which
+        # attends to every stored token) would no longer compute what the model computes.
+        raise UsageError(
+            f"'{source}' is {len(context_ids):,} tokens with the prompt, but {engine.model_name} attends to only the "
+            f"last {sliding:,} tokens in some layers (sliding-window attention), which starqa does not implement; "
+            "use a model without a sliding window (e.g. Mistral v0.2 or later) or a shorter document"
+        )
     manifest = {
         "source": {"path": str(Path(source).resolve()) if source != "-" else "-", "sha256": source_sha256,
                    "kind": extracted.kind},

@@ -203,3 +203,13 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def model_context_window(config) -> int:
     return int(getattr(config, "max_position_embeddings", 0) or 0)
+
+
+def model_sliding_window(config) -> int | None:
+    """How far back a sliding-window model's (windowed) layers look (Mistral v0.1: 4096; Qwen2 only with
+    use_sliding_window); None when every layer attends to all earlier tokens."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not window or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return int(window)

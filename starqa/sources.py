@@ -71,17 +71,19 @@ class AttentionShares:
             if hi > lo:
                 peaks.append(scores[:, lo:hi].max(dim=-1).values)
                 pieces.append(scores[:, lo:hi])
-            else:
-                peaks.append(torch.full((heads,), -math.inf))
-        self.block_peak.append(torch.stack(peaks, dim=-1) if peaks else torch.empty(heads, 0))
+            else:  # a block of template tokens only
+                peaks.append(torch.full((heads,), -math.inf, device=scores.device))
+        # Kept on the device while decoding (no sync per layer); `stacked` hands them over on the CPU.
+        self.block_peak.append(torch.stack(peaks, dim=-1) if peaks else scores.new_empty(heads, 0))
         self.document_lse.append(torch.logsumexp(torch.cat(pieces, dim=-1), dim=-1) if pieces
-                                 else torch.full((heads,), -math.inf))
+                                 else torch.full((heads,), -math.inf, device=scores.device))
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """([observations, q_heads], [observations, q_heads, held_blocks])."""
+        """([observations, q_heads], [observations, q_heads, held_blocks]), on the CPU (ranks on different GPUs
+        exchange them, and each rank's tensors must not arrive on another rank's device)."""
         if not self.block_peak:
             return torch.empty(0, 0), torch.empty(0, 0, len(self.spans))
-        return torch.stack(self.document_lse), torch.stack(self.block_peak)
+        return torch.stack(self.document_lse).cpu(), torch.stack(self.block_peak).cpu()
 
 
 def shares_from_parts(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

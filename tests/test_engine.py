@@ -141,3 +141,13 @@ def test_bundled_model_one_block_equals_hf_greedy(bundled_engine):
     expected = reference.generate(torch.tensor([context + query]), max_new_tokens=20, do_sample=False)
     assert star == expected[0, len(context) + len(query):].tolist()
     assert "48213" in tokenizer.decode(star)
+
+
+def test_phase2_past_a_sliding_window_is_an_error_not_a_silent_difference():
+    from starqa.errors import StarqaError
+
+    engine = StarEngine(tiny_model("mistral", sliding_window=48), _NoTokenizer())
+    ctx = engine.encode_context(list(range(10, 40)), block_size=16)
+    assert len(engine.generate(ctx, [5, 6], max_new_tokens=4)) == 4  # 36 tokens: inside the window
+    with pytest.raises(StarqaError, match="attends to only the last 48 tokens"):
+        engine.generate(ctx, [5, 6], max_new_tokens=30)

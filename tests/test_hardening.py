@@ -621,3 +621,20 @@ def test_no_color_is_honoured_even_on_a_terminal(tmp_path, inputs, tiny_model_di
     assert plain.returncode == 0 and "not valid UTF-8" in plain.stderr
     assert not _colours(plain.stderr)  # ... and not with NO_COLOR
     assert coloured.stdout == plain.stdout == ""
+
+
+def test_a_sliding_window_model_is_refused_beyond_its_window(capsys, home, inputs, tmp_path, bundled_tokenizer):
+    # Within the window a sliding-window layer attends like a full one; beyond it Star Attention would not compute
+    # what the model computes, so such a document is refused before Phase 1.
+    from starqa.models import model_sliding_window
+
+    directory = tmp_path / "tiny-mistral-window"
+    tiny_model("mistral", sliding_window=64).save_pretrained(directory)
+    bundled_tokenizer.save_pretrained(directory)
+    before = tree_snapshot(home)
+    code, out, err = run(capsys, "ingest", inputs / "terms.txt", "--model", directory)
+    assert code == 2 and out == "" and "attends to only the last 64 tokens" in error_lines(err)[0]
+    assert tree_snapshot(home) == before
+    assert model_sliding_window(tiny_model("qwen2").config) is None
+    assert model_sliding_window(tiny_model("qwen2", use_sliding_window=True, sliding_window=64,
+                                           max_window_layers=0).config) == 64

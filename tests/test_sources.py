@@ -64,3 +64,15 @@ def test_the_needle_page_is_the_first_source_with_the_bundled_model(bundled_engi
                                block_pages(tokenizer, context, document_offset, ctx.spans, page_map))
         hits += needle_page + 1 in sources[0]["pages"]
     assert hits >= 9
+
+
+def test_scores_stay_on_the_query_device_until_handed_over():
+    # Block 0 holds template tokens only (its fill values must be made on the query's device, as on a GPU).
+    shares = AttentionShares([(0, 4), (4, 8)], document_offset=4, scale=1.0)
+    shares.observe(0, torch.zeros(1, 2, 1, 4, device="meta"), torch.zeros(1, 1, 8, 4, device="meta"))
+    assert shares.block_peak[0].device.type == "meta" and shares.document_lse[0].device.type == "meta"
+    cpu = AttentionShares([(0, 4), (4, 8)], document_offset=4, scale=1.0)
+    cpu.observe(0, torch.randn(1, 2, 1, 4), torch.randn(1, 1, 8, 4))
+    lse, peak = cpu.stacked()
+    assert lse.device.type == peak.device.type == "cpu" and peak.shape == (1, 2, 2)
+    assert peak[0, :, 0].eq(float("-inf")).all()
