@@ -19,6 +19,7 @@ from starqa.eval import summary
 from starqa.eval.haystack import LengthError, largest_fitting
 from starqa.eval.prompts import PromptBuilder
 from starqa.eval.qa_file import QAPair, QASource, bundled_sample, parse_qa_lines
+from starqa.eval import runner as runner_module
 from starqa.eval.runner import QUARTER, EvalRunner, ResultLog, SizeSpec, StarSpec, modes_for
 from starqa.eval.scoring import score, string_match_all, string_match_part
 from starqa.eval.tasks import TASK_NAMES, TASKS, cwe_frequencies, generate_cases, spread_order
@@ -215,6 +216,28 @@ def test_scoring_matches_ruler_definitions():
     assert score("part", "London", ["Paris", "london"]) == 1.0
     with pytest.raises(ValueError):
         score("exact", "a", ["a"])
+    # RULER's answer prefix ends the prompt, so it is never in a prediction: a leading echo of it is not scored
+    # ("appear" is in cwe's prefix; "pear" would otherwise score without being named).
+    prefix = "Answer: The top 10 words that appear most often in the list are:"
+    assert score("all", f'"{prefix} apple, plum"', ["pear", "plum"], prefix) == 0.5
+    assert score("all", f"{prefix} apple, plum", ["pear", "plum"]) == 1.0  # without the prefix: RULER's plain rule
+    assert score("all", "apple, pear", ["pear"], prefix) == 1.0
+
+
+def test_resumed_records_are_scored_again_from_their_prediction(tmp_path, prompts):
+    [case] = generate_cases("cwe", 512, 1, seed=5, count_tokens=prompts.count)
+    stale = {"task": "cwe", "length": 512, "index": 0, "mode": "full", "block_size": None, "anchor_size": None,
+             "case_id": case.case_id, "model": "m", "dtype": "float32", "max_new_tokens": case.max_new_tokens,
+             "prediction": case.answer_prefix + " " + case.answers[0], "score": 0.9}
+    log = tmp_path / "cases.jsonl"
+    log.write_text(json.dumps(stale) + "\n")
+
+    class Engine:
+        tokenizer, model_name, dtype = prompts.tokenizer, "m", "torch.float32"
+
+    runner = EvalRunner(Engine(), log=ResultLog(log))
+    assert runner.pending(case, [runner_module.FULL]) == []
+    assert runner.records[0]["score"] == 0.1  # one of the 10 words named; the echoed prefix does not count
 
 
 # ---------------------------------------------------------------- modes

@@ -9,8 +9,8 @@ prediction, score, Phase 1 seconds, time to first token, decode tokens/s and pea
 
 Peak RSS is per mode where Linux lets a process reset its high-water mark (/proc/self/clear_refs); elsewhere it is
 the process's peak so far, and `peak_rss_scope` says so. A results log (--resume) gets each record as soon as it is
-measured; records already in it are not measured again, and records made from other cases (another seed, tokenizer
-or model) are refused rather than mixed in.
+measured; records already in it are not measured again (their score is recomputed from the stored prediction), and
+records made from other cases (another seed, tokenizer or model) are refused rather than mixed in.
 """
 
 from __future__ import annotations
@@ -227,6 +227,9 @@ class EvalRunner:
                     f"{self.log.path} holds a result for {case.task} at {case.length} tokens, sample {case.index}, "
                     f"made from another prompt or model (a different seed, tokenizer, --model, --dtype or "
                     "--max-new-tokens?); use another --resume file")
+            # Scored again from the stored prediction, so records made before a scoring fix are scored like new ones.
+            previous = dict(previous, score=score(case.metric, previous["prediction"], case.answers,
+                                                  case.answer_prefix))
             self.records.append(previous)
             self.resumed += 1
             if self.on_record is not None:
@@ -291,7 +294,7 @@ class EvalRunner:
             "depth": case.depth,
             "context_tokens": len(context_ids), "query_tokens": len(query_ids),
             "prediction": clean_prediction(prediction), "answers": list(case.answers), "metric": case.metric,
-            "score": score(case.metric, prediction, case.answers),
+            "score": score(case.metric, prediction, case.answers, case.answer_prefix),
             "phase1_s": phase1_s, "prefill_s": stats.prefill_s, "ttft_s": stats.ttft_s, "decode_s": stats.decode_s,
             "new_tokens": stats.new_tokens, "decode_tokens_per_s": stats.decode_tokens_per_s,
             "peak_rss_mb": report.peak_rss_mb(), "peak_cuda_mb": cuda_peak, "max_new_tokens": budget,

@@ -2,6 +2,7 @@
 
 string_match_all (synthetic tasks): the fraction of references that appear in the prediction.
 string_match_part (question answering): 1 if any reference appears in the prediction, else 0.
+A leading copy of the answer prefix the model was asked to begin with is not scored (see without_answer_prefix).
 Per case a score is in [0, 1]; reports multiply the mean by 100.
 """
 
@@ -33,9 +34,23 @@ def string_match_part(prediction: str, references: Sequence[str]) -> float:
     return max(1.0 if reference.lower() in lowered else 0.0 for reference in references)
 
 
-def score(metric: str, prediction: str, references: Sequence[str]) -> float:
+def without_answer_prefix(prediction: str, prefix: str) -> str:
+    """The prediction less a leading copy of the answer prefix (case-insensitive, opening quotes allowed).
+
+    RULER puts the answer prefix at the end of the prompt, so a prediction never holds it; our prompt asks the model
+    to begin with it, and its echo is not part of the answer (cwe's prefix contains words such as "appear" and
+    "that" that are substrings of words in its vocabulary, and an echo would score them).
+    """
+    text = prediction.lstrip().lstrip("\"'\u201c").lstrip()
+    if prefix and text.lower().startswith(prefix.lower()):
+        return text[len(prefix):]
+    return prediction
+
+
+def score(metric: str, prediction: str, references: Sequence[str], answer_prefix: str = "") -> float:
+    prediction = without_answer_prefix(clean_prediction(prediction), answer_prefix)
     if metric == "all":
-        return string_match_all(clean_prediction(prediction), references)
+        return string_match_all(prediction, references)
     if metric == "part":
-        return string_match_part(clean_prediction(prediction), references)
+        return string_match_part(prediction, references)
     raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")

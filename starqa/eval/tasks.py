@@ -50,6 +50,7 @@ class Case:
     metric: str = "all"  # "all" = RULER string_match_all, "part" = string_match_part
     max_new_tokens: int = 128
     depth: float | None = None  # where the (first) needle sits, 0 = start of the context, 1 = end
+    answer_prefix: str = ""  # what the model is asked to begin with; a leading copy of it is not scored
 
     @property
     def case_id(self) -> str:
@@ -198,8 +199,8 @@ def _niah_case(spec: TaskSpec, length, index, n_samples, seed, count_tokens, qa_
     placed = [((depth + j / len(needles)) % 1.0 if j else depth, text) for j, text in enumerate(needles)]
     asked = keys[: spec.num_queries]
     query = _query_phrase(asked)
-    question = with_answer_prefix(NIAH_QUESTION.format(kind=kind, query=query),
-                                  NIAH_ANSWER_PREFIX.format(kind=kind, query=query))
+    prefix = NIAH_ANSWER_PREFIX.format(kind=kind, query=query)
+    question = with_answer_prefix(NIAH_QUESTION.format(kind=kind, query=query), prefix)
     answers = tuple(values[: spec.num_queries * spec.num_values])
     preamble = NIAH_PREAMBLE.format(kind=kind)
 
@@ -211,7 +212,8 @@ def _niah_case(spec: TaskSpec, length, index, n_samples, seed, count_tokens, qa_
         return preamble + haystack.render(haystack.insert_at_depths(pieces, placed))
 
     n = largest_fitting(lambda n: count_tokens(context(n), question), length, hint=max(1, length // 8))
-    return Case(spec.name, length, index, context(n), question, answers, spec.metric, spec.max_new_tokens, depth)
+    return Case(spec.name, length, index, context(n), question, answers, spec.metric, spec.max_new_tokens, depth,
+                prefix)
 
 
 # ---------------------------------------------------------------- variable tracking
@@ -228,8 +230,8 @@ def _vt_case(spec: TaskSpec, length, index, n_samples, seed, count_tokens, qa_so
     statements = [f"VAR {names[0]} = {value}."] + [f"VAR {names[j + 1]} = VAR {names[j]}." for j in range(VT_HOPS)]
     # One statement in each of len(statements) equal stretches of the noise, in chain order: noise between hops.
     depths = [(j + rng.random()) / len(statements) for j in range(len(statements))]
-    question = with_answer_prefix(VT_QUESTION.format(value=value),
-                                  VT_ANSWER_PREFIX.format(count=len(names), value=value))
+    prefix = VT_ANSWER_PREFIX.format(count=len(names), value=value)
+    question = with_answer_prefix(VT_QUESTION.format(value=value), prefix)
 
     def context(n: int) -> str:
         pieces = haystack.insert_at_depths(haystack.noise_haystack(n), list(zip(depths, statements)))
@@ -237,7 +239,7 @@ def _vt_case(spec: TaskSpec, length, index, n_samples, seed, count_tokens, qa_so
 
     n = largest_fitting(lambda n: count_tokens(context(n), question), length, hint=max(1, length // 8))
     return Case(spec.name, length, index, context(n), question, tuple(names), spec.metric, spec.max_new_tokens,
-                depths[0])
+                depths[0], prefix)
 
 
 # ---------------------------------------------------------------- common words extraction
@@ -278,7 +280,8 @@ def _cwe_case(spec: TaskSpec, length, index, n_samples, seed, count_tokens, qa_s
         return listing(entries)
 
     n = largest_fitting(lambda n: count_tokens(context(n), question), length, hint=16, maximum=len(others))
-    return Case(spec.name, length, index, context(n), question, tuple(common), spec.metric, spec.max_new_tokens)
+    return Case(spec.name, length, index, context(n), question, tuple(common), spec.metric, spec.max_new_tokens,
+                answer_prefix=CWE_ANSWER_PREFIX)
 
 
 # ---------------------------------------------------------------- question answering over the bundled sample
