@@ -142,7 +142,6 @@ class ByteLevelBPEEncoding:
     normalized_added_tokens: dict[str, int]
     normalizer: Any  # the tokenizers normalizer (has normalize_str) or None
     missing_bytes: bytes  # byte values valid UTF-8 can contain that have no token: HF drops them
-    unreachable_tokens: tuple[str, ...]  # merge results HF's BPE does not produce from their own text
 
 
 def _backend(hf_tokenizer: Any) -> Any:
@@ -279,7 +278,6 @@ def build_byte_level_bpe_encoding(hf_tokenizer: Any, *, check_reachability: bool
             ranks[key] = 256 + index
             rank_to_id[256 + index] = hf_id
 
-    unreachable: tuple[str, ...] = ()
     if check_reachability and not model.get("ignore_merges"):
         bpe_model = backend.model
         unreachable = tuple(
@@ -310,7 +308,6 @@ def build_byte_level_bpe_encoding(hf_tokenizer: Any, *, check_reachability: bool
         normalized_added_tokens=normalized_added,
         normalizer=backend.normalizer if has_normalizer else None,
         missing_bytes=missing,
-        unreachable_tokens=unreachable,
     )
 
 

@@ -18,7 +18,7 @@ from starqa.eval import command as eval_cli
 from starqa.eval import summary
 from starqa.eval.haystack import LengthError, largest_fitting
 from starqa.eval.prompts import PromptBuilder
-from starqa.eval.qa_file import QAPair, QASource, bundled_sample, parse_qa_lines
+from starqa.eval.qa_file import QAPair, QASource, bundled_sample, load_qa_file, parse_qa_lines
 from starqa.eval import runner as runner_module
 from starqa.eval.runner import QUARTER, EvalRunner, ResultLog, SizeSpec, StarSpec, modes_for
 from starqa.eval.scoring import score, string_match_all, string_match_part
@@ -197,6 +197,12 @@ def test_qa_file_parsing():
         parse_qa_lines(['{"question": "Q?", "answers": []}'], "qa.jsonl")
     with pytest.raises(UsageError, match="line 2 is not JSON"):
         parse_qa_lines(['{"question": "Q?", "answers": ["a"]}', "nope"], "qa.jsonl")
+
+
+def test_qa_file_with_a_byte_order_mark(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_bytes('{"question": "Q?", "answers": ["a"]}\n'.encode("utf-8-sig"))
+    assert load_qa_file(path) == [QAPair("Q?", ("a",))]
 
 
 # ---------------------------------------------------------------- scoring

@@ -56,7 +56,7 @@ def parse_qa_lines(lines, origin: str) -> list[QAPair]:
 def load_qa_file(path: Path | str) -> list[QAPair]:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of line 1
     except FileNotFoundError:
         raise UsageError(f"QA file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
