@@ -440,21 +440,32 @@ class _RunningLines:
 
     keys: dict[str, set[str]]  # zone ("top", "bottom") -> edge keys of its running lines
     page_number_offset: int | None  # page label minus page index, when the edges of most pages carry it
+    bare_number_offset: int | None  # the same for bare page-number lines ("7", "- 7 -", "Page 7 of 20")
 
     def strip(self, lines: list[_Line]) -> list[_Line]:
-        """The page's lines without running headers and footers, bare page numbers and blank edge lines."""
+        """The page's lines without running headers and footers, page numbers and blank edge lines.
+
+        A bare number is dropped only when it is this page's number: a table's last cell ("1250") stays.
+        """
         lines = list(lines)
         offset = self.page_number_offset
         for zone, index in (("top", 0), ("bottom", -1)):
             removed = 0
-            while lines and removed < _EDGE and (
-                    not lines[index].text or _PAGE_NUMBER.match(lines[index].text)
-                    or _edge_key(lines[index].text) in self.keys[zone]
-                    or (removed == 0 and offset is not None
-                        and offset + lines[index].page in _edge_numbers(lines[index]))):
+            while lines and removed < _EDGE and self._is_edge_line(lines[index], zone, first=removed == 0):
                 lines.pop(index)
                 removed += 1
         return lines
+
+    def _is_edge_line(self, line: _Line, zone: str, *, first: bool) -> bool:
+        if not line.text:
+            return True
+        bare = _bare_page_number(line.text)
+        if bare is not None:
+            return self.bare_number_offset is not None and bare - line.page == self.bare_number_offset
+        if _edge_key(line.text) in self.keys[zone]:
+            return True
+        offset = self.page_number_offset
+        return first and offset is not None and offset + line.page in _edge_numbers(line)
 
 
 def _running_lines(edges: Sequence[tuple[list[_Line], list[_Line]]]) -> _RunningLines:
@@ -475,7 +486,24 @@ def _running_lines(edges: Sequence[tuple[list[_Line], list[_Line]]]) -> _Running
                     seen.setdefault(_edge_key(line.text), {}).setdefault(line.page, " ".join(line.text.split()))
         running[zone] = {key for key, occurrences in seen.items()
                          if len(occurrences) >= need and _is_running(occurrences, need)}
-    return _RunningLines(running, _page_number_offset(with_text, need))
+    return _RunningLines(running, _page_number_offset(with_text, need), _bare_number_offset(with_text, need))
+
+
+def _bare_page_number(text: str) -> int | None:
+    """The number of a line that is only a page number ("7", "- 7 -", "Page 7", "7 of 20"), else None."""
+    return int(re.search(r"\d+", text).group()) if _PAGE_NUMBER.match(text) else None
+
+
+def _bare_number_offset(edges: Sequence[tuple[list[_Line], list[_Line]]], need: int) -> int | None:
+    """The page label minus the page index of bare page-number lines, when `need` pages agree on it; else None."""
+    offsets: Counter = Counter()
+    for head, tail in edges:
+        bare = ((_bare_page_number(line.text), line.page) for line in head + tail if line.text)
+        offsets.update({number - page for number, page in bare if number is not None})
+    if not offsets:
+        return None
+    offset, count = offsets.most_common(1)[0]
+    return offset if count >= need else None
 
 
 def _edge_numbers(line: _Line) -> set[int]:

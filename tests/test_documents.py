@@ -183,6 +183,21 @@ def test_bare_page_numbers_are_dropped(tmp_path):
     assert document.pages == (Page(1, 0, len(one) + 2), Page(2, len(one) + 2, len(one) + 2 + len(two)))
 
 
+def test_a_number_at_a_page_edge_is_kept_unless_it_is_the_page_number(tmp_path):
+    # A table's last cell sits where a page number would: it is content unless it counts with the pages.
+    path = tmp_path / "table.pdf"
+    pages = [["Fees per quarter in euros:", "Q1", "1250"], ["Fees per year in euros:", "2024", "5000"],
+             ["The end of the schedule is here."]]
+    _write_pdf(path, pages, footer="{n}")
+    text = extract_document(path).text
+    assert "1250" in text and "5000" in text and "2024" in text
+    assert not re.search(r"(^|\n)[123]($|\n)", text)  # the page numbers 1, 2, 3 are gone
+    unnumbered = tmp_path / "unnumbered.pdf"
+    _write_pdf(unnumbered, [["Total:", "1250"], ["Total:", "4300"]])
+    text = extract_document(unnumbered).text
+    assert "1250" in text and "4300" in text
+
+
 # ------------------------------------------------------------------------------------------------------- text
 
 
