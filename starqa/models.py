@@ -14,6 +14,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 from starqa.errors import StarqaError, UsageError
 
@@ -117,13 +118,35 @@ def ensure_converted(source: ModelSource, *, on_status=None) -> ModelSource:
         return source
     from filelock import FileLock
 
+    gguf_path = Path(source.gguf_file)
+    check_architecture(_gguf_architecture(gguf_path))  # before minutes of de-quantising and gigabytes written
     source.directory.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with FileLock(str(source.directory.parent / f"{source.directory.name}.lock"), mode=0o600):
         if not (source.directory / "config.json").is_file():
             if source.directory.exists():  # left incomplete by an older, interrupted conversion
                 shutil.rmtree(source.directory)
-            _convert_gguf(Path(source.gguf_file), source.directory, on_status)
+            try:
+                _convert_gguf(gguf_path, source.directory, on_status)
+            except StarqaError:
+                raise
+            except Exception as exc:  # transformers' GGUF reader: tensor types or layouts it cannot load
+                message = " ".join(str(exc).split())[:200]
+                raise StarqaError(f"cannot convert {gguf_path.name}: {exc.__class__.__name__}: {message}; nothing "
+                                  "was stored") from exc
     return ModelSource(name=source.name, directory=source.directory)
+
+
+def _gguf_architecture(gguf_path: Path) -> SimpleNamespace:
+    """The architecture a GGUF file's metadata names, as a config-like object for `check_architecture`."""
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(gguf_path).fields.get("general.architecture")
+        architecture = field.contents() if field is not None else None
+    except Exception as exc:  # not a GGUF file, or a damaged one
+        message = " ".join(str(exc).split())[:200]
+        raise UsageError(f"cannot read {gguf_path.name} as a model: {exc.__class__.__name__}: {message}") from None
+    return SimpleNamespace(model_type=architecture)
 
 
 def _convert_gguf(gguf_path: Path, target: Path, on_status) -> None:

@@ -638,3 +638,27 @@ def test_a_sliding_window_model_is_refused_beyond_its_window(capsys, home, input
     assert model_sliding_window(tiny_model("qwen2").config) is None
     assert model_sliding_window(tiny_model("qwen2", use_sliding_window=True, sliding_window=64,
                                            max_window_layers=0).config) == 64
+
+
+def test_a_gguf_of_another_architecture_is_refused_before_it_is_converted(capsys, home, inputs, tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "phi.gguf"
+    writer = gguf.GGUFWriter(str(path), arch="phi3")
+    for add, value in ((writer.add_context_length, 128), (writer.add_embedding_length, 16),
+                       (writer.add_block_count, 1), (writer.add_feed_forward_length, 32),
+                       (writer.add_head_count, 2), (writer.add_head_count_kv, 2), (writer.add_layer_norm_rms_eps, 1e-5)):
+        add(value)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 16), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    (tmp_path / "broken.gguf").write_bytes(b"GGUF" + bytes(64))
+    for model, fragment in ((path, "model architecture 'phi3' is not supported"),
+                             (tmp_path / "broken.gguf", "cannot read broken.gguf as a model")):
+        code, out, err = run(capsys, "ingest", inputs / "terms.txt", "--model", model)
+        assert code == 2 and out == "" and "Traceback" not in err, err
+        assert fragment in error_lines(err)[0]
+    assert not [p for p in (home / "models").rglob("*") if p.suffix == ".safetensors"]  # nothing was converted
