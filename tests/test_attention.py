@@ -202,7 +202,14 @@ def test_default_scale_is_inverse_sqrt_head_dim():
     torch.testing.assert_close(a, b)
 
 
-def test_auto_backend_uses_torch_for_cpu_tensors():
+def test_auto_backend_uses_torch_for_cpu_tensors(monkeypatch):
+    if HAS_TRITON:  # the interpreted kernel would give the same numbers: make sure it is not the one called
+        import starqa.attention.triton_kernels as triton_kernels
+
+        def not_on_cpu(*args, **kwargs):
+            raise AssertionError("the Triton path ran for CPU tensors")
+
+        monkeypatch.setattr(triton_kernels, "attention_with_lse_triton", not_on_cpu)
     q, k, v = make_qkv(1, 2, 1, 3, 5, 16, seed=7)
     torch.testing.assert_close(
         attention_with_lse(q, k, v, causal=True, q_offset=2),

@@ -85,8 +85,12 @@ def test_phase1_on_a_subset_of_blocks_equals_all_blocks():
     context = _random_ids(200)
     everything = {b.index: b for b in engine.encode_blocks(context, 64, 32)}
     subset = list(engine.encode_blocks(context, 64, 32, block_indices=[2, 3]))  # no block 0: encodes the anchor
-    for block in subset:
-        torch.testing.assert_close(block.keys[0], everything[block.index].keys[0], rtol=1e-5, atol=1e-5)
+    assert [block.index for block in subset] == [2, 3]
+    for block in subset:  # every layer: past the first, a block's KV depends on the anchor it attended to
+        for layer in range(len(block.keys)):
+            torch.testing.assert_close(block.keys[layer], everything[block.index].keys[layer], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(block.values[layer], everything[block.index].values[layer], rtol=1e-5,
+                                       atol=1e-5)
 
 
 def test_phase2_over_stored_blocks_equals_hf_forward_with_concatenated_cache():
@@ -110,6 +114,7 @@ def test_batched_phase1_equals_one_block_at_a_time():
     context = _random_ids(256)
     one = list(engine.encode_blocks(context, 32, 32, batch=1))
     batched = list(engine.encode_blocks(context, 32, 32, batch=4))
+    assert [b.index for b in batched] == [a.index for a in one] == list(range(8))
     for a, b in zip(one, batched):
         torch.testing.assert_close(a.values[1], b.values[1], rtol=1e-5, atol=1e-5)
 
@@ -121,6 +126,11 @@ def test_sampling_is_reproducible_with_a_seed():
     first = engine.generate(ctx, [5, 6, 7], max_new_tokens=10, temperature=0.8, top_p=0.9, seed=7)
     again = engine.generate(ctx, [5, 6, 7], max_new_tokens=10, temperature=0.8, top_p=0.9, seed=7)
     assert first == again
+    # ... and it really samples: other seeds, or greedy decoding, give other tokens
+    others = {tuple(engine.generate(ctx, [5, 6, 7], max_new_tokens=10, temperature=0.8, top_p=0.9, seed=seed))
+              for seed in range(3)}
+    greedy = engine.generate(ctx, [5, 6, 7], max_new_tokens=10, temperature=0.0)
+    assert len(others | {tuple(first)}) > 1 and greedy != first
 
 
 @pytest.mark.slow
