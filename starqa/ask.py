@@ -95,7 +95,7 @@ def ask_star(engine, ctx: ContextKV, document: StoredDocument, question: str, se
     shares = AttentionShares(ctx.spans, document.manifest["document_token_offset"], engine.head_dim ** -0.5)
     new_ids = engine.generate(ctx, query_ids, max_new_tokens=settings.max_new_tokens,
                               temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
-                              on_token=printer, observe_prefix=shares.observe, **spread)
+                              on_token=printer, observe_prefix=shares, **spread)
     stats = engine.last_stats
     sources = _sources(engine, document, shares, ranks)
     if printer is not None:

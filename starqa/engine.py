@@ -317,7 +317,8 @@ class StarEngine:
 
         Distributed: each rank passes its own blocks in `ctx`; `merge_across_ranks` combines the ranks' partial
         attention per layer; only the query host keeps the query's KV (`keep_local`); `sync_token` makes every
-        rank continue with the query host's token.
+        rank continue with the query host's token. `observe_prefix` (a starqa.sources.AttentionShares) sees every
+        layer's scores over the context, for the answer's sources.
         """
         cache = self._new_cache(batch=1, capacity=len(query_ids) + max_new_tokens,
                                 prefix=(ctx.keys, ctx.values), keep_local=keep_local,

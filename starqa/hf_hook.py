@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from transformers import AttentionInterface
 
-from starqa.attention import attention_with_lse, merge_attention
+from starqa.attention import attention_with_lse, decode_attention_with_scores, merge_attention
 from starqa.errors import StarqaError
 
 ATTN_IMPLEMENTATION = "starqa"
@@ -52,8 +52,9 @@ class StarCache:
         self.length = 0  # tokens written to the buffer by completed forward passes
         self.merge_across_ranks = merge_across_ranks
         self.backend = backend
-        # Observer of each layer's queries against the prefix keys (answer sources): (layer, query, prefix_keys).
-        self.observe_prefix: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
+        # Observer of each layer's queries against the prefix keys (answer sources, starqa.sources.AttentionShares):
+        # .observe(layer, query, prefix_keys), or .observe_scores(layer, scores) when the scores are at hand.
+        self.observe_prefix = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         # key_states: [batch, kv_heads, new_tokens, head_dim]
@@ -71,6 +72,11 @@ class StarCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
+
+
+def _scores_from_attention(query: torch.Tensor) -> bool:
+    """Whether the observer takes its scores from the prefix attention itself: a CPU decoding step (one row)."""
+    return query.shape[0] == 1 and query.shape[2] == 1 and query.device.type == "cpu"
 
 
 def star_attention_forward(
@@ -102,13 +108,22 @@ def star_attention_forward(
         layer = module.layer_idx
         prefix_keys = star_cache.prefix_keys[layer]
         prefix_values = star_cache.prefix_values[layer]
-        if star_cache.observe_prefix is not None:
-            star_cache.observe_prefix(layer, query, prefix_keys)
-        if prefix_keys.shape[0] != query.shape[0]:  # one prefix shared by a batch of blocks: a view, no copy
-            prefix_keys = prefix_keys.expand(query.shape[0], -1, -1, -1)
-            prefix_values = prefix_values.expand(query.shape[0], -1, -1, -1)
-        prefix = attention_with_lse(query, prefix_keys, prefix_values, causal=False, scale=scaling, backend=backend)
-        parts.insert(0, prefix)
+        observer = star_cache.observe_prefix
+        if observer is not None and _scores_from_attention(query):
+            # A CPU decoding step: one pass over the stored keys gives the attention and the observer's scores
+            # (decoding is bound by reading the stored KV; a second pass for the scores cost about a quarter).
+            out, lse, scores = decode_attention_with_scores(query, prefix_keys, prefix_values, scale=scaling)
+            observer.observe_scores(layer, scores[0, :, 0])
+            parts.insert(0, (out, lse))
+        else:
+            if observer is not None:
+                observer.observe(layer, query, prefix_keys)
+            if prefix_keys.shape[0] != query.shape[0]:  # one prefix shared by a batch of blocks: a view, no copy
+                prefix_keys = prefix_keys.expand(query.shape[0], -1, -1, -1)
+                prefix_values = prefix_values.expand(query.shape[0], -1, -1, -1)
+            prefix = attention_with_lse(query, prefix_keys, prefix_values, causal=False, scale=scaling,
+                                        backend=backend)
+            parts.insert(0, prefix)
     out, lse = merge_attention(parts) if len(parts) > 1 else local
     if star_cache is not None and star_cache.merge_across_ranks is not None:
         out, lse = star_cache.merge_across_ranks(out, lse)

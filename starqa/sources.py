@@ -65,7 +65,12 @@ class AttentionShares:
         keys = prefix_keys[0].float()  # [kv_heads, n, d]
         group = heads // keys.shape[0]
         scores = torch.einsum("hgd,hnd->hgn", last.view(keys.shape[0], group, -1), keys) * self.scale
-        scores = scores.reshape(heads, -1)  # [q_heads, n]
+        self.observe_scores(layer, scores.reshape(heads, -1))
+
+    def observe_scores(self, layer: int, scores: torch.Tensor) -> None:
+        """scores [q_heads, held_tokens]: the scaled scores of the row that predicts the next answer token."""
+        heads = scores.shape[0]
+        scores = scores.float()
         peaks, pieces = [], []
         for lo, hi in self.ranges:
             if hi > lo:

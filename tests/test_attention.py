@@ -202,6 +202,24 @@ def test_default_scale_is_inverse_sqrt_head_dim():
     torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("b,hq,hk,k_len,dtype", [(1, 9, 3, 300, torch.float32), (2, 4, 4, 17, torch.float64),
+                                                  (1, 4, 2, 0, torch.float32), (1, 6, 2, 40, torch.bfloat16)])
+def test_decode_attention_with_scores_matches_the_reference(b, hq, hk, k_len, dtype):
+    from starqa.attention import decode_attention_with_scores
+
+    q, k, v = make_qkv(b, hq, hk, 1, k_len, 16, dtype=dtype, seed=11)
+    out, lse, scores = decode_attention_with_scores(q, k, v, scale=0.3)
+    ref_out, ref_lse = reference_attention(q, k, v, causal=False, scale=0.3)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.double(), ref_out, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=tol, atol=tol)
+    expected = torch.matmul(q.double(), k.double().repeat_interleave(hq // hk, dim=1).transpose(-1, -2)) * 0.3
+    torch.testing.assert_close(scores.double(), expected, rtol=tol, atol=tol)
+    assert out.dtype == dtype and lse.dtype == torch.float32 and scores.shape == (b, hq, 1, k_len)
+    with pytest.raises(ValueError, match="one query row"):
+        decode_attention_with_scores(*make_qkv(1, 2, 2, 2, 4, 8))
+
+
 def test_auto_backend_uses_torch_for_cpu_tensors(monkeypatch):
     if HAS_TRITON:  # the interpreted kernel would give the same numbers: make sure it is not the one called
         import starqa.attention.triton_kernels as triton_kernels

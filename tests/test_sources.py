@@ -9,7 +9,7 @@ import torch
 
 from starqa.sources import AttentionShares, block_pages, format_sources, rank_sources, shares_from_parts
 from starqa.tokens import context_ids_for, encode_document, prompt_template, query_ids_for
-from conftest import REPO
+from conftest import REPO, tiny_model
 
 
 def test_format_sources_joins_page_runs_strongest_first():
@@ -59,7 +59,7 @@ def test_the_needle_page_is_the_first_source_with_the_bundled_model(bundled_engi
         ctx = engine.encode_context(context, block_size=256)
         shares = AttentionShares(ctx.spans, document_offset, engine.head_dim ** -0.5)
         engine.generate(ctx, query_ids_for(tokenizer, template, "What is the special magic number?"),
-                        max_new_tokens=16, observe_prefix=shares.observe)
+                        max_new_tokens=16, observe_prefix=shares)
         sources = rank_sources(shares_from_parts([shares.stacked()]),
                                block_pages(tokenizer, context, document_offset, ctx.spans, page_map))
         hits += needle_page + 1 in sources[0]["pages"]
@@ -76,3 +76,26 @@ def test_scores_stay_on_the_query_device_until_handed_over():
     lse, peak = cpu.stacked()
     assert lse.device.type == peak.device.type == "cpu" and peak.shape == (1, 2, 2)
     assert peak[0, :, 0].eq(float("-inf")).all()
+
+
+def test_scores_taken_from_the_attention_equal_a_separate_pass(monkeypatch):
+    # On CPU decoding steps the observer gets the scores the prefix attention computed (one read of the stored
+    # keys); answers and shares are those of the separate scoring pass used elsewhere.
+    from starqa import hf_hook
+    from starqa.engine import StarEngine
+
+    class NoTokenizer:
+        eos_token_id = None
+
+    engine = StarEngine(tiny_model("llama"), NoTokenizer())
+    context = torch.randint(3, 49152, (150,), generator=torch.Generator().manual_seed(2)).tolist()
+    ctx = engine.encode_context(context, block_size=48)
+    plain = engine.generate(ctx, [5, 6, 7], max_new_tokens=6)
+    fused = AttentionShares(ctx.spans, 20, engine.head_dim ** -0.5)
+    assert engine.generate(ctx, [5, 6, 7], max_new_tokens=6, observe_prefix=fused) == plain
+    monkeypatch.setattr(hf_hook, "_scores_from_attention", lambda query: False)
+    separate = AttentionShares(ctx.spans, 20, engine.head_dim ** -0.5)
+    assert engine.generate(ctx, [5, 6, 7], max_new_tokens=6, observe_prefix=separate) == plain
+    for ours, theirs in zip(fused.stacked(), separate.stacked()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert len(fused.block_peak) == 6 * engine.config.num_hidden_layers  # the prompt's pass and 5 decoding steps

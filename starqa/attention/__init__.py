@@ -21,9 +21,9 @@ import functools
 import torch
 
 from .merge import merge_attention
-from .torch_backend import attention_with_lse_torch, check_attention_args
+from .torch_backend import attention_with_lse_torch, check_attention_args, decode_attention_with_scores
 
-__all__ = ["attention_with_lse", "merge_attention", "triton_available"]
+__all__ = ["attention_with_lse", "decode_attention_with_scores", "merge_attention", "triton_available"]
 
 _BACKENDS = ("auto", "torch", "triton")
 

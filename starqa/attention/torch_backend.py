@@ -28,7 +28,7 @@ import torch
 
 from .merge import merge_attention
 
-__all__ = ["attention_with_lse_torch", "check_attention_args"]
+__all__ = ["attention_with_lse_torch", "check_attention_args", "decode_attention_with_scores"]
 
 # float32/64 decode: with at most this many rows (group * q_len) per kv head and at least
 # _FEW_QUERY_MIN_KEYS keys, explicit float32 scores beat the fused CPU kernel (1.3-1.7x at 8K
@@ -133,6 +133,31 @@ def attention_with_lse_torch(
         square = _flash_cpu(q, k[:, :, q_offset:], v[:, :, q_offset:], scale, causal=True)
         return merge_attention([prefix, square])
     return _chunked_attention(q, k, v, scale, causal=causal, q_offset=q_offset)
+
+
+def decode_attention_with_scores(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One query row per head over every key (no mask): (out, lse, scores).
+
+    scores: [batch, q_heads, 1, k_len] float32 (float64 for float64 q), already scaled. For a caller that needs the
+    scores too (answer sources): decoding over a long stored context is bound by reading K and V, and this reads K
+    once for both. An empty k gives out 0 and lse -inf, as attention_with_lse does.
+    """
+    check_attention_args(q, k, v)
+    b, hq, q_len, d = q.shape
+    if q_len != 1:
+        raise ValueError(f"decode_attention_with_scores takes one query row, not {q_len}")
+    hk, k_len = k.shape[1], k.shape[2]
+    group = hq // hk
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = d**-0.5 if scale is None else float(scale)
+    scores = torch.matmul(q.reshape(b, hk, group, d).to(acc) * scale, k.to(acc).transpose(-1, -2))  # [b, hk, g, n]
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    weights = torch.exp(scores - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)))
+    out = torch.matmul(weights, v.to(acc))  # [b, hk, g, d]
+    return (out.reshape(b, hq, 1, d).to(q.dtype), lse.reshape(b, hq, 1).float(),
+            scores.reshape(b, hq, 1, k_len))
 
 
 # --------------------------------------------------------------------------- fused CPU kernel

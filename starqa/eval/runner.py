@@ -281,7 +281,7 @@ class EvalRunner:
             document_offset = self.prompts.document_offset
             shares = AttentionShares(ctx.spans, document_offset, engine.head_dim ** -0.5)
             new_ids = engine.generate(ctx, query_ids, max_new_tokens=budget, temperature=0.0,
-                                      observe_prefix=shares.observe)
+                                      observe_prefix=shares)
             source_hit = _source_hit(engine, case, context_ids, document_offset, ctx.spans, shares)
             del ctx
         stats = engine.last_stats
