@@ -13,8 +13,9 @@ block 1024 / anchor 256. It runs the exact `starqa eval` command it prints (same
     benchmarks/results/ruler.png         accuracy and speed-up against length
     benchmarks/results/ruler-cases.jsonl per-case results; rerunning continues an interrupted run (--resume)
 
-To stop a run and keep its report, interrupt the `starqa eval` process it started (Ctrl-C in a terminal does); the
-README's tables are then printed by `python benchmarks/ruler_tables.py benchmarks/results/ruler.json`.
+To stop a run and keep its report, interrupt or terminate the `starqa eval` process it started (Ctrl-C in a terminal,
+or `kill` / SIGTERM: a background job started from a script ignores SIGINT); the README's tables are then printed by
+`python benchmarks/ruler_tables.py benchmarks/results/ruler.json`.
 """
 
 from __future__ import annotations

@@ -438,6 +438,27 @@ def test_interrupted_run_reports_what_it_measured(cli_engine, capsys, monkeypatc
     assert len(log.read_text().splitlines()) == 3
 
 
+def test_sigterm_stops_the_run_like_ctrl_c(cli_engine, capsys, monkeypatch, tmp_path):
+    import os
+    import signal
+
+    original = EvalRunner.measure
+    calls = []
+
+    def terminated_on_third(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # as from `kill` or a batch scheduler's time limit
+        return original(self, *args)
+
+    monkeypatch.setattr(EvalRunner, "measure", terminated_on_third)
+    before = signal.getsignal(signal.SIGTERM)
+    output = _invoke([*SUITE, "--json", "--resume", str(tmp_path / "cases.jsonl")], capsys, exit_code=130)
+    report = json.loads(output.out)
+    assert report["interrupted"] is True and sum(row["samples"] for row in report["results"]) == 2
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is the eval's only while it runs
+
+
 def test_own_document_mode(cli_engine, capsys, tmp_path):
     document = tmp_path / "lease.txt"
     document.write_text(SMALL_SOURCE.text, encoding="utf-8")

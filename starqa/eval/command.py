@@ -12,6 +12,9 @@ Wiring only: options -> settings and engine -> cases (tasks.py) -> runner.py -> 
 from __future__ import annotations
 
 import json
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -278,9 +281,28 @@ def _run(engine, cases, specs, settings, max_new_tokens, log):
         if runner.previous:
             report.info(f"resuming: {len(runner.previous)} results already in {log.path}")
         try:
-            for case, modes in plan:
-                bar.update(progress_id, description=f"{case.task} {case.length:,} #{case.index}")
-                runner.run_case(case, modes)
+            with _termination_interrupts():
+                for case, modes in plan:
+                    bar.update(progress_id, description=f"{case.task} {case.length:,} #{case.index}")
+                    runner.run_case(case, modes)
         except KeyboardInterrupt:
             interrupted = True
     return interrupted, skipped, runner
+
+
+@contextmanager
+def _termination_interrupts():
+    """SIGTERM (`kill`, a batch scheduler's time limit) stops the run as Ctrl-C does: the report keeps what was
+    measured, and every finished case is already in the --resume file."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
