@@ -17,7 +17,7 @@ from starqa.distributed import Ranks, agree, block_plan, gather_objects, merge_a
 from starqa.engine import ContextKV
 from starqa.errors import UsageError
 from starqa.sources import AttentionShares, block_pages, format_sources, rank_sources, shares_from_parts
-from starqa.store import DocumentStore, StoredDocument
+from starqa.store import DocumentReplaced, DocumentStore, StoredDocument
 from starqa.tokens import context_ids_for, prompt_template, query_ids_for
 
 
@@ -119,11 +119,10 @@ def _sources(engine, document: StoredDocument, shares: AttentionShares, ranks: R
     return rank_sources(shares_from_parts(parts), pages_per_block)
 
 
-def ask_full(engine, document: StoredDocument, question: str, settings, *, stream: bool) -> Answer:
+def ask_full(engine, document: StoredDocument, context_ids: list[int], question: str, settings, *,
+             stream: bool) -> Answer:
     """Full attention for comparison: document and question in one causal pass, no stored KV used."""
-    template = prompt_template(engine.tokenizer)
-    context_ids = context_ids_for(engine.tokenizer, template, engine.encode_document_text(document.text()))
-    query_ids = query_ids_for(engine.tokenizer, template, question)
+    query_ids = query_ids_for(engine.tokenizer, prompt_template(engine.tokenizer), question)
     printer = _StreamPrinter(engine.tokenizer, engine.stop_ids) if stream else None
     new_ids = engine.generate_full(context_ids + query_ids, max_new_tokens=settings.max_new_tokens,
                                    temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
@@ -175,6 +174,11 @@ def load_context_share(engine, store: DocumentStore, document: StoredDocument, r
     return ctx
 
 
+# Reading a stored document while another process replaces it (`ingest --force`, `rm`) fails part-way; the name
+# then links to the new version, so reading again answers from that one.
+_READ_ATTEMPTS = 3
+
+
 def run(engine_loader, settings, store: DocumentStore, *, doc: str, questions: list[str], as_json: bool,
         attention: str, name: str | None, explicit_model: str | None, explicit_sizes: bool,
         ranks: Ranks, ingest_options: dict | None = None) -> None:
@@ -192,9 +196,7 @@ def run(engine_loader, settings, store: DocumentStore, *, doc: str, questions: l
         flags = ", ".join("--" + key.replace("_", "-") for key in ingest_options)
         raise UsageError(f"{flags} apply when --doc is a file to ingest, and '{doc}' is a stored document name")
     if stored_name is not None:
-        document = store.get(stored_name)
-        engine = engine_loader(explicit_model or document.manifest.get("model"))
-        check_usable(document, engine, settings, explicit_sizes=explicit_sizes)
+        engine = engine_loader(explicit_model or store.get(stored_name).manifest.get("model"))
         cache_hit, phase1_s = True, 0.0
     else:
         from pathlib import Path
@@ -204,20 +206,29 @@ def run(engine_loader, settings, store: DocumentStore, *, doc: str, questions: l
             store.get(doc)  # raises: no such document (with close names)
         engine = engine_loader(explicit_model)
         result = ingest(doc, settings, engine, store, name=name, ranks=ranks, **ingest_options)
-        document = store.get(result.name)
-        cache_hit, phase1_s = not result.phase1_ran, result.phase1_s
+        stored_name, cache_hit, phase1_s = result.name, not result.phase1_ran, result.phase1_s
 
-    ctx = None
-    if attention == "star":
-        ctx = load_context_share(engine, store, document, ranks, len(document.blocks))
+    for attempt in range(_READ_ATTEMPTS):
+        document = store.get(stored_name)
+        check_usable(document, engine, settings, explicit_sizes=explicit_sizes)
+        try:
+            if attention == "star":
+                context = load_context_share(engine, store, document, ranks, len(document.blocks))
+            else:  # full attention encodes the stored text again, once for all the questions
+                context = context_ids_for(engine.tokenizer, prompt_template(engine.tokenizer),
+                                          engine.encode_document_text(document.text())) if ranks.is_speaker else None
+            break
+        except DocumentReplaced:  # (several processes agree on failures as a RankFailure, not retried)
+            if attempt == _READ_ATTEMPTS - 1:
+                raise
     load_s = elapsed()
     for index, question in enumerate(questions):
         stream = not as_json
         if attention == "star":
-            answer = ask_star(engine, ctx, document, question, settings, cache_hit=cache_hit,
+            answer = ask_star(engine, context, document, question, settings, cache_hit=cache_hit,
                               phase1_s=phase1_s if index == 0 else 0.0, stream=stream, ranks=ranks)
         elif ranks.is_speaker:
-            answer = ask_full(engine, document, question, settings, stream=stream)
+            answer = ask_full(engine, document, context, question, settings, stream=stream)
         else:
             continue  # one full-attention pass needs one process; the other ranks of a torchrun job only wait
         if ranks.is_speaker:

@@ -15,7 +15,7 @@ import click
 import typer
 
 from starqa import report
-from starqa.errors import StarqaError, UsageError
+from starqa.errors import StarqaError, UsageError, one_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Answer questions about long documents with a local LLM, using Star Attention.")
@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         hint = "" if debug else " (rerun with --debug for the traceback)"
-        _report_failure(f"{exc.__class__.__name__}: {' '.join(str(exc).split())}{hint}", exc)
+        _report_failure(f"{exc.__class__.__name__}: {one_line(exc)}{hint}", exc)
         return 1
     finally:
         if _RANKS[0] is not None:

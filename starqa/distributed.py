@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from starqa.errors import StarqaError, UsageError
+from starqa.errors import StarqaError, UsageError, one_line
 
 # Seconds a collective may wait for a silent rank before every rank gives up (no hang on a dead peer).
 DEFAULT_TIMEOUT_S = 600
@@ -164,8 +164,7 @@ def share_outcome(ranks: Ranks, compute):
         except StarqaError as exc:
             outcome = ("error", exc)
         except Exception as exc:  # noqa: BLE001 - re-raised below on every rank
-            message = " ".join(str(exc).split())  # one line, whatever the exception says
-            outcome = ("error", RankFailure(f"rank 0 failed: {exc.__class__.__name__}: {message}"))
+            outcome = ("error", RankFailure(f"rank 0 failed: {exc.__class__.__name__}: {one_line(exc)}"))
     kind, value = broadcast_object(outcome, ranks)
     if kind == "error":
         raise value

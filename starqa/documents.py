@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from starqa.errors import StarqaError, UsageError
+from starqa.errors import StarqaError, UsageError, one_line
 
 __all__ = ["Page", "ExtractedDocument", "extract_document", "page_of_offset", "pages_of_span"]
 
@@ -253,7 +253,7 @@ def _extract_pdf(data: bytes, label: str, *, password: str | None,
             reader = pypdf.PdfReader(io.BytesIO(data), strict=False)
             encrypted = reader.is_encrypted
         except damaged as error:
-            raise StarqaError(f"{label} is not a readable PDF ({_reason(error)}): check the file, or export it "
+            raise StarqaError(f"{label} is not a readable PDF ({one_line(error, 120)}): check the file, or export it "
                               "again from the program that made it") from None
         if encrypted:
             try:
@@ -268,7 +268,7 @@ def _extract_pdf(data: bytes, label: str, *, password: str | None,
             except StarqaError:
                 raise
             except damaged as error:
-                raise StarqaError(f"{label} is encrypted and cannot be decrypted ({_reason(error)}): remove the "
+                raise StarqaError(f"{label} is encrypted and cannot be decrypted ({one_line(error, 120)}): remove the "
                                   "encryption with the program that made it") from None
         elif password is not None:
             warnings.append(f"--password is ignored: {label} is not encrypted")
@@ -277,7 +277,7 @@ def _extract_pdf(data: bytes, label: str, *, password: str | None,
         except FileNotDecryptedError:
             raise StarqaError(f"{label} is encrypted: pass --password") from None
         except damaged as error:
-            raise StarqaError(f"{label} is not a readable PDF ({_reason(error)}): check the file, or export it "
+            raise StarqaError(f"{label} is not a readable PDF ({one_line(error, 120)}): check the file, or export it "
                               "again from the program that made it") from None
         if total == 0:
             raise StarqaError(f"{label} has no pages: check the file")
@@ -364,13 +364,6 @@ class _PageSpill:
 
     def close(self) -> None:
         self._file.close()
-
-
-def _reason(error: BaseException) -> str:
-    message = " ".join(str(error).split())
-    if len(message) > 120:
-        message = message[:117] + "..."
-    return message or type(error).__name__
 
 
 def _page_list(numbers: list[int]) -> str:

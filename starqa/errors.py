@@ -14,3 +14,11 @@ class UsageError(StarqaError):
     """The command line or config asked for something impossible: exit code 2."""
 
     exit_code = 2
+
+
+def one_line(error: BaseException, limit: int | None = None) -> str:
+    """An exception's message on one line (libraries' messages span lines, tracebacks and tables), cut at `limit`."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    if limit is not None and len(message) > limit:
+        message = message[: limit - 3] + "..."
+    return message

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-from starqa.errors import StarqaError, UsageError
+from starqa.errors import StarqaError, UsageError, one_line
 
 BUNDLED_MODELS = {
     # name -> (package that ships the GGUF, file inside it)
@@ -130,7 +130,7 @@ def ensure_converted(source: ModelSource, *, on_status=None) -> ModelSource:
             except StarqaError:
                 raise
             except Exception as exc:  # transformers' GGUF reader: tensor types or layouts it cannot load
-                message = " ".join(str(exc).split())[:200]
+                message = one_line(exc, 200)
                 raise StarqaError(f"cannot convert {gguf_path.name}: {exc.__class__.__name__}: {message}; nothing "
                                   "was stored") from exc
     return ModelSource(name=source.name, directory=source.directory)
@@ -144,7 +144,7 @@ def _gguf_architecture(gguf_path: Path) -> SimpleNamespace:
         field = gguf.GGUFReader(gguf_path).fields.get("general.architecture")
         architecture = field.contents() if field is not None else None
     except Exception as exc:  # not a GGUF file, or a damaged one
-        message = " ".join(str(exc).split())[:200]
+        message = one_line(exc, 200)
         raise UsageError(f"cannot read {gguf_path.name} as a model: {exc.__class__.__name__}: {message}") from None
     return SimpleNamespace(model_type=architecture)
 

@@ -40,7 +40,7 @@ from filelock import FileLock, Timeout
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from starqa.errors import StarqaError, UsageError
+from starqa.errors import StarqaError, UsageError, one_line
 
 MANIFEST_FORMAT = 1
 _NAME_MAX = 100
@@ -160,14 +160,35 @@ class StoredDocument:
         return self.manifest["blocks"]
 
     def text(self) -> str:
-        return (self.path / "text.txt").read_text(encoding="utf-8")
+        return self._read("text.txt")
 
     def pages(self) -> list[dict]:
-        return json.loads((self.path / "pages.json").read_text(encoding="utf-8"))
+        return json.loads(self._read("pages.json"))
 
     def context_ids(self) -> list[int]:
-        with safe_open(self.path / "context_ids.safetensors", framework="pt") as handle:
-            return handle.get_tensor("ids").tolist()
+        try:
+            with safe_open(self.path / "context_ids.safetensors", framework="pt") as handle:
+                return handle.get_tensor("ids").tolist()
+        except (OSError, SafetensorError) as exc:
+            raise self._read_error("context_ids.safetensors", exc) from None
+
+    def current(self) -> bool:
+        """Whether the name still links to this version (the store's layout: root/documents/NAME -> objects/X)."""
+        link = self.path.parent.parent / "documents" / self.name
+        return self.path.exists() and link.resolve() == self.path
+
+    def _read(self, relative: str) -> str:
+        try:
+            return (self.path / relative).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise self._read_error(relative, exc) from None
+
+    def _read_error(self, relative: str, exc: BaseException) -> StarqaError:
+        if not self.current():  # `ingest --force` or `rm` of this name ran after the manifest was read
+            return DocumentReplaced(f"document '{self.name}' was replaced or removed by another starqa process "
+                                    "while it was being read; try again")
+        return StarqaError(f"document '{self.name}' is damaged: {relative} cannot be read ({one_line(exc, 120)}); "
+                           f"{reingest_hint(self)}")
 
 
 def block_file_name(index: int) -> str:
@@ -226,6 +247,10 @@ class DocumentWriter:
 
 class DamagedDocument(StarqaError):
     """A stored name whose manifest cannot be read (or comes from another layout): only --force replaces it."""
+
+
+class DocumentReplaced(StarqaError):
+    """The name was re-ingested or removed by another process while this one read it: reading again may succeed."""
 
 
 class DocumentStore:
@@ -287,10 +312,9 @@ class DocumentStore:
             path = doc.path / relative
             try:
                 status = path.stat()
-            except FileNotFoundError:
-                if not doc.path.exists():  # `ingest --force` or `rm` of this name finished meanwhile
-                    raise StarqaError(f"document '{doc.name}' was replaced or removed by another starqa process "
-                                      "while it was being read; try again") from None
+            except FileNotFoundError as exc:
+                if not doc.current():  # `ingest --force` or `rm` of this name ran meanwhile
+                    raise doc._read_error(relative, exc) from None
                 raise StarqaError(
                     f"document '{doc.name}' is damaged: {relative} is missing; {reingest_hint(doc)}"
                 ) from None
@@ -301,7 +325,11 @@ class DocumentStore:
                 )
             stamp = [status.st_size, status.st_mtime_ns]
             if full or checks.get(relative) != stamp:
-                if sha256_file(path) != expected["sha256"]:
+                try:
+                    digest = sha256_file(path)
+                except OSError as exc:  # removed (or unreadable) since its size was checked
+                    raise doc._read_error(relative, exc) from None
+                if digest != expected["sha256"]:
                     raise StarqaError(
                         f"document '{doc.name}' is damaged: {relative} does not match its checksum; "
                         + reingest_hint(doc)
@@ -329,8 +357,7 @@ class DocumentStore:
                         values.append(handle.get_tensor(f"layers.{layer}.value"))
                         layer += 1
             except (OSError, SafetensorError) as exc:  # checked a moment ago: changed or removed since
-                raise StarqaError(f"document '{doc.name}' is damaged: {block['file']} cannot be read "
-                                  f"({' '.join(str(exc).split())[:120]}); {reingest_hint(doc)}") from None
+                raise doc._read_error(block["file"], exc) from None
             if dtype is not None and keys and keys[0].dtype != dtype:
                 raise StarqaError(f"document '{doc.name}' holds {keys[0].dtype} KV, not {dtype}")
             yield block, keys, values

@@ -378,6 +378,55 @@ def test_a_document_replaced_while_read_is_not_called_damaged(capsys, home, inpu
         list(store.load_blocks(document, [0]))
 
 
+@pytest.mark.parametrize("attention", ["star", "full"])
+def test_ask_reads_the_new_version_when_the_name_is_replaced_while_it_reads(capsys, monkeypatch, home, inputs,
+                                                                          tiny_model_dir, attention):
+    from starqa.store import DocumentStore, StoredDocument
+
+    _ingest(capsys, inputs / "terms.txt", tiny_model_dir)
+    _ingest(capsys, inputs / "v2.txt", tiny_model_dir, "--name", "v2")
+    v2_tokens = json.loads(run(capsys, "ask", "--doc", "v2", QUESTION, "--json", "--max-new-tokens", "1",
+                               "--model", tiny_model_dir)[1])["context_tokens"]
+    replaced = []
+    read = DocumentStore.load_blocks if attention == "star" else StoredDocument.text
+
+    def read_while_replaced(self, *args, **kwargs):  # another process's `ingest --force` lands mid-read, once
+        if not replaced:
+            replaced.append(True)
+            _ingest(capsys, inputs / "v2.txt", tiny_model_dir, "--name", "terms", "--force")
+            capsys.readouterr()
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(DocumentStore if attention == "star" else StoredDocument,
+                        "load_blocks" if attention == "star" else "text", read_while_replaced)
+    code, out, err = run(capsys, "ask", "--doc", "terms", QUESTION, "--json", "--max-new-tokens", "1",
+                         "--attention", attention, "--model", tiny_model_dir)
+    assert code == 0 and replaced, err
+    assert json.loads(out)["context_tokens"] == v2_tokens  # answered from the version that replaced it
+
+
+def test_ask_gives_up_with_one_line_when_the_name_keeps_being_replaced(capsys, monkeypatch, home, inputs,
+                                                                       tiny_model_dir):
+    from starqa.store import DocumentStore
+
+    _ingest(capsys, inputs / "terms.txt", tiny_model_dir)
+    read, replacements = DocumentStore.load_blocks, []
+
+    def read_while_replaced(self, *args, **kwargs):
+        replacements.append(True)
+        _ingest(capsys, inputs / ("v2.txt" if len(replacements) % 2 else "terms.txt"), tiny_model_dir,
+                "--name", "terms", "--force")
+        capsys.readouterr()
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(DocumentStore, "load_blocks", read_while_replaced)
+    code, out, err = run(capsys, "ask", "--doc", "terms", QUESTION, "--model", tiny_model_dir)
+    assert code == 1 and out == "" and len(replacements) == 3
+    assert error_lines(err) == ["starqa: error: document 'terms' was replaced or removed by another starqa process "
+                                "while it was being read; try again"]
+    assert "Traceback" not in err
+
+
 def test_an_unexpected_error_in_one_process_keeps_its_own_type():
     from starqa.distributed import Ranks, share_outcome
 
