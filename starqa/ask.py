@@ -115,7 +115,8 @@ def _sources(engine, document: StoredDocument, shares: AttentionShares, ranks: R
     if any(pages is None for pages in pages_per_block):  # stored before page sources existed
         spans = [(block["start"], block["end"]) for block in document.blocks]
         pages_per_block = block_pages(engine.tokenizer, document.context_ids(),
-                                      document.manifest["document_token_offset"], spans, document.pages())
+                                      document.manifest["document_token_offset"], spans, document.pages(),
+                                      document.text())
     return rank_sources(shares_from_parts(parts), pages_per_block)
 
 

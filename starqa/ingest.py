@@ -220,7 +220,8 @@ def _store_as_speaker(prepared, settings, engine, store, spans, ranks, force):
                 phase1_s = _phase1(engine, prepared.context_ids, settings, writer.staging, spans, ranks)
                 stage = "publishing"
                 pages_per_block = block_pages(engine.tokenizer, prepared.context_ids,
-                                              prepared.manifest["document_token_offset"], spans, prepared.pages)
+                                              prepared.manifest["document_token_offset"], spans, prepared.pages,
+                                              prepared.text)
                 for index, (start, end) in enumerate(spans):
                     writer.record_existing_block(index, start, end, pages_per_block[index])
                 prepared.manifest["phase1_s"] = round(phase1_s, 3)

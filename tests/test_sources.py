@@ -34,6 +34,48 @@ def test_shares_combined_across_ranks_equal_one_process():
     assert rank_sources(together, [[1], [2], [3]])[0]["block"] == int(together.argmax())
 
 
+class _ByteTokenizer:
+    """One token per UTF-8 byte, as byte-level BPE can split a character; decodes like HF (replacement chars)."""
+
+    def __init__(self, normalise=False):
+        self.normalise = normalise
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids, skip_special_tokens=False):
+        text = bytes(ids).decode("utf-8", errors="replace")
+        return " ".join(text.split()) if self.normalise else text
+
+
+def test_a_block_ending_inside_a_character_does_not_shift_the_blocks_after_it():
+    from starqa.sources import block_char_spans
+
+    text = "Prix : 4 200 € — délai 30 jours, 東京 😀 naïve. " * 40
+    ids = [0, 0] + _ByteTokenizer().encode(text)  # two template tokens, then the document
+    for size in (3, 7, 64):
+        spans = [(start, min(start + size, len(ids))) for start in range(0, len(ids), size)]
+        char_spans = block_char_spans(_ByteTokenizer(), ids, 2, spans, text)
+        # Truth: a block holds the characters whose last byte it holds (a split character counts to the next).
+        last_byte = [len(text[:i + 1].encode("utf-8")) - 1 + 2 for i in range(len(text))]
+        for (start, end), (char_start, char_end) in zip(spans, char_spans):
+            assert char_start <= char_end
+            assert [i for i in range(len(text)) if max(start, 2) <= last_byte[i] < end] == \
+                list(range(char_start, char_end))
+        assert char_spans[-1][1] == len(text)
+
+
+def test_a_tokenizer_that_normalises_text_gets_approximate_spans_in_order():
+    from starqa.sources import block_char_spans
+
+    text = "Clause  1.   The fee is due.\n\n" * 20
+    ids = _ByteTokenizer().encode(text)
+    spans = [(start, min(start + 50, len(ids))) for start in range(0, len(ids), 50)]
+    char_spans = block_char_spans(_ByteTokenizer(normalise=True), ids, 0, spans, text)
+    assert all(a[1] == b[0] for a, b in zip(char_spans, char_spans[1:]))
+    assert all(start <= end <= len(text) for start, end in char_spans)
+
+
 @pytest.mark.slow
 def test_the_needle_page_is_the_first_source_with_the_bundled_model(bundled_engine):
     engine, tokenizer = bundled_engine, bundled_engine.tokenizer
@@ -61,7 +103,7 @@ def test_the_needle_page_is_the_first_source_with_the_bundled_model(bundled_engi
         engine.generate(ctx, query_ids_for(tokenizer, template, "What is the special magic number?"),
                         max_new_tokens=16, observe_prefix=shares)
         sources = rank_sources(shares_from_parts([shares.stacked()]),
-                               block_pages(tokenizer, context, document_offset, ctx.spans, page_map))
+                               block_pages(tokenizer, context, document_offset, ctx.spans, page_map, text))
         hits += needle_page + 1 in sources[0]["pages"]
     assert hits >= 9
 

@@ -313,6 +313,6 @@ def _source_hit(engine, case: Case, context_ids, document_offset: int, spans, sh
     strengths = shares_from_parts([shares.stacked()])
     if strengths.numel() == 0:
         return None
-    char_spans = block_char_spans(engine.tokenizer, context_ids, document_offset, spans)
+    char_spans = block_char_spans(engine.tokenizer, context_ids, document_offset, spans, case.context_text)
     holding = [i for i, (start, end) in enumerate(char_spans) if start <= position < end]
     return bool(holding) and int(strengths.argmax()) == holding[0]
