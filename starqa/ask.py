@@ -137,7 +137,7 @@ def ask_full(engine, document: StoredDocument, context_ids: list[int], question:
                   decode_tokens_per_s=stats.decode_tokens_per_s)
 
 
-def print_timings(answer: Answer, load_s: float | None = None) -> None:
+def print_timings(answer: Answer, load_s: float | None = None, device=None) -> None:
     rows = []
     if load_s is not None:
         rows.append(("load (model + KV)", f"{load_s:.2f} s"))
@@ -150,7 +150,7 @@ def print_timings(answer: Answer, load_s: float | None = None) -> None:
         ("decode", f"{answer.decode_tokens_per_s:.1f} tokens/s ({answer.answer_tokens} tokens)"),
         ("peak memory (RSS)", f"{report.peak_rss_mb():,.0f} MiB"),
     ]
-    cuda = report.cuda_peak_mb()
+    cuda = report.cuda_peak_mb(device)
     if cuda is not None:
         rows.append(("peak CUDA memory", f"{cuda:,.0f} MiB"))
     report.table(f"{answer.attention} attention over '{answer.doc}' ({answer.context_tokens:,} context tokens)", rows)
@@ -235,7 +235,7 @@ def run(engine_loader, settings, store: DocumentStore, *, doc: str, questions: l
         if ranks.is_speaker:
             if as_json:
                 print(answer.to_json(), flush=True)
-            print_timings(answer, load_s if index == 0 else None)
+            print_timings(answer, load_s if index == 0 else None, engine.device)
 
 
 def _is_valid_name(doc: str) -> bool:

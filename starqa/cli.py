@@ -302,6 +302,7 @@ def rm(
     """Remove stored documents completely."""
     settings = _settings(config, quiet)
     store = _store(settings)
+    names = list(dict.fromkeys(names))  # `rm a a` removes a once
     for name in names:
         store.object_path(name)  # fail before removing anything if any name is unknown (a damaged one is removed)
     for name in names:
@@ -354,14 +355,14 @@ def _report_failure(message: str, exc: BaseException) -> None:
 
 def _click_classes(name: str) -> tuple[type, ...]:
     """click's exception `name`, and the copy in the click that newer Typer versions vendor (typer._click)."""
-    classes = [getattr(click.exceptions, name)]
+    classes = [getattr(click.exceptions, name, None)]
     try:
         from typer._click import exceptions as vendored
 
-        classes.append(getattr(vendored, name))
-    except (ImportError, AttributeError):
+        classes.append(getattr(vendored, name, None))
+    except ImportError:
         pass
-    return tuple(classes)
+    return tuple(cls for cls in classes if cls is not None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -372,9 +373,13 @@ def main(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     try:
         result = command.main(args=args, prog_name="starqa", standalone_mode=False)
+        if result == 130:  # Typer turns Ctrl-C (KeyboardInterrupt) into this exit code, silently
+            report.error("interrupted")
         return result if isinstance(result, int) else 0
     except (click.exceptions.Exit, typer.Exit) as exc:
         return exc.exit_code
+    except _click_classes("NoArgsIsHelpError"):
+        return 2  # `starqa` alone: the help was printed; no error line to add
     except _click_classes("UsageError") as exc:
         hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
         report.error(f"{exc.format_message()}{hint}")

@@ -66,7 +66,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UsageError(f"config file not found: {path}") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError) as exc:  # a folder, no permission, a path through a file, ...
         raise UsageError(f"cannot read config file {path}: {exc.__class__.__name__}") from None
     try:
         data = yaml.safe_load(text)

@@ -16,6 +16,12 @@ class UsageError(StarqaError):
     exit_code = 2
 
 
+class Interrupted(StarqaError):
+    """Stopped by Ctrl-C or SIGTERM after keeping what was done (e.g. eval's partial report): exit code 130."""
+
+    exit_code = 130
+
+
 def one_line(error: BaseException, limit: int | None = None) -> str:
     """An exception's message on one line (libraries' messages span lines, tracebacks and tables), cut at `limit`."""
     message = " ".join(str(error).split()) or type(error).__name__

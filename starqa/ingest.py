@@ -202,7 +202,7 @@ def ingest(source: str, settings: Settings, engine, store: DocumentStore, *, nam
         document = None
     peaks = gather_objects(report.peak_rss_mb(), ranks)
     if ranks.is_speaker:
-        _summary(prepared, settings, phase1_s, document, peaks)
+        _summary(prepared, settings, phase1_s, document, peaks, engine.device)
     return IngestResult(name=prepared.name, document=document, phase1_ran=True, phase1_s=phase1_s)
 
 
@@ -295,7 +295,7 @@ class _BlockFileWatcher:
         self.thread.join()
 
 
-def _summary(prepared: _Prepared, settings, phase1_s, document, peaks: list[float]) -> None:
+def _summary(prepared: _Prepared, settings, phase1_s, document, peaks: list[float], device) -> None:
     n_tokens = len(prepared.context_ids)
     rows = [
         ("pages", f"{prepared.manifest['pages']}"),
@@ -308,7 +308,7 @@ def _summary(prepared: _Prepared, settings, phase1_s, document, peaks: list[floa
         rows.append(("peak memory (RSS)", f"{peaks[0]:,.0f} MiB"))
     else:
         rows += [(f"peak memory rank {rank} (RSS)", f"{peak:,.0f} MiB") for rank, peak in enumerate(peaks)]
-    cuda = report.cuda_peak_mb()
+    cuda = report.cuda_peak_mb(device)
     if cuda is not None:
         rows.append(("peak CUDA memory (rank 0)", f"{cuda:,.0f} MiB"))
     rows.append(("KV on disk", report.human_bytes(document.manifest["kv_bytes"])))

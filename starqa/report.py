@@ -65,16 +65,30 @@ def progress():
 
 
 def peak_rss_mb() -> float:
-    # ru_maxrss is in KiB on Linux (bytes on macOS).
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """This process's peak resident memory, MiB.
+
+    On Linux the high-water mark VmHWM, which `starqa eval` resets per mode (/proc/self/clear_refs); getrusage's
+    ru_maxrss does not follow that reset once any thread has exited (the kernel keeps the peak seen then).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
-def cuda_peak_mb() -> float | None:
+def cuda_peak_mb(device=None) -> float | None:
+    """Peak CUDA memory allocated on `device` (default: the current one), MiB; None without CUDA in use."""
     import torch
 
+    if device is not None and torch.device(device).type != "cuda":
+        return None
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.max_memory_allocated() / 2**20
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return None
 
 

@@ -9,11 +9,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 import typer
 
 from conftest import tiny_model
 from starqa.engine import StarEngine
 from starqa.errors import UsageError
+from starqa import cli
 from starqa.eval import command as eval_cli
 from starqa.eval import summary
 from starqa.eval.haystack import LengthError, largest_fitting
@@ -233,13 +235,15 @@ def test_scoring_matches_ruler_definitions():
 def test_resumed_records_are_scored_again_from_their_prediction(tmp_path, prompts):
     [case] = generate_cases("cwe", 512, 1, seed=5, count_tokens=prompts.count)
     stale = {"task": "cwe", "length": 512, "index": 0, "mode": "full", "block_size": None, "anchor_size": None,
-             "case_id": case.case_id, "model": "m", "dtype": "float32", "max_new_tokens": case.max_new_tokens,
+             "case_id": case.case_id, "model": "m", "dtype": "float32", "device": "cpu",
+             "max_new_tokens": case.max_new_tokens,
              "prediction": case.answer_prefix + " " + case.answers[0], "score": 0.9}
     log = tmp_path / "cases.jsonl"
     log.write_text(json.dumps(stale) + "\n")
 
     class Engine:
         tokenizer, model_name, dtype = prompts.tokenizer, "m", "torch.float32"
+        device = torch.device("cpu")
 
     runner = EvalRunner(Engine(), log=ResultLog(log))
     assert runner.pending(case, [runner_module.FULL]) == []
@@ -411,11 +415,20 @@ def test_resume_skips_finished_cases(cli_engine, capsys, tmp_path, monkeypatch):
     assert len(measured) == 3
     assert len(ResultLog(log).load()) == 8
 
-    # Records made from other cases (another seed) or another answer budget are refused, not mixed in.
-    with pytest.raises(UsageError, match="another prompt or model"):
+    # Records made from other cases (another seed or sample count), another answer budget or another device are
+    # refused before anything is measured, not mixed in.
+    measured.clear()
+    with pytest.raises(UsageError, match="another prompt, model or device"):
         _invoke([*SUITE, "--seed", "5", "--json", "--resume", str(log)], capsys)
-    with pytest.raises(UsageError, match="another prompt or model"):
+    with pytest.raises(UsageError, match="another prompt, model or device"):
         _invoke([*SUITE, "--max-new-tokens", "4", "--json", "--resume", str(log)], capsys)
+    more_samples = [arg if arg != "2" else "3" for arg in SUITE]  # sample 1's needle depth moves from 1 to 1/2
+    with pytest.raises(UsageError, match="--samples"):
+        _invoke([*more_samples, "--json", "--resume", str(log)], capsys)
+    log.write_text(log.read_text().replace('"device": "cpu"', '"device": "cuda:0"'))
+    with pytest.raises(UsageError, match="--device"):
+        _invoke([*SUITE, "--json", "--resume", str(log)], capsys)
+    assert measured == []
 
 
 def test_interrupted_run_reports_what_it_measured(cli_engine, capsys, monkeypatch, tmp_path):
@@ -430,9 +443,12 @@ def test_interrupted_run_reports_what_it_measured(cli_engine, capsys, monkeypatc
 
     monkeypatch.setattr(EvalRunner, "measure", interrupted_on_fourth)
     log = tmp_path / "cases.jsonl"
-    output = _invoke([*SUITE, "--json", "--resume", str(log)], capsys, exit_code=130)  # as after Ctrl-C
+    code = cli.main(["eval", *SUITE, "--json", "--resume", str(log)])  # as after Ctrl-C
+    output = capsys.readouterr()
     report = json.loads(output.out)
-    assert "interrupted" in output.err
+    assert code == 130
+    assert output.err.splitlines()[-1] == ("starqa: error: interrupted: the report holds the cases finished so far "
+                                           "(--resume FILE continues a run)")
     assert report["interrupted"] is True
     assert sum(row["samples"] for row in report["results"]) == 3
     assert len(log.read_text().splitlines()) == 3
@@ -453,10 +469,31 @@ def test_sigterm_stops_the_run_like_ctrl_c(cli_engine, capsys, monkeypatch, tmp_
 
     monkeypatch.setattr(EvalRunner, "measure", terminated_on_third)
     before = signal.getsignal(signal.SIGTERM)
-    output = _invoke([*SUITE, "--json", "--resume", str(tmp_path / "cases.jsonl")], capsys, exit_code=130)
+    code = cli.main(["eval", *SUITE, "--json", "--resume", str(tmp_path / "cases.jsonl")])
+    output = capsys.readouterr()
     report = json.loads(output.out)
+    assert code == 130 and "interrupted" in output.err
     assert report["interrupted"] is True and sum(row["samples"] for row in report["results"]) == 2
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is the eval's only while it runs
+
+
+def test_a_failure_mid_run_still_prints_the_partial_report(cli_engine, capsys, monkeypatch, tmp_path):
+    original = EvalRunner.measure
+    calls = []
+
+    def out_of_memory_on_third(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, *args)
+
+    monkeypatch.setattr(EvalRunner, "measure", out_of_memory_on_third)
+    code = cli.main(["eval", *SUITE, "--json", "--resume", str(tmp_path / "cases.jsonl")])
+    output = capsys.readouterr()
+    report = json.loads(output.out)
+    assert code == 1 and report["failed"] is True and report["interrupted"] is False
+    assert sum(row["samples"] for row in report["results"]) == 2
+    assert output.err.splitlines()[-1].startswith("starqa: error: RuntimeError: CUDA out of memory.")
 
 
 def test_own_document_mode(cli_engine, capsys, tmp_path):
@@ -472,6 +509,24 @@ def test_own_document_mode(cli_engine, capsys, tmp_path):
     star = [row for row in report["results"] if row["mode"] == "star"][0]
     assert star["block_size"] == star["anchor_size"] == star["length"] // 4
     assert all(row["samples"] == 2 for row in report["results"])
+
+
+def test_own_document_mode_reads_an_encrypted_pdf_with_its_password(cli_engine, capsys, tmp_path):
+    import pypdf
+
+    locked = tmp_path / "locked.pdf"
+    writer = pypdf.PdfWriter(clone_from=Path(__file__).resolve().parents[1] / "samples" / "contract.pdf")
+    writer.encrypt("s3cret", algorithm="RC4-128")
+    with open(locked, "wb") as handle:
+        writer.write(handle)
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"question": "Which law governs?", "answers": ["England"]}) + "\n", encoding="utf-8")
+    args = ["--doc", str(locked), "--qa", str(qa), "--max-new-tokens", "1", "--block-size", "2048", "--json",
+            "--quiet"]
+    with pytest.raises(Exception, match="encrypted.*--password"):
+        _invoke(args, capsys)
+    report = json.loads(_invoke([*args, "--password", "s3cret"], capsys).out)
+    assert report["document"] == "locked" and {row["mode"] for row in report["results"]} == {"full", "star"}
 
 
 def test_plot_is_written(cli_engine, capsys, tmp_path):
@@ -490,6 +545,8 @@ def test_plot_is_written(cli_engine, capsys, tmp_path):
     (["--suite", "ruler", "--tasks", "niah_single_9"], "unknown task"),
     (["--suite", "ruler", "--pairs", "1024"], "BLOCK:ANCHOR"),
     (["--suite", "ruler", "--samples", "0"], "--samples must be positive"),
+    (["--suite", "ruler", "--block-size", ","], "at least one size"),
+    (["--suite", "ruler", "--plot", "report.xyz"], "cannot write .xyz files"),
 ])
 def test_bad_options_are_usage_errors(cli_engine, capsys, args, message):
     with pytest.raises(UsageError, match=message):
@@ -530,3 +587,20 @@ def test_readme_tables_from_a_report():
     assert cells[5:9] == ["50 %", "100 %", "-50.0 ± 98.0", "+0.0 ± 0.0"]
     assert cells[9:] == ["0 / 1", "0 / 0", "0.67x", "0.67x"]  # full ttft 2 s / (Phase 1 1 s + ttft 2 s)
     assert tables.task_table(report)[-1] == "| vt | 100 / 50 / 100 |"
+
+
+def test_peak_memory_follows_the_per_mode_reset():
+    import threading
+
+    from starqa import report
+
+    if not runner_module.reset_peak_rss():
+        pytest.skip("this system does not let a process reset its peak RSS")
+    block = b"x" * (300 * 2**20)
+    del block
+    thread = threading.Thread(target=lambda: None)  # an exited thread must not pin the old peak (ru_maxrss does)
+    thread.start()
+    thread.join()
+    high = report.peak_rss_mb()
+    assert runner_module.reset_peak_rss()
+    assert report.peak_rss_mb() < high - 200

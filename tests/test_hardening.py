@@ -181,6 +181,8 @@ BAD_INPUTS = [
      "setting 'block_size'"),
     ("config file missing", lambda i, m, s: ["info", "terms", "--config", i / "nope.yaml"], 2,
      "config file not found"),
+    ("config path through a file", lambda i, m, s: ["list", "--config", i / "terms.txt" / "c.yaml"], 2,
+     "cannot read config file"),
     ("no question", lambda i, m, s: ["ask", "--doc", "terms"], 2, "give one question"),
     ("bad --attention", lambda i, m, s: ["ask", "--doc", "terms", QUESTION, "--attention", "sparse"], 2,
      "--attention must be star or full"),
@@ -201,6 +203,33 @@ def test_bad_input_is_one_clear_line_the_right_exit_code_and_nothing_written(
     assert out == ""
     assert tree_snapshot(stocked) == before
     assert not list((stocked / "objects").glob(".tmp-*"))
+
+
+def test_no_arguments_print_the_help_without_an_error_line(capsys):
+    code, out, err = run(capsys)
+    assert code == 2 and "Usage" in out + err and "ingest" in out + err
+    assert error_lines(err) == []
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch, home, inputs, tiny_model_dir):
+    from starqa import ingest
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ingest, "_phase1", interrupted)
+    code, out, err = run(capsys, "ingest", inputs / "terms.txt", "--model", tiny_model_dir)
+    assert code == 130 and out == ""
+    assert error_lines(err) == ["starqa: error: interrupted"] and "Traceback" not in err
+    assert not list((home / "objects").glob(".tmp-*"))  # the staging folder is gone, nothing was stored
+    assert run(capsys, "list")[1] == ""
+
+
+def test_rm_of_a_name_given_twice_removes_it_once(capsys, home, inputs, tiny_model_dir):
+    _ingest(capsys, inputs / "terms.txt", tiny_model_dir)
+    code, _, err = run(capsys, "rm", "terms", "terms")
+    assert code == 0 and error_lines(err) == []
+    assert run(capsys, "list")[1] == ""
 
 
 def test_the_long_document_message_names_both_lengths(capsys, monkeypatch, stocked, inputs, small_window_model):

@@ -21,7 +21,7 @@ from typing import Optional
 import typer
 
 from starqa import report
-from starqa.errors import StarqaError, UsageError
+from starqa.errors import Interrupted, StarqaError, UsageError
 
 DEFAULT_LENGTHS = (4096,)
 DEFAULT_SAMPLES = 20
@@ -75,11 +75,11 @@ def parse_star_specs(block_size: str | None, anchor_size: str | None, pairs: str
     if block_size is None and anchor_size is None:
         return [QUARTER]
     blocks = [SizeSpec.parse(part) for part in _split(block_size)] if block_size is not None else [QUARTER.block]
-    if anchor_size is None:  # anchor = block, as everywhere in starqa
-        return list(dict.fromkeys(StarSpec(block, block) for block in blocks))
-    anchors = [SizeSpec.parse(part) for part in _split(anchor_size)]
-    if not blocks or not anchors:
+    anchors = [SizeSpec.parse(part) for part in _split(anchor_size)] if anchor_size is not None else None
+    if not blocks or anchors == []:
         raise UsageError("--block-size and --anchor-size need at least one size each")
+    if anchors is None:  # anchor = block, as everywhere in starqa
+        return list(dict.fromkeys(StarSpec(block, block) for block in blocks))
     return list(dict.fromkeys(StarSpec(block, anchor) for block in blocks for anchor in anchors))
 
 
@@ -95,7 +95,7 @@ def _load_engine(settings, model: str | None):
                            attention_backend=settings.attention_backend, on_status=report.info)
 
 
-def _document_text(doc: str, settings) -> tuple[str, str]:
+def _document_text(doc: str, settings, password: str | None = None) -> tuple[str, str]:
     """(name, text) of --doc: a stored document, or a file extracted the way `ingest` extracts it."""
     from starqa.store import DocumentStore, validate_name
 
@@ -114,7 +114,10 @@ def _document_text(doc: str, settings) -> tuple[str, str]:
         from starqa.documents import extract_document
     except ImportError:
         raise StarqaError("document extraction (starqa.documents) is not available in this installation") from None
-    return path.stem, extract_document(path).text
+    extracted = extract_document(path, password=password)
+    for warning in extracted.warnings:
+        report.warn(warning)
+    return path.stem, extracted.text
 
 
 def eval_command(
@@ -135,11 +138,19 @@ def eval_command(
     model: Optional[str] = typer.Option(None, "--model", help="smollm2-135m, a local HF model dir, a .gguf file, or a cached HF id."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
+    password: Optional[str] = typer.Option(None, "--password", help="With --doc FILE: password of an encrypted PDF."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file layered over configs/default.yaml."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the JSON (with --json) and errors; no progress or tables."),
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error."),
 ) -> None:
     """Compare Star Attention with full attention: accuracy, speed and memory, on your document or a RULER-style suite."""
+    options = dict(locals())
+    with _termination_interrupts():  # SIGTERM at any point acts as Ctrl-C
+        _eval(**options)
+
+
+def _eval(doc, qa, suite, lengths, samples, tasks, block_size, anchor_size, pairs, seed, as_json, plot, resume,
+          max_new_tokens, model, dtype, device, password, config, quiet, debug) -> None:
     from starqa.config import load_settings
     from starqa.eval import summary
     from starqa.eval.runner import ResultLog
@@ -163,9 +174,7 @@ def eval_command(
         raise UsageError(f"--samples must be positive, not {samples}")
     specs = parse_star_specs(block_size, anchor_size, pairs)
     if plot is not None:
-        summary.require_matplotlib()
-        if not plot.parent.is_dir():
-            raise UsageError(f"cannot write the plot {plot}: folder {plot.parent} does not exist")
+        summary.check_plot_path(plot)
     log = ResultLog(resume) if resume is not None else None
     seed = settings.seed if seed is None else seed
 
@@ -173,7 +182,7 @@ def eval_command(
         from starqa.eval.qa_file import load_qa_file
 
         pairs_asked = load_qa_file(qa)
-        name, text = _document_text(doc, settings)
+        name, text = _document_text(doc, settings, password)
         if not text.strip():
             raise UsageError(f"--doc {doc!r} has no text")
         engine = _load_engine(settings, model)
@@ -189,10 +198,13 @@ def eval_command(
         cases = _suite_cases(engine, task_names, length_list, samples or DEFAULT_SAMPLES, seed, qa_source)
         origin = {"document": None, "suite": "ruler", "tasks": task_names, "seed": seed}
 
-    interrupted, skipped, runner = _run(engine, cases, specs, settings, max_new_tokens, log)
+    stopped, skipped, runner = _run(engine, cases, specs, settings, max_new_tokens, log)
+    interrupted = isinstance(stopped, KeyboardInterrupt)
     rows, overall = summary.summarize(runner.records)
     label = f"{engine.model_name or 'model'} on {engine.device.type}, {str(engine.dtype).removeprefix('torch.')}"
-    title = f"Star Attention vs full attention — {label}" + (" — interrupted: partial results" if interrupted else "")
+    title = f"Star Attention vs full attention — {label}"
+    if stopped is not None:
+        title += " — interrupted: partial results" if interrupted else " — failed: partial results"
     if rows:
         summary.print_table(rows, overall, title=title)
     else:
@@ -201,14 +213,16 @@ def eval_command(
         print(json.dumps(summary.document(
             engine.model_name, rows, overall, dtype=str(engine.dtype).removeprefix("torch."),
             device=str(engine.device), **origin, interrupted=interrupted, peak_rss_scope=runner.peak_rss_scope,
-            resumed=runner.resumed, skipped=skipped), indent=2), flush=True)
+            resumed=runner.resumed, skipped=skipped, **({"failed": True} if stopped and not interrupted else {})),
+            indent=2), flush=True)
     if plot is not None and overall:
         series = [("full", None)] + [(spec.label, spec) for spec in specs]
         summary.plot(overall, plot, title=title, series=series)
         report.info(f"plot written to {plot}")
     if interrupted:
-        report.error("interrupted: the report holds the cases finished so far (--resume FILE continues a run)")
-        raise KeyboardInterrupt  # the CLI exits with 130
+        raise Interrupted("interrupted: the report holds the cases finished so far (--resume FILE continues a run)")
+    if stopped is not None:
+        raise stopped  # reported (one line, its exit code) after the partial report
 
 
 def _suite_qa_source(task_names: list[str], *, explicit: bool):
@@ -263,7 +277,8 @@ def _document_cases(engine, name, text, pairs, max_new_tokens):
 
 
 def _run(engine, cases, specs, settings, max_new_tokens, log):
-    """Run every case in every mode; a Ctrl-C stops the run and keeps what was measured."""
+    """Run every case in every mode. Ctrl-C, SIGTERM or a failure (out of memory, a full disk) stops the run and
+    keeps what was measured: returns (the exception that stopped it or None, skipped-mode notes, the runner)."""
     from starqa.eval.runner import EvalRunner, modes_for
 
     plan, skipped = [], []
@@ -273,21 +288,21 @@ def _run(engine, cases, specs, settings, max_new_tokens, log):
         skipped += [note for note in notes if note not in skipped]
     for note in skipped:
         report.warn(note)
-    interrupted = False
+    stopped = None
     with report.progress() as bar:
         progress_id = bar.add_task("eval", total=sum(len(modes) for _, modes in plan))
         runner = EvalRunner(engine, phase1_batch=settings.phase1_batch, max_new_tokens=max_new_tokens, log=log,
                             on_record=lambda record: bar.advance(progress_id))
         if runner.previous:
+            runner.check_log(plan)  # before hours of measuring, not when the first mismatching case comes up
             report.info(f"resuming: {len(runner.previous)} results already in {log.path}")
         try:
-            with _termination_interrupts():
-                for case, modes in plan:
-                    bar.update(progress_id, description=f"{case.task} {case.length:,} #{case.index}")
-                    runner.run_case(case, modes)
-        except KeyboardInterrupt:
-            interrupted = True
-    return interrupted, skipped, runner
+            for case, modes in plan:
+                bar.update(progress_id, description=f"{case.task} {case.length:,} #{case.index}")
+                runner.run_case(case, modes)
+        except (KeyboardInterrupt, Exception) as exc:  # noqa: BLE001 - re-raised once the report is out
+            stopped = exc
+    return stopped, skipped, runner
 
 
 @contextmanager

@@ -212,6 +212,25 @@ class EvalRunner:
         self._dtype = str(engine.dtype).removeprefix("torch.")
         self._warm = False
 
+    def check_log(self, plan: Sequence[tuple[Case, Sequence[Mode]]]) -> None:
+        """Refuse, before anything is measured, a results log whose records for these cases were made otherwise."""
+        for case, modes in plan:
+            for mode in modes:
+                previous = self.previous.get(case_key(case, mode))
+                if previous is not None:
+                    self._check_previous(case, previous)
+
+    def _check_previous(self, case: Case, previous: dict) -> None:
+        # Mixing another prompt, model or device into a row would average things that cannot be compared.
+        if (previous.get("case_id") != case.case_id or previous.get("model") != self.engine.model_name
+                or previous.get("dtype") != self._dtype
+                or str(previous.get("device", "")).split(":")[0] != self.engine.device.type
+                or previous.get("max_new_tokens") != (self.max_new_tokens or case.max_new_tokens)):
+            raise UsageError(
+                f"{self.log.path} holds a result for {case.task} at {case.length} tokens, sample {case.index}, "
+                "made from another prompt, model or device (a different --samples, --seed, --model, --dtype, "
+                "--device or --max-new-tokens?); use the options of the run it continues, or another --resume file")
+
     def pending(self, case: Case, modes: Sequence[Mode]) -> list[Mode]:
         """The modes of this case not yet in the results log (a log record of other content is refused)."""
         todo = []
@@ -220,13 +239,7 @@ class EvalRunner:
             if previous is None:
                 todo.append(mode)
                 continue
-            if (previous.get("case_id") != case.case_id or previous.get("model") != self.engine.model_name
-                    or previous.get("dtype") != self._dtype
-                    or previous.get("max_new_tokens") != (self.max_new_tokens or case.max_new_tokens)):
-                raise UsageError(
-                    f"{self.log.path} holds a result for {case.task} at {case.length} tokens, sample {case.index}, "
-                    f"made from another prompt or model (a different seed, tokenizer, --model, --dtype or "
-                    "--max-new-tokens?); use another --resume file")
+            self._check_previous(case, previous)
             # Scored again from the stored prediction, so records made before a scoring fix are scored like new ones.
             previous = dict(previous, score=score(case.metric, previous["prediction"], case.answers,
                                                   case.answer_prefix))
@@ -286,7 +299,7 @@ class EvalRunner:
             del ctx
         stats = engine.last_stats
         prediction = prediction_text(engine, new_ids)
-        cuda_peak = report.cuda_peak_mb() if engine.device.type == "cuda" else None
+        cuda_peak = report.cuda_peak_mb(engine.device) if engine.device.type == "cuda" else None
         return {
             "task": case.task, "length": case.length, "index": case.index, "mode": mode.name,
             "block_size": mode.block_size, "anchor_size": mode.anchor_size,

@@ -24,7 +24,7 @@ from pathlib import Path
 from statistics import fmean, stdev
 
 from starqa import report
-from starqa.errors import StarqaError
+from starqa.errors import StarqaError, UsageError
 
 
 def _mean(values) -> float | None:
@@ -319,3 +319,16 @@ def require_matplotlib():
         raise StarqaError("--plot needs matplotlib, which is not installed: pip install 'starqa[plot]' "
                           "(or pip install matplotlib)") from None
     return plt
+
+
+def check_plot_path(path: Path) -> None:
+    """Refuse a --plot path matplotlib cannot write before the run, not after hours of measuring."""
+    require_matplotlib()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    if not path.parent.is_dir():
+        raise UsageError(f"cannot write the plot {path}: folder {path.parent} does not exist")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = path.suffix.lower().removeprefix(".")
+    if suffix and suffix not in formats:
+        raise UsageError(f"--plot cannot write .{suffix} files; use .png, .svg or .pdf")
