@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from starqa import report
-from starqa.distributed import Ranks, agree, block_plan, gather_objects, merge_across_ranks, token_from_query_host
+from starqa.distributed import (Ranks, agree, block_plan, gather_objects, merge_across_ranks, share_outcome,
+                                token_from_query_host)
 from starqa.engine import ContextKV
 from starqa.errors import UsageError
 from starqa.sources import AttentionShares, block_pages, format_sources, rank_sources, shares_from_parts
@@ -50,11 +51,13 @@ def load_context(engine, store: DocumentStore, document: StoredDocument,
     from starqa.engine import EncodedBlock
 
     indices = [block["index"] for block in document.blocks] if block_indices is None else list(block_indices)
-    blocks = [
+    by_index = {block["index"]: block for block in document.blocks}
+    held = sum(by_index[i]["end"] - by_index[i]["start"] for i in indices)
+    blocks = (  # a generator: each block is read, copied into place and dropped before the next is read
         EncodedBlock(index=meta["index"], start=meta["start"], end=meta["end"], keys=keys, values=values)
         for meta, keys, values in store.load_blocks(document, indices, device=engine.device, dtype=engine.dtype)
-    ]
-    return engine.context_from_blocks(blocks, document.manifest["context_tokens"])
+    )
+    return engine.context_from_blocks(blocks, document.manifest["context_tokens"], held)
 
 
 class _StreamPrinter:
@@ -210,7 +213,8 @@ def run(engine_loader, settings, store: DocumentStore, *, doc: str, questions: l
         stored_name, cache_hit, phase1_s = result.name, not result.phase1_ran, result.phase1_s
 
     for attempt in range(_READ_ATTEMPTS):
-        document = store.get(stored_name)
+        # Rank 0 picks the version every rank reads: a link swapped between two ranks' reads cannot mix versions.
+        document = share_outcome(ranks, lambda: store.get(stored_name))
         check_usable(document, engine, settings, explicit_sizes=explicit_sizes)
         try:
             if attention == "star":

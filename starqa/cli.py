@@ -53,14 +53,14 @@ def _launch_if_asked(settings, stdin_questions: list[str] | None = None) -> None
         return
     argv = sys.argv[1:] if _ARGV is None else _ARGV
     if stdin_questions is None:
-        raise _Relaunched(distributed.launch(nproc, argv))
+        raise _Relaunched(distributed.launch(nproc, argv, settings.device))
     # Standard input is read once, here; the ranks read the questions from a private file instead.
     fd, handoff = tempfile.mkstemp(prefix="starqa-questions-", suffix=".txt")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write("\n".join(stdin_questions) + "\n")
         os.environ[_QUESTIONS_ENV] = handoff
-        raise _Relaunched(distributed.launch(nproc, argv))
+        raise _Relaunched(distributed.launch(nproc, argv, settings.device))
     finally:
         os.environ.pop(_QUESTIONS_ENV, None)
         os.unlink(handoff)
@@ -138,7 +138,7 @@ def ingest(
                     raise
                 failed += 1
                 if ranks.is_speaker:
-                    message = str(exc) if isinstance(exc, StarqaError) else f"{type(exc).__name__}: {exc}"
+                    message = str(exc) if isinstance(exc, StarqaError) else f"{type(exc).__name__}: {one_line(exc)}"
                     report.error(f"{source}: {message}")
             if files_task is not None:
                 bar.advance(files_task)
@@ -158,6 +158,16 @@ def _check_sources(files: list[str], name: str | None) -> None:
             raise UsageError(f"'{path}' does not exist: check the path (use - to read standard input)")
         if source != "-" and path.is_dir():
             raise UsageError(f"'{path}' is a directory, not a file: give the path of a PDF or text file")
+    if name is None and len(files) > 1:
+        # Each file is stored under its stem: two files with one stem would replace one another (with --force).
+        from starqa.store import name_from_path
+
+        first: dict[str, str] = {}
+        for source in files:
+            other = first.setdefault(name_from_path(source), source)
+            if other != source:
+                raise UsageError(f"'{other}' and '{source}' would both be stored as '{name_from_path(source)}': "
+                                 "ingest them one at a time with --name")
 
 
 @app.command()
@@ -353,6 +363,13 @@ def _report_failure(message: str, exc: BaseException) -> None:
     report.error(message)
 
 
+def _report_interrupt() -> None:
+    from starqa import distributed
+
+    if not distributed.launched_rank():  # under `--nproc` the launcher says it once for every rank
+        report.error("interrupted")
+
+
 def _click_classes(name: str) -> tuple[type, ...]:
     """click's exception `name`, and the copy in the click that newer Typer versions vendor (typer._click)."""
     classes = [getattr(click.exceptions, name, None)]
@@ -374,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = command.main(args=args, prog_name="starqa", standalone_mode=False)
         if result == 130:  # Typer turns Ctrl-C (KeyboardInterrupt) into this exit code, silently
-            report.error("interrupted")
+            _report_interrupt()
         return result if isinstance(result, int) else 0
     except (click.exceptions.Exit, typer.Exit) as exc:
         return exc.exit_code
@@ -384,11 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
         report.error(f"{exc.format_message()}{hint}")
         return 2
-    except (click.exceptions.Abort, typer.Abort):
-        report.error("interrupted")
-        return 130
-    except KeyboardInterrupt:
-        report.error("interrupted")
+    except (click.exceptions.Abort, typer.Abort, KeyboardInterrupt):
+        _report_interrupt()
         return 130
     except _Relaunched as relaunched:
         return relaunched.exit_code

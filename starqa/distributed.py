@@ -198,6 +198,11 @@ def exit_rank(code: int) -> None:
     os._exit(code)
 
 
+def launched_rank() -> bool:
+    """Whether this process is a rank that `launch` started (its launcher reports for all ranks)."""
+    return bool(os.environ.get(_STATUS_DIR_ENV))
+
+
 def report_rank_error(ranks: Ranks, error: BaseException) -> bool:
     """Under `launch`, leave this rank's error for the launcher; returns True when the launcher will print it."""
     status_dir = os.environ.get(_STATUS_DIR_ENV)
@@ -208,13 +213,15 @@ def report_rank_error(ranks: Ranks, error: BaseException) -> bool:
     return True
 
 
-def launch(nproc: int, argv: list[str]) -> int:
+def launch(nproc: int, argv: list[str], device: str = "auto") -> int:
     """Run `python -m starqa ARGV` on nproc local processes, as torchrun --standalone would; returns the exit code."""
     import torch
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    if nproc > 1 and torch.cuda.is_available() and torch.cuda.device_count() < nproc:
+    uses_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if nproc > 1 and uses_cuda and torch.cuda.device_count() < nproc:
         raise UsageError(f"--nproc {nproc} asks for more processes than the {torch.cuda.device_count()} visible GPUs")
     # The elastic agent logs at length; the user gets one line from us instead.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
@@ -232,7 +239,7 @@ def launch(nproc: int, argv: list[str]) -> int:
     except ChildFailedError as failure:
         print(f"starqa: error: {_describe_failure(failure, status_dir)}", file=sys.stderr, flush=True)
         return _failure_exit_code(failure)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SignalException):  # the elastic agent turns SIGINT/SIGTERM into SignalException
         print("starqa: error: interrupted", file=sys.stderr, flush=True)
         return 130
     finally:

@@ -441,7 +441,6 @@ class _RunningLines:
         A bare number is dropped only when it is this page's number: a table's last cell ("1250") stays.
         """
         lines = list(lines)
-        offset = self.page_number_offset
         for zone, index in (("top", 0), ("bottom", -1)):
             removed = 0
             while lines and removed < _EDGE and self._is_edge_line(lines[index], zone, first=removed == 0):

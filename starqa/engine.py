@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from starqa import hf_hook
+from starqa.errors import StarqaError, UsageError
 from starqa.tokens import plan_blocks
 
 
@@ -180,9 +181,14 @@ class StarEngine:
         transformers.utils.logging.set_verbosity_error()
         from starqa.store import default_store_root
 
+        from starqa.attention import backend_problem
+
         root = Path(store_root) if store_root is not None else default_store_root()
-        source = models.ensure_converted(models.resolve_model(model, root / "models"), on_status=on_status)
         torch_device = resolve_device(device)
+        problem = backend_problem(attention_backend, torch_device)
+        if problem is not None:
+            raise UsageError(problem)
+        source = models.ensure_converted(models.resolve_model(model, root / "models"), on_status=on_status)
         torch_dtype = resolve_dtype(dtype, torch_device)
         from transformers import AutoConfig
 
@@ -288,23 +294,30 @@ class StarEngine:
     def encode_context(self, context_ids: Sequence[int], block_size: int, anchor_size: int | None = None, *,
                        batch: int = 4) -> ContextKV:
         """Phase 1 over the whole context, in this process."""
-        blocks = list(self.encode_blocks(context_ids, block_size, anchor_size, batch=batch))
-        return self.context_from_blocks(blocks, len(context_ids))
+        held = sum(end - start for start, end in plan_blocks(len(context_ids), block_size))
+        blocks = self.encode_blocks(context_ids, block_size, anchor_size, batch=batch)
+        return self.context_from_blocks(blocks, len(context_ids), held)
 
-    def context_from_blocks(self, blocks: Sequence[EncodedBlock], n_tokens: int) -> ContextKV:
-        """Lay the blocks' KV out contiguously per layer (one copy, at load; decoding never copies it again)."""
-        held = sum(block.end - block.start for block in blocks)
-        shape = (1, self.kv_heads, held, self.head_dim)
+    def context_from_blocks(self, blocks: Iterable[EncodedBlock], n_tokens: int, held_tokens: int) -> ContextKV:
+        """Lay the blocks' KV out contiguously per layer, taking `blocks` one at a time as they are produced (read
+        from disk, or encoded), so that at most one block exists twice: the context's KV needs its own size in
+        memory, not twice it. Decoding never copies it again."""
+        shape = (1, self.kv_heads, held_tokens, self.head_dim)
         keys = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         values = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        offset = 0
+        offset, spans = 0, []
         for block in blocks:
             length = block.end - block.start
+            if offset + length > held_tokens:
+                raise ValueError(f"the blocks hold more than the {held_tokens} tokens announced")
             for layer in range(self.num_layers):
                 keys[layer][0, :, offset : offset + length] = block.keys[layer]
                 values[layer][0, :, offset : offset + length] = block.values[layer]
             offset += length
-        return ContextKV(n_tokens=n_tokens, spans=[(b.start, b.end) for b in blocks], keys=keys, values=values)
+            spans.append((block.start, block.end))
+        if offset != held_tokens:
+            raise ValueError(f"the blocks hold {offset} tokens, not the {held_tokens} announced")
+        return ContextKV(n_tokens=n_tokens, spans=spans, keys=keys, values=values)
 
     # ---------------------------------------------------------------- Phase 2
 
@@ -335,6 +348,14 @@ class StarEngine:
 
     def _decode(self, cache, prompt_ids, first_position, max_new_tokens, temperature, top_p, seed, on_token,
                 sync_token=None):
+        window = self.sliding_window
+        reach = first_position + len(prompt_ids) + max_new_tokens  # the whole context, on every rank
+        if window is not None and reach > window:
+            # Refused before the first token (not part-way through a streamed answer): beyond the window, attending
+            # to every stored token is not what the model computes. hf_hook checks each pass as well.
+            raise StarqaError(f"this model attends to only the last {window:,} tokens in some layers (sliding-window "
+                              f"attention), and document, question and answer budget reach {reach:,} tokens: starqa "
+                              "cannot answer this exactly; ask with a shorter --max-new-tokens or use another model")
         generator = torch.Generator(device="cpu").manual_seed(seed)
         stats = GenerationStats()
         started = time.perf_counter()

@@ -124,9 +124,13 @@ def star_attention_forward(
             prefix = attention_with_lse(query, prefix_keys, prefix_values, causal=False, scale=scaling,
                                         backend=backend)
             parts.insert(0, prefix)
-    out, lse = merge_attention(parts) if len(parts) > 1 else local
-    if star_cache is not None and star_cache.merge_across_ranks is not None:
+    across_ranks = star_cache is not None and star_cache.merge_across_ranks is not None
+    if across_ranks:  # this rank's result is itself a partial one: no rounding to bf16/fp16 before the final merge
+        parts = [(part_out.float(), part_lse) for part_out, part_lse in parts]
+    out, lse = merge_attention(parts) if len(parts) > 1 else parts[0]
+    if across_ranks:
         out, lse = star_cache.merge_across_ranks(out, lse)
+        out = out.to(query.dtype)
     return out.transpose(1, 2).contiguous(), None  # [batch, q_len, q_heads, head_dim], as transformers expects
 
 

@@ -9,6 +9,8 @@ folder; the manifest is written and the document published only after all ranks 
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -103,13 +105,30 @@ def differences(manifest: dict, signature: dict) -> list[str]:
     return found
 
 
-def _source_digest(source: str, text: str) -> str:
+def _file_version(source: str) -> tuple | None:
+    """What changes when a regular file is rewritten; None for stdin, pipes and other streams (read only once)."""
     if source == "-":
+        return None
+    try:
+        status = os.stat(source)
+    except OSError:  # gone: extraction says so, or the check after hashing finds it changed
+        return None
+    return (status.st_ino, status.st_size, status.st_mtime_ns) if stat.S_ISREG(status.st_mode) else None
+
+
+def _source_digest(source: str, text: str, version: tuple | None) -> str:
+    """SHA-256 of the source file as extracted; of the text for a stream, which cannot be read a second time."""
+    if version is None:
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
     digest = hashlib.sha256()
-    with open(source, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+    try:
+        with open(source, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        version = None  # removed meanwhile: reported as changed below
+    if version is None or _file_version(source) != version:  # saved again while it was extracted or hashed
+        raise StarqaError(f"'{source}' changed while it was being read; nothing was stored: try again")
     return digest.hexdigest()
 
 
@@ -117,13 +136,14 @@ def _prepare(source, settings, engine, store, *, name, force, allow_long, passwo
     from starqa.documents import extract_document
 
     name = validate_name(name if name is not None else name_from_path(source))
+    version = _file_version(source)
     with report.progress() as bar:
         pages_task = bar.add_task("extracting pages", total=None)
         extracted = extract_document(source, password=password,
                                      on_page=lambda done, total: bar.update(pages_task, completed=done, total=total))
     for warning in extracted.warnings:
         report.warn(warning)
-    source_sha256 = _source_digest(source, extracted.text)
+    source_sha256 = _source_digest(source, extracted.text, version)
     signature = settings_signature(engine, settings)
     stored = None
     if store.exists(name):
@@ -192,9 +212,14 @@ def ingest(source: str, settings: Settings, engine, store: DocumentStore, *, nam
 
     spans = plan_blocks(len(prepared.context_ids), settings.block_size)
     if ranks.is_speaker:
-        phase1_s, document = _store_as_speaker(prepared, settings, engine, store, spans, ranks, force)
+        stored = _store_as_speaker(prepared, settings, engine, store, spans, ranks, force)
+        if stored is None:  # another process stored the same source with the same settings while we waited
+            return IngestResult(name=prepared.name, document=store.get(prepared.name), phase1_ran=False)
+        phase1_s, document = stored
     else:
         staging = broadcast_object(None, ranks)
+        if staging == _STORED_MEANWHILE:
+            return IngestResult(name=prepared.name, document=None, phase1_ran=False)
         if staging is None:  # rank 0 failed before Phase 1 and reports why
             raise RankFailure("rank 0 could not start storing the document")
         phase1_s = _phase1(engine, prepared.context_ids, settings, Path(staging), spans, ranks)
@@ -206,11 +231,24 @@ def ingest(source: str, settings: Settings, engine, store: DocumentStore, *, nam
     return IngestResult(name=prepared.name, document=document, phase1_ran=True, phase1_s=phase1_s)
 
 
+# What rank 0 broadcasts instead of its staging folder when the document turned out to be stored already.
+_STORED_MEANWHILE = "stored-meanwhile"
+
+
 def _store_as_speaker(prepared, settings, engine, store, spans, ranks, force):
-    """Rank 0 (or the only process): lock, stage, run its share of Phase 1, record every block, publish."""
+    """Rank 0 (or the only process): lock, stage, run its share of Phase 1, record every block, publish.
+
+    Returns (Phase 1 seconds, the stored document), or None when a concurrent ingest stored the same source with the
+    same settings while this one waited for the lock (nothing to do, as if it had been stored before).
+    """
     stage = "before Phase 1"
     try:
         with store.lock(prepared.name, on_wait=report.info):
+            if not force and _stored_the_same(store, prepared):
+                report.info(f"'{prepared.name}' was just stored from the same source with the same settings by "
+                            "another starqa process; nothing to do")
+                broadcast_object(_STORED_MEANWHILE, ranks)
+                return None
             _refuse_if_stored_meanwhile(store, prepared, force)
             with store.writing(prepared.name, prepared.manifest) as writer:
                 writer.write_text(prepared.text, prepared.pages)
@@ -235,6 +273,20 @@ def _store_as_speaker(prepared, settings, engine, store, spans, ranks, force):
         raise
     agree(ranks, "storing the document", None)
     return phase1_s, document
+
+
+def _stored_the_same(store: DocumentStore, prepared: _Prepared) -> bool:
+    """Whether the name now holds this very source, stored with the settings this ingest would use."""
+    if not store.exists(prepared.name):
+        return False
+    try:
+        manifest = store.get(prepared.name).manifest
+    except StarqaError:  # a damaged manifest: not the same, and the refusal below says what to do
+        return False
+    signature = {key: manifest.get(key) for key in ("model_fingerprint", "tokenizer_fingerprint",
+                                                    "prompt_layout_version", "block_size", "anchor_size", "dtype")}
+    return (manifest.get("source", {}).get("sha256") == prepared.manifest["source"]["sha256"]
+            and signature == {key: prepared.manifest.get(key) for key in signature})
 
 
 def _refuse_if_stored_meanwhile(store: DocumentStore, prepared: _Prepared, force: bool) -> None:

@@ -268,7 +268,9 @@ class DocumentStore:
     # ------------------------------------------------------------ reading
 
     def names(self) -> list[str]:
-        return sorted(p.name for p in (self.root / "documents").iterdir() if p.is_symlink() and p.exists())
+        # A writer's temporary link (".link-NAME.xxxx", see _publish) is not a document.
+        return sorted(p.name for p in (self.root / "documents").iterdir()
+                      if p.is_symlink() and p.exists() and not p.name.startswith("."))
 
     def exists(self, name: str) -> bool:
         link = self.root / "documents" / name

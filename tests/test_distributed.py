@@ -164,3 +164,37 @@ def test_two_ranks_answer_like_one_with_the_bundled_model(tmp_path, doc_file, sh
         answers.append(row["answer"])
     assert answers[0] == answers[1]
     assert "4,200" in answers[0] or "4200" in answers[0]
+
+
+def _fake_launcher(monkeypatch, outcome):
+    import torch.distributed.launcher.api as launcher_api
+
+    def elastic_launch(config, entrypoint):
+        def run(*args):
+            if outcome is not None:
+                raise outcome
+        return run
+
+    monkeypatch.setattr(launcher_api, "elastic_launch", elastic_launch)
+
+
+def test_ctrl_c_or_sigterm_to_the_launcher_is_one_line_and_exit_130(monkeypatch, capsys):
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from starqa.distributed import launch
+
+    _fake_launcher(monkeypatch, SignalException("Process 1 got signal: 2", sigval=2))
+    assert launch(2, ["ingest", "x.txt"], "cpu") == 130
+    assert capsys.readouterr().err == "starqa: error: interrupted\n"
+
+
+def test_cpu_ranks_are_not_limited_by_the_visible_gpus(monkeypatch):
+    from starqa.distributed import launch
+    from starqa.errors import UsageError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    _fake_launcher(monkeypatch, None)
+    assert launch(2, ["ingest", "x.txt", "--device", "cpu"], "cpu") == 0
+    with pytest.raises(UsageError, match="more processes than the 1 visible GPUs"):
+        launch(2, ["ingest", "x.txt"], "auto")

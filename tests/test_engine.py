@@ -159,5 +159,50 @@ def test_phase2_past_a_sliding_window_is_an_error_not_a_silent_difference():
     engine = StarEngine(tiny_model("mistral", sliding_window=48), _NoTokenizer())
     ctx = engine.encode_context(list(range(10, 40)), block_size=16)
     assert len(engine.generate(ctx, [5, 6], max_new_tokens=4)) == 4  # 36 tokens: inside the window
+    streamed = []
     with pytest.raises(StarqaError, match="attends to only the last 48 tokens"):
-        engine.generate(ctx, [5, 6], max_new_tokens=30)
+        engine.generate(ctx, [5, 6], max_new_tokens=30, on_token=streamed.append)
+    assert streamed == []  # refused before the first token, not part-way through an answer
+    with pytest.raises(StarqaError, match="answer budget reach 62 tokens"):
+        engine.generate_full(list(range(10, 40)), max_new_tokens=32)
+
+
+def test_a_ranks_partial_attention_reaches_the_cross_rank_merge_in_float32():
+    """bf16 models: each rank's result is merged again across ranks, so it must not be rounded to bf16 first."""
+    import types
+
+    from starqa import hf_hook
+    from starqa.attention import merge_attention
+
+    generator = torch.Generator().manual_seed(0)
+
+    def tensor(*shape):
+        return torch.randn(*shape, generator=generator).to(torch.bfloat16)
+
+    query, keys, values = tensor(1, 4, 2, 8), tensor(1, 2, 2, 8), tensor(1, 2, 2, 8)
+    stored_keys, stored_values = tensor(1, 2, 12, 8), tensor(1, 2, 12, 8)
+    partials = []
+
+    def rank(lo, hi, keep_local):
+        def gather(out, lse):  # stands in for the all-gather: collect this rank's partial, return it unchanged
+            partials.append((out, lse))
+            return out, lse
+        cache = hf_hook.StarCache(num_layers=1, batch=1, kv_heads=2, head_dim=8, capacity=2, dtype=torch.bfloat16,
+                                  device=torch.device("cpu"), prefix_keys=[stored_keys[:, :, lo:hi]],
+                                  prefix_values=[stored_values[:, :, lo:hi]], keep_local=keep_local,
+                                  merge_across_ranks=gather)
+        local_keys, local_values = (keys, values) if keep_local else (keys[:, :, :0], values[:, :, :0])
+        out, _ = hf_hook.star_attention_forward(types.SimpleNamespace(layer_idx=0), query, local_keys, local_values,
+                                                None, star_cache=cache)
+        assert out.dtype == torch.bfloat16
+    rank(0, 6, keep_local=False)
+    rank(6, 12, keep_local=True)
+    assert all(out.dtype == torch.float32 for out, _ in partials)
+    merged, _ = merge_attention(partials)
+    # Reference: the same attention in float32 over all stored keys and, causally, the query's own.
+    all_keys = torch.cat([stored_keys, keys], dim=2).float().repeat_interleave(2, dim=1)
+    all_values = torch.cat([stored_values, values], dim=2).float().repeat_interleave(2, dim=1)
+    scores = query.float() @ all_keys.transpose(-1, -2) * 8 ** -0.5
+    scores[..., 0, 13] = float("-inf")  # query 0 does not see query 1
+    reference = torch.softmax(scores, dim=-1) @ all_values
+    torch.testing.assert_close(merged, reference, atol=2e-2, rtol=2e-2)

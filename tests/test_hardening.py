@@ -63,6 +63,7 @@ def inputs(tmp_path_factory) -> Path:
     (folder / "v2.txt").write_text(NEW_VERSION, encoding="utf-8")
     (folder / "long.txt").write_text(DOCUMENT * 3, encoding="utf-8")
     (folder / "folder").mkdir()
+    (folder / "folder" / "terms.txt").write_text(NEW_VERSION, encoding="utf-8")  # the same stem as terms.txt
     (folder / "empty.txt").write_bytes(b"")
     (folder / "binary.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 4)
     (folder / "latin1.txt").write_bytes("Clause 1. The fee is 4,200 \u20ac; caf\u00e9 ".encode("utf-8")
@@ -123,6 +124,8 @@ BAD_INPUTS = [
     ("missing path", lambda i, m, s: ["ingest", i / "nope.txt"], 2, "does not exist: check the path"),
     ("a directory", lambda i, m, s: ["ingest", i / "folder"], 2, "is a directory, not a file"),
     ("missing among several", lambda i, m, s: ["ingest", i / "terms.txt", i / "nope.txt"], 2, "does not exist"),
+    ("two files, one name", lambda i, m, s: ["ingest", i / "terms.txt", i / "folder" / "terms.txt", "--force"], 2,
+     "would both be stored as 'terms'"),
     ("empty file", lambda i, m, s: ["ingest", i / "empty.txt", "--model", m], 1, "is empty"),
     ("binary file as text", lambda i, m, s: ["ingest", i / "binary.txt", "--model", m], 1,
      "looks like a binary file"),
@@ -223,6 +226,98 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch, home, inputs, tiny
     assert error_lines(err) == ["starqa: error: interrupted"] and "Traceback" not in err
     assert not list((home / "objects").glob(".tmp-*"))  # the staging folder is gone, nothing was stored
     assert run(capsys, "list")[1] == ""
+
+
+def test_list_does_not_show_a_writers_temporary_link(capsys, home, inputs, tiny_model_dir):
+    _ingest(capsys, inputs / "terms.txt", tiny_model_dir)
+    target = os.readlink(home / "documents" / "terms")
+    os.symlink(target, home / "documents" / ".link-terms.0123abcd")  # as in the instant before a link swap
+    code, out, err = run(capsys, "list")
+    assert code == 0 and error_lines(err) == [] and ".link" not in out and "terms" in out
+
+
+def test_a_file_saved_again_while_it_is_extracted_is_not_stored(capsys, monkeypatch, home, inputs, tiny_model_dir,
+                                                               tmp_path):
+    import starqa.documents
+
+    source = tmp_path / "draft.txt"
+    source.write_text(DOCUMENT, encoding="utf-8")
+    extract = starqa.documents.extract_document
+
+    def extract_then_save(path, **kwargs):
+        extracted = extract(path, **kwargs)
+        time.sleep(0.01)
+        source.write_text(NEW_VERSION, encoding="utf-8")  # the editor saves while starqa reads
+        return extracted
+
+    monkeypatch.setattr(starqa.documents, "extract_document", extract_then_save)
+    code, out, err = run(capsys, "ingest", source, "--block-size", "48", "--model", tiny_model_dir)
+    assert code == 1 and error_lines(err) == [
+        f"starqa: error: '{source}' changed while it was being read; nothing was stored: try again"]
+    assert run(capsys, "list")[1] == ""
+
+
+def test_a_pipe_is_told_apart_by_its_text(capsys, home, tiny_model_dir, tmp_path):
+    """A named pipe (or `<(command)`) can be read only once: its text, not a second read, identifies it."""
+    import threading
+
+    def ingest_from_pipe(text: str, *extra: str) -> tuple[int, str]:
+        pipe = tmp_path / "notes.txt"
+        pipe.unlink(missing_ok=True)
+        os.mkfifo(pipe)
+        writer = threading.Thread(target=pipe.write_text, args=(text,), kwargs={"encoding": "utf-8"})
+        writer.start()
+        code, _, err = run(capsys, "ingest", pipe, "--block-size", "48", "--model", tiny_model_dir, *extra)
+        writer.join()
+        return code, err
+
+    assert ingest_from_pipe(DOCUMENT)[0] == 0
+    code, err = ingest_from_pipe(NEW_VERSION)
+    assert code == 2 and "already stored with a different source file" in err
+    assert ingest_from_pipe(NEW_VERSION, "--force")[0] == 0
+    assert (home / "documents" / "notes" / "text.txt").read_text(encoding="utf-8").startswith(NEW_VERSION[:40])
+
+
+def test_an_identical_ingest_finished_while_this_one_waited_is_kept(capsys, monkeypatch, home, inputs,
+                                                                  tiny_model_dir):
+    """Two batch jobs `ask --doc notes.txt` on a new file: the second finds it stored when it gets the lock."""
+    from contextlib import contextmanager
+
+    from starqa.store import DocumentStore
+
+    real_lock, others = DocumentStore.lock, []
+
+    @contextmanager
+    def lock_after_another_ingest(self, name, **kwargs):
+        if not others:  # the other process got the lock first and stores the same file meanwhile
+            others.append(name)
+            _ingest(capsys, inputs / "terms.txt", tiny_model_dir)
+        with real_lock(self, name, **kwargs):
+            yield
+
+    monkeypatch.setattr(DocumentStore, "lock", lock_after_another_ingest)
+    stored = (home / "documents" / "terms").resolve
+    code, out, err = run(capsys, "ingest", inputs / "terms.txt", "--block-size", "48", "--model", tiny_model_dir)
+    assert code == 0 and others == ["terms"] and error_lines(err) == []
+    assert "was just stored from the same source with the same settings" in err
+    assert [p.name for p in (home / "objects").iterdir()] == [stored().name]
+
+
+def test_the_triton_backend_where_it_cannot_run_is_a_usage_error_before_any_work(capsys, monkeypatch, home, inputs,
+                                                                                 tiny_model_dir, tmp_path):
+    import starqa.attention
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (the attention tests set it for this process)
+    config = tmp_path / "triton.yaml"
+    config.write_text("attention_backend: triton\n", encoding="utf-8")
+    ingest = ["ingest", inputs / "terms.txt", "--model", tiny_model_dir, "--device", "cpu", "--config", config]
+    code, _, err = run(capsys, *ingest)
+    assert code == 2 and error_lines(err) == ["starqa: error: attention backend 'triton' runs on CUDA (or on the CPU "
+                                              "under TRITON_INTERPRET=1, for tests), not on cpu; use auto or torch"]
+    monkeypatch.setattr(starqa.attention, "triton_available", lambda: False)
+    code, _, err = run(capsys, *ingest)
+    assert code == 2 and "needs the triton package" in error_lines(err)[0]
+    assert not (home / "documents").exists() or run(capsys, "list")[1] == ""
 
 
 def test_rm_of_a_name_given_twice_removes_it_once(capsys, home, inputs, tiny_model_dir):
@@ -625,8 +720,8 @@ def test_two_ingests_of_one_name_at_once_never_both_write(tmp_path, inputs, tiny
     try:
         _wait_for(lambda: _staged_blocks(home) >= 1, first, "the first writer's block")
         second_log = tmp_path / "second.err"
-        with open(second_log, "w") as log:
-            second = _spawn(home, *ingest, stderr=log)
+        with open(second_log, "w") as log:  # another version under the same name
+            second = _spawn(home, "ingest", inputs / "v2.txt", "--name", "terms", *ingest[2:], stderr=log)
             _wait_for(lambda: "waiting for it" in second_log.read_text(), second, "the second writer to wait")
         staging = list((home / "objects").glob(".tmp-*"))
         assert len(staging) == 1 and staging[0].name.endswith(f".{first.pid}")  # only the first one writes

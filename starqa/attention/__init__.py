@@ -17,13 +17,15 @@ backend: "torch" (any device; the CPU path), "triton" (CUDA, or CPU under TRITON
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
 from .merge import merge_attention
 from .torch_backend import attention_with_lse_torch, check_attention_args, decode_attention_with_scores
 
-__all__ = ["attention_with_lse", "decode_attention_with_scores", "merge_attention", "triton_available"]
+__all__ = ["attention_with_lse", "backend_problem", "decode_attention_with_scores", "merge_attention",
+           "triton_available"]
 
 _BACKENDS = ("auto", "torch", "triton")
 
@@ -36,6 +38,18 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def backend_problem(backend: str, device: torch.device) -> str | None:
+    """Why `backend` cannot run on `device` (None if it can): checked when the engine loads, not mid-Phase 1."""
+    if backend != "triton":
+        return None
+    if not triton_available():
+        return "attention backend 'triton' needs the triton package, which does not import here; use auto or torch"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return (f"attention backend 'triton' runs on CUDA (or on the CPU under TRITON_INTERPRET=1, for tests), not "
+                f"on {device.type}; use auto or torch")
+    return None
 
 
 def attention_with_lse(
