@@ -6,8 +6,10 @@ safetensors copy under the store's `models/` folder, so later loads take about a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -159,11 +161,13 @@ def _convert_gguf(gguf_path: Path, target: Path, on_status) -> None:
         on_status(f"converting {gguf_path.name} to a safetensors copy (once; about 20 s)")
     staging = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
     staging.mkdir(mode=0o700)
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF reader's own progress bar; we said what is happening
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                     dtype=torch.float32)
+        # The GGUF reader draws its own tqdm bar on stderr (even with --quiet, and tqdm reads TQDM_DISABLE only when
+        # it is imported); we said what is happening, so its output goes nowhere. Its errors are exceptions.
+        with contextlib.redirect_stderr(io.StringIO()):
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                         dtype=torch.float32)
         # The de-quantised weights are plain float tensors; drop the GGUF marker so they can be saved.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
