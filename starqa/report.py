@@ -68,7 +68,8 @@ def peak_rss_mb() -> float:
     """This process's peak resident memory, MiB.
 
     On Linux the high-water mark VmHWM, which `starqa eval` resets per mode (/proc/self/clear_refs); getrusage's
-    ru_maxrss does not follow that reset once any thread has exited (the kernel keeps the peak seen then).
+    ru_maxrss stopped following that reset part-way through long eval runs (the kernel may also keep a peak of its
+    own, e.g. the one recorded when a thread exits), which left earlier, higher peaks in later records.
     """
     try:
         with open("/proc/self/status", encoding="ascii") as status:

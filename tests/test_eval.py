@@ -598,7 +598,7 @@ def test_peak_memory_follows_the_per_mode_reset():
         pytest.skip("this system does not let a process reset its peak RSS")
     block = b"x" * (300 * 2**20)
     del block
-    thread = threading.Thread(target=lambda: None)  # an exited thread must not pin the old peak (ru_maxrss does)
+    thread = threading.Thread(target=lambda: None)  # an exited thread must not pin the old peak
     thread.start()
     thread.join()
     high = report.peak_rss_mb()
