@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from starqa import hf_hook
+from starqa.attention import backend_problem
 from starqa.errors import StarqaError, UsageError
 from starqa.tokens import plan_blocks
 
@@ -180,8 +181,6 @@ class StarEngine:
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
         from starqa.store import default_store_root
-
-        from starqa.attention import backend_problem
 
         root = Path(store_root) if store_root is not None else default_store_root()
         torch_device = resolve_device(device)

@@ -244,7 +244,7 @@ def _store_as_speaker(prepared, settings, engine, store, spans, ranks, force):
     stage = "before Phase 1"
     try:
         with store.lock(prepared.name, on_wait=report.info):
-            if not force and _stored_the_same(store, prepared):
+            if not force and _stored_the_same(store, prepared, settings_signature(engine, settings)):
                 report.info(f"'{prepared.name}' was just stored from the same source with the same settings by "
                             "another starqa process; nothing to do")
                 broadcast_object(_STORED_MEANWHILE, ranks)
@@ -275,7 +275,7 @@ def _store_as_speaker(prepared, settings, engine, store, spans, ranks, force):
     return phase1_s, document
 
 
-def _stored_the_same(store: DocumentStore, prepared: _Prepared) -> bool:
+def _stored_the_same(store: DocumentStore, prepared: _Prepared, signature: dict) -> bool:
     """Whether the name now holds this very source, stored with the settings this ingest would use."""
     if not store.exists(prepared.name):
         return False
@@ -283,10 +283,8 @@ def _stored_the_same(store: DocumentStore, prepared: _Prepared) -> bool:
         manifest = store.get(prepared.name).manifest
     except StarqaError:  # a damaged manifest: not the same, and the refusal below says what to do
         return False
-    signature = {key: manifest.get(key) for key in ("model_fingerprint", "tokenizer_fingerprint",
-                                                    "prompt_layout_version", "block_size", "anchor_size", "dtype")}
     return (manifest.get("source", {}).get("sha256") == prepared.manifest["source"]["sha256"]
-            and signature == {key: prepared.manifest.get(key) for key in signature})
+            and not differences(manifest, signature))
 
 
 def _refuse_if_stored_meanwhile(store: DocumentStore, prepared: _Prepared, force: bool) -> None:

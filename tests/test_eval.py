@@ -431,17 +431,24 @@ def test_resume_skips_finished_cases(cli_engine, capsys, tmp_path, monkeypatch):
     assert measured == []
 
 
-def test_interrupted_run_reports_what_it_measured(cli_engine, capsys, monkeypatch, tmp_path):
-    original = EvalRunner.measure
-    calls = []
+def _on_measurement(monkeypatch, number: int, event) -> None:
+    """Call `event()` as the `number`-th measurement starts (after it returns, that measurement goes ahead)."""
+    original, calls = EvalRunner.measure, []
 
-    def interrupted_on_fourth(self, *args):
+    def measure(self, *args):
         calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
+        if len(calls) == number:
+            event()
         return original(self, *args)
 
-    monkeypatch.setattr(EvalRunner, "measure", interrupted_on_fourth)
+    monkeypatch.setattr(EvalRunner, "measure", measure)
+
+
+def test_interrupted_run_reports_what_it_measured(cli_engine, capsys, monkeypatch, tmp_path):
+    def interrupt():
+        raise KeyboardInterrupt
+
+    _on_measurement(monkeypatch, 4, interrupt)
     log = tmp_path / "cases.jsonl"
     code = cli.main(["eval", *SUITE, "--json", "--resume", str(log)])  # as after Ctrl-C
     output = capsys.readouterr()
@@ -458,16 +465,8 @@ def test_sigterm_stops_the_run_like_ctrl_c(cli_engine, capsys, monkeypatch, tmp_
     import os
     import signal
 
-    original = EvalRunner.measure
-    calls = []
-
-    def terminated_on_third(self, *args):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)  # as from `kill` or a batch scheduler's time limit
-        return original(self, *args)
-
-    monkeypatch.setattr(EvalRunner, "measure", terminated_on_third)
+    # As from `kill` or a batch scheduler's time limit.
+    _on_measurement(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
     before = signal.getsignal(signal.SIGTERM)
     code = cli.main(["eval", *SUITE, "--json", "--resume", str(tmp_path / "cases.jsonl")])
     output = capsys.readouterr()
@@ -478,16 +477,10 @@ def test_sigterm_stops_the_run_like_ctrl_c(cli_engine, capsys, monkeypatch, tmp_
 
 
 def test_a_failure_mid_run_still_prints_the_partial_report(cli_engine, capsys, monkeypatch, tmp_path):
-    original = EvalRunner.measure
-    calls = []
+    def out_of_memory():
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    def out_of_memory_on_third(self, *args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return original(self, *args)
-
-    monkeypatch.setattr(EvalRunner, "measure", out_of_memory_on_third)
+    _on_measurement(monkeypatch, 3, out_of_memory)
     code = cli.main(["eval", *SUITE, "--json", "--resume", str(tmp_path / "cases.jsonl")])
     output = capsys.readouterr()
     report = json.loads(output.out)
