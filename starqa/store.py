@@ -170,7 +170,7 @@ class StoredDocument:
             with safe_open(self.path / "context_ids.safetensors", framework="pt") as handle:
                 return handle.get_tensor("ids").tolist()
         except (OSError, SafetensorError) as exc:
-            raise self._read_error("context_ids.safetensors", exc) from None
+            raise self.read_error("context_ids.safetensors", exc) from None
 
     def current(self) -> bool:
         """Whether the name still links to this version (the store's layout: root/documents/NAME -> objects/X)."""
@@ -181,9 +181,10 @@ class StoredDocument:
         try:
             return (self.path / relative).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise self._read_error(relative, exc) from None
+            raise self.read_error(relative, exc) from None
 
-    def _read_error(self, relative: str, exc: BaseException) -> StarqaError:
+    def read_error(self, relative: str, exc: BaseException) -> StarqaError:
+        """The error for a file of this version that cannot be read: replaced by another process, or damaged."""
         if not self.current():  # `ingest --force` or `rm` of this name ran after the manifest was read
             return DocumentReplaced(f"document '{self.name}' was replaced or removed by another starqa process "
                                     "while it was being read; try again")
@@ -316,7 +317,7 @@ class DocumentStore:
                 status = path.stat()
             except FileNotFoundError as exc:
                 if not doc.current():  # `ingest --force` or `rm` of this name ran meanwhile
-                    raise doc._read_error(relative, exc) from None
+                    raise doc.read_error(relative, exc) from None
                 raise StarqaError(
                     f"document '{doc.name}' is damaged: {relative} is missing; {reingest_hint(doc)}"
                 ) from None
@@ -330,7 +331,7 @@ class DocumentStore:
                 try:
                     digest = sha256_file(path)
                 except OSError as exc:  # removed (or unreadable) since its size was checked
-                    raise doc._read_error(relative, exc) from None
+                    raise doc.read_error(relative, exc) from None
                 if digest != expected["sha256"]:
                     raise StarqaError(
                         f"document '{doc.name}' is damaged: {relative} does not match its checksum; "
@@ -359,7 +360,7 @@ class DocumentStore:
                         values.append(handle.get_tensor(f"layers.{layer}.value"))
                         layer += 1
             except (OSError, SafetensorError) as exc:  # checked a moment ago: changed or removed since
-                raise doc._read_error(block["file"], exc) from None
+                raise doc.read_error(block["file"], exc) from None
             if dtype is not None and keys and keys[0].dtype != dtype:
                 raise StarqaError(f"document '{doc.name}' holds {keys[0].dtype} KV, not {dtype}")
             yield block, keys, values
