@@ -63,8 +63,9 @@ def load_context(engine, store: DocumentStore, document: StoredDocument,
 class _StreamPrinter:
     """Prints decoded text as tokens arrive (decoding the whole answer each time keeps multi-byte chars whole)."""
 
-    def __init__(self, tokenizer, stop_ids, out=sys.stdout) -> None:
-        self.tokenizer, self.stop_ids, self.out = tokenizer, stop_ids, out
+    def __init__(self, tokenizer, stop_ids) -> None:
+        self.tokenizer, self.stop_ids = tokenizer, stop_ids
+        self.out = sys.stdout  # looked up now, not at import: a caller may have redirected stdout since
         self.ids: list[int] = []
         self.printed = ""
 

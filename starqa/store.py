@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 
 from starqa.errors import StarqaError, UsageError, one_line
@@ -167,9 +168,8 @@ class StoredDocument:
 
     def context_ids(self) -> list[int]:
         try:
-            with safe_open(self.path / "context_ids.safetensors", framework="pt") as handle:
-                return handle.get_tensor("ids").tolist()
-        except (OSError, SafetensorError) as exc:
+            return safetensors_load(self._read_bytes("context_ids.safetensors"))["ids"].tolist()
+        except SafetensorError as exc:  # the checksum matched, so the file was written this way
             raise self.read_error("context_ids.safetensors", exc) from None
 
     def current(self) -> bool:
@@ -178,18 +178,34 @@ class StoredDocument:
         return self.path.exists() and link.resolve() == self.path
 
     def _read(self, relative: str) -> str:
+        data = self._read_bytes(relative)
         try:
-            return (self.path / relative).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
             raise self.read_error(relative, exc) from None
+
+    def _read_bytes(self, relative: str) -> bytes:
+        """A small stored file's bytes, checked against the manifest's size and SHA-256 (they are read whole)."""
+        try:
+            data = (self.path / relative).read_bytes()
+        except OSError as exc:
+            raise self.read_error(relative, exc) from None
+        expected = self.manifest["files"][relative]
+        if len(data) != expected["size"]:
+            raise self.damaged(f"{relative} has {len(data)} bytes, expected {expected['size']}")
+        if hashlib.sha256(data).hexdigest() != expected["sha256"]:
+            raise self.damaged(f"{relative} does not match its checksum")
+        return data
+
+    def damaged(self, what: str) -> StarqaError:
+        return StarqaError(f"document '{self.name}' is damaged: {what}; {reingest_hint(self)}")
 
     def read_error(self, relative: str, exc: BaseException) -> StarqaError:
         """The error for a file of this version that cannot be read: replaced by another process, or damaged."""
         if not self.current():  # `ingest --force` or `rm` of this name ran after the manifest was read
             return DocumentReplaced(f"document '{self.name}' was replaced or removed by another starqa process "
                                     "while it was being read; try again")
-        return StarqaError(f"document '{self.name}' is damaged: {relative} cannot be read ({one_line(exc, 120)}); "
-                           f"{reingest_hint(self)}")
+        return self.damaged(f"{relative} cannot be read ({one_line(exc, 120)})")
 
 
 def block_file_name(index: int) -> str:
@@ -318,14 +334,9 @@ class DocumentStore:
             except FileNotFoundError as exc:
                 if not doc.current():  # `ingest --force` or `rm` of this name ran meanwhile
                     raise doc.read_error(relative, exc) from None
-                raise StarqaError(
-                    f"document '{doc.name}' is damaged: {relative} is missing; {reingest_hint(doc)}"
-                ) from None
+                raise doc.damaged(f"{relative} is missing") from None
             if status.st_size != expected["size"]:
-                raise StarqaError(
-                    f"document '{doc.name}' is damaged: {relative} has {status.st_size} bytes, expected "
-                    f"{expected['size']}; {reingest_hint(doc)}"
-                )
+                raise doc.damaged(f"{relative} has {status.st_size} bytes, expected {expected['size']}")
             stamp = [status.st_size, status.st_mtime_ns]
             if full or checks.get(relative) != stamp:
                 try:
@@ -333,10 +344,7 @@ class DocumentStore:
                 except OSError as exc:  # removed (or unreadable) since its size was checked
                     raise doc.read_error(relative, exc) from None
                 if digest != expected["sha256"]:
-                    raise StarqaError(
-                        f"document '{doc.name}' is damaged: {relative} does not match its checksum; "
-                        + reingest_hint(doc)
-                    )
+                    raise doc.damaged(f"{relative} does not match its checksum")
                 checks[relative] = stamp
                 changed = True
         if changed:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from clihelp import REPO, json_lines, starqa
 from starqa.config import load_settings
@@ -86,3 +87,30 @@ def test_config_rejects_unknown_keys_and_wrong_types_by_name(tmp_path):
     config.write_text("block_size: lots\n")
     with pytest.raises(UsageError, match="block_size"):
         load_settings(config)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_kv_read_back_from_the_store_equals_phase1_in_memory(tmp_path, home, tiny_model_dir, dtype):
+    """What ask loads from disk is bit for bit what Phase 1 computed (layers, keys/values and positions in order)."""
+    from starqa import cli
+    from starqa.ask import load_context
+    from starqa.engine import StarEngine
+    from starqa.store import DocumentStore
+
+    source = tmp_path / "terms.txt"
+    source.write_text("Clause 1. The supplier delivers the reports every Tuesday.\n\n" * 12, encoding="utf-8")
+    assert cli.main(["ingest", str(source), "--block-size", "40", "--anchor-size", "24", "--dtype", dtype,
+                     "--model", str(tiny_model_dir), "--quiet"]) == 0
+    engine = StarEngine.load(str(tiny_model_dir), device="cpu", dtype=dtype, store_root=home)
+    store = DocumentStore(home)
+    document = store.get("terms")
+    assert len(document.blocks) >= 4
+    loaded = load_context(engine, store, document)
+    computed = engine.encode_context(document.context_ids(), 40, 24)
+    assert loaded.spans == computed.spans and loaded.n_tokens == computed.n_tokens
+    assert len(loaded.keys) == len(computed.keys) == engine.num_layers
+    for layer in range(engine.num_layers):
+        assert loaded.keys[layer].dtype == getattr(torch, dtype)
+        assert torch.equal(loaded.keys[layer], computed.keys[layer])
+        assert torch.equal(loaded.values[layer], computed.values[layer])
+    assert not torch.equal(loaded.keys[0], loaded.values[0])  # keys and values are not the same tensor twice

@@ -409,7 +409,7 @@ def _flip(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage,fragment", [(_truncate, "has"), (_flip, "does not match its checksum"),
+@pytest.mark.parametrize("damage,fragment", [(_truncate, "bytes, expected"), (_flip, "does not match its checksum"),
                                              (Path.unlink, "is missing")], ids=["truncated", "flipped", "deleted"])
 def test_damaged_kv_is_never_used(capsys, home, inputs, tiny_model_dir, damage, fragment):
     _ingest(capsys, inputs / "terms.txt", tiny_model_dir)
@@ -430,6 +430,47 @@ def test_damaged_kv_is_never_used(capsys, home, inputs, tiny_model_dir, damage, 
     os.utime(block, ns=(saved_stat.st_atime_ns, saved_stat.st_mtime_ns))
     assert run(capsys, "verify", "terms")[0] == 0
     assert _answer(capsys, tiny_model_dir) == answer
+
+
+@pytest.mark.parametrize("relative,args", [("text.txt", ("--attention", "full")),
+                                           ("context_ids.safetensors", ()), ("pages.json", ())],
+                         ids=["text-full-attention", "context-ids", "pages"])
+def test_damaged_text_ids_and_pages_are_never_used(capsys, home, inputs, tiny_model_dir, relative, args):
+    """The files read whole (the text full attention encodes; the ids and pages that give an old document's
+    sources) are checked against the manifest too, not only the KV blocks."""
+    _ingest(capsys, inputs / "terms.txt", tiny_model_dir)
+    folder = (home / "documents" / "terms").resolve()
+    if relative != "text.txt":  # ids and pages are read for sources only by a document stored without block pages
+        manifest_path = folder / "manifest.json"
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        for block in manifest["blocks"]:
+            del block["pages"]
+        manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
+    _flip(folder / relative)
+    before = tree_snapshot(home)
+    code, out, err = run(capsys, "ask", "--doc", "terms", QUESTION, "--model", tiny_model_dir, "--max-new-tokens", "4",
+                         "--json", *args)
+    assert code == 1 and out == "", err
+    [line] = error_lines(err)
+    assert f"'terms' is damaged: {relative} does not match its checksum" in line and "--force" in line
+    assert err.endswith(line + "\n")  # one line, nothing after it
+    assert tree_snapshot(home) == before
+
+
+def test_a_document_stored_with_other_settings_is_refused_by_name(capsys, home, inputs, tiny_model_dir):
+    """KV made with another dtype or block size is never used for an answer; the message names the difference."""
+    _ingest(capsys, inputs / "terms.txt", tiny_model_dir)
+    before = tree_snapshot(home)
+    for flags, difference in ((("--dtype", "bfloat16"), "dtype"), (("--block-size", "64"), "block size")):
+        code, out, err = run(capsys, "ask", "--doc", "terms", QUESTION, "--model", tiny_model_dir, *flags)
+        assert code == 1 and out == "", err
+        [line] = error_lines(err)
+        assert f"document 'terms' was stored with a different {difference}" in line, line
+        assert f"starqa ingest {inputs / 'terms.txt'} --name terms --force" in line
+    assert tree_snapshot(home) == before
+    answer = _answer(capsys, tiny_model_dir)  # without --block-size the stored sizes are used
+    code, out, err = run(capsys, "ask", "--doc", "terms", QUESTION, "--model", tiny_model_dir, "--max-new-tokens", "6")
+    assert code == 0 and answer in out, err  # streamed to the stdout of now (was: of import time)
 
 
 def test_a_change_that_keeps_size_and_mtime_is_caught_by_verify(capsys, home, inputs, tiny_model_dir):
