@@ -141,13 +141,20 @@ def gather_objects(value, ranks: Ranks) -> list:
     return boxes
 
 
+def describe(error: BaseException) -> str:
+    """One line for another rank to print: ours as they are, anything else (a bug, CUDA OOM) with its class."""
+    if isinstance(error, StarqaError):
+        return one_line(error)
+    return f"{error.__class__.__name__}: {one_line(error)}"
+
+
 def agree(ranks: Ranks, what: str, error: BaseException | None) -> None:
     """A collective check-point: if any rank failed, every rank raises the same RankFailure naming it."""
     if not ranks.distributed:
         if error is not None:
             raise error
         return
-    statuses = gather_objects(None if error is None else str(error), ranks)
+    statuses = gather_objects(None if error is None else describe(error), ranks)
     for rank, status in enumerate(statuses):
         if status is not None:
             raise RankFailure(f"rank {rank} failed during {what}: {status}")
@@ -164,7 +171,7 @@ def share_outcome(ranks: Ranks, compute):
         except StarqaError as exc:
             outcome = ("error", exc)
         except Exception as exc:  # noqa: BLE001 - re-raised below on every rank
-            outcome = ("error", RankFailure(f"rank 0 failed: {exc.__class__.__name__}: {one_line(exc)}"))
+            outcome = ("error", RankFailure(f"rank 0 failed: {describe(exc)}"))
     kind, value = broadcast_object(outcome, ranks)
     if kind == "error":
         raise value
@@ -208,7 +215,7 @@ def report_rank_error(ranks: Ranks, error: BaseException) -> bool:
     status_dir = os.environ.get(_STATUS_DIR_ENV)
     if not status_dir:
         return False
-    message = str(error) if isinstance(error, RankFailure) else f"rank {ranks.rank}: {error}"
+    message = describe(error) if isinstance(error, RankFailure) else f"rank {ranks.rank}: {describe(error)}"
     (Path(status_dir) / f"rank-{ranks.rank}.err").write_text(message)
     return True
 

@@ -303,7 +303,8 @@ def _phase1(engine, context_ids, settings: Settings, staging: Path, spans, ranks
         watcher = _BlockFileWatcher(staging, bar, task) if ranks.is_speaker and ranks.distributed else None
         try:
             if str(ranks.rank) == _fail_rank():
-                raise StarqaError("injected failure (STARQA_FAIL_PHASE1_RANK)")
+                # Shaped like a library's error (CUDA out of memory): not ours, and on several lines.
+                raise RuntimeError("injected failure\n(STARQA_FAIL_PHASE1_RANK)")
             for block in engine.encode_blocks(context_ids, settings.block_size, settings.effective_anchor_size,
                                               block_indices=mine, batch=settings.phase1_batch):
                 write_block_file(staging, block.index, block.start, block.end, block.keys, block.values)
