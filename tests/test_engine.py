@@ -61,9 +61,11 @@ def _hf_kv(reference, ids, positions):
     return [layer.keys[0] for layer in cache.layers], [layer.values[0] for layer in cache.layers]
 
 
-@pytest.mark.parametrize("block_size,anchor_size", [(64, 64), (64, 16), (50, 50), (48, 7)])
-def test_block_kv_equals_anchor_plus_block_encoded_directly(block_size, anchor_size):
-    engine, reference = _engines()
+@pytest.mark.parametrize("architecture,block_size,anchor_size", [
+    ("llama", 64, 64), ("llama", 64, 16), ("llama", 50, 50), ("llama", 48, 7), ("mistral", 64, 16), ("qwen2", 48, 7),
+])
+def test_block_kv_equals_anchor_plus_block_encoded_directly(architecture, block_size, anchor_size):
+    engine, reference = _engines(architecture)  # qwen2: q/k/v projections with bias
     context = _random_ids(205)  # 205 is no multiple of these sizes: the last block is short
     blocks = list(engine.encode_blocks(context, block_size, anchor_size, batch=2))
     assert [(b.start, b.end) for b in blocks] == plan_blocks(205, block_size)
@@ -109,6 +111,23 @@ def test_phase2_over_stored_blocks_equals_hf_forward_with_concatenated_cache():
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_greedy_decode_over_many_blocks_equals_hf_generate_from_the_same_kv():
+    """Phase 2 as it decodes (one new token at a time, over 4 stored blocks) against HF generate given the same KV."""
+    engine, reference = _engines()
+    engine.stop_ids = set()
+    context, query = _random_ids(230), _random_ids(9, seed=4)
+    ctx = engine.encode_context(context, block_size=64, anchor_size=32)
+    assert len(ctx.spans) == 4
+    cache = DynamicCache(config=reference.config)
+    for layer in range(engine.num_layers):
+        cache.update(ctx.keys[layer].clone(), ctx.values[layer].clone(), layer)
+    output = reference.generate(torch.tensor([context + query]), cache=cache, max_new_tokens=12, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)
+    expected = output[0, len(context) + len(query):].tolist()
+    assert len(expected) == 12
+    assert engine.generate(ctx, query, max_new_tokens=12) == expected
+
+
 def test_batched_phase1_equals_one_block_at_a_time():
     engine, _ = _engines()
     context = _random_ids(256)
@@ -116,7 +135,9 @@ def test_batched_phase1_equals_one_block_at_a_time():
     batched = list(engine.encode_blocks(context, 32, 32, batch=4))
     assert [b.index for b in batched] == [a.index for a in one] == list(range(8))
     for a, b in zip(one, batched):
-        torch.testing.assert_close(a.values[1], b.values[1], rtol=1e-5, atol=1e-5)
+        for layer in range(engine.num_layers):
+            torch.testing.assert_close(a.keys[layer], b.keys[layer], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(a.values[layer], b.values[layer], rtol=1e-5, atol=1e-5)
 
 
 def test_sampling_is_reproducible_with_a_seed():
