@@ -15,7 +15,7 @@ import click
 import typer
 
 from starqa import report
-from starqa.errors import StarqaError, UsageError, one_line
+from starqa.errors import StarqaError, UsageError, describe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Answer questions about long documents with a local LLM, using Star Attention.")
@@ -48,7 +48,7 @@ def _launch_if_asked(settings, stdin_questions: list[str] | None = None) -> None
     """Relaunch this command under torchrun when more than one process is asked for (and we are not under it)."""
     from starqa import distributed
 
-    nproc = distributed.requested_nproc(settings.nproc)
+    nproc = distributed.requested_nproc(settings.nproc, settings.device)
     if nproc <= 1 or distributed.under_torchrun():
         return
     argv = sys.argv[1:] if _ARGV is None else _ARGV
@@ -138,8 +138,7 @@ def ingest(
                     raise
                 failed += 1
                 if ranks.is_speaker:
-                    message = str(exc) if isinstance(exc, StarqaError) else f"{type(exc).__name__}: {one_line(exc)}"
-                    report.error(f"{source}: {message}")
+                    report.error(f"{source}: {describe(exc)}")
             if files_task is not None:
                 bar.advance(files_task)
     if failed:
@@ -417,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         hint = "" if debug else " (rerun with --debug for the traceback)"
-        _report_failure(f"{exc.__class__.__name__}: {one_line(exc)}{hint}", exc)
+        _report_failure(f"{describe(exc)}{hint}", exc)
         return 1
     finally:
         if _RANKS[0] is not None:

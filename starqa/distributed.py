@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from starqa.errors import StarqaError, UsageError, one_line
+from starqa.errors import StarqaError, UsageError, describe
 
 # Seconds a collective may wait for a silent rank before every rank gives up (no hang on a dead peer).
 DEFAULT_TIMEOUT_S = 600
@@ -56,11 +56,14 @@ class Ranks:
         return self.rank == self.world - 1
 
 
-def requested_nproc(nproc: int | str) -> int:
+def requested_nproc(nproc: int | str, device: str = "auto") -> int:
+    """`auto`: one process per visible GPU where the device is CUDA (auto or cuda); one for cpu or one cuda:N."""
     import torch
 
     if nproc == "auto":
-        return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+        if device in ("auto", "cuda") and torch.cuda.is_available():
+            return max(1, torch.cuda.device_count())
+        return 1
     return int(nproc)
 
 
@@ -139,13 +142,6 @@ def gather_objects(value, ranks: Ranks) -> list:
     boxes = [None] * ranks.world
     dist.all_gather_object(boxes, value, group=ranks.group)
     return boxes
-
-
-def describe(error: BaseException) -> str:
-    """One line for another rank to print: ours as they are, anything else (a bug, CUDA OOM) with its class."""
-    if isinstance(error, StarqaError):
-        return one_line(error)
-    return f"{error.__class__.__name__}: {one_line(error)}"
 
 
 def agree(ranks: Ranks, what: str, error: BaseException | None) -> None:

@@ -28,3 +28,10 @@ def one_line(error: BaseException, limit: int | None = None) -> str:
     if limit is not None and len(message) > limit:
         message = message[: limit - 3] + "..."
     return message
+
+
+def describe(error: BaseException) -> str:
+    """One line for a user: our errors as they are, anything else (a bug, a library's CUDA OOM) with its class."""
+    if isinstance(error, StarqaError):
+        return one_line(error)
+    return f"{error.__class__.__name__}: {one_line(error)}"

@@ -82,8 +82,10 @@ def test_two_ranks_answer_token_for_token_like_one(tmp_path, doc_file, tiny_mode
         result = starqa("ingest", str(doc_file), "--block-size", "48", "--nproc", str(nproc),
                         "--model", str(tiny_model_dir), home=home)
         assert result.returncode == 0, result.stderr
+        manifest = json.loads(next(home.glob("objects/terms.*/manifest.json")).read_text())
+        assert manifest["nproc"] == nproc  # Phase 1 really ran on this many ranks
         answers[nproc] = _ask_json(home, tiny_model_dir, nproc)
-    assert answers[1] == answers[2]
+    assert answers[1] == answers[2] != ""
     # A cache written by 2 ranks is read by 1 and by 3, and one written by 1 is read by 2.
     assert _ask_json(tmp_path / "home2", tiny_model_dir, 1) == answers[1]
     assert _ask_json(tmp_path / "home2", tiny_model_dir, 3) == answers[1]
@@ -132,6 +134,18 @@ def test_full_attention_runs_in_one_process_whatever_nproc_asks(tmp_path, doc_fi
         manifest = json.loads(next(home.glob("objects/terms.*/manifest.json")).read_text())
         assert manifest["nproc"] == 1  # the file was ingested in the same single process
     assert answers[0] == answers[1]
+
+
+@pytest.mark.slow
+def test_more_ranks_than_blocks_answer_like_one(tmp_path, doc_file, tiny_model_dir):
+    """A rank with no block of its own (3 ranks, 2 blocks) encodes nothing and adds nothing to the merge."""
+    home = tmp_path / "home"
+    result = starqa("ingest", str(doc_file), "--block-size", "160", "--nproc", "3", "--model", str(tiny_model_dir),
+                    home=home)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads(next(home.glob("objects/terms.*/manifest.json")).read_text())
+    assert len(manifest["blocks"]) == 2 and manifest["nproc"] == 3
+    assert _ask_json(home, tiny_model_dir, 3) == _ask_json(home, tiny_model_dir, 1) != ""
 
 
 @pytest.mark.slow
@@ -199,3 +213,16 @@ def test_cpu_ranks_are_not_limited_by_the_visible_gpus(monkeypatch):
     assert launch(2, ["ingest", "x.txt", "--device", "cpu"], "cpu") == 0
     with pytest.raises(UsageError, match="more processes than the 1 visible GPUs"):
         launch(2, ["ingest", "x.txt"], "auto")
+
+
+@pytest.mark.parametrize("cuda,device,nproc,expected", [
+    (True, "auto", "auto", 4), (True, "cuda", "auto", 4), (True, "cpu", "auto", 1), (True, "cuda:1", "auto", 1),
+    (False, "auto", "auto", 1), (True, "cpu", 3, 3), (False, "cpu", "2", 2),
+])
+def test_nproc_auto_follows_the_device(monkeypatch, cuda, device, nproc, expected):
+    """`auto` means one rank per GPU only where the work runs on the GPUs (`--device cpu` gave 4 CPU ranks)."""
+    from starqa.distributed import requested_nproc
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4 if cuda else 0)
+    assert requested_nproc(nproc, device) == expected
