@@ -369,7 +369,7 @@ eval_command_for_tests = eval_cli.eval_command
 
 @pytest.fixture
 def cli_engine(monkeypatch, tiny_engine, home):
-    monkeypatch.setattr(eval_cli, "_load_engine", lambda settings, model: tiny_engine)
+    monkeypatch.setattr(eval_cli, "_load_engine", lambda settings, model, trust_remote_code: tiny_engine)
     return tiny_engine
 
 
@@ -389,6 +389,15 @@ def test_json_report_has_the_required_keys(cli_engine, capsys):
     for row in report["results"] + report["overall"]:
         assert ROW_KEYS <= set(row)
         assert row["samples"] == (2 if row["task"] != "overall" else 4)
+
+
+def test_trust_remote_code_reaches_the_model_load(monkeypatch, tiny_engine, home, capsys):
+    asked = []
+    monkeypatch.setattr(eval_cli, "_load_engine",
+                        lambda settings, model, trust_remote_code: asked.append(trust_remote_code) or tiny_engine)
+    _invoke([*SUITE, "--json"], capsys)
+    _invoke([*SUITE, "--json", "--trust-remote-code"], capsys)
+    assert asked == [False, True]
 
 
 def test_resume_skips_finished_cases(cli_engine, capsys, tmp_path, monkeypatch):

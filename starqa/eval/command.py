@@ -83,7 +83,7 @@ def parse_star_specs(block_size: str | None, anchor_size: str | None, pairs: str
     return list(dict.fromkeys(StarSpec(block, anchor) for block in blocks for anchor in anchors))
 
 
-def _load_engine(settings, model: str | None):
+def _load_engine(settings, model: str | None, trust_remote_code: bool):
     """As starqa/cli.py loads it."""
     from starqa.engine import StarEngine
     from starqa.store import DocumentStore
@@ -92,7 +92,8 @@ def _load_engine(settings, model: str | None):
     report.info(f"loading model {name}")
     return StarEngine.load(name, device=settings.device, dtype=settings.dtype,
                            store_root=DocumentStore(settings.store).root,
-                           attention_backend=settings.attention_backend, on_status=report.info)
+                           attention_backend=settings.attention_backend, trust_remote_code=trust_remote_code,
+                           on_status=report.info)
 
 
 def _document_text(doc: str, settings, password: str | None = None) -> tuple[str, str]:
@@ -132,13 +133,14 @@ def eval_command(
     pairs: Optional[str] = typer.Option(None, "--pairs", help="Explicit BLOCK:ANCHOR pairs, e.g. L/4:L/4,1024:256, instead of the grid."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the generated cases (default: the config's seed)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object on stdout."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw accuracy and speed-up against length into this PNG."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw accuracy and speed-up against length into this file (.png, .svg or .pdf)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="JSONL results log: each finished case is appended; cases already in it are skipped."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Answer budget (default: per task as in RULER; the config's for --doc)."),
     model: Optional[str] = typer.Option(None, "--model", help="smollm2-135m, a local HF model dir, a .gguf file, or a cached HF id."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
     password: Optional[str] = typer.Option(None, "--password", help="With --doc FILE: password of an encrypted PDF."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a model directory's own Python code to run."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file layered over configs/default.yaml."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the JSON (with --json) and errors; no progress or tables."),
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error."),
@@ -150,7 +152,7 @@ def eval_command(
 
 
 def _eval(doc, qa, suite, lengths, samples, tasks, block_size, anchor_size, pairs, seed, as_json, plot, resume,
-          max_new_tokens, model, dtype, device, password, config, quiet, debug) -> None:
+          max_new_tokens, model, dtype, device, password, trust_remote_code, config, quiet, debug) -> None:
     from starqa.config import load_settings
     from starqa.eval import summary
     from starqa.eval.runner import ResultLog
@@ -185,7 +187,7 @@ def _eval(doc, qa, suite, lengths, samples, tasks, block_size, anchor_size, pair
         name, text = _document_text(doc, settings, password)
         if not text.strip():
             raise UsageError(f"--doc {doc!r} has no text")
-        engine = _load_engine(settings, model)
+        engine = _load_engine(settings, model, trust_remote_code)
         cases = _document_cases(engine, name, text, pairs_asked, max_new_tokens or settings.max_new_tokens)
         origin = {"document": name, "suite": None}
     else:
@@ -194,7 +196,7 @@ def _eval(doc, qa, suite, lengths, samples, tasks, block_size, anchor_size, pair
         qa_source = _suite_qa_source(task_names, explicit=tasks is not None)
         if qa_source is None:
             task_names = [task for task in task_names if task != "qa"]
-        engine = _load_engine(settings, model)
+        engine = _load_engine(settings, model, trust_remote_code)
         cases = _suite_cases(engine, task_names, length_list, samples or DEFAULT_SAMPLES, seed, qa_source)
         origin = {"document": None, "suite": "ruler", "tasks": task_names, "seed": seed}
 

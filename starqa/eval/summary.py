@@ -316,8 +316,8 @@ def require_matplotlib():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise StarqaError("--plot needs matplotlib, which is not installed: pip install 'starqa[plot]' "
-                          "(or pip install matplotlib)") from None
+        raise StarqaError("--plot needs matplotlib, which is not installed: pip install matplotlib "
+                          "(make install installs it)") from None
     return plt
 
 
