@@ -9,7 +9,7 @@ STARQA := $(VENV)/bin/starqa
 TORCH_PIN ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,12 @@ test: install
 
 bench: install
 	$(PY) benchmarks/phase1.py
+
+# On a CUDA machine: the Triton kernels compiled (not interpreted) and the engine on the GPU against their
+# references, then the kernels' speed against torch SDPA (see README, "Attention kernels").
+gpu-check: install
+	env -u TRITON_INTERPRET $(PY) -m pytest -q -ra tests/test_gpu.py
+	env -u TRITON_INTERPRET $(PY) benchmarks/attention.py --device cuda
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -56,8 +56,9 @@ def test_full_attention_mode_equals_hf_greedy():
 def _hf_kv(reference, ids, positions):
     cache = DynamicCache(config=reference.config)
     with torch.no_grad():
-        reference.model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]), cache=cache,
-                        use_cache=True)
+        device = reference.device  # the GPU tests reuse this
+        reference.model(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([positions], device=device),
+                        cache=cache, use_cache=True)
     return [layer.keys[0] for layer in cache.layers], [layer.values[0] for layer in cache.layers]
 
 
