@@ -38,7 +38,11 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("starqa: error:")]
+    """The `starqa: error:` lines; the last must end stderr (a message that ran onto more lines would not)."""
+    lines = [line for line in stderr.splitlines() if line.startswith("starqa: error:")]
+    if lines:
+        assert stderr.endswith(lines[-1] + "\n"), f"more after the error line: {stderr[-300:]!r}"
+    return lines
 
 
 def _write_pdf(path: Path, lines: list[str]) -> None:
