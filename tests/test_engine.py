@@ -96,14 +96,20 @@ def test_phase1_on_a_subset_of_blocks_equals_all_blocks():
                                        atol=1e-5)
 
 
+def _hf_cache_holding(reference, ctx):
+    """An HF DynamicCache holding the context KV Phase 1 produced (copies: HF appends to it)."""
+    cache = DynamicCache(config=reference.config)
+    for layer in range(len(ctx.keys)):
+        cache.update(ctx.keys[layer].clone(), ctx.values[layer].clone(), layer)
+    return cache
+
+
 def test_phase2_over_stored_blocks_equals_hf_forward_with_concatenated_cache():
     engine, reference = _engines()
     context, query = _random_ids(230), _random_ids(11, seed=3)
     ctx = engine.encode_context(context, block_size=64, anchor_size=32)
     assert len(ctx.spans) == 4
-    cache = DynamicCache(config=reference.config)
-    for layer in range(engine.num_layers):
-        cache.update(ctx.keys[layer].clone(), ctx.values[layer].clone(), layer)
+    cache = _hf_cache_holding(reference, ctx)
     positions = torch.arange(len(context), len(context) + len(query))[None]
     with torch.no_grad():
         expected = reference(input_ids=torch.tensor([query]), position_ids=positions, cache=cache).logits[0, -1]
@@ -119,9 +125,7 @@ def test_greedy_decode_over_many_blocks_equals_hf_generate_from_the_same_kv():
     context, query = _random_ids(230), _random_ids(9, seed=4)
     ctx = engine.encode_context(context, block_size=64, anchor_size=32)
     assert len(ctx.spans) == 4
-    cache = DynamicCache(config=reference.config)
-    for layer in range(engine.num_layers):
-        cache.update(ctx.keys[layer].clone(), ctx.values[layer].clone(), layer)
+    cache = _hf_cache_holding(reference, ctx)
     output = reference.generate(torch.tensor([context + query]), cache=cache, max_new_tokens=12, do_sample=False,
                                 eos_token_id=None, pad_token_id=0)
     expected = output[0, len(context) + len(query):].tolist()
