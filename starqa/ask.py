@@ -13,8 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from starqa import report
-from starqa.distributed import (Ranks, agree, block_plan, gather_objects, merge_across_ranks, share_outcome,
-                                token_from_query_host)
+from starqa.distributed import Ranks, agree, block_plan, gather_objects, phase2_spread, share_outcome
 from starqa.engine import ContextKV
 from starqa.errors import UsageError
 from starqa.sources import AttentionShares, block_pages, format_sources, rank_sources, shares_from_parts
@@ -91,15 +90,10 @@ def ask_star(engine, ctx: ContextKV, document: StoredDocument, question: str, se
     ranks = ranks or Ranks()
     query_ids = query_ids_for(engine.tokenizer, prompt_template(engine.tokenizer), question)
     printer = _StreamPrinter(engine.tokenizer, engine.stop_ids) if stream and ranks.is_speaker else None
-    spread = {}
-    if ranks.distributed:
-        spread = dict(keep_local=ranks.is_query_host,
-                      merge_across_ranks=lambda out, lse: merge_across_ranks(out, lse, ranks.group),
-                      sync_token=lambda token: token_from_query_host(token, ranks))
     shares = AttentionShares(ctx.spans, document.manifest["document_token_offset"], engine.head_dim ** -0.5)
     new_ids = engine.generate(ctx, query_ids, max_new_tokens=settings.max_new_tokens,
                               temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
-                              on_token=printer, observe_prefix=shares, **spread)
+                              on_token=printer, observe_prefix=shares, **phase2_spread(ranks))
     stats = engine.last_stats
     sources = _sources(engine, document, shares, ranks)
     if printer is not None:

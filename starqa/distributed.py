@@ -124,6 +124,15 @@ def token_from_query_host(token: int, ranks: Ranks) -> int:
     return int(box.item())
 
 
+def phase2_spread(ranks: Ranks) -> dict:
+    """`StarEngine.generate`'s arguments that spread Phase 2 over the ranks (none for a single process)."""
+    if not ranks.distributed:
+        return {}
+    return dict(keep_local=ranks.is_query_host,
+                merge_across_ranks=lambda out, lse: merge_across_ranks(out, lse, ranks.group),
+                sync_token=lambda token: token_from_query_host(token, ranks))
+
+
 def broadcast_object(value, ranks: Ranks, src: int = 0):
     if not ranks.distributed:
         return value

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from clihelp import REPO, json_lines, starqa, tree_snapshot
 from starqa.attention import attention_with_lse
 from starqa.distributed import block_plan, merge_across_ranks
+from starqa.tokens import plan_blocks
 
 
 @pytest.mark.parametrize("n_blocks,world", [(1, 1), (5, 2), (7, 3), (2, 3), (8, 4)])
@@ -51,6 +52,58 @@ def test_merge_across_ranks_equals_single_pass_attention(tmp_path, world):
     out, lse = attention_with_lse(q, k, v, causal=False)
     torch.testing.assert_close(merged_out, out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(merged_lse, lse, rtol=1e-5, atol=1e-5)
+
+
+_CONTEXT = torch.randint(3, 49152, (230,), generator=torch.Generator().manual_seed(1)).tolist()
+_QUERY = [11, 22, 33, 44, 55]
+
+
+def _phase2_logits(engine, ctx, **spread):
+    """Greedy Phase 2 (8 tokens), returning the tokens and the logits of every step (prefill included)."""
+    logits, step = [], engine._step
+
+    def recording_step(*args):
+        logits.append(step(*args))
+        return logits[-1]
+    engine._step = recording_step
+    tokens = engine.generate(ctx, _QUERY, max_new_tokens=8, **spread)
+    return tokens, torch.stack(logits)
+
+
+def _phase2_worker(rank, world, init_file, result_path):
+    from conftest import tiny_model
+    from starqa.distributed import Ranks, phase2_spread
+    from starqa.engine import StarEngine
+    from test_engine import _NoTokenizer
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    ranks = Ranks(rank=rank, world=world, device="cpu", group=dist.group.WORLD)
+    engine = StarEngine(tiny_model("llama"), _NoTokenizer())
+    spans = plan_blocks(len(_CONTEXT), 48)
+    mine = block_plan(len(spans), world, rank)
+    blocks = engine.encode_blocks(_CONTEXT, 48, 32, block_indices=mine)  # Phase 1 of this rank's blocks only
+    ctx = engine.context_from_blocks(blocks, len(_CONTEXT), sum(spans[i][1] - spans[i][0] for i in mine))
+    tokens, logits = _phase2_logits(engine, ctx, **phase2_spread(ranks))  # as `starqa ask` spreads it
+    torch.save((tokens, logits), f"{result_path}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_phase2_on_ranks_gives_the_logits_of_one_process(tmp_path, world):
+    """Each rank holds only its blocks; every step's logits equal one process holding all of them."""
+    from conftest import tiny_model
+    from starqa.engine import StarEngine
+    from test_engine import _NoTokenizer
+
+    mp.spawn(_phase2_worker, args=(world, str(tmp_path / "init"), str(tmp_path / "result")), nprocs=world,
+             join=True)
+    engine = StarEngine(tiny_model("llama"), _NoTokenizer())
+    tokens, logits = _phase2_logits(engine, engine.encode_context(_CONTEXT, 48, 32))
+    assert len(plan_blocks(len(_CONTEXT), 48)) == 5  # 2 ranks hold 3 + 2 blocks, 3 ranks 2 + 2 + 1
+    for rank in range(world):  # every rank continues with the same tokens and computes the same logits
+        rank_tokens, rank_logits = torch.load(tmp_path / f"result.{rank}")
+        assert rank_tokens == tokens
+        torch.testing.assert_close(rank_logits, logits, rtol=1e-5, atol=2e-5)  # seen: 7e-6 of logits up to 7
 
 
 DOCUMENT = (
