@@ -92,12 +92,9 @@ def _store(settings):
 def _load_engine(settings, model: str | None = None, trust_remote_code: bool = False, ranks=None):
     from starqa.engine import StarEngine
 
-    name = model or settings.model
-    report.info(f"loading model {name}")
-    device = ranks.device if ranks is not None and ranks.distributed else settings.device
-    return StarEngine.load(name, device=device, dtype=settings.dtype, store_root=_store(settings).root,
-                           attention_backend=settings.attention_backend, trust_remote_code=trust_remote_code,
-                           on_status=report.info)
+    device = ranks.device if ranks is not None and ranks.distributed else None  # a rank loads onto its own GPU
+    return StarEngine.from_settings(settings, model, device=device, trust_remote_code=trust_remote_code,
+                                    on_status=report.info)
 
 
 @app.command()

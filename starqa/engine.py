@@ -203,6 +203,21 @@ class StarEngine:
         return cls(hf_model, tokenizer, model_name=source.name, model_dir=source.directory,
                    attention_backend=attention_backend, store_root=root)
 
+    @classmethod
+    def from_settings(cls, settings, model: str | None = None, *, device: str | None = None,
+                      trust_remote_code: bool = False,
+                      on_status: Callable[[str], None] | None = None) -> "StarEngine":
+        """`load` as the commands do: model, dtype, device, store and backend from a starqa.config.Settings, where
+        `model` and `device` (a rank's GPU) override the settings'."""
+        from starqa.store import DocumentStore
+
+        name = model or settings.model
+        if on_status is not None:
+            on_status(f"loading model {name}")
+        return cls.load(name, device=device or settings.device, dtype=settings.dtype,
+                        store_root=DocumentStore(settings.store).root, attention_backend=settings.attention_backend,
+                        trust_remote_code=trust_remote_code, on_status=on_status)
+
     def _stop_token_ids(self) -> set[int]:
         stop: set[int] = set()
         generation_config = getattr(self.model, "generation_config", None)

@@ -84,16 +84,9 @@ def parse_star_specs(block_size: str | None, anchor_size: str | None, pairs: str
 
 
 def _load_engine(settings, model: str | None, trust_remote_code: bool):
-    """As starqa/cli.py loads it."""
-    from starqa.engine import StarEngine
-    from starqa.store import DocumentStore
+    from starqa.engine import StarEngine  # torch is imported only once the input has been checked
 
-    name = model or settings.model
-    report.info(f"loading model {name}")
-    return StarEngine.load(name, device=settings.device, dtype=settings.dtype,
-                           store_root=DocumentStore(settings.store).root,
-                           attention_backend=settings.attention_backend, trust_remote_code=trust_remote_code,
-                           on_status=report.info)
+    return StarEngine.from_settings(settings, model, trust_remote_code=trust_remote_code, on_status=report.info)
 
 
 def _document_text(doc: str, settings, password: str | None = None) -> tuple[str, str]:
