@@ -12,9 +12,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from clihelp import REPO, json_lines, starqa, tree_snapshot
+from conftest import tiny_model
 from starqa.attention import attention_with_lse
-from starqa.distributed import block_plan, merge_across_ranks
+from starqa.distributed import Ranks, block_plan, merge_across_ranks, phase2_spread
+from starqa.engine import StarEngine
 from starqa.tokens import plan_blocks
+from test_engine import _NoTokenizer, _random_ids
 
 
 @pytest.mark.parametrize("n_blocks,world", [(1, 1), (5, 2), (7, 3), (2, 3), (8, 4)])
@@ -54,7 +57,7 @@ def test_merge_across_ranks_equals_single_pass_attention(tmp_path, world):
     torch.testing.assert_close(merged_lse, lse, rtol=1e-5, atol=1e-5)
 
 
-_CONTEXT = torch.randint(3, 49152, (230,), generator=torch.Generator().manual_seed(1)).tolist()
+_CONTEXT = _random_ids(230)
 _QUERY = [11, 22, 33, 44, 55]
 
 
@@ -71,11 +74,6 @@ def _phase2_logits(engine, ctx, **spread):
 
 
 def _phase2_worker(rank, world, init_file, result_path):
-    from conftest import tiny_model
-    from starqa.distributed import Ranks, phase2_spread
-    from starqa.engine import StarEngine
-    from test_engine import _NoTokenizer
-
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     ranks = Ranks(rank=rank, world=world, device="cpu", group=dist.group.WORLD)
     engine = StarEngine(tiny_model("llama"), _NoTokenizer())
@@ -91,10 +89,6 @@ def _phase2_worker(rank, world, init_file, result_path):
 @pytest.mark.parametrize("world", [2, 3])
 def test_phase2_on_ranks_gives_the_logits_of_one_process(tmp_path, world):
     """Each rank holds only its blocks; every step's logits equal one process holding all of them."""
-    from conftest import tiny_model
-    from starqa.engine import StarEngine
-    from test_engine import _NoTokenizer
-
     mp.spawn(_phase2_worker, args=(world, str(tmp_path / "init"), str(tmp_path / "result")), nprocs=world,
              join=True)
     engine = StarEngine(tiny_model("llama"), _NoTokenizer())
