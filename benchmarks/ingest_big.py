@@ -121,7 +121,7 @@ def main() -> None:
     stage.note = f"{len(document_ids):,} tokens: {len(document_ids) / stage.seconds:,.0f} tokens/s"
     if args.compare_hf:
         with Stage("tokenization (hf)") as stage:
-            hf_ids = encode_document(engine.tokenizer, extracted.text)
+            hf_ids = encode_document(engine.hf_tokenizer, extracted.text)
         same = "identical ids" if hf_ids == document_ids else "DIFFERENT ids"
         stage.note = f"{len(hf_ids):,} tokens: {len(hf_ids) / stage.seconds:,.0f} tokens/s, {same}"
         del hf_ids

@@ -30,7 +30,7 @@ QUESTION = "How many days of written notice are needed to terminate for convenie
 
 
 def context_of(engine, n_tokens: int) -> list[int]:
-    tokenizer = engine.tokenizer
+    tokenizer = engine.hf_tokenizer
     text = SAMPLE.read_text(encoding="utf-8")
     ids = encode_document(tokenizer, text)
     template = prompt_template(tokenizer)

@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass, field
 
 from starqa import report
 from starqa.distributed import Ranks, agree, block_plan, gather_objects, phase2_spread, share_outcome
-from starqa.engine import ContextKV
-from starqa.errors import UsageError
+from starqa.context_kv import ContextKV
+from starqa.errors import StarqaError, UsageError
 from starqa.sources import AttentionShares, block_pages, format_sources, rank_sources, shares_from_parts
-from starqa.store import DocumentReplaced, DocumentStore, StoredDocument
+from starqa.store import DocumentReplaced, DocumentStore, StoredDocument, reingest_hint
 from starqa.tokens import context_ids_for, prompt_template, query_ids_for
 
 
@@ -46,38 +46,52 @@ class Answer:
 
 def load_context(engine, store: DocumentStore, document: StoredDocument,
                  block_indices: Sequence[int] | None = None) -> ContextKV:
-    """Read (and check) the stored blocks into one contiguous KV per layer."""
-    from starqa.engine import EncodedBlock
+    """Read (and check) the stored blocks into one contiguous KV per layer, in their stored precision."""
+    from starqa.kv_quant import KEY_GROUP
 
+    if document.kv_dtype == "int8" and document.manifest.get("kv_key_group") != KEY_GROUP:
+        raise StarqaError(f"document '{document.name}' holds int8 KV quantized in groups of "
+                          f"{document.manifest.get('kv_key_group')} tokens, which this starqa does not read; "
+                          f"{reingest_hint(document)}")
     indices = [block["index"] for block in document.blocks] if block_indices is None else list(block_indices)
     by_index = {block["index"]: block for block in document.blocks}
-    held = sum(by_index[i]["end"] - by_index[i]["start"] for i in indices)
-    blocks = (  # a generator: each block is read, copied into place and dropped before the next is read
-        EncodedBlock(index=meta["index"], start=meta["start"], end=meta["end"], keys=keys, values=values)
-        for meta, keys, values in store.load_blocks(document, indices, device=engine.device, dtype=engine.dtype)
-    )
-    return engine.context_from_blocks(blocks, document.manifest["context_tokens"], held)
+    spans = [(by_index[i]["start"], by_index[i]["end"]) for i in indices]
+    held = sum(end - start for start, end in spans)
+    # load_blocks is a generator: each block is read, copied into place and dropped before the next is read
+    blocks = store.load_blocks(document, indices, device=engine.device)
+    return engine.context_from_blocks(blocks, document.manifest["context_tokens"], held,
+                                      kv_dtype=document.kv_dtype, spans=spans)
 
 
 class _StreamPrinter:
-    """Prints decoded text as tokens arrive (decoding the whole answer each time keeps multi-byte chars whole)."""
+    """Prints a batch's answers in question order: the first streams as its tokens arrive, the others (decoded
+    alongside it) follow when the batch is done, each under its own answer with its sources."""
 
-    def __init__(self, tokenizer, stop_ids) -> None:
+    def __init__(self, tokenizer, stop_ids, rows: int = 1) -> None:
         self.tokenizer, self.stop_ids = tokenizer, stop_ids
         self.out = sys.stdout  # looked up now, not at import: a caller may have redirected stdout since
-        self.ids: list[int] = []
-        self.printed = ""
+        self.ids: list[list[int]] = [[] for _ in range(rows)]
+        self.printed = ""  # of the first answer
 
-    def __call__(self, token: int) -> None:
+    def __call__(self, row: int, token: int) -> None:
         if token in self.stop_ids:
             return
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            return
-        self.out.write(text[len(self.printed):])
-        self.out.flush()
-        self.printed = text
+        self.ids[row].append(token)
+        if row == 0:
+            text = self.tokenizer.decode(self.ids[0], skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+                return
+            self.out.write(text[len(self.printed):])
+            self.out.flush()
+            self.printed = text
+
+    def close(self, trailers: Sequence[str]) -> None:
+        """End every answer, each followed by its trailer lines (sources), in question order."""
+        for row, trailer in enumerate(trailers):
+            text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
+            self.out.write(text[len(self.printed):] if row == 0 else text)
+            self.out.write("\n" + (trailer + "\n" if trailer else ""))
+            self.out.flush()
 
 
 def answer_text(engine, new_ids: list[int]) -> str:
@@ -85,25 +99,27 @@ def answer_text(engine, new_ids: list[int]) -> str:
     return engine.tokenizer.decode(kept, skip_special_tokens=True).strip()
 
 
-def ask_star(engine, ctx: ContextKV, document: StoredDocument, question: str, settings, *, cache_hit: bool,
-             phase1_s: float, stream: bool, ranks: Ranks | None = None) -> Answer:
+def ask_star(engine, ctx: ContextKV, document: StoredDocument, questions: Sequence[str], settings, *,
+             cache_hit: bool, phase1_s: float, stream: bool, ranks: Ranks | None = None) -> list[Answer]:
+    """Phase 2 for a batch of questions over the document's context KV (decoded together), answers in order."""
     ranks = ranks or Ranks()
-    query_ids = query_ids_for(engine.tokenizer, prompt_template(engine.tokenizer), question)
-    printer = _StreamPrinter(engine.tokenizer, engine.stop_ids) if stream and ranks.is_speaker else None
-    shares = AttentionShares(ctx.spans, document.manifest["document_token_offset"], engine.head_dim ** -0.5)
-    new_ids = engine.generate(ctx, query_ids, max_new_tokens=settings.max_new_tokens,
-                              temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
-                              on_token=printer, observe_prefix=shares, **phase2_spread(ranks))
+    template = prompt_template(engine.tokenizer)
+    query_ids = [query_ids_for(engine.tokenizer, template, question) for question in questions]
+    shares = [AttentionShares(ctx.spans, document.manifest["document_token_offset"], engine.head_dim ** -0.5)
+              for _ in questions]
+    printer = _StreamPrinter(engine.tokenizer, engine.stop_ids, len(questions)) if stream and ranks.is_speaker else None
+    new_ids = engine.generate_batch(ctx, query_ids, max_new_tokens=settings.max_new_tokens,
+                                    temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
+                                    on_token=printer, observers=shares, **phase2_spread(ranks))
     stats = engine.last_stats
-    sources = _sources(engine, document, shares, ranks)
+    sources = [_sources(engine, document, row_shares, ranks) for row_shares in shares]
     if printer is not None:
-        print(file=sys.stdout, flush=True)
-        if sources:
-            print(format_sources(sources), file=sys.stdout, flush=True)
-    return Answer(question=question, answer=answer_text(engine, new_ids), doc=document.name, attention="star",
-                  cache_hit=cache_hit, context_tokens=ctx.n_tokens, query_tokens=len(query_ids),
-                  answer_tokens=stats.new_tokens, phase1_s=phase1_s, prefill_s=stats.prefill_s,
-                  ttft_s=stats.ttft_s, decode_tokens_per_s=stats.decode_tokens_per_s, sources=sources)
+        printer.close([format_sources(row_sources) if row_sources else "" for row_sources in sources])
+    return [Answer(question=question, answer=answer_text(engine, ids), doc=document.name, attention="star",
+                   cache_hit=cache_hit, context_tokens=ctx.n_tokens, query_tokens=len(query_ids[row]),
+                   answer_tokens=len(ids), phase1_s=phase1_s if row == 0 else 0.0, prefill_s=stats.prefill_s,
+                   ttft_s=stats.ttft_s, decode_tokens_per_s=stats.decode_tokens_per_s, sources=sources[row])
+            for row, (question, ids) in enumerate(zip(questions, new_ids))]
 
 
 def _sources(engine, document: StoredDocument, shares: AttentionShares, ranks: Ranks) -> list[dict]:
@@ -125,33 +141,41 @@ def ask_full(engine, document: StoredDocument, context_ids: list[int], question:
     printer = _StreamPrinter(engine.tokenizer, engine.stop_ids) if stream else None
     new_ids = engine.generate_full(context_ids + query_ids, max_new_tokens=settings.max_new_tokens,
                                    temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
-                                   on_token=printer)
+                                   on_token=None if printer is None else (lambda token: printer(0, token)))
     if printer is not None:
-        print(file=sys.stdout, flush=True)
+        printer.close([""])
     stats = engine.last_stats
     return Answer(question=question, answer=answer_text(engine, new_ids), doc=document.name, attention="full",
                   cache_hit=False, context_tokens=len(context_ids), query_tokens=len(query_ids),
-                  answer_tokens=stats.new_tokens, phase1_s=0.0, prefill_s=stats.prefill_s, ttft_s=stats.ttft_s,
+                  answer_tokens=len(new_ids), phase1_s=0.0, prefill_s=stats.prefill_s, ttft_s=stats.ttft_s,
                   decode_tokens_per_s=stats.decode_tokens_per_s)
 
 
-def print_timings(answer: Answer, load_s: float | None = None, device=None) -> None:
+def print_timings(answers: Sequence[Answer], engine, load_s: float | None = None, kv_dtype: str | None = None) -> None:
+    """One table per batch of questions (stderr)."""
+    answer = answers[0]
     rows = []
     if load_s is not None:
         rows.append(("load (model + KV)", f"{load_s:.2f} s"))
+    rows.append(("dtype / KV dtype", f"{str(engine.dtype).removeprefix('torch.')} / {kv_dtype or '-'}"))
     if answer.phase1_s:
         rows.append(("Phase 1", f"{answer.phase1_s:.2f} s"))
     label = "Phase 2 prefill" if answer.attention == "star" else "full-attention prefill"
+    prompt_tokens = sum(a.query_tokens for a in answers) + (answer.context_tokens if answer.attention == "full" else 0)
     rows += [
-        (label, f"{answer.prefill_s:.3f} s ({answer.query_tokens if answer.attention == 'star' else answer.context_tokens + answer.query_tokens} tokens)"),
+        (label, f"{answer.prefill_s:.3f} s ({prompt_tokens} tokens)"),
         ("time to first token", f"{answer.ttft_s:.3f} s"),
-        ("decode", f"{answer.decode_tokens_per_s:.1f} tokens/s ({answer.answer_tokens} tokens)"),
+        ("decode", f"{answer.decode_tokens_per_s:.1f} tokens/s" + (f" per question ({len(answers)} at once)"
+                                                                   if len(answers) > 1 else "")
+         + f" ({sum(a.answer_tokens for a in answers)} tokens)"),
         ("peak memory (RSS)", f"{report.peak_rss_mb():,.0f} MiB"),
     ]
-    cuda = report.cuda_peak_mb(device)
+    cuda = report.cuda_peak_mb(engine.device)
     if cuda is not None:
         rows.append(("peak CUDA memory", f"{cuda:,.0f} MiB"))
-    report.table(f"{answer.attention} attention over '{answer.doc}' ({answer.context_tokens:,} context tokens)", rows)
+    what = "1 question" if len(answers) == 1 else f"{len(answers)} questions"
+    report.table(f"{answer.attention} attention over '{answer.doc}' ({answer.context_tokens:,} context tokens, "
+                 f"{what})", rows)
 
 
 def timer() -> Callable[[], float]:
@@ -195,7 +219,10 @@ def run(engine_loader, settings, store: DocumentStore, *, doc: str, questions: l
         flags = ", ".join("--" + key.replace("_", "-") for key in ingest_options)
         raise UsageError(f"{flags} apply when --doc is a file to ingest, and '{doc}' is a stored document name")
     if stored_name is not None:
-        engine = engine_loader(explicit_model or store.get(stored_name).manifest.get("model"))
+        # A stored document is answered with the model and compute dtype it was stored with, unless asked otherwise.
+        manifest = store.get(stored_name).manifest
+        engine = engine_loader(explicit_model or manifest.get("model"),
+                               manifest.get("dtype") if settings.dtype == "auto" else None)
         cache_hit, phase1_s = True, 0.0
     else:
         from pathlib import Path
@@ -203,7 +230,7 @@ def run(engine_loader, settings, store: DocumentStore, *, doc: str, questions: l
         if not Path(doc).exists():
             validate_name(doc)
             store.get(doc)  # raises: no such document (with close names)
-        engine = engine_loader(explicit_model)
+        engine = engine_loader(explicit_model, None)
         result = ingest(doc, settings, engine, store, name=name, ranks=ranks, **ingest_options)
         stored_name, cache_hit, phase1_s = result.name, not result.phase1_ran, result.phase1_s
 
@@ -222,19 +249,23 @@ def run(engine_loader, settings, store: DocumentStore, *, doc: str, questions: l
             if attempt == _READ_ATTEMPTS - 1:
                 raise
     load_s = elapsed()
-    for index, question in enumerate(questions):
+    batch = settings.batch_size if attention == "star" else 1
+    for first in range(0, len(questions), batch):
+        asked = questions[first:first + batch]
         stream = not as_json
         if attention == "star":
-            answer = ask_star(engine, context, document, question, settings, cache_hit=cache_hit,
-                              phase1_s=phase1_s if index == 0 else 0.0, stream=stream, ranks=ranks)
+            answers = ask_star(engine, context, document, asked, settings, cache_hit=cache_hit,
+                               phase1_s=phase1_s if first == 0 else 0.0, stream=stream, ranks=ranks)
         elif ranks.is_speaker:
-            answer = ask_full(engine, document, context, question, settings, stream=stream)
+            answers = [ask_full(engine, document, context, asked[0], settings, stream=stream)]
         else:
             continue  # one full-attention pass needs one process; the other ranks of a torchrun job only wait
         if ranks.is_speaker:
             if as_json:
-                print(answer.to_json(), flush=True)
-            print_timings(answer, load_s if index == 0 else None, engine.device)
+                for answer in answers:
+                    print(answer.to_json(), flush=True)
+            print_timings(answers, engine, load_s if first == 0 else None,
+                          document.kv_dtype if attention == "star" else None)
 
 
 def _is_valid_name(doc: str) -> bool:

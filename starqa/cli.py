@@ -25,7 +25,10 @@ ConfigOpt = typer.Option(None, "--config", help="YAML file layered over configs/
 QuietOpt = typer.Option(False, "--quiet", "-q", help="Only answers and errors; no progress or tables.")
 DebugOpt = typer.Option(False, "--debug", help="Show the full traceback of an error.")
 ModelOpt = typer.Option(None, "--model", help="smollm2-135m, a local HF model dir, a .gguf file, or a cached HF id.")
-DtypeOpt = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA).")
+DtypeOpt = typer.Option(None, "--dtype", help="Compute dtype: auto, float32, bfloat16 or float16 (auto: bfloat16 on CUDA "
+                        "and on CPUs with native bfloat16 (AMX, AVX512-BF16), else float32; a stored document: its own).")
+KvDtypeOpt = typer.Option(None, "--kv-dtype", help="Precision of the stored KV: auto (the compute dtype), bfloat16, "
+                          "float16 or int8.")
 DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N.")
 BlockOpt = typer.Option(None, "--block-size", help="Phase 1 block size in tokens.")
 AnchorOpt = typer.Option(None, "--anchor-size", help="Anchor size in tokens (default: the block size).")
@@ -89,9 +92,12 @@ def _store(settings):
     return DocumentStore(settings.store)
 
 
-def _load_engine(settings, model: str | None = None, trust_remote_code: bool = False, ranks=None):
+def _load_engine(settings, model: str | None = None, trust_remote_code: bool = False, ranks=None,
+                 dtype: str | None = None):
     from starqa.engine import StarEngine
 
+    if dtype is not None:  # a stored document's own compute dtype
+        settings = dataclasses.replace(settings, dtype=dtype)
     device = ranks.device if ranks is not None and ranks.distributed else None  # a rank loads onto its own GPU
     return StarEngine.from_settings(settings, model, device=device, trust_remote_code=trust_remote_code,
                                     on_status=report.info)
@@ -104,17 +110,17 @@ def ingest(
     force: bool = typer.Option(False, "--force", help="Replace a stored document of the same name."),
     allow_long: bool = typer.Option(False, "--allow-long", help="Encode documents longer than the model's context."),
     password: Optional[str] = typer.Option(None, "--password", help="Password of an encrypted PDF."),
-    model: Optional[str] = ModelOpt, dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
-    block_size: Optional[int] = BlockOpt, anchor_size: Optional[int] = AnchorOpt, nproc: Optional[str] = NprocOpt,
-    trust_remote_code: bool = TrustOpt,
+    model: Optional[str] = ModelOpt, dtype: Optional[str] = DtypeOpt, kv_dtype: Optional[str] = KvDtypeOpt,
+    device: Optional[str] = DeviceOpt, block_size: Optional[int] = BlockOpt, anchor_size: Optional[int] = AnchorOpt,
+    nproc: Optional[str] = NprocOpt, trust_remote_code: bool = TrustOpt,
     config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """Extract documents, run Phase 1 and store their KV caches (one document per file)."""
     from starqa.ingest import expand_sources
     from starqa.ingest import ingest as ingest_one
 
-    settings = _settings(config, quiet, model=model, dtype=dtype, device=device, block_size=block_size,
-                         anchor_size=anchor_size, nproc=nproc)
+    settings = _settings(config, quiet, model=model, dtype=dtype, kv_dtype=kv_dtype, device=device,
+                         block_size=block_size, anchor_size=anchor_size, nproc=nproc)
     files = expand_sources(files)  # quoted globs: "docs/*.pdf"
     if name is not None and len(files) > 1:
         raise UsageError("--name names one document; drop it to ingest several files (each takes its stem)")
@@ -174,6 +180,8 @@ def ask(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per question on stdout."),
     attention: str = typer.Option("star", "--attention", help="star (stored KV) or full (one pass, no cache)."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Questions decoded together against the "
+                                             "document's KV (--questions; default from the config: 8)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="0 = greedy."),
     top_p: Optional[float] = typer.Option(None, "--top-p"),
     seed: Optional[int] = typer.Option(None, "--seed"),
@@ -182,17 +190,17 @@ def ask(
     allow_long: bool = typer.Option(False, "--allow-long", help="With --doc FILE: encode it even if longer than "
                                     "the model's context."),
     password: Optional[str] = typer.Option(None, "--password", help="With --doc FILE: password of an encrypted PDF."),
-    model: Optional[str] = ModelOpt, dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
-    block_size: Optional[int] = BlockOpt, anchor_size: Optional[int] = AnchorOpt, nproc: Optional[str] = NprocOpt,
-    trust_remote_code: bool = TrustOpt,
+    model: Optional[str] = ModelOpt, dtype: Optional[str] = DtypeOpt, kv_dtype: Optional[str] = KvDtypeOpt,
+    device: Optional[str] = DeviceOpt, block_size: Optional[int] = BlockOpt, anchor_size: Optional[int] = AnchorOpt,
+    nproc: Optional[str] = NprocOpt, trust_remote_code: bool = TrustOpt,
     config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """Answer questions about a document from its stored KV cache (Phase 2 only)."""
     from starqa import ask as asking
 
-    settings = _settings(config, quiet, model=model, dtype=dtype, device=device, block_size=block_size,
-                         anchor_size=anchor_size, max_new_tokens=max_new_tokens, temperature=temperature,
-                         top_p=top_p, seed=seed, nproc=nproc)
+    settings = _settings(config, quiet, model=model, dtype=dtype, kv_dtype=kv_dtype, device=device,
+                         block_size=block_size, anchor_size=anchor_size, max_new_tokens=max_new_tokens,
+                         batch_size=batch_size, temperature=temperature, top_p=top_p, seed=seed, nproc=nproc)
     if attention not in ("star", "full"):
         raise UsageError(f"--attention must be star or full, not {attention!r}")
     asked = _read_questions(question, questions)
@@ -207,7 +215,7 @@ def ask(
         from starqa.distributed import broadcast_object
 
         asked = broadcast_object(asked, ranks)  # under a hand-launched torchrun only rank 0 read standard input
-    asking.run(lambda model_name: _load_engine(settings, model_name, trust_remote_code, ranks), settings,
+    asking.run(lambda model_name, dtype: _load_engine(settings, model_name, trust_remote_code, ranks, dtype), settings,
                _store(settings), doc=doc, questions=asked, as_json=as_json, attention=attention, name=name,
                ingest_options=dict(force=force, allow_long=allow_long, password=password),
                explicit_model=model, explicit_sizes=block_size is not None or anchor_size is not None, ranks=ranks)
@@ -263,7 +271,9 @@ def list_documents(
         for document in documents:
             m = document.manifest
             print(json.dumps({"name": document.name, "context_tokens": m["context_tokens"],
-                              "blocks": len(m["blocks"]), "model": m["model"], "kv_bytes": m["kv_bytes"],
+                              "blocks": len(m["blocks"]), "model": m["model"], "dtype": m["dtype"],
+                              "kv_dtype": document.kv_dtype, "kv_bytes": m["kv_bytes"],
+                              "kv_bytes_per_token": round(document.kv_bytes_per_token, 1),
                               "created": m["created"], "source": m["source"]["path"]}))
         return
     if not documents:
@@ -272,7 +282,7 @@ def list_documents(
     for document in documents:
         m = document.manifest
         print(f"{document.name}\t{m['context_tokens']} tokens\t{len(m['blocks'])} blocks\t"
-              f"{m['block_size']}/{m['anchor_size']}\t{m['model']}\t{m['created']}")
+              f"{m['block_size']}/{m['anchor_size']}\t{document.kv_dtype} KV\t{m['model']}\t{m['created']}")
 
 
 @app.command()
@@ -286,7 +296,8 @@ def info(
     document = _store(settings).get(name)
     m = document.manifest
     if as_json:
-        print(json.dumps(m, indent=2))
+        print(json.dumps(dict(m, kv_dtype=document.kv_dtype, kv_bytes_per_token=round(document.kv_bytes_per_token, 1)),
+                         indent=2))
         return
     rows = [("name", document.name), ("source", m["source"]["path"]), ("source sha256", m["source"]["sha256"][:16]),
             ("model", m["model"]), ("model fingerprint", m["model_fingerprint"]),
@@ -294,8 +305,9 @@ def info(
             *([("why not tiktoken", m["tokenizer_engine_reason"])] if m.get("tokenizer_engine_reason") else []),
             ("pages", str(m["pages"])), ("context tokens", f"{m['context_tokens']:,}"),
             ("blocks", str(len(m["blocks"]))), ("block / anchor size", f"{m['block_size']} / {m['anchor_size']}"),
-            ("dtype", m["dtype"]), ("Phase 1", f"{m.get('phase1_s', 0):.2f} s"),
-            ("KV on disk", f"{m['kv_bytes']:,} bytes"), ("created", m["created"]), ("stored in", str(document.path))]
+            ("dtype", m["dtype"]), ("KV dtype", document.kv_dtype), ("Phase 1", f"{m.get('phase1_s', 0):.2f} s"),
+            ("KV on disk", f"{m['kv_bytes']:,} bytes ({document.kv_bytes_per_token:,.0f} per token)"),
+            ("created", m["created"]), ("stored in", str(document.path))]
     for label, value in rows:
         print(f"{label + ':':22}{value}")
 

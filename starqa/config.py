@@ -21,11 +21,13 @@ DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "defa
 class Settings:
     model: str
     dtype: str
+    kv_dtype: str
     device: str
     block_size: int
     anchor_size: int | None
     phase1_batch: int
     max_new_tokens: int
+    batch_size: int
     temperature: float
     top_p: float
     seed: int
@@ -42,11 +44,13 @@ class Settings:
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "model": (str,),
     "dtype": (str,),
+    "kv_dtype": (str,),
     "device": (str,),
     "block_size": (int,),
     "anchor_size": (int, type(None)),
     "phase1_batch": (int,),
     "max_new_tokens": (int,),
+    "batch_size": (int,),
     "temperature": (float, int),
     "top_p": (float, int),
     "seed": (int,),
@@ -56,6 +60,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 }
 _CHOICES = {
     "dtype": {"auto", "float32", "bfloat16", "float16"},
+    "kv_dtype": {"auto", "float32", "bfloat16", "float16", "int8"},
     "device": None,  # "auto", "cpu", "cuda", "cuda:N": checked in validate()
     "attention_backend": {"auto", "torch", "triton"},
 }
@@ -108,6 +113,8 @@ def validate(settings: Settings) -> Settings:
         raise UsageError(f"phase1_batch must be positive, not {settings.phase1_batch}")
     if settings.max_new_tokens <= 0:
         raise UsageError(f"max new tokens must be positive, not {settings.max_new_tokens}")
+    if settings.batch_size <= 0:
+        raise UsageError(f"batch size must be a positive number of questions, not {settings.batch_size}")
     if settings.temperature < 0:
         raise UsageError(f"temperature must be >= 0, not {settings.temperature}")
     if not 0 < settings.top_p <= 1:

@@ -114,14 +114,15 @@ def merge_across_ranks(out: torch.Tensor, lse: torch.Tensor, group=None) -> tupl
     return merge_attention(list(zip(outs, lses)))
 
 
-def token_from_query_host(token: int, ranks: Ranks) -> int:
-    """Every rank continues with the token the query host chose (they agree anyway; this makes it certain)."""
+def token_from_query_host(tokens: list[int], ranks: Ranks) -> list[int]:
+    """Every rank continues with the tokens the query host chose (one per question; they agree anyway; this makes
+    it certain)."""
     import torch
     import torch.distributed as dist
 
-    box = torch.tensor([token], dtype=torch.long, device=ranks.device if ranks.device.startswith("cuda") else "cpu")
+    box = torch.tensor(tokens, dtype=torch.long, device=ranks.device if ranks.device.startswith("cuda") else "cpu")
     dist.broadcast(box, src=ranks.world - 1, group=ranks.group)
-    return int(box.item())
+    return box.tolist()
 
 
 def phase2_spread(ranks: Ranks) -> dict:
@@ -130,7 +131,7 @@ def phase2_spread(ranks: Ranks) -> dict:
         return {}
     return dict(keep_local=ranks.is_query_host,
                 merge_across_ranks=lambda out, lse: merge_across_ranks(out, lse, ranks.group),
-                sync_token=lambda token: token_from_query_host(token, ranks))
+                sync_token=lambda tokens: token_from_query_host(tokens, ranks))
 
 
 def broadcast_object(value, ranks: Ranks, src: int = 0):

@@ -1,18 +1,22 @@
 """Phase 1 (blockwise context encoding with an anchor) and Phase 2 (query encoding and decoding) of Star Attention.
 
-    engine = StarEngine.load("smollm2-135m", device="cpu", dtype="float32")
+    engine = StarEngine.load("smollm2-135m", device="cpu", dtype="auto")
     ctx = engine.encode_context(context_ids, block_size=256, anchor_size=256)   # Phase 1
     ids = engine.generate(ctx, query_ids, max_new_tokens=24)                    # Phase 2, greedy
+    answers = engine.generate_batch(ctx, [query_1, query_2], max_new_tokens=24) # several questions at once
 
 Phase 1: block 0 is encoded alone; block i > 0 is encoded after the anchor (the first anchor_size context tokens) at
 its global positions, and only its own KV is kept. Because attention is causal, the anchor's KV does not depend on
 what follows it, so it is computed once (as the head of block 0, or alone on a process that does not hold block 0)
 and every later block attends to it as a prefix: exactly `[anchor, block]` encoded directly, without re-encoding the
-anchor per block. Phase 2: the query attends to all context KV and causally to itself; see hf_hook.py.
+anchor per block. Phase 2: the query attends to all context KV and causally to itself (starqa.star_cache); several
+questions share the context KV (read once per step for all of them), each with its own row of the query buffer.
+The model is starqa.transformer's compact Llama-family decoder.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,44 +24,39 @@ from pathlib import Path
 
 import torch
 
-from starqa import hf_hook
 from starqa.attention import backend_problem
+from starqa.context_kv import ContextKV, EncodedBlock, chunk_starts_for
 from starqa.errors import StarqaError, UsageError
+from starqa.kv_quant import KEY_GROUP, quantize_keys, quantize_values, resolve_kv_dtype, storage_dtype
+from starqa.star_cache import StarCache
 from starqa.tokens import plan_blocks
 
 
-@dataclass
-class EncodedBlock:
-    """One context block's KV, as Phase 1 produces it and the store keeps it."""
-
-    index: int
-    start: int  # global token offset in the context
-    end: int
-    keys: list[torch.Tensor]  # per layer [kv_heads, end - start, head_dim]
-    values: list[torch.Tensor]
-
-
-@dataclass
-class ContextKV:
-    """The context KV one process holds for Phase 2: its blocks, laid out contiguously per layer."""
-
-    n_tokens: int  # length of the whole context: query positions start here
-    spans: list[tuple[int, int]]  # global [start, end) of each block held, in order
-    keys: list[torch.Tensor]  # per layer [1, kv_heads, held_tokens, head_dim]
-    values: list[torch.Tensor]
+def quantize_block(block: EncodedBlock, kv_dtype: str) -> EncodedBlock:
+    """The block's KV in the stored precision `kv_dtype` (float32, bfloat16, float16 or int8; see starqa.kv_quant)."""
+    if kv_dtype != "int8":
+        dtype = storage_dtype(kv_dtype)
+        return EncodedBlock(block.index, block.start, block.end, [k.to(dtype) for k in block.keys],
+                            [v.to(dtype) for v in block.values])
+    keys, key_scales = zip(*(quantize_keys(k) for k in block.keys))
+    values, value_scales = zip(*(quantize_values(v) for v in block.values))
+    return EncodedBlock(block.index, block.start, block.end, list(keys), list(values), list(key_scales),
+                        list(value_scales))
 
 
 @dataclass
 class GenerationStats:
-    prefill_s: float = 0.0  # Phase 2 prefill (or the full-attention pass) of the prompt
-    ttft_s: float = 0.0  # from the start of the prefill to the first answer token
-    decode_s: float = 0.0  # the tokens after the first
-    new_tokens: int = 0
+    prefill_s: float = 0.0  # Phase 2 prefill (or the full-attention pass) of the prompts
+    ttft_s: float = 0.0  # from the start of the prefill to the first answer tokens
+    decode_s: float = 0.0  # the steps after the first token
+    steps: int = 0  # decoding steps after the first token (each gives every unfinished sequence a token)
+    new_tokens: int = 0  # answer tokens of the longest sequence
+    sequences: int = 1
 
     @property
     def decode_tokens_per_s(self) -> float:
-        later = self.new_tokens - 1
-        return later / self.decode_s if later > 0 and self.decode_s > 0 else 0.0
+        """Tokens per second of one sequence (every sequence of a batch decodes at this rate)."""
+        return self.steps / self.decode_s if self.steps > 0 and self.decode_s > 0 else 0.0
 
 
 def resolve_device(device: str) -> torch.device:
@@ -66,34 +65,60 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (AMX or AVX512-BF16), as torch's cpuinfo reports it."""
+    import torch.cpu
+
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(check is not None and bool(check()) for check in checks)
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 on CUDA and on CPUs with native bfloat16 matrix instructions, float32 on other CPUs."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bfloat16()):
+            return torch.bfloat16
+        return torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
+class _Ignored:
+    """Stands in for a finished sequence's observer: its answer is complete, later steps are not its own."""
+
+    def observe_scores(self, layer, scores) -> None:
+        pass
+
+
 class StarEngine:
-    """A causal LM with Star Attention on its forward path; see the module docstring."""
+    """A causal LM with Star Attention on its forward path; see the module docstring.
+
+    `model` is a starqa.transformer.Transformer, or a transformers model object (converted: tests, and models
+    whose weights are not in safetensors files). `tokenizer` answers prompt and answer text (an HF tokenizer or a
+    starqa.light_tokenizer.LightTokenizer); `hf_tokenizer` is loaded on demand where document text is tokenized.
+    """
 
     def __init__(self, model, tokenizer, *, model_name: str = "", model_dir: Path | None = None,
-                 attention_backend: str = "auto", store_root: Path | None = None) -> None:
-        from starqa.models import check_architecture
+                 attention_backend: str = "auto", store_root: Path | None = None,
+                 tokenizer_profile: dict | None = None, trust_remote_code: bool = False) -> None:
+        from starqa.transformer import Transformer
 
-        check_architecture(model.config)
-        model.set_attn_implementation(hf_hook.ATTN_IMPLEMENTATION)
-        self.model = model.eval()
+        if not isinstance(model, Transformer):
+            model = Transformer.from_hf_model(model)
+        self.model = model
+        self.args = model.args
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.model_dir = model_dir
         self.store_root = store_root  # where the tokenizer check is recorded (None: not recorded)
         self.attention_backend = attention_backend
-        config = model.config
-        self.config = config
-        self.num_layers = config.num_hidden_layers
-        self.kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
+        self.num_layers = model.args.num_layers
+        self.kv_heads = model.args.num_kv_heads
+        self.head_dim = model.args.head_dim
+        self.device = model.device
+        self.dtype = model.dtype
+        self.tokenizer_profile = tokenizer_profile
+        self._trust_remote_code = trust_remote_code
+        self._hf_tokenizer = None if tokenizer_profile is not None and tokenizer_profile.get("light") else tokenizer
         self.stop_ids = self._stop_token_ids()
         self.last_stats = GenerationStats()
         self.phase1_blocks_encoded = 0  # counts real Phase 1 work (tests assert a cache hit skips it)
@@ -101,6 +126,16 @@ class StarEngine:
         self._text_encoder = None  # built on first use: ask does not need it
 
     # ---------------------------------------------------------------- identity and tokenization
+
+    @property
+    def hf_tokenizer(self):
+        """The transformers tokenizer (document text and eval prompts need it); loaded on first use."""
+        if self._hf_tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._hf_tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True,
+                                                               trust_remote_code=self._trust_remote_code)
+        return self._hf_tokenizer
 
     @property
     def model_fingerprint(self) -> str:
@@ -116,43 +151,36 @@ class StarEngine:
         if "tokenizer" not in self._fingerprints:
             from starqa.models import tokenizer_fingerprint
 
-            self._fingerprints["tokenizer"] = tokenizer_fingerprint(self.tokenizer)
+            profile = self.tokenizer_profile
+            self._fingerprints["tokenizer"] = (profile["fingerprint"] if profile is not None
+                                               else tokenizer_fingerprint(self.hf_tokenizer))
         return self._fingerprints["tokenizer"]
 
     @property
     def context_window(self) -> int:
-        from starqa.models import model_context_window
-
-        return model_context_window(self.config)
+        return self.args.max_position_embeddings
 
     @property
     def sliding_window(self) -> int | None:
-        from starqa.models import model_sliding_window
-
-        return model_sliding_window(self.config)
+        return self.args.sliding_window
 
     @property
     def text_encoder(self):
         """Document tokenization: tiktoken when checked identical to the HF tokenizer, else the HF tokenizer.
 
-        The check runs on the model's first use and its outcome is recorded (see `_tokenizer_check_record`)."""
+        The check runs on the model's first use and its outcome is recorded (see `_record_path`)."""
         if self._text_encoder is None:
-            from starqa.fast_tokenizer import text_encoder_for
+            from starqa.fast_tokenizer import RECORD_FILE_NAME, text_encoder_for
 
-            self._text_encoder = text_encoder_for(self.tokenizer, self._tokenizer_check_record())
+            self._text_encoder = text_encoder_for(self.hf_tokenizer, self._record_path(RECORD_FILE_NAME))
         return self._text_encoder
 
-    def _tokenizer_check_record(self) -> Path | None:
-        """A model converted into the store's models/ folder keeps the record in its own folder; a user's model
-        directory is never written to: its record goes to a file in models/ keyed like every record."""
+    def _record_path(self, file_name: str) -> Path | None:
+        """A model converted into the store's models/ folder keeps its records in its own folder; a user's model
+        directory is never written to: its records go to a file in models/, keyed like every record."""
         if self.store_root is None:
             return None
-        from starqa.fast_tokenizer import RECORD_FILE_NAME
-
-        models_root = Path(self.store_root) / "models"
-        if self.model_dir is not None and Path(self.model_dir).resolve().parent == models_root.resolve():
-            return Path(self.model_dir) / RECORD_FILE_NAME
-        return models_root / RECORD_FILE_NAME
+        return record_path(Path(self.store_root), self.model_dir, file_name)
 
     @property
     def tokenizer_engine(self) -> str:
@@ -172,15 +200,10 @@ class StarEngine:
     def load(cls, model: str = "smollm2-135m", *, device: str = "auto", dtype: str = "auto",
              store_root: Path | str | None = None, attention_backend: str = "auto",
              trust_remote_code: bool = False, on_status: Callable[[str], None] | None = None) -> "StarEngine":
-        import transformers
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         from starqa import models
-
-        # Our own progress and messages go to stderr through starqa.report; transformers' bars would only add noise.
-        transformers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
+        from starqa.light_tokenizer import PROFILE_FILE_NAME, LightTokenizer, read_profile, write_profile
         from starqa.store import default_store_root
+        from starqa.transformer import Transformer
 
         root = Path(store_root) if store_root is not None else default_store_root()
         torch_device = resolve_device(device)
@@ -189,19 +212,32 @@ class StarEngine:
             raise UsageError(problem)
         source = models.ensure_converted(models.resolve_model(model, root / "models"), on_status=on_status)
         torch_dtype = resolve_dtype(dtype, torch_device)
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(source.directory, local_files_only=True,
-                                            trust_remote_code=trust_remote_code)
+        config = json.loads((source.directory / "config.json").read_text(encoding="utf-8"))
         models.check_architecture(config)
-        hf_model = AutoModelForCausalLM.from_pretrained(
-            source.directory, dtype=torch_dtype, attn_implementation=hf_hook.ATTN_IMPLEMENTATION,
-            local_files_only=True, trust_remote_code=trust_remote_code,
-        ).to(torch_device)
-        tokenizer = AutoTokenizer.from_pretrained(source.directory, local_files_only=True,
-                                                  trust_remote_code=trust_remote_code)
-        return cls(hf_model, tokenizer, model_name=source.name, model_dir=source.directory,
-                   attention_backend=attention_backend, store_root=root)
+        if any(source.directory.glob("*.safetensors")):
+            transformer = Transformer.from_directory(source.directory, dtype=torch_dtype, device=torch_device)
+        else:  # weights in PyTorch's own format: transformers reads them (safely), then we take them over
+            transformer = Transformer.from_hf_model(_hf_model(source.directory, torch_dtype, trust_remote_code)
+                                                    .to(torch_device))
+        profile_path = record_path(root, source.directory, PROFILE_FILE_NAME)
+        profile = read_profile(profile_path, source.directory)
+        engine_args = dict(model_name=source.name, model_dir=source.directory, attention_backend=attention_backend,
+                           store_root=root, trust_remote_code=trust_remote_code)
+        if profile is not None and profile.get("light"):
+            return cls(transformer, LightTokenizer(source.directory, profile), tokenizer_profile=profile,
+                       **engine_args)
+        from transformers import AutoTokenizer
+
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        hf_tokenizer = AutoTokenizer.from_pretrained(source.directory, local_files_only=True,
+                                                     trust_remote_code=trust_remote_code)
+        engine = cls(transformer, hf_tokenizer, **engine_args)
+        if profile is None:  # first use of this tokenizer: record what asking needs, for the next processes
+            engine.tokenizer_profile = write_profile(profile_path, source.directory, hf_tokenizer, engine.stop_ids)
+        return engine
 
     @classmethod
     def from_settings(cls, settings, model: str | None = None, *, device: str | None = None,
@@ -219,47 +255,41 @@ class StarEngine:
                         trust_remote_code=trust_remote_code, on_status=on_status)
 
     def _stop_token_ids(self) -> set[int]:
-        stop: set[int] = set()
-        generation_config = getattr(self.model, "generation_config", None)
-        eos = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
-        if eos is None:
-            eos = self.config.eos_token_id
-        if isinstance(eos, int):
-            stop.add(eos)
-        elif eos:
-            stop.update(int(token) for token in eos)
-        if self.tokenizer.eos_token_id is not None:
+        if self.tokenizer_profile is not None and "stop_ids" in self.tokenizer_profile:
+            return set(self.tokenizer_profile["stop_ids"])
+        stop: set[int] = set(self.args.eos_token_id)
+        if self.model_dir is not None and (Path(self.model_dir) / "generation_config.json").is_file():
+            eos = json.loads((Path(self.model_dir) / "generation_config.json").read_text()).get("eos_token_id")
+            if eos is not None:  # the generation config's stop tokens win over the model config's, as in HF
+                stop = {eos} if isinstance(eos, int) else {int(token) for token in eos}
+        if getattr(self.tokenizer, "eos_token_id", None) is not None:
             stop.add(int(self.tokenizer.eos_token_id))
         return stop
 
     # ---------------------------------------------------------------- forward passes
 
-    def _new_cache(self, *, batch: int, capacity: int, prefix: tuple[list, list] | None = None,
-                   keep_local: bool = True, merge_across_ranks=None) -> hf_hook.StarCache:
-        return hf_hook.StarCache(
-            num_layers=self.num_layers, batch=batch, kv_heads=self.kv_heads, head_dim=self.head_dim,
-            capacity=capacity, dtype=self.dtype, device=self.device,
-            prefix_keys=prefix[0] if prefix else None, prefix_values=prefix[1] if prefix else None,
-            keep_local=keep_local, merge_across_ranks=merge_across_ranks, backend=self.attention_backend,
-        )
+    def _new_cache(self, *, batch: int, capacity: int, prefix: ContextKV | None = None, keep_local: bool = True,
+                   merge_across_ranks=None, key_valid: torch.Tensor | None = None) -> StarCache:
+        return StarCache(num_layers=self.num_layers, batch=batch, kv_heads=self.kv_heads, head_dim=self.head_dim,
+                         capacity=capacity, dtype=self.dtype, device=self.device, prefix=prefix,
+                         keep_local=keep_local, merge_across_ranks=merge_across_ranks,
+                         backend=self.attention_backend, key_valid=key_valid, sliding_window=self.sliding_window)
 
     @torch.inference_mode()
-    def _encode(self, ids: torch.Tensor, positions: torch.Tensor, prefix=None) -> hf_hook.StarCache:
+    def _encode(self, ids: torch.Tensor, positions: torch.Tensor, prefix: ContextKV | None = None) -> StarCache:
         """Run the decoder (no LM head) over ids [batch, n] at positions [batch, n]; the cache holds their KV."""
         cache = self._new_cache(batch=ids.shape[0], capacity=ids.shape[1], prefix=prefix)
-        self.model.base_model(input_ids=ids, position_ids=positions, cache=cache, star_cache=cache, use_cache=True)
+        self.model.forward(ids, positions, cache, logits=False)
         cache.advance(ids.shape[1])
         return cache
 
     @torch.inference_mode()
-    def _step(self, cache: hf_hook.StarCache, token_ids: Sequence[int], first_position: int) -> torch.Tensor:
-        """Encode tokens after those in the cache; returns the next-token logits [vocab] (float32)."""
-        ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
-        positions = torch.arange(first_position, first_position + len(token_ids), device=self.device)[None]
-        output = self.model(input_ids=ids, position_ids=positions, cache=cache, star_cache=cache,
-                            use_cache=True, logits_to_keep=1)
-        cache.advance(len(token_ids))
-        return output.logits[0, -1].float()
+    def _step(self, cache: StarCache, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Encode ids [batch, n] at positions [batch, n] after the tokens in the cache; returns each sequence's
+        next-token logits [batch, vocab] (float32)."""
+        logits = self.model.forward(ids, positions, cache)
+        cache.advance(ids.shape[1])
+        return logits.float()
 
     # ---------------------------------------------------------------- Phase 1
 
@@ -276,126 +306,241 @@ class StarEngine:
         ids = torch.tensor(list(context_ids), dtype=torch.long, device=self.device)
         anchor_len = min(anchor_size, len(context_ids))
 
-        anchor_kv = None
+        anchor = None
         if 0 in wanted:
             start, end = spans[0]
             cache = self._encode(ids[None, start:end], torch.arange(start, end, device=self.device)[None])
             self.phase1_blocks_encoded += 1
             yield self._block_from_cache(0, spans[0], cache, row=0)
-            anchor_kv = ([k[:, :, :anchor_len] for k in cache.keys], [v[:, :, :anchor_len] for v in cache.values])
+            anchor = self._anchor_from(cache, anchor_len)
         later = [index for index in wanted if index > 0]
-        if later and anchor_kv is None:  # this process does not hold block 0: encode the anchor itself
+        if later and anchor is None:  # this process does not hold block 0: encode the anchor itself
             cache = self._encode(ids[None, :anchor_len], torch.arange(anchor_len, device=self.device)[None])
-            anchor_kv = (cache.keys, cache.values)
+            anchor = self._anchor_from(cache, anchor_len)
 
         for group in _equal_length_batches(later, spans, batch):
             length = spans[group[0]][1] - spans[group[0]][0]
             block_ids = torch.stack([ids[spans[i][0] : spans[i][1]] for i in group])  # [batch, length]
             offsets = torch.tensor([spans[i][0] for i in group], device=self.device)[:, None]
             positions = offsets + torch.arange(length, device=self.device)[None]  # global position ids
-            cache = self._encode(block_ids, positions, prefix=anchor_kv)
+            cache = self._encode(block_ids, positions, prefix=anchor)
             self.phase1_blocks_encoded += len(group)
             for row, index in enumerate(group):
                 yield self._block_from_cache(index, spans[index], cache, row=row)
 
     @staticmethod
-    def _block_from_cache(index: int, span: tuple[int, int], cache: hf_hook.StarCache, row: int) -> EncodedBlock:
+    def _anchor_from(cache: StarCache, anchor_len: int) -> ContextKV:
+        return ContextKV(n_tokens=anchor_len, spans=[(0, anchor_len)],
+                         keys=[k[:1, :, :anchor_len] for k in cache.keys],
+                         values=[v[:1, :, :anchor_len] for v in cache.values])
+
+    @staticmethod
+    def _block_from_cache(index: int, span: tuple[int, int], cache: StarCache, row: int) -> EncodedBlock:
         return EncodedBlock(
             index=index, start=span[0], end=span[1],
             keys=[k[row].clone() for k in cache.keys], values=[v[row].clone() for v in cache.values],
         )
 
     def encode_context(self, context_ids: Sequence[int], block_size: int, anchor_size: int | None = None, *,
-                       batch: int = 4) -> ContextKV:
-        """Phase 1 over the whole context, in this process."""
-        held = sum(end - start for start, end in plan_blocks(len(context_ids), block_size))
-        blocks = self.encode_blocks(context_ids, block_size, anchor_size, batch=batch)
-        return self.context_from_blocks(blocks, len(context_ids), held)
+                       batch: int = 4, kv_dtype: str = "auto") -> ContextKV:
+        """Phase 1 over the whole context, in this process; the KV kept in the precision `kv_dtype` (as stored)."""
+        spans = plan_blocks(len(context_ids), block_size)
+        kv_dtype = resolve_kv_dtype(kv_dtype, self.dtype)
+        blocks = (quantize_block(block, kv_dtype)
+                  for block in self.encode_blocks(context_ids, block_size, anchor_size, batch=batch))
+        return self.context_from_blocks(blocks, len(context_ids), len(context_ids), kv_dtype=kv_dtype, spans=spans)
 
-    def context_from_blocks(self, blocks: Iterable[EncodedBlock], n_tokens: int, held_tokens: int) -> ContextKV:
+    def context_from_blocks(self, blocks: Iterable[EncodedBlock], n_tokens: int, held_tokens: int, *,
+                            kv_dtype: str = "auto", spans: Sequence[tuple[int, int]] | None = None) -> ContextKV:
         """Lay the blocks' KV out contiguously per layer, taking `blocks` one at a time as they are produced (read
         from disk, or encoded), so that at most one block exists twice: the context's KV needs its own size in
-        memory, not twice it. Decoding never copies it again."""
+        memory, not twice it. The KV keeps its precision `kv_dtype` (int8 blocks bring their scales; `spans`, the
+        blocks' [start, end), are then needed up front to place them). Decoding never copies it again."""
+        kv_dtype = resolve_kv_dtype(kv_dtype, self.dtype)
+        dtype = storage_dtype(kv_dtype)
         shape = (1, self.kv_heads, held_tokens, self.head_dim)
-        keys = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        values = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        offset, spans = 0, []
+        keys = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(self.num_layers)]
+        values = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(self.num_layers)]
+        quantized = kv_dtype == "int8"
+        chunk_starts = key_scales = value_scales = None
+        if quantized:
+            if spans is None:
+                raise ValueError("int8 KV needs the blocks' spans up front")
+            chunk_starts = chunk_starts_for(spans, KEY_GROUP)
+            chunks = chunk_starts.numel() - 1
+            key_scales = [torch.empty((self.kv_heads, chunks, self.head_dim), device=self.device)
+                          for _ in range(self.num_layers)]
+            value_scales = [torch.empty((self.kv_heads, held_tokens), device=self.device)
+                            for _ in range(self.num_layers)]
+        offset, chunk, held_spans = 0, 0, []
         for block in blocks:
             length = block.end - block.start
             if offset + length > held_tokens:
                 raise ValueError(f"the blocks hold more than the {held_tokens} tokens announced")
+            if block.keys[0].dtype != dtype:
+                raise ValueError(f"block {block.index} holds {block.keys[0].dtype} KV, not {dtype}")
+            groups = block.key_scales[0].shape[1] if quantized else 0
             for layer in range(self.num_layers):
                 keys[layer][0, :, offset : offset + length] = block.keys[layer]
                 values[layer][0, :, offset : offset + length] = block.values[layer]
+                if quantized:
+                    key_scales[layer][:, chunk : chunk + groups] = block.key_scales[layer]
+                    value_scales[layer][:, offset : offset + length] = block.value_scales[layer]
             offset += length
-            spans.append((block.start, block.end))
+            chunk += groups
+            held_spans.append((block.start, block.end))
         if offset != held_tokens:
             raise ValueError(f"the blocks hold {offset} tokens, not the {held_tokens} announced")
-        return ContextKV(n_tokens=n_tokens, spans=spans, keys=keys, values=values)
+        if spans is not None and list(spans) != held_spans:
+            raise ValueError("the blocks are not the spans announced")
+        return ContextKV(n_tokens=n_tokens, spans=held_spans, keys=keys, values=values, chunk_starts=chunk_starts,
+                         key_scales=key_scales, value_scales=value_scales)
 
     # ---------------------------------------------------------------- Phase 2
 
     def generate(self, ctx: ContextKV, query_ids: Sequence[int], *, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                  on_token: Callable[[int], None] | None = None, keep_local: bool = True,
-                 merge_across_ranks=None, sync_token: Callable[[int], int] | None = None,
+                 merge_across_ranks=None, sync_token: Callable | None = None,
                  observe_prefix=None) -> list[int]:
-        """Phase 2: encode the query against the context KV, then decode; returns the new token ids.
+        """Phase 2 for one question: encode the query against the context KV, then decode; returns the new ids.
 
         Distributed: each rank passes its own blocks in `ctx`; `merge_across_ranks` combines the ranks' partial
         attention per layer; only the query host keeps the query's KV (`keep_local`); `sync_token` makes every
-        rank continue with the query host's token. `observe_prefix` (a starqa.sources.AttentionShares) sees every
-        layer's scores over the context, for the answer's sources.
+        rank continue with the query host's tokens. `observe_prefix` (a starqa.sources.AttentionShares) sees every
+        step's scores over the context, for the answer's sources.
         """
-        cache = self._new_cache(batch=1, capacity=len(query_ids) + max_new_tokens,
-                                prefix=(ctx.keys, ctx.values), keep_local=keep_local,
-                                merge_across_ranks=merge_across_ranks)
-        cache.observe_prefix = observe_prefix
-        return self._decode(cache, list(query_ids), ctx.n_tokens, max_new_tokens, temperature, top_p, seed, on_token,
-                            sync_token)
+        return self.generate_batch(
+            ctx, [query_ids], max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+            on_token=None if on_token is None else (lambda row, token: on_token(token)), keep_local=keep_local,
+            merge_across_ranks=merge_across_ranks, sync_token=sync_token,
+            observers=None if observe_prefix is None else [observe_prefix])[0]
+
+    def generate_batch(self, ctx: ContextKV, queries: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
+                       temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                       on_token: Callable[[int, int], None] | None = None, keep_local: bool = True,
+                       merge_across_ranks=None, sync_token: Callable | None = None,
+                       observers: Sequence | None = None) -> list[list[int]]:
+        """Phase 2 for several questions over one context: one row each, decoded together (each step reads the
+        weights and the context KV once for all of them). Every question is answered as if asked alone: its own
+        query KV, its own sampling generator seeded with `seed`. Returns each question's new ids, in order;
+        `on_token(row, token)` streams them."""
+        rows = len(queries)
+        longest = max(len(query) for query in queries)
+        pads = [longest - len(query) for query in queries]
+        n = ctx.n_tokens
+        ids = torch.tensor([[0] * pad + list(query) for pad, query in zip(pads, queries)], device=self.device)
+        positions = torch.tensor([[n] * pad + list(range(n, n + longest - pad)) for pad in pads],
+                                 device=self.device)
+        capacity = longest + max_new_tokens
+        key_valid = None
+        if any(pads):  # left padding: every row writes at the same offset; each row's pads are hidden from it
+            key_valid = torch.arange(capacity, device=self.device)[None, :] >= torch.tensor(pads, device=self.device)[:, None]
+        cache = self._new_cache(batch=rows, capacity=capacity, prefix=ctx, keep_local=keep_local,
+                                merge_across_ranks=merge_across_ranks, key_valid=key_valid)
+        self._check_reach(n + longest + max_new_tokens)
+        next_positions = [n + longest - pad for pad in pads]
+        return self._decode(cache, ids, positions, next_positions, max_new_tokens, temperature, top_p, seed,
+                            on_token, sync_token, observers)
 
     def generate_full(self, prompt_ids: Sequence[int], *, max_new_tokens: int = 128, temperature: float = 0.0,
-                      top_p: float = 1.0, seed: int = 0, on_token: Callable[[int], None] | None = None) -> list[int]:
-        """Ordinary full attention: the whole prompt in one causal pass, no stored context, then decoding."""
-        cache = self._new_cache(batch=1, capacity=len(prompt_ids) + max_new_tokens)
-        return self._decode(cache, list(prompt_ids), 0, max_new_tokens, temperature, top_p, seed, on_token)
+                      top_p: float = 1.0, seed: int = 0, on_token: Callable[[int], None] | None = None,
+                      observe_prefix=None) -> list[int]:
+        """Ordinary full attention: the prompt in one causal pass, no stored context, then decoding.
 
-    def _decode(self, cache, prompt_ids, first_position, max_new_tokens, temperature, top_p, seed, on_token,
-                sync_token=None):
+        The pass covers all prompt tokens but the last; those become the prefix that the last prompt token and the
+        answer attend to, through the same decoding path as Star Attention (exact: one softmax over every earlier
+        token, merged by log-sum-exp), so `observe_prefix` sees the same scores as in Phase 2."""
+        prompt = list(prompt_ids)
+        self._check_reach(len(prompt) + max_new_tokens)
+        head = len(prompt) - 1
+        cache = self._new_cache(batch=1, capacity=len(prompt) + max_new_tokens)
+        started = time.perf_counter()
+        if head > 0:
+            with torch.inference_mode():
+                self.model.forward(torch.tensor([prompt[:head]], device=self.device),
+                                   torch.arange(head, device=self.device)[None], cache, logits=False)
+            cache.advance(head)
+            cache = cache.split_prefix(head, [(0, head)])
+        head_s = time.perf_counter() - started
+        new = self._decode(cache, torch.tensor([prompt[head:]], device=self.device),
+                           torch.tensor([[head]], device=self.device), [len(prompt)], max_new_tokens, temperature,
+                           top_p, seed, None if on_token is None else (lambda row, token: on_token(token)), None,
+                           None if observe_prefix is None else [observe_prefix])
+        self.last_stats.prefill_s += head_s
+        self.last_stats.ttft_s += head_s
+        return new[0]
+
+    def _check_reach(self, reach: int) -> None:
         window = self.sliding_window
-        reach = first_position + len(prompt_ids) + max_new_tokens  # the whole context, on every rank
         if window is not None and reach > window:
             # Refused before the first token (not part-way through a streamed answer): beyond the window, attending
-            # to every stored token is not what the model computes. hf_hook checks each pass as well.
+            # to every stored token is not what the model computes. star_cache checks each pass as well.
             raise StarqaError(f"this model attends to only the last {window:,} tokens in some layers (sliding-window "
                               f"attention), and document, question and answer budget reach {reach:,} tokens: starqa "
                               "cannot answer this exactly; ask with a shorter --max-new-tokens or use another model")
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        stats = GenerationStats()
+
+    def _decode(self, cache: StarCache, ids: torch.Tensor, positions: torch.Tensor, next_positions: list[int],
+                max_new_tokens: int, temperature: float, top_p: float, seed: int, on_token, sync_token,
+                observers) -> list[list[int]]:
+        rows = ids.shape[0]
+        observing = list(observers) if observers is not None else None
+        cache.observers = observing
+        generators = [torch.Generator(device="cpu").manual_seed(seed) for _ in range(rows)]
+        stats = GenerationStats(sequences=rows)
         started = time.perf_counter()
-        logits = self._step(cache, prompt_ids, first_position)
+        logits = self._step(cache, ids, positions)
         stats.prefill_s = time.perf_counter() - started
-        position = first_position + len(prompt_ids)
-        new_ids: list[int] = []
+        answers: list[list[int]] = [[] for _ in range(rows)]
+        done = [False] * rows
         decode_started = 0.0
         while True:
-            token = _sample(logits, temperature, top_p, generator)
+            tokens = [_sample(logits[row], temperature, top_p, generators[row]) for row in range(rows)]
             if sync_token is not None:
-                token = sync_token(token)
-            new_ids.append(token)
-            if len(new_ids) == 1:
+                tokens = sync_token(tokens)
+            for row, token in enumerate(tokens):
+                if done[row]:
+                    continue
+                answers[row].append(token)
+                if on_token is not None:
+                    on_token(row, token)
+                if token in self.stop_ids or len(answers[row]) >= max_new_tokens:
+                    done[row] = True
+                    if observing is not None:
+                        observing[row] = _Ignored()
+            if stats.ttft_s == 0.0:
                 stats.ttft_s = time.perf_counter() - started
                 decode_started = time.perf_counter()
-            if on_token is not None:
-                on_token(token)
-            if token in self.stop_ids or len(new_ids) >= max_new_tokens:
+            if all(done):
                 break
-            logits = self._step(cache, [token], position)
-            position += 1
+            step_ids = torch.tensor(tokens, device=self.device)[:, None]
+            step_positions = torch.tensor(next_positions, device=self.device)[:, None]
+            next_positions = [position + 1 for position in next_positions]
+            logits = self._step(cache, step_ids, step_positions)
+            stats.steps += 1
         stats.decode_s = time.perf_counter() - decode_started
-        stats.new_tokens = len(new_ids)
+        stats.new_tokens = max(len(answer) for answer in answers)
         self.last_stats = stats
-        return new_ids
+        return answers
+
+
+def record_path(store_root: Path, model_dir: Path | None, file_name: str) -> Path:
+    """Where a model's records (tokenizer check, tokenizer profile) live: its own folder when it is a conversion in
+    the store's models/ folder, else one file in models/ (a user's model directory is never written to)."""
+    models_root = Path(store_root) / "models"
+    if model_dir is not None and Path(model_dir).resolve().parent == models_root.resolve():
+        return Path(model_dir) / file_name
+    return models_root / file_name
+
+
+def _hf_model(directory: Path, dtype: torch.dtype, trust_remote_code: bool):
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True,
+                                                trust_remote_code=trust_remote_code)
 
 
 def _equal_length_batches(indices: list[int], spans, batch: int) -> Iterator[list[int]]:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from starqa import __version__, report
 from starqa.config import Settings
+from starqa.engine import quantize_block
+from starqa.kv_quant import KEY_GROUP, resolve_kv_dtype
 from starqa.distributed import RankFailure, Ranks, agree, block_plan, broadcast_object, gather_objects, share_outcome
 from starqa.errors import StarqaError, UsageError
 from starqa.sources import block_pages
@@ -88,15 +90,25 @@ def settings_signature(engine, settings: Settings) -> dict:
         "block_size": settings.block_size,
         "anchor_size": settings.effective_anchor_size,
         "dtype": dtype_name(engine),
+        "kv_dtype": resolve_kv_dtype(settings.kv_dtype, engine.dtype),
     }
+
+
+def chosen_signature(signature: dict, settings: Settings) -> dict:
+    """The signature without what the user left to `auto` (dtype, KV dtype): a document stored from the same
+    source in another precision (e.g. float32 by an earlier starqa) is still the document asked for."""
+    return {key: value for key, value in signature.items()
+            if not (key == "dtype" and settings.dtype == "auto") and not (key == "kv_dtype" and settings.kv_dtype == "auto")}
 
 
 def differences(manifest: dict, signature: dict) -> list[str]:
     labels = {"tokenizer_fingerprint": "tokenizer", "prompt_layout_version": "prompt layout",
-              "block_size": "block size", "anchor_size": "anchor size", "dtype": "dtype"}
+              "block_size": "block size", "anchor_size": "anchor size", "dtype": "dtype", "kv_dtype": "KV dtype"}
     found = []
     for key, wanted in signature.items():
         stored = manifest.get(key)
+        if key == "kv_dtype" and stored is None:  # stored before --kv-dtype: its KV is in its compute dtype
+            stored = manifest.get("dtype")
         if stored != wanted:
             if key == "model_fingerprint":
                 found.append(f"model (stored with {manifest.get('model', '?')})")
@@ -144,7 +156,7 @@ def _prepare(source, settings, engine, store, *, name, force, allow_long, passwo
     for warning in extracted.warnings:
         report.warn(warning)
     source_sha256 = _source_digest(source, extracted.text, version)
-    signature = settings_signature(engine, settings)
+    signature = chosen_signature(settings_signature(engine, settings), settings)
     stored = None
     if store.exists(name):
         try:
@@ -186,9 +198,10 @@ def _prepare(source, settings, engine, store, *, name, force, allow_long, passwo
         "source": {"path": str(Path(source).resolve()) if source != "-" else "-", "sha256": source_sha256,
                    "kind": extracted.kind},
         "model": engine.model_name,
-        **signature,
+        **settings_signature(engine, settings),
         "tokenizer_engine": engine.tokenizer_engine,
         "tokenizer_engine_reason": engine.tokenizer_engine_reason,
+        **({"kv_key_group": KEY_GROUP} if resolve_kv_dtype(settings.kv_dtype, engine.dtype) == "int8" else {}),
         "context_tokens": len(context_ids),
         "document_tokens": len(document_ids),
         "document_token_offset": len(context_ids) - len(document_ids),
@@ -244,7 +257,8 @@ def _store_as_speaker(prepared, settings, engine, store, spans, ranks, force):
     stage = "before Phase 1"
     try:
         with store.lock(prepared.name, on_wait=report.info):
-            if not force and _stored_the_same(store, prepared, settings_signature(engine, settings)):
+            if not force and _stored_the_same(store, prepared,
+                                              chosen_signature(settings_signature(engine, settings), settings)):
                 report.info(f"'{prepared.name}' was just stored from the same source with the same settings by "
                             "another starqa process; nothing to do")
                 broadcast_object(_STORED_MEANWHILE, ranks)
@@ -305,9 +319,10 @@ def _phase1(engine, context_ids, settings: Settings, staging: Path, spans, ranks
             if str(ranks.rank) == _fail_rank():
                 # Shaped like a library's error (CUDA out of memory): not ours, and on several lines.
                 raise RuntimeError("injected failure\n(STARQA_FAIL_PHASE1_RANK)")
+            kv_dtype = resolve_kv_dtype(settings.kv_dtype, engine.dtype)
             for block in engine.encode_blocks(context_ids, settings.block_size, settings.effective_anchor_size,
                                               block_indices=mine, batch=settings.phase1_batch):
-                write_block_file(staging, block.index, block.start, block.end, block.keys, block.values)
+                write_block_file(staging, quantize_block(block, kv_dtype))
                 if watcher is None:
                     bar.advance(task)
         except Exception as exc:  # noqa: BLE001 - every rank must hear of it; re-raised by agree()
@@ -353,6 +368,7 @@ def _summary(prepared: _Prepared, settings, phase1_s, document, peaks: list[floa
         ("tokens", f"{n_tokens:,}"),
         ("blocks", f"{len(document.blocks)}"),
         ("block / anchor size", f"{settings.block_size} / {settings.effective_anchor_size}"),
+        ("dtype / KV dtype", f"{prepared.manifest['dtype']} / {prepared.manifest['kv_dtype']}"),
         ("Phase 1", f"{phase1_s:.2f} s ({n_tokens / max(phase1_s, 1e-9):,.0f} tokens/s)"),
     ]
     if len(peaks) == 1:
@@ -362,13 +378,16 @@ def _summary(prepared: _Prepared, settings, phase1_s, document, peaks: list[floa
     cuda = report.cuda_peak_mb(device)
     if cuda is not None:
         rows.append(("peak CUDA memory (rank 0)", f"{cuda:,.0f} MiB"))
-    rows.append(("KV on disk", report.human_bytes(document.manifest["kv_bytes"])))
+    rows.append(("KV on disk", f"{report.human_bytes(document.manifest['kv_bytes'])} "
+                               f"({report.human_bytes(document.kv_bytes_per_token)} per token)"))
     report.table(f"ingested '{prepared.name}'", rows)
 
 
 def check_usable(document: StoredDocument, engine, settings: Settings, *, explicit_sizes: bool) -> None:
-    """Refuse a stored document whose KV was made with another model, tokenizer, layout or dtype."""
+    """Refuse a stored document whose KV was made with another model, tokenizer, layout or dtype (any stored KV
+    precision is read as it is)."""
     signature = settings_signature(engine, settings)
+    signature.pop("kv_dtype")
     if not explicit_sizes:  # block sizes are the document's own unless the user asked for others
         signature.pop("block_size")
         signature.pop("anchor_size")

@@ -188,7 +188,7 @@ def _convert_gguf(gguf_path: Path, target: Path, on_status) -> None:
 
 
 def check_architecture(config) -> None:
-    model_type = getattr(config, "model_type", None)
+    model_type = _setting(config, "model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UsageError(
             f"model architecture '{model_type}' is not supported; starqa supports Llama-family models: "
@@ -211,11 +211,11 @@ def model_fingerprint(directory: Path) -> str:
     return digest.hexdigest()[:32]
 
 
-def parameters_fingerprint(model) -> str:
-    """For a model built in memory (tests): its config and a sample of every parameter."""
-    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
-    for name, parameter in sorted(model.state_dict().items()):
-        digest.update(name.encode())
+def parameters_fingerprint(transformer) -> str:
+    """For a model built in memory (tests): its shape and a sample of every weight (a starqa.transformer.Transformer)."""
+    digest = hashlib.sha256(repr(transformer.args).encode())
+    for parameter in transformer.parameters():
+        digest.update(str(tuple(parameter.shape)).encode())
         digest.update(parameter.detach().flatten()[:64].float().cpu().numpy().tobytes())
     return digest.hexdigest()[:32]
 
@@ -228,15 +228,24 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return digest.hexdigest()[:32]
 
 
+def _setting(config, key: str, default=None):
+    return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
+
+
 def model_context_window(config) -> int:
-    return int(getattr(config, "max_position_embeddings", 0) or 0)
+    return int(_setting(config, "max_position_embeddings", 0) or 0)
 
 
 def model_sliding_window(config) -> int | None:
     """How far back a sliding-window model's (windowed) layers look (Mistral v0.1: 4096; Qwen2 only with
-    use_sliding_window); None when every layer attends to all earlier tokens."""
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    if not window or (layer_types is not None and "sliding_attention" not in layer_types):
+    use_sliding_window); None when every layer attends to all earlier tokens. `config`: a config.json dict or an
+    HF config object."""
+    window = _setting(config, "sliding_window")
+    layer_types = _setting(config, "layer_types")
+    if not window:
+        return None
+    if layer_types is not None:
+        return int(window) if "sliding_attention" in layer_types else None
+    if _setting(config, "model_type") == "qwen2" and not _setting(config, "use_sliding_window", False):
         return None
     return int(window)

@@ -41,7 +41,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 
+from starqa.context_kv import EncodedBlock
 from starqa.errors import StarqaError, UsageError, one_line
+from starqa.kv_quant import storage_dtype
 
 MANIFEST_FORMAT = 1
 _NAME_MAX = 100
@@ -160,6 +162,15 @@ class StoredDocument:
     def blocks(self) -> list[dict]:
         return self.manifest["blocks"]
 
+    @property
+    def kv_dtype(self) -> str:
+        """The stored KV's precision (documents stored before --kv-dtype existed hold their compute dtype)."""
+        return self.manifest.get("kv_dtype") or self.manifest["dtype"]
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        return self.manifest["kv_bytes"] / max(1, self.manifest["context_tokens"])
+
     def text(self) -> str:
         return self._read("text.txt")
 
@@ -212,15 +223,18 @@ def block_file_name(index: int) -> str:
     return f"blocks/block_{index:05d}.safetensors"
 
 
-def write_block_file(staging: Path, index: int, start: int, end: int, keys: Sequence[torch.Tensor],
-                     values: Sequence[torch.Tensor]) -> None:
-    """One block's KV for every layer; any rank may write its blocks into the staging folder of rank 0's writer."""
+def write_block_file(staging: Path, block: EncodedBlock) -> None:
+    """One block's KV for every layer, in its stored precision (int8 with its scales, see starqa.kv_quant); any rank
+    may write its blocks into the staging folder of rank 0's writer."""
     tensors = {}
-    for layer, (key, value) in enumerate(zip(keys, values)):
+    for layer, (key, value) in enumerate(zip(block.keys, block.values)):
         tensors[f"layers.{layer}.key"] = key.detach().to("cpu").contiguous()  # [kv_heads, tokens, head_dim]
         tensors[f"layers.{layer}.value"] = value.detach().to("cpu").contiguous()
-    path = staging / block_file_name(index)
-    save_file(tensors, str(path), metadata={"index": str(index), "start": str(start), "end": str(end)})
+        if block.key_scales is not None:
+            tensors[f"layers.{layer}.key_scale"] = block.key_scales[layer].detach().to("cpu").contiguous()
+            tensors[f"layers.{layer}.value_scale"] = block.value_scales[layer].detach().to("cpu").contiguous()
+    path = staging / block_file_name(block.index)
+    save_file(tensors, str(path), metadata={"index": str(block.index), "start": str(block.start), "end": str(block.end)})
     os.chmod(path, _FILE_MODE)
     _fsync(path)
     if os.environ.get(_PAUSE_ENV, "").startswith("after-block:"):
@@ -354,24 +368,32 @@ class DocumentStore:
                 pass  # a read-only store still answers; it just re-hashes next time
 
     def load_blocks(self, doc: StoredDocument, indices: Sequence[int], device: torch.device | str = "cpu",
-                    dtype: torch.dtype | None = None) -> Iterator[tuple[dict, list[torch.Tensor], list[torch.Tensor]]]:
+                    ) -> Iterator[EncodedBlock]:
+        """The blocks' KV as stored (their precision: the manifest's kv_dtype), each checked before it is read."""
         by_index = {block["index"]: block for block in doc.blocks}
         self.check_files(doc, only=[by_index[i]["file"] for i in indices])
+        wanted = storage_dtype(doc.kv_dtype)
         for index in indices:
             block = by_index[index]
-            keys, values = [], []
+            keys, values, key_scales, value_scales = [], [], [], []
             try:
                 with safe_open(doc.path / block["file"], framework="pt", device=str(device)) as handle:
+                    names = set(handle.keys())
                     layer = 0
-                    while f"layers.{layer}.key" in handle.keys():
+                    while f"layers.{layer}.key" in names:
                         keys.append(handle.get_tensor(f"layers.{layer}.key"))
                         values.append(handle.get_tensor(f"layers.{layer}.value"))
+                        if f"layers.{layer}.key_scale" in names:
+                            key_scales.append(handle.get_tensor(f"layers.{layer}.key_scale"))
+                            value_scales.append(handle.get_tensor(f"layers.{layer}.value_scale"))
                         layer += 1
             except (OSError, SafetensorError) as exc:  # checked a moment ago: changed or removed since
                 raise doc.read_error(block["file"], exc) from None
-            if dtype is not None and keys and keys[0].dtype != dtype:
-                raise StarqaError(f"document '{doc.name}' holds {keys[0].dtype} KV, not {dtype}")
-            yield block, keys, values
+            if not keys or keys[0].dtype != wanted or bool(key_scales) != (wanted == torch.int8):
+                found = keys[0].dtype if keys else "no"
+                raise doc.damaged(f"{block['file']} holds {found} KV, but the manifest says {doc.kv_dtype}")
+            yield EncodedBlock(index=index, start=block["start"], end=block["end"], keys=keys, values=values,
+                               key_scales=key_scales or None, value_scales=value_scales or None)
 
     # ------------------------------------------------------------ writing
 

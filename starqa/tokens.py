@@ -30,7 +30,11 @@ class PromptTemplate:
 
 
 def prompt_template(tokenizer) -> PromptTemplate:
-    """Render the model's chat template around a sentinel user message to find prefix and suffix."""
+    """Render the model's chat template around a sentinel user message to find prefix and suffix (or take the one
+    a starqa.light_tokenizer.LightTokenizer recorded)."""
+    recorded = getattr(tokenizer, "recorded_template", None)
+    if recorded is not None:
+        return recorded
     if getattr(tokenizer, "chat_template", None):
         rendered = tokenizer.apply_chat_template(
             [{"role": "user", "content": _SENTINEL}], tokenize=False, add_generation_prompt=True

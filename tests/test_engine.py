@@ -113,8 +113,8 @@ def test_phase2_over_stored_blocks_equals_hf_forward_with_concatenated_cache():
     positions = torch.arange(len(context), len(context) + len(query))[None]
     with torch.no_grad():
         expected = reference(input_ids=torch.tensor([query]), position_ids=positions, cache=cache).logits[0, -1]
-    star_cache = engine._new_cache(batch=1, capacity=len(query), prefix=(ctx.keys, ctx.values))
-    logits = engine._step(star_cache, query, len(context))
+    star_cache = engine._new_cache(batch=1, capacity=len(query), prefix=ctx)
+    logits = engine._step(star_cache, torch.tensor([query]), positions)[0]
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -165,7 +165,7 @@ def test_bundled_model_one_block_equals_hf_greedy(bundled_engine):
 
     from starqa.tokens import context_ids_for, encode_document, prompt_template, query_ids_for
 
-    tokenizer = bundled_engine.tokenizer
+    tokenizer = bundled_engine.hf_tokenizer
     template = prompt_template(tokenizer)
     document = "The vault code is 48213. Paris was rainy all week, and the museum closed at six."
     context = context_ids_for(tokenizer, template, encode_document(tokenizer, document))
@@ -195,10 +195,9 @@ def test_phase2_past_a_sliding_window_is_an_error_not_a_silent_difference():
 
 def test_a_ranks_partial_attention_reaches_the_cross_rank_merge_in_float32():
     """bf16 models: each rank's result is merged again across ranks, so it must not be rounded to bf16 first."""
-    import types
-
-    from starqa import hf_hook
     from starqa.attention import merge_attention
+    from starqa.context_kv import ContextKV
+    from starqa.star_cache import StarCache
 
     generator = torch.Generator().manual_seed(0)
 
@@ -213,13 +212,11 @@ def test_a_ranks_partial_attention_reaches_the_cross_rank_merge_in_float32():
         def gather(out, lse):  # stands in for the all-gather: collect this rank's partial, return it unchanged
             partials.append((out, lse))
             return out, lse
-        cache = hf_hook.StarCache(num_layers=1, batch=1, kv_heads=2, head_dim=8, capacity=2, dtype=torch.bfloat16,
-                                  device=torch.device("cpu"), prefix_keys=[stored_keys[:, :, lo:hi]],
-                                  prefix_values=[stored_values[:, :, lo:hi]], keep_local=keep_local,
-                                  merge_across_ranks=gather)
-        local_keys, local_values = (keys, values) if keep_local else (keys[:, :, :0], values[:, :, :0])
-        out, _ = hf_hook.star_attention_forward(types.SimpleNamespace(layer_idx=0), query, local_keys, local_values,
-                                                None, star_cache=cache)
+        prefix = ContextKV(n_tokens=12, spans=[(lo, hi)], keys=[stored_keys[:, :, lo:hi].contiguous()],
+                           values=[stored_values[:, :, lo:hi].contiguous()])
+        cache = StarCache(num_layers=1, batch=1, kv_heads=2, head_dim=8, capacity=2, dtype=torch.bfloat16,
+                          device=torch.device("cpu"), prefix=prefix, keep_local=keep_local, merge_across_ranks=gather)
+        out = cache.attend(0, query, keys, values, 8 ** -0.5)
         assert out.dtype == torch.bfloat16
     rank(0, 6, keep_local=False)
     rank(6, 12, keep_local=True)
@@ -232,3 +229,46 @@ def test_a_ranks_partial_attention_reaches_the_cross_rank_merge_in_float32():
     scores[..., 0, 13] = float("-inf")  # query 0 does not see query 1
     reference = torch.softmax(scores, dim=-1) @ all_values
     torch.testing.assert_close(merged, reference, atol=2e-2, rtol=2e-2)
+
+
+def test_questions_decoded_together_answer_as_if_asked_one_by_one():
+    """Batched Phase 2: left-padded queries of different lengths, each its own KV row, the context KV shared."""
+    engine, _ = _engines()
+    engine.stop_ids = {_random_ids(1, seed=9)[0]}
+    ctx = engine.encode_context(_random_ids(230), block_size=64, anchor_size=32)
+    queries = [_random_ids(9, seed=3), _random_ids(4, seed=4), _random_ids(13, seed=5), _random_ids(1, seed=6)]
+    alone = [engine.generate(ctx, query, max_new_tokens=14) for query in queries]
+    together = engine.generate_batch(ctx, queries, max_new_tokens=14)
+    assert together == alone
+    assert len({tuple(answer) for answer in alone}) == len(queries)  # different questions, different answers
+    # sampling: each question keeps its own generator, seeded as if asked alone
+    sampled_alone = [engine.generate(ctx, query, max_new_tokens=8, temperature=0.9, seed=4) for query in queries]
+    assert engine.generate_batch(ctx, queries, max_new_tokens=8, temperature=0.9, seed=4) == sampled_alone
+
+
+def test_batched_logits_equal_single_logits():
+    engine, _ = _engines()
+    ctx = engine.encode_context(_random_ids(150), block_size=64)
+    queries = [_random_ids(5, seed=7), _random_ids(11, seed=8)]
+    singles = []
+    for query in queries:
+        cache = engine._new_cache(batch=1, capacity=len(query), prefix=ctx)
+        singles.append(engine._step(cache, torch.tensor([query]), torch.arange(150, 150 + len(query))[None])[0])
+    logits = {}
+
+    def recording_step(cache, ids, positions):
+        result = step(cache, ids, positions)
+        logits.setdefault("first", result)
+        return result
+    step, engine._step = engine._step, recording_step
+    engine.generate_batch(ctx, queries, max_new_tokens=1)
+    for row, single in enumerate(singles):
+        torch.testing.assert_close(logits["first"][row], single, rtol=1e-5, atol=1e-5)
+
+
+def test_full_attention_decodes_through_its_prompt_as_a_prefix_exactly():
+    """generate_full: one causal pass, then decoding over the prompt's KV as a prefix; HF generate's tokens."""
+    engine, reference = _engines("qwen2")
+    engine.stop_ids = set()
+    prompt = _random_ids(200, seed=11)
+    assert engine.generate_full(prompt, max_new_tokens=10) == _hf_greedy(reference, prompt, 10)

@@ -243,6 +243,7 @@ def test_resumed_records_are_scored_again_from_their_prediction(tmp_path, prompt
 
     class Engine:
         tokenizer, model_name, dtype = prompts.tokenizer, "m", "torch.float32"
+        hf_tokenizer = prompts.tokenizer
         device = torch.device("cpu")
 
     runner = EvalRunner(Engine(), log=ResultLog(log))

@@ -78,7 +78,7 @@ def test_a_tokenizer_that_normalises_text_gets_approximate_spans_in_order():
 
 @pytest.mark.slow
 def test_the_needle_page_is_the_first_source_with_the_bundled_model(bundled_engine):
-    engine, tokenizer = bundled_engine, bundled_engine.tokenizer
+    engine, tokenizer = bundled_engine, bundled_engine.hf_tokenizer
     template = prompt_template(tokenizer)
     paragraphs = (REPO / "samples" / "contract.txt").read_text().split("\n\n")
     rng = random.Random(0)
@@ -121,23 +121,24 @@ def test_scores_stay_on_the_query_device_until_handed_over():
 
 
 def test_scores_taken_from_the_attention_equal_a_separate_pass(monkeypatch):
-    # On CPU decoding steps the observer gets the scores the prefix attention computed (one read of the stored
-    # keys); answers and shares are those of the separate scoring pass used elsewhere.
-    from starqa import hf_hook
+    # On CPU decoding steps the observer gets the scores the decode kernel computed (one read of the stored keys);
+    # answers and shares are those of the torch path, which scores the keys in a separate pass.
+    from starqa import kernels
     from starqa.engine import StarEngine
 
     class NoTokenizer:
         eos_token_id = None
 
     engine = StarEngine(tiny_model("llama"), NoTokenizer())
+    engine.stop_ids = set()
     context = torch.randint(3, 49152, (150,), generator=torch.Generator().manual_seed(2)).tolist()
     ctx = engine.encode_context(context, block_size=48)
     plain = engine.generate(ctx, [5, 6, 7], max_new_tokens=6)
     fused = AttentionShares(ctx.spans, 20, engine.head_dim ** -0.5)
     assert engine.generate(ctx, [5, 6, 7], max_new_tokens=6, observe_prefix=fused) == plain
-    monkeypatch.setattr(hf_hook, "_scores_from_attention", lambda query: False)
+    monkeypatch.setattr(kernels, "available", lambda: False)
     separate = AttentionShares(ctx.spans, 20, engine.head_dim ** -0.5)
     assert engine.generate(ctx, [5, 6, 7], max_new_tokens=6, observe_prefix=separate) == plain
     for ours, theirs in zip(fused.stacked(), separate.stacked()):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-    assert len(fused.block_peak) == 6 * engine.config.num_hidden_layers  # the prompt's pass and 5 decoding steps
+    assert len(fused.block_peak) == 6 * engine.num_layers  # the prompt's pass and 5 decoding steps

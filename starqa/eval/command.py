@@ -243,7 +243,7 @@ def _suite_cases(engine, task_names, lengths, samples, seed, qa_source):
     for length in lengths:
         if window and length > window:
             report.warn(f"length {length:,} is beyond {engine.model_name}'s context window ({window:,} tokens)")
-    prompts = PromptBuilder(engine.tokenizer)
+    prompts = PromptBuilder(engine.hf_tokenizer)
     report.info(f"generating {len(task_names) * len(lengths) * samples} cases")
     cases = []
     for length in lengths:
@@ -262,7 +262,7 @@ def _document_cases(engine, name, text, pairs, max_new_tokens):
     from starqa.eval.prompts import PromptBuilder
     from starqa.eval.tasks import document_cases
 
-    context_tokens = len(PromptBuilder(engine.tokenizer).context_ids(text))
+    context_tokens = len(PromptBuilder(engine.hf_tokenizer).context_ids(text))
     report.info(f"'{name}': {context_tokens:,} context tokens, {len(pairs)} questions")
     window = engine.context_window
     if window and context_tokens > window:

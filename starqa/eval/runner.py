@@ -200,7 +200,7 @@ class EvalRunner:
     def __init__(self, engine, *, phase1_batch: int = 4, max_new_tokens: int | None = None,
                  log: ResultLog | None = None, on_record: Callable[[dict], None] | None = None) -> None:
         self.engine = engine
-        self.prompts = PromptBuilder(engine.tokenizer)
+        self.prompts = PromptBuilder(engine.hf_tokenizer)
         self.phase1_batch = phase1_batch
         self.max_new_tokens = max_new_tokens  # overrides each task's own budget when given
         self.log = log

@@ -1,0 +1,201 @@
+"""CPU decoding kernels (cpu_decode.c): a bfloat16 GEMV and attention of a few query rows over the stored KV.
+
+Decoding reads every weight and every stored KV byte once per token; torch's CPU kernels read bfloat16 matrices
+at a fraction of the memory bandwidth when only a few rows multiply them, and attention of a few rows over many
+keys is no better. These two C functions stream each byte once (see benchmarks/decode.py for the figures).
+
+The C file is compiled once per machine on first use with the machine's C compiler (`cc -O3 -march=native
+-fopenmp`, about a second) into a cache folder, keyed by the source, the compiler and the CPU, and loaded with
+ctypes after torch, so that its OpenMP threads are torch's own. Where it cannot be built (no compiler, no AVX-512,
+not Linux/x86-64) or STARQA_KERNELS=off, `unavailable_reason()` says why and the callers use plain torch instead:
+same results within float32 rounding, slower decoding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import torch
+
+__all__ = ["available", "unavailable_reason", "linear_bf16", "decode_attention", "read_bandwidth", "KV_FORMATS",
+           "MAX_ROWS", "MAX_CHUNK", "cache_folder"]
+
+_SOURCE = Path(__file__).with_name("cpu_decode.c")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+_OFF_ENV = "STARQA_KERNELS"  # "off": use plain torch everywhere (comparisons, or a machine where the build misbehaves)
+_CACHE_ENV = "STARQA_KERNEL_CACHE"
+# Kernel formats of the stored KV (cpu_decode.c's enum).
+KV_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}
+MAX_ROWS = 64  # query rows per KV head in one decode_attention call
+MAX_CHUNK = 256  # keys per chunk
+_P = ctypes.c_void_p
+
+
+def cache_folder() -> Path:
+    """Where compiled kernels are kept: $STARQA_KERNEL_CACHE, else $XDG_CACHE_HOME/starqa-kernels, else
+    ~/.cache/starqa-kernels (not the document store: one build serves every store on the machine)."""
+    if os.environ.get(_CACHE_ENV):
+        return Path(os.environ[_CACHE_ENV]).expanduser()
+    base = Path(os.environ["XDG_CACHE_HOME"]).expanduser() if os.environ.get("XDG_CACHE_HOME") else Path.home() / ".cache"
+    return base / "starqa-kernels"
+
+
+def _cpu_identity() -> str:
+    """-march=native builds for this CPU: a cache shared by several machines (a network home) must not mix them."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            lines = [line for line in info if line.startswith(("flags", "model name"))][:2]
+        return "".join(lines)
+    except OSError:
+        return platform.processor()
+
+
+def _compiler() -> str | None:
+    for candidate in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if candidate and shutil.which(candidate):
+            return shutil.which(candidate)
+    return None
+
+
+_state: dict[str, str] = {"reason": ""}
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get(_OFF_ENV, "").lower() in ("0", "off", "no", "false"):
+        _state["reason"] = f"turned off by {_OFF_ENV}"
+        return None
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        _state["reason"] = f"built for Linux on x86-64 only, not {platform.system()} on {platform.machine()}"
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        _state["reason"] = "no C compiler found (install gcc, or set CC)"
+        return None
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+        source = _SOURCE.read_bytes()
+        key = hashlib.sha256(source + version.encode() + " ".join(_FLAGS).encode()
+                             + _cpu_identity().encode()).hexdigest()[:16]
+        folder = cache_folder()
+        target = folder / f"cpu_decode-{key}.so"
+        if not target.is_file():
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            staging = folder / f".tmp-{key}-{uuid.uuid4().hex[:8]}.so"
+            result = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(staging), "-lm"],
+                                    capture_output=True, text=True, timeout=300)
+            if result.returncode != 0:
+                staging.unlink(missing_ok=True)
+                first = (result.stderr.strip().splitlines() or ["(no message)"])[0]
+                _state["reason"] = f"the C compiler failed: {first[:200]}"
+                return None
+            os.replace(staging, target)  # atomic: a concurrent build of the same key writes the same file
+        library = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as exc:
+        _state["reason"] = f"cannot build or load the kernels: {exc.__class__.__name__}: {exc}"[:240]
+        return None
+    if not library.starqa_kernels_available():
+        _state["reason"] = "this CPU has no AVX-512"
+        return None
+    library.linear_bf16.restype = ctypes.c_int
+    library.linear_bf16.argtypes = [_P, _P, _P, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    library.stream_read.restype = ctypes.c_float
+    library.stream_read.argtypes = [_P, ctypes.c_long]
+    library.decode_attention.restype = ctypes.c_int
+    library.decode_attention.argtypes = [ctypes.c_int, _P, _P, _P, _P, ctypes.c_int, ctypes.c_long, ctypes.c_int, _P,
+                                         ctypes.c_int, _P, ctypes.c_int, _P, _P, _P, _P]
+    return library
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def unavailable_reason() -> str:
+    """Why the kernels are not used here ("" when they are)."""
+    _library()
+    return _state["reason"]
+
+
+def _pointer(tensor: torch.Tensor | None):
+    return None if tensor is None else tensor.data_ptr()
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [rows, in] @ weight[out, in].T for bfloat16 CPU tensors, float32 accumulation, rounded to bfloat16 once.
+
+    Callers check `available()` and keep rows small (a GEMV; torch's AMX kernels win from about 8 rows)."""
+    rows, features = x.shape
+    out = weight.shape[0]
+    if features % 32 or not weight.is_contiguous():
+        raise ValueError(f"linear_bf16 needs a contiguous weight and in-features divisible by 32, got {tuple(weight.shape)}")
+    x = x.contiguous()
+    y = torch.empty((rows, out), dtype=torch.bfloat16)
+    code = _library().linear_bf16(weight.data_ptr(), x.data_ptr(), y.data_ptr(), out, features, rows)
+    if code != 0:
+        raise RuntimeError(f"linear_bf16 failed ({code}) for x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    return y
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk_starts: torch.Tensor, *,
+                     key_scales: torch.Tensor | None = None, value_scales: torch.Tensor | None = None,
+                     want_scores: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Attention of R query rows per KV head over every stored key (no mask).
+
+    q: float32 [hk, R, d], already multiplied by the softmax scale. keys, values: [hk, n, d] (any head stride,
+    contiguous per head) in float32, bfloat16, float16 or int8; int8 takes key_scales float32 [hk, chunks, d]
+    (per channel, one row per chunk) and value_scales float32 [hk, n] (per token). chunk_starts: int32
+    [chunks + 1], ascending offsets, at most MAX_CHUNK keys each (the int8 groups). Returns out float32
+    [hk, R, d], lse float32 [hk, R] and, with want_scores, the scores float32 [hk, R, n].
+    """
+    hk, rows, dim = q.shape
+    n = keys.shape[1]
+    if rows > MAX_ROWS:  # each row is independent: split the batch
+        parts = [decode_attention(q[:, start:start + MAX_ROWS], keys, values, chunk_starts, key_scales=key_scales,
+                                  value_scales=value_scales, want_scores=want_scores)
+                 for start in range(0, rows, MAX_ROWS)]
+        scores = torch.cat([p[2] for p in parts], dim=1) if want_scores else None
+        return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1), scores
+    if keys.stride(2) != 1 or keys.stride(1) != dim or values.stride() != keys.stride():
+        raise ValueError("decode_attention needs keys and values laid out [hk, n, d] with token stride d")
+    chunks = chunk_starts.numel() - 1
+    q = q.contiguous()
+    work = torch.empty(hk * chunks * rows * (dim + 2), dtype=torch.float32)
+    out = torch.empty((hk, rows, dim), dtype=torch.float32)
+    lse = torch.empty((hk, rows), dtype=torch.float32)
+    scores = torch.empty((hk, rows, n), dtype=torch.float32) if want_scores else None
+    quantized = keys.dtype == torch.int8
+    code = _library().decode_attention(
+        KV_FORMATS[keys.dtype], keys.data_ptr(), values.data_ptr(),
+        _pointer(key_scales) if quantized else None, _pointer(value_scales) if quantized else None,
+        hk, keys.stride(0), dim, chunk_starts.data_ptr(), chunks, q.data_ptr(), rows, work.data_ptr(),
+        out.data_ptr(), lse.data_ptr(), _pointer(scores))
+    if code != 0:
+        raise RuntimeError(f"decode_attention failed ({code}) for q {tuple(q.shape)}, keys {tuple(keys.shape)}")
+    return out, lse, scores
+
+
+def read_bandwidth(megabytes: int = 1024, repeat: int = 5) -> float:
+    """Bytes per second a streaming read of a large float32 buffer reaches here (best of `repeat`): the bandwidth a
+    decoding step's reads are bound by. Uses the kernels' reader where available, else torch's sum."""
+    import time
+
+    data = torch.ones(megabytes * (1 << 20) // 4)
+    library = _library()
+    read = ((lambda: library.stream_read(data.data_ptr(), data.numel())) if library is not None
+            else (lambda: float(data.sum())))
+    read()
+    best = float("inf")
+    for _ in range(repeat):
+        started = time.perf_counter()
+        read()
+        best = min(best, time.perf_counter() - started)
+    return data.numel() * 4 / best

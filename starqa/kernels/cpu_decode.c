@@ -1,0 +1,257 @@
+/* Decoding kernels for x86-64 CPUs with AVX-512: a decoding step is bound by reading the weights and the stored KV,
+ * and torch's CPU kernels read bfloat16 matrices at a fraction of the memory bandwidth when only a few rows multiply
+ * them (a GEMV) or when a few query rows attend to many keys.  These two functions read every byte once, in order.
+ *
+ *   linear_bf16:       y[r, o] = sum_i x[r, i] * W[o, i]       W bf16 [out, in]; x, y bf16 [rows, in] / [rows, out]
+ *   decode_attention:  out, lse (and optionally the scores) of R query rows per KV head over n stored keys, no mask,
+ *                      with K/V in float32, bfloat16, float16 or int8 (keys scaled per channel and chunk, values per
+ *                      token), split over key chunks that are merged exactly by their log-sum-exp.
+ *
+ * Accumulation is float32 throughout.  Compiled on first use by starqa/kernels/__init__.py with the machine's C
+ * compiler (-O3 -march=native -fopenmp), loaded with ctypes after torch, so that OpenMP is torch's own runtime.
+ */
+#include <math.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+
+int starqa_kernels_available(void) { return 1; }
+
+enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2, KV_I8 = 3 };
+#define MAX_ROWS 64   /* query rows per KV head in one call (callers split larger batches) */
+#define MAX_CHUNK 256 /* keys per chunk */
+#define MAX_DIM 256   /* head_dim, a multiple of 16 */
+
+static inline __m512 bf16x16_to_f32(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* float32 -> bfloat16, round to nearest even (finite values; a NaN stays a NaN) */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline __m512 load16(int fmt, const void* base, size_t offset) {
+    switch (fmt) {
+    case KV_F32: return _mm512_loadu_ps((const float*)base + offset);
+    case KV_BF16: return bf16x16_to_f32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)base + offset)));
+    case KV_F16: return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)base + offset)));
+    default: return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)((const int8_t*)base + offset))));
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------ linear */
+
+/* Rows of x (bf16) are widened to float32 once; each pair of W rows is streamed once for all rows of x. */
+int linear_bf16(const uint16_t* restrict W, const uint16_t* restrict x, uint16_t* restrict y, int out, int in,
+                int rows) {
+    if (in % 32 || rows < 1) return -1;
+    float* xf = aligned_alloc(64, sizeof(float) * (size_t)rows * in);
+    if (!xf) return -3;
+    for (size_t i = 0; i < (size_t)rows * in; i += 16)
+        _mm512_store_ps(xf + i, bf16x16_to_f32(_mm256_loadu_si256((const __m256i*)(x + i))));
+    {
+        #pragma omp parallel for schedule(static)
+        for (int o = 0; o < out; o += 2) {
+            const uint16_t* w0 = W + (size_t)o * in;
+            const uint16_t* w1 = o + 1 < out ? w0 + in : w0;
+            for (int r = 0; r < rows; r++) {
+                const float* xr = xf + (size_t)r * in;
+                __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+                for (int i = 0; i < in; i += 32) {
+                    if (r == 0) _mm_prefetch((const char*)(w0 + i + 4 * (size_t)in), _MM_HINT_T0);
+                    __m512 x0 = _mm512_load_ps(xr + i), x1 = _mm512_load_ps(xr + i + 16);
+                    a0 = _mm512_fmadd_ps(bf16x16_to_f32(_mm256_loadu_si256((const __m256i*)(w0 + i))), x0, a0);
+                    a1 = _mm512_fmadd_ps(bf16x16_to_f32(_mm256_loadu_si256((const __m256i*)(w0 + i + 16))), x1, a1);
+                    b0 = _mm512_fmadd_ps(bf16x16_to_f32(_mm256_loadu_si256((const __m256i*)(w1 + i))), x0, b0);
+                    b1 = _mm512_fmadd_ps(bf16x16_to_f32(_mm256_loadu_si256((const __m256i*)(w1 + i + 16))), x1, b1);
+                }
+                y[(size_t)r * out + o] = f32_to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(a0, a1)));
+                if (o + 1 < out) y[(size_t)r * out + o + 1] = f32_to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(b0, b1)));
+            }
+        }
+    }
+    free(xf);
+    return 0;
+}
+
+/* -------------------------------------------------------------------------------------------- decode attention */
+
+/* exp(x) for float32 lanes: 2^n * p(r) with |r| <= ln2/2 (Cephes expf polynomial), ~1 ulp; exp(-inf) = 0. */
+static inline __m512 exp512(__m512 x) {
+    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+    const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    x = _mm512_min_ps(x, _mm512_set1_ps(88.7f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
+    r = _mm512_fnmadd_ps(n, ln2_lo, r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* lane t of the result = the sum of the 16 lanes of v[t] */
+static inline __m512 hsum16(const __m512* v) {
+    __m512 a[8], b[4];
+    for (int i = 0; i < 8; i++)
+        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {
+        __m512d p = _mm512_castps_pd(a[2 * i]), q = _mm512_castps_pd(a[2 * i + 1]);
+        b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(p, q)), _mm512_castpd_ps(_mm512_unpackhi_pd(p, q)));
+    }
+    __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x44), _mm512_shuffle_f32x4(b[0], b[1], 0xEE));
+    __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x44), _mm512_shuffle_f32x4(b[2], b[3], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+}
+
+#define ROW_BLOCK 4
+
+/* One (head, chunk): the partial softmax state of R rows over keys [k0, k1).  K and V point at this head's first
+ * key (token stride d).  kscale: this chunk's per-channel key scales (int8); vscale: this head's per-token value
+ * scales (int8).  Writes part_out [R, d] (unnormalised), part_m [R] (max score), part_l [R] (sum of exp). */
+static void chunk_attention(int fmt, const void* K, const void* V, const float* kscale, const float* vscale,
+                            int k0, int k1, int d, const float* q, int R, float* part_out, float* part_m,
+                            float* part_l, float* scores, size_t scores_row_stride) {
+    float s[MAX_ROWS * MAX_CHUNK] __attribute__((aligned(64)));
+    __m512 qv[MAX_ROWS][MAX_DIM / 16];
+    const int len = k1 - k0, dv = d / 16;
+    for (int r = 0; r < R; r++)  /* per-channel key scales fold into the query */
+        for (int c = 0; c < dv; c++) {
+            qv[r][c] = _mm512_loadu_ps(q + (size_t)r * d + 16 * c);
+            if (kscale) qv[r][c] = _mm512_mul_ps(qv[r][c], _mm512_loadu_ps(kscale + 16 * c));
+        }
+    for (int j = 0; j < len; j += 16) {
+        const int kn = len - j < 16 ? len - j : 16;
+        __m512 kv[16][MAX_DIM / 16];
+        for (int t = 0; t < 16; t++)
+            for (int c = 0; c < dv; c++)
+                kv[t][c] = t < kn ? load16(fmt, K, (size_t)(k0 + j + t) * d + 16 * c) : _mm512_setzero_ps();
+        for (int r = 0; r < R; r++) {
+            __m512 acc[16];
+            for (int t = 0; t < 16; t++) {
+                acc[t] = _mm512_mul_ps(kv[t][0], qv[r][0]);
+                for (int c = 1; c < dv; c++) acc[t] = _mm512_fmadd_ps(kv[t][c], qv[r][c], acc[t]);
+            }
+            _mm512_store_ps(s + r * MAX_CHUNK + j, hsum16(acc));
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float* sr = s + r * MAX_CHUNK;
+        if (scores) memcpy(scores + (size_t)r * scores_row_stride + k0, sr, sizeof(float) * (size_t)len);
+        __m512 mv = _mm512_set1_ps(-INFINITY);
+        for (int j = 0; j < len; j += 16) {
+            __mmask16 mask = len - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - j)) - 1);
+            mv = _mm512_mask_max_ps(mv, mask, mv, _mm512_load_ps(sr + j));
+        }
+        const float m = _mm512_reduce_max_ps(mv);
+        mv = _mm512_set1_ps(m);
+        __m512 lv = _mm512_setzero_ps();
+        for (int j = 0; j < len; j += 16) {
+            __mmask16 mask = len - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - j)) - 1);
+            __m512 p = _mm512_maskz_mov_ps(mask, exp512(_mm512_sub_ps(_mm512_load_ps(sr + j), mv)));
+            lv = _mm512_add_ps(lv, p);
+            if (vscale) p = _mm512_mul_ps(p, _mm512_maskz_loadu_ps(mask, vscale + k0 + j));  /* per-token values */
+            _mm512_store_ps(sr + j, p);
+        }
+        part_m[r] = m;
+        part_l[r] = _mm512_reduce_add_ps(lv);
+    }
+    for (int r0 = 0; r0 < R; r0 += ROW_BLOCK) {
+        const int rb = R - r0 < ROW_BLOCK ? R - r0 : ROW_BLOCK;
+        __m512 acc[ROW_BLOCK][MAX_DIM / 16];
+        for (int r = 0; r < rb; r++)
+            for (int c = 0; c < dv; c++) acc[r][c] = _mm512_setzero_ps();
+        for (int j = 0; j < len; j++) {
+            for (int c = 0; c < dv; c++) {
+                __m512 vv = load16(fmt, V, (size_t)(k0 + j) * d + 16 * c);
+                for (int r = 0; r < rb; r++)
+                    acc[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(s[(r0 + r) * MAX_CHUNK + j]), vv, acc[r][c]);
+            }
+        }
+        for (int r = 0; r < rb; r++)
+            for (int c = 0; c < dv; c++) _mm512_storeu_ps(part_out + (size_t)(r0 + r) * d + 16 * c, acc[r][c]);
+    }
+}
+
+/* q: float32 [hk, R, d], already multiplied by the softmax scale.  K, V: head h's keys start at h * head_stride
+ * elements, token stride d.  chunk_start[0..n_chunks]: ascending key offsets (each chunk at most MAX_CHUNK keys).
+ * int8 only: kscale float32 [hk, n_chunks, d]; vscale float32 [hk, n] (n = chunk_start[n_chunks]).
+ * work: float32 [hk * n_chunks * R * (d + 2)].  out: float32 [hk, R, d]; lse: float32 [hk, R];
+ * scores: NULL or float32 [hk, R, n] (the scaled scores, what a caller ranking the keys needs). */
+int decode_attention(int fmt, const void* K, const void* V, const float* kscale, const float* vscale,
+                     int hk, long head_stride, int d, const int32_t* chunk_start, int n_chunks, const float* q, int R,
+                     float* work, float* out, float* lse, float* scores) {
+    if (R < 1 || R > MAX_ROWS || d % 16 || d > MAX_DIM || n_chunks < 1 || fmt < 0 || fmt > KV_I8) return -1;
+    for (int c = 0; c < n_chunks; c++) {
+        int len = chunk_start[c + 1] - chunk_start[c];
+        if (len < 1 || len > MAX_CHUNK) return -2;
+    }
+    const size_t elem = fmt == KV_F32 ? 4 : fmt == KV_I8 ? 1 : 2;
+    const int n = chunk_start[n_chunks];
+    const size_t part = (size_t)R * (d + 2);
+    #pragma omp parallel for schedule(static)
+    for (int t = 0; t < hk * n_chunks; t++) {
+        const int h = t / n_chunks, c = t % n_chunks;
+        float* w = work + (size_t)t * part;
+        chunk_attention(fmt, (const char*)K + (size_t)h * head_stride * elem,
+                        (const char*)V + (size_t)h * head_stride * elem,
+                        fmt == KV_I8 ? kscale + ((size_t)h * n_chunks + c) * d : NULL,
+                        fmt == KV_I8 ? vscale + (size_t)h * n : NULL, chunk_start[c], chunk_start[c + 1], d,
+                        q + (size_t)h * R * d, R, w, w + (size_t)R * d, w + (size_t)R * d + R,
+                        scores ? scores + (size_t)h * R * n : NULL, (size_t)n);
+    }
+    #pragma omp parallel for schedule(static)
+    for (int t = 0; t < hk * R; t++) {
+        const int h = t / R, r = t % R;
+        const float* head_work = work + (size_t)h * n_chunks * part;
+        float M = -INFINITY;
+        for (int c = 0; c < n_chunks; c++) {
+            float m = head_work[c * part + (size_t)R * d + r];
+            M = m > M ? m : M;
+        }
+        float L = 0.f;
+        __m512 acc[MAX_DIM / 16];
+        for (int i = 0; i < d / 16; i++) acc[i] = _mm512_setzero_ps();
+        for (int c = 0; c < n_chunks; c++) {
+            const float* w = head_work + c * part;
+            const float f = expf(w[(size_t)R * d + r] - M);
+            L += f * w[(size_t)R * d + R + r];
+            for (int i = 0; i < d / 16; i++)
+                acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(f), _mm512_loadu_ps(w + (size_t)r * d + 16 * i), acc[i]);
+        }
+        float* o = out + ((size_t)h * R + r) * d;
+        for (int i = 0; i < d / 16; i++) _mm512_storeu_ps(o + 16 * i, _mm512_div_ps(acc[i], _mm512_set1_ps(L)));
+        lse[h * R + r] = M + logf(L);
+    }
+    return 0;
+}
+
+/* Sums n floats with all threads, 64 bytes per load: what the memory delivers to a streaming read (the decode
+ * benchmark's floor, benchmarks/decode.py). */
+float stream_read(const float* p, long n) {
+    float total = 0.f;
+    #pragma omp parallel for reduction(+:total) schedule(static)
+    for (long c = 0; c < n / 64; c++) {
+        __m512 a = _mm512_add_ps(_mm512_loadu_ps(p + c * 64), _mm512_loadu_ps(p + c * 64 + 16));
+        __m512 b = _mm512_add_ps(_mm512_loadu_ps(p + c * 64 + 32), _mm512_loadu_ps(p + c * 64 + 48));
+        total += _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+    }
+    return total;
+}
+
+#else  /* no AVX-512: the torch path serves */
+int starqa_kernels_available(void) { return 0; }
+#endif

@@ -1,0 +1,171 @@
+"""Star Attention's attention step: a read-only prefix KV plus a preallocated buffer, merged by their log-sum-exp.
+
+`StarCache` holds, for one forward pass or one generation, the *prefix* (Phase 1: the anchor's KV; Phase 2: the
+document's stored blocks, see starqa.context_kv) and a buffer for the tokens being encoded, written in place.
+`attend` computes, per layer, the attention of the new queries to the prefix (no mask: it precedes them all) and,
+causally, to the buffer, and merges the two exactly with their log-sum-exp; under torch.distributed each rank's
+partial result is then merged with the other ranks' the same way (only the query host keeps a buffer).
+
+Sequences of a batch (several questions over one document) share the prefix and each have their own row of the
+buffer; their query tokens are left-padded to one length, so every row writes at the same offset and `key_valid`
+hides each row's padding.
+
+Where the decode kernel can run (a CPU with starqa.kernels, a few query rows), the prefix is read by it in its
+stored precision, and the same pass gives the scores an observer needs for the answer's sources.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from starqa import kernels
+from starqa.attention import attention_with_lse, merge_attention
+from starqa.context_kv import ContextKV
+from starqa.errors import StarqaError
+
+# Query rows per KV head (sequences x tokens x GQA group) up to which the CPU decode kernel reads the prefix; more
+# rows (a question's prefill) are a matrix problem, for the torch path's fused kernels.
+KERNEL_MAX_ROWS = 32
+
+
+class StarCache:
+    def __init__(self, *, num_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device, prefix: ContextKV | None = None, keep_local: bool = True,
+                 merge_across_ranks: Callable | None = None, backend: str = "auto",
+                 key_valid: torch.Tensor | None = None, sliding_window: int | None = None,
+                 buffers: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None, length: int = 0) -> None:
+        self.prefix = prefix if prefix is not None and prefix.held_tokens > 0 else None
+        self.keep_local = keep_local  # only the query host keeps the KV of the tokens being encoded
+        if buffers is not None:  # views of another cache's buffer (full attention's decode, see `split_prefix`)
+            self.keys, self.values = buffers
+        else:
+            shape = (batch, kv_heads, capacity if keep_local else 0, head_dim)
+            self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+            self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.length = length  # buffer tokens written by completed forward passes
+        self.key_valid = key_valid  # [batch, capacity] bool, False at each row's left padding; None: no padding
+        self.merge_across_ranks = merge_across_ranks
+        self.backend = backend
+        self.sliding_window = sliding_window
+        self.dtype = dtype
+        # Observers of each sequence's scores over the prefix (the answer's sources): one per batch row, each with
+        # .observe_scores(layer, scores [q_heads, held_tokens]) for the row that predicts the next token.
+        self.observers: Sequence | None = None
+
+    def advance(self, tokens: int) -> None:
+        self.length += tokens
+
+    def split_prefix(self, prefix_tokens: int, spans: list[tuple[int, int]]) -> "StarCache":
+        """This cache's first `prefix_tokens` buffer tokens as a read-only prefix, the rest as the buffer (views, no
+        copy). Full attention decodes this way after its one causal pass: exactly the same attention, through the
+        decode kernel, with the observer's scores."""
+        keys = [k[0, :, :prefix_tokens][None] for k in self.keys]
+        values = [v[0, :, :prefix_tokens][None] for v in self.values]
+        prefix = ContextKV(n_tokens=prefix_tokens, spans=spans, keys=keys, values=values)
+        rest = ([k[:, :, prefix_tokens:] for k in self.keys], [v[:, :, prefix_tokens:] for v in self.values])
+        return StarCache(num_layers=len(self.keys), batch=self.keys[0].shape[0], kv_heads=self.keys[0].shape[1],
+                         head_dim=self.keys[0].shape[3], capacity=0, dtype=self.dtype, device=self.keys[0].device,
+                         prefix=prefix, backend=self.backend, sliding_window=self.sliding_window, buffers=rest,
+                         length=self.length - prefix_tokens)
+
+    # ------------------------------------------------------------------------------------------------ attend
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """q [batch, q_heads, tokens, d]; k, v [batch, kv_heads, tokens, d] of the new tokens (after RoPE).
+        Returns the attention output [batch, tokens, q_heads, d] in q's dtype."""
+        batch, q_heads, tokens, dim = q.shape
+        end = self.length + tokens
+        self._check_window(end)
+        parts = []
+        if self.prefix is not None:
+            parts.append(self._attend_prefix(layer, q, scale))
+        if self.keep_local:
+            if end > self.keys[layer].shape[2]:
+                raise RuntimeError(f"StarCache buffer overflow: {end} > {self.keys[layer].shape[2]} tokens")
+            self.keys[layer][:, :, self.length:end] = k
+            self.values[layer][:, :, self.length:end] = v
+            parts.append(self._attend_buffer(q, self.keys[layer][:, :, :end], self.values[layer][:, :, :end], scale))
+        across_ranks = self.merge_across_ranks is not None
+        if not parts:  # a rank holding no block and not the query host: nothing seen, a neutral part
+            parts.append((torch.zeros(q.shape, dtype=torch.float32, device=q.device),
+                          torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)))
+        if across_ranks:  # this rank's result is itself partial: no rounding to bf16/fp16 before the final merge
+            parts = [(out.float(), lse) for out, lse in parts]
+        out, lse = merge_attention(parts) if len(parts) > 1 else parts[0]
+        if across_ranks:
+            out, lse = self.merge_across_ranks(out, lse)
+        return out.to(q.dtype).transpose(1, 2)
+
+    def _check_window(self, end: int) -> None:
+        if self.sliding_window is None:
+            return
+        seen = end + (self.prefix.n_tokens if self.prefix is not None else 0)
+        if seen > self.sliding_window:  # ingest refuses such documents; a long question and answer can still get here
+            raise StarqaError(f"this model attends to only the last {self.sliding_window:,} tokens in some layers "
+                              f"(sliding-window attention), and document, question and answer reach {seen:,} tokens: "
+                              "starqa cannot answer this exactly; ask with a shorter --max-new-tokens or use another "
+                              "model")
+
+    def _attend_prefix(self, layer: int, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        prefix = self.prefix
+        batch, q_heads, tokens, dim = q.shape
+        kv_heads = prefix.keys[layer].shape[1]
+        group = q_heads // kv_heads
+        rows = batch * tokens * group
+        observers = self.observers
+        use_kernel = (q.device.type == "cpu" and rows <= KERNEL_MAX_ROWS and dim % 16 == 0
+                      and prefix.chunk_starts is not None and kernels.available())
+        if use_kernel:
+            # [batch, kv_heads * group, tokens, d] -> [kv_heads, batch * tokens * group, d], pre-scaled, float32
+            rows_q = (q.float() * scale).reshape(batch, kv_heads, group, tokens, dim).permute(1, 0, 3, 2, 4)
+            out, lse, scores = kernels.decode_attention(
+                rows_q.reshape(kv_heads, rows, dim), prefix.keys[layer][0], prefix.values[layer][0],
+                prefix.chunk_starts, key_scales=prefix.key_scales[layer] if prefix.quantized else None,
+                value_scales=prefix.value_scales[layer] if prefix.quantized else None,
+                want_scores=observers is not None)
+            out = out.view(kv_heads, batch, tokens, group, dim).permute(1, 0, 3, 2, 4).reshape(q.shape)
+            lse = lse.view(kv_heads, batch, tokens, group).permute(1, 0, 3, 2).reshape(batch, q_heads, tokens)
+            if observers is not None:
+                # [kv_heads, batch, tokens, group, n] -> the last token's [q_heads, n] per sequence
+                by_row = scores.view(kv_heads, batch, tokens, group, -1)[:, :, -1]
+                for row, observer in enumerate(observers):
+                    observer.observe_scores(layer, by_row[:, row].reshape(q_heads, -1))
+            return out, lse
+        keys, values = prefix.dense(layer, q.dtype)
+        if observers is not None:
+            last = q[:, :, -1:]  # the rows that predict the next tokens
+            grouped = last.float().view(batch, kv_heads, group, dim)
+            scores = torch.einsum("bhgd,hnd->bhgn", grouped, keys[0].float()) * scale
+            for row, observer in enumerate(observers):
+                observer.observe_scores(layer, scores[row].reshape(q_heads, -1))
+        return attention_with_lse(q, keys, values, causal=False, scale=scale, backend=self.backend)
+
+    def _attend_buffer(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal attention of the newest q tokens over the buffer (they are its last tokens)."""
+        tokens, seen = q.shape[2], keys.shape[2]
+        if self.key_valid is None and (tokens > 1 or q.device.type != "cpu"):
+            return attention_with_lse(q, keys, values, causal=True, scale=scale, q_offset=seen - tokens,
+                                      backend=self.backend)
+        # Decoding on a CPU (a few hundred keys at most: explicit scores beat a fused kernel's fixed cost), or rows
+        # with left padding: scores with a mask, in float32.
+        batch, q_heads, _, dim = q.shape
+        kv_heads = keys.shape[1]
+        group = q_heads // kv_heads
+        grouped = q.float().reshape(batch, kv_heads, group * tokens, dim) * scale
+        scores = torch.matmul(grouped, keys.float().transpose(-1, -2)).view(batch, kv_heads, group, tokens, seen)
+        positions = torch.arange(seen - tokens, seen, device=q.device)[:, None]  # the queries' buffer offsets
+        columns = torch.arange(seen, device=q.device)[None, :]
+        hidden = (columns > positions)[None]  # [1, tokens, seen]: causal
+        if self.key_valid is not None:
+            # A padding token still sees itself, so that its (unused) output stays finite: a NaN written into the
+            # buffer would reach real rows through 0 * NaN in the weighted sum.
+            hidden = hidden | (~self.key_valid[:, None, :seen] & (columns != positions)[None])
+        scores = scores.masked_fill(hidden[:, None, None], float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)  # every row sees at least its own token
+        out = torch.matmul(torch.exp(scores - lse[..., None]).view(batch, kv_heads, group * tokens, seen),
+                           values.float())
+        return (out.view(batch, q_heads, tokens, dim).to(q.dtype),
+                lse.view(batch, q_heads, tokens))

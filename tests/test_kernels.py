@@ -1,0 +1,107 @@
+"""The CPU decode kernels (starqa/kernels/cpu_decode.c) against float64 references, in every KV format."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from starqa import kernels
+from starqa.context_kv import chunk_starts_for
+from starqa.kv_quant import KEY_GROUP, dequantize_keys, dequantize_values, quantize_keys, quantize_values
+
+
+def _cpu_has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            flags = next((line for line in info if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return all(flag in flags.split() for flag in ("avx512f", "avx512bw", "avx512vl"))
+
+
+# On a machine that can build them (our CI's Xeons can), the kernels must build: a silent fallback to torch would
+# leave decoding at a fraction of the memory bandwidth with every test still green.
+if _cpu_has_avx512() and shutil.which("cc") and not kernels.available():
+    pytest.fail(f"the decode kernels should build here but do not: {kernels.unavailable_reason()}",
+                pytrace=False)
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"no decode kernels: {kernels.unavailable_reason()}")
+
+
+def _reference(q, keys, values):
+    """float64 attention of q [hk, R, d] (pre-scaled) over keys/values [hk, n, d]: out, lse, scores."""
+    scores = torch.einsum("hrd,hnd->hrn", q.double(), keys.double())
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.einsum("hrn,hnd->hrd", torch.softmax(scores, dim=-1), values.double())
+    return out, lse, scores
+
+
+def _assert_close_to(reference, got, scale_tol=2e-6, floor=1e-7):
+    """Within a fraction of the reference's own scale: an all-zero or partial result fails in every format."""
+    tolerance = scale_tol * float(reference.abs().max()) + floor
+    assert float((got.double() - reference).abs().max()) <= tolerance
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 3, 7, 24, 70])
+def test_decode_attention_equals_float64_attention(dtype, rows):
+    generator = torch.Generator().manual_seed(rows)
+    spans = [(0, 300), (300, 317), (317, 1000)]  # uneven blocks: chunks never cross one
+    keys = torch.randn(3, 1000, 64, generator=generator).to(dtype)
+    values = torch.randn(3, 1000, 64, generator=generator).to(dtype)
+    q = torch.randn(3, rows, 64, generator=generator) * 0.4
+    out, lse, scores = kernels.decode_attention(q, keys, values, chunk_starts_for(spans, 128), want_scores=True)
+    ref_out, ref_lse, ref_scores = _reference(q, keys.float(), values.float())
+    _assert_close_to(ref_out, out)
+    _assert_close_to(ref_scores, scores)
+    assert float((lse.double() - ref_lse).abs().max()) < 1e-5
+
+
+def test_decode_attention_reads_int8_with_its_scales():
+    generator = torch.Generator().manual_seed(0)
+    spans = [(0, 100), (100, 227)]
+    keys = torch.randn(2, 227, 64, generator=generator) * torch.linspace(0.1, 4, 64)  # channels of unequal size
+    values = torch.randn(2, 227, 64, generator=generator)
+    blocks = [(quantize_keys(keys[:, s:e]), quantize_values(values[:, s:e])) for s, e in spans]
+    key_q = torch.cat([b[0][0] for b in blocks], dim=1)
+    key_scales = torch.cat([b[0][1] for b in blocks], dim=1)
+    value_q = torch.cat([b[1][0] for b in blocks], dim=1)
+    value_scales = torch.cat([b[1][1] for b in blocks], dim=1)
+    starts = chunk_starts_for(spans, KEY_GROUP)
+    q = torch.randn(2, 5, 64, generator=generator) * 0.2
+    out, lse, scores = kernels.decode_attention(q, key_q, value_q, starts, key_scales=key_scales,
+                                                value_scales=value_scales, want_scores=True)
+    # The reference attends to exactly what the int8 bytes and scales mean, in float64.
+    dense_keys = dequantize_keys(key_q, key_scales, starts.long(), torch.float64)
+    dense_values = dequantize_values(value_q, value_scales, torch.float64)
+    ref_out, ref_lse, ref_scores = _reference(q, dense_keys, dense_values)
+    _assert_close_to(ref_out, out)
+    _assert_close_to(ref_scores, scores)
+    assert float((lse.double() - ref_lse).abs().max()) < 1e-5
+
+
+def test_decode_attention_with_a_head_stride_reads_views():
+    """Full attention decodes over a view of its prompt buffer: heads further apart than their tokens."""
+    generator = torch.Generator().manual_seed(1)
+    buffer_keys = torch.randn(1, 3, 500, 64, generator=generator)
+    buffer_values = torch.randn(1, 3, 500, 64, generator=generator)
+    keys, values = buffer_keys[0, :, :300], buffer_values[0, :, :300]
+    assert keys.stride(0) == 500 * 64
+    q = torch.randn(3, 3, 64, generator=generator) * 0.3
+    out, lse, _ = kernels.decode_attention(q, keys, values, chunk_starts_for([(0, 300)], 128))
+    ref_out, ref_lse, _ = _reference(q, keys, values)
+    _assert_close_to(ref_out, out)
+
+
+def test_linear_bf16_equals_float64_matmul_rounded_once():
+    generator = torch.Generator().manual_seed(0)
+    for rows, features, outputs in [(1, 576, 960), (3, 1536, 577), (8, 64, 49152 // 16)]:
+        weight = torch.randn(outputs, features, generator=generator).to(torch.bfloat16)
+        x = torch.randn(rows, features, generator=generator).to(torch.bfloat16)
+        got = kernels.linear_bf16(x, weight)
+        exact = x.double() @ weight.double().T
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, outputs)
+        # float32 accumulation, one rounding to bfloat16: at most one bf16 step (2^-7 relative) from exact
+        assert bool(((got.double() - exact).abs() <= exact.abs() * 2 ** -7 + 1e-3).all())
+        assert not torch.equal(got, torch.zeros_like(got))
