@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import re
 import signal
 import stat
@@ -70,6 +71,7 @@ def inputs(tmp_path_factory) -> Path:
     (folder / "folder" / "terms.txt").write_text(NEW_VERSION, encoding="utf-8")  # the same stem as terms.txt
     (folder / "empty.txt").write_bytes(b"")
     (folder / "binary.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 4)
+    (folder / "bin.txt").write_bytes(random.Random(16).randbytes(4096).replace(b"\x00", b"\x01"))  # no NUL
     (folder / "latin1.txt").write_bytes("Clause 1. The fee is 4,200 \u20ac; caf\u00e9 ".encode("utf-8")
                                         + b"na\xefve \xff clause.\n")
     (folder / "corrupt.pdf").write_bytes(b"%PDF-1.7\n" + bytes(range(256)) * 8 + b"\n%%EOF\n")
@@ -132,6 +134,8 @@ BAD_INPUTS = [
      "would both be stored as 'terms'"),
     ("empty file", lambda i, m, s: ["ingest", i / "empty.txt", "--model", m], 1, "is empty"),
     ("binary file as text", lambda i, m, s: ["ingest", i / "binary.txt", "--model", m], 1,
+     "looks like a binary file"),
+    ("random bytes without NUL as text", lambda i, m, s: ["ingest", i / "bin.txt", "--model", m], 1,
      "looks like a binary file"),
     ("corrupt PDF", lambda i, m, s: ["ingest", i / "corrupt.pdf", "--model", m], 1, "is not a readable PDF"),
     ("encrypted PDF", lambda i, m, s: ["ingest", i / "locked.pdf", "--model", m], 1,
