@@ -817,6 +817,26 @@ def test_stdout_carries_only_answers_and_stderr_the_rest(capsys, home, inputs, t
     assert answer_text.strip() == rows[0]["answer"]
 
 
+@pytest.mark.slow
+def test_off_a_terminal_every_message_is_one_plain_line(tmp_path, tiny_model_dir):
+    # A batch job's log: stderr is not a terminal. A long warning and the tables' titles with a long name must each
+    # be one line, unpadded, with no escape codes, and the name printed as it is (":memo:" is a Rich emoji code).
+    name = "board-minutes:memo:-quarterly-review-of-the-supplier-agreement-with-every-annex-2025"
+    source = tmp_path / ("minutes-of-the-board-meeting-" + "x" * 60 + ".txt")
+    source.write_bytes(DOCUMENT.encode("cp1252") + b"na\xefve clause.\n")  # Windows-1252: a long warning
+    result = starqa("ask", "--doc", source, "--name", name, QUESTION, "--block-size", "48", "--max-new-tokens", "4",
+                    "--model", tiny_model_dir, home=tmp_path / "home")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert [line for line in lines if line != line.rstrip()] == []
+    assert "\x1b" not in result.stderr
+    [warning] = [line for line in lines if line.startswith("starqa: warning:")]
+    assert str(source) in warning and warning.endswith("save it as UTF-8 and ingest it again")
+    assert f"ingested '{name}'" in lines
+    title = re.compile(rf"star attention over '{re.escape(name)}' \([\d,]+ context tokens\)")
+    assert [line for line in lines if title.fullmatch(line)], result.stderr
+
+
 def test_every_command_has_quiet_and_debug():
     import typer
 
