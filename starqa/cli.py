@@ -17,6 +17,24 @@ import typer
 from starqa import report
 from starqa.errors import StarqaError, UsageError, describe
 
+
+def _flags_show_no_type() -> None:
+    """Typer 0.29's Rich help shows a type after every flag (`--force <bool>`), as if it took a value: its options
+    panel prints each option's `display_type_rich`, which its plain help (`TyperOption.get_help_record`) rightly
+    leaves out for flags. Here a flag or counter has none, so both agree; options that take a value keep theirs
+    (`--block-size <int>`)."""
+    option = getattr(typer.core, "TyperOption", None)
+    display_type = getattr(option, "display_type_rich", None)
+    if display_type is None:
+        return  # an older Typer, whose help shows no type after a flag
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag or self.count else display_type(self, ctx)
+
+    option.display_type_rich = display_type_rich
+
+
+_flags_show_no_type()
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Answer questions about long documents with a local LLM, using Star Attention.")
 

@@ -4,9 +4,8 @@ PDF text is rebuilt as a word processor's paragraphs: running headers, footers a
 wrapped inside a paragraph are joined and words hyphenated at line ends are rejoined, because a small model answers
 far worse from hard-wrapped text. PDF pages stream through: each is extracted, its lines spilled to a temporary
 file and only its first and last lines (where running headers are) kept, so the memory a long PDF takes is about
-its text, not its pages (~30 MiB at the peak for 1,000 pages). Text that is not valid UTF-8 is decoded with
-replacement characters (U+FFFD) and a warning, rather than refused: one bad byte in a long file should not stop an
-ingest.
+its text, not its pages (~30 MiB at the peak for 1,000 pages). How a text file's bytes are decoded, and when they
+are refused as binary, is `starqa.decoding`'s rule.
 """
 
 from __future__ import annotations
@@ -24,11 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
+from starqa.decoding import decode_text
 from starqa.errors import StarqaError, UsageError, one_line
 
 __all__ = ["Page", "ExtractedDocument", "extract_document", "page_of_offset", "pages_of_span"]
-
-_SNIFF_BYTES = 8192
 
 
 @dataclass(frozen=True)
@@ -54,8 +52,9 @@ def extract_document(source: str | Path, *, password: str | None = None,
     """Read `source` ("-" = stdin) and return its normalised text and page map.
 
     A file whose bytes start with "%PDF-" is read as a PDF whatever its name (so is a PDF piped to stdin: kind
-    "pdf"); a ".pdf" file that does not is reported as damaged; anything else is read as UTF-8 text, one page per
-    form-feed-separated part. `on_page(done, total)` is called after each PDF page is extracted.
+    "pdf"); a ".pdf" file that does not is reported as damaged; anything else is read as text (its encoding found by
+    `starqa.decoding`, which refuses binary files), one page per form-feed-separated part. `on_page(done, total)`
+    is called after each PDF page is extracted.
     """
     if str(source) == "-":
         label = "standard input"
@@ -85,7 +84,7 @@ def extract_document(source: str | Path, *, password: str | None = None,
     warnings = []
     if password is not None:
         warnings.append(f"--password is ignored: {label} is not a PDF")
-    text, text_warnings = _decode_text(data, label)
+    text, text_warnings = decode_text(data, label)
     pages_text = _text_pages(text)
     if not any(part.strip() for part in pages_text):
         raise StarqaError(f"{label} contains only whitespace: there is no text to read; check that it is the "
@@ -117,26 +116,6 @@ def pages_of_span(pages: Sequence[Page], start: int, end: int) -> list[int]:
 
 
 # -------------------------------------------------------------------------------------------------------- text
-
-
-def _decode_text(data: bytes, label: str) -> tuple[str, list[str]]:
-    binary = StarqaError(f"{label} looks like a binary file, not text or PDF: convert it to PDF or plain text first")
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with a byte order mark
-        try:
-            text = data.decode("utf-16")
-        except UnicodeDecodeError:
-            raise binary from None
-        if "\x00" in text[:_SNIFF_BYTES]:
-            raise binary
-        return text, []
-    if b"\x00" in data[:_SNIFF_BYTES]:
-        raise binary
-    try:
-        return data.decode("utf-8-sig"), []
-    except UnicodeDecodeError:
-        text = data.decode("utf-8-sig", errors="replace")
-        return text, [f"{label}: decoded with replacement characters: the file is not valid UTF-8 "
-                      f"({text.count(chr(0xFFFD))} bad bytes); re-save it as UTF-8 for an exact text"]
 
 
 def _text_pages(text: str) -> list[str]:

@@ -1,7 +1,8 @@
 """What starqa tells people on stderr: Rich progress bars (on a terminal only), timing and memory tables, warnings.
 
 stdout is reserved for answers and JSON, so everything here writes to stderr. `NO_COLOR` is honoured by Rich;
-`--quiet` silences all but errors.
+`--quiet` silences all but errors. Off a terminal (a pipe, a batch job's log) every message is one plain line: no
+colour, no cursor codes, no wrapping or padding; tables are drawn at a fixed wide width, titles on a line of their own.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 _state = {"quiet": False}
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, emoji=False)  # a name like 'notes:memo:' is printed as it is
+# Columns for tables off a terminal: Rich's default there, 80, would wrap their rows; a log has no width to fit.
+_LOG_WIDTH = 180
 
 
 def set_quiet(quiet: bool) -> None:
@@ -102,11 +105,30 @@ def human_bytes(count: float) -> str:
 
 
 def table(title: str, rows: list[tuple[str, str]]) -> None:
+    """A titled table of labels and values."""
     if _state["quiet"]:
         return
-    grid = Table(title=title, show_header=False, title_justify="left")
+    grid = Table(show_header=False)
     grid.add_column(style="bold")
     grid.add_column(justify="right")
     for label, value in rows:
         grid.add_row(label, value)
-    console.print(grid)
+    print_table(grid, title)
+
+
+def print_table(grid: Table, title: str) -> None:
+    """`title` on a line of its own, then `grid`: at the terminal's width, or off a terminal at a fixed wide one.
+
+    The title is not the table's own: Rich wraps a table title to the table's width, padded with spaces, which in a
+    log split "star attention over 'contract' (4,795 context tokens)" over two lines.
+    """
+    console.print(title, markup=False, style="table.title", soft_wrap=True)
+    if console.is_terminal:
+        console.print(grid)
+        return
+    width = console.width
+    console.width = max(width, _LOG_WIDTH)
+    try:
+        console.print(grid)
+    finally:
+        console.width = width

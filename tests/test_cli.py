@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -68,6 +69,33 @@ def test_ingest_pdf_ask_questions_file_list_info_rm(tmp_path, tiny_model_dir):
     assert starqa("rm", "msa", home=home).returncode == 0
     assert starqa("list", "--json", home=home).stdout == ""
     assert not any((home / "objects").iterdir())
+
+
+@pytest.mark.parametrize("command", [(), ("ingest",), ("ask",), ("eval",)])
+def test_help_shows_a_type_after_options_that_take_a_value_and_none_after_flags(tmp_path, command):
+    import typer
+
+    from starqa import cli
+
+    result = starqa(*command, "--help", home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    click_command = typer.main.get_command(cli.app)
+    click_command = click_command.commands[command[0]] if command else click_command
+    context = click_command.make_context("starqa", [], resilient_parsing=True)
+    options = [param for param in click_command.get_params(context) if param.param_type_name == "option"]
+    assert any(option.is_flag for option in options)  # --help at least
+    assert not command or any(not option.is_flag for option in options)
+    rows = {}  # each option's first help line as words: ["--quiet", "-q", "Only", "answers", ...]
+    for line in result.stdout.splitlines():
+        if re.match(r"[\s*]{0,6}--[\w-]+\s", line.strip("\u2502")):  # not a help text's wrapped line
+            words = line.strip("\u2502 ").lstrip("* ").split()
+            rows[words[0]] = words
+    for option in options:
+        long_name = next(name for name in option.opts if name.startswith("--"))
+        words = rows[long_name]
+        shown = words[1 + len([name for name in option.opts + option.secondary_opts if name != long_name]):]
+        takes_a_type = bool(shown) and shown[0].startswith("<") and shown[0].endswith(">")
+        assert takes_a_type != option.is_flag, f"{' '.join(command)} --help: {' '.join(words)}"
 
 
 def test_config_file_layers_over_defaults_and_flags_win(tmp_path):

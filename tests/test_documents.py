@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import re
 import sys
 from pathlib import Path
@@ -232,13 +233,59 @@ def test_stdin_text_and_pdf(monkeypatch):
     assert document.kind == "pdf" and document.text == SAMPLE_TXT.read_text(encoding="utf-8").strip()
 
 
-def test_invalid_utf8_is_decoded_with_a_warning(tmp_path):
-    path = tmp_path / "latin1.txt"
-    path.write_bytes("café crème\n".encode("latin-1"))
+def test_utf8_with_a_few_bad_bytes_is_decoded_with_a_warning(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_bytes("Clause 1. The fee is 4,200 € per month; café ".encode("utf-8") + b"na\xefve \xff clause.\n")
     document = extract_document(path)
-    assert document.text == "caf\ufffd cr\ufffdme"
+    assert document.text == "Clause 1. The fee is 4,200 € per month; café na\ufffdve \ufffd clause."
     assert len(document.warnings) == 1 and "not valid UTF-8" in document.warnings[0]
-    assert "latin1.txt" in document.warnings[0]
+    assert "notes.txt" in document.warnings[0] and "2 bad bytes" in document.warnings[0]
+
+
+def test_latin1_text_is_read_as_windows_1252_with_a_warning(tmp_path):
+    # Not UTF-8 anywhere, and as many accents as Western European text has: a legacy 8-bit file, read exactly.
+    path = tmp_path / "latin1.txt"
+    text = ("Le prestataire remet les rapports chaque mardi ; la redevance mensuelle est de 4 200 € et elle est "
+            "payable à trente jours. Le café crème coûte 3 € à l\u2019hôtel.")
+    path.write_bytes(text.encode("cp1252") + b"\r\n")
+    document = extract_document(path)
+    assert document.text == text
+    assert len(document.warnings) == 1 and "latin1.txt' is not UTF-8: read as Windows-1252" in document.warnings[0]
+
+
+@pytest.mark.parametrize("codec", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-8-sig"])
+def test_utf16_and_utf32_with_or_without_a_byte_order_mark_are_read_exactly(tmp_path, codec):
+    # "utf-16" and "utf-32" write a byte order mark; "utf-16-le"/"-be" do not (Windows tools often write these).
+    text = "Clause 7. Die Gebühr beträgt 4.200 €.\n\nClause 8. 契約は日本法に準拠する。"
+    path = tmp_path / "notes.txt"
+    path.write_bytes(text.encode(codec))
+    document = extract_document(path)
+    assert document.text == text and document.warnings == ()
+
+
+def test_a_stray_nul_in_a_short_utf8_file_is_not_taken_for_utf16(tmp_path):
+    # One NUL at an odd offset of a short file is not UTF-16's pattern: decoded as UTF-16 it would be CJK garbage.
+    (tmp_path / "short.txt").write_bytes(b"hello\x00world, and more.")
+    assert "(it has NUL bytes)" in _error(tmp_path / "short.txt")
+
+
+def test_random_bytes_without_nul_are_refused_as_binary(tmp_path):
+    noise = random.Random(16).randbytes(4096).replace(b"\x00", b"\x01")  # no NUL anywhere
+    (tmp_path / "bin.txt").write_bytes(noise)
+    message = _error(tmp_path / "bin.txt")
+    assert "bin.txt" in message and "looks like a binary file" in message
+    # So is text in an 8-bit encoding that is not Western European: it is not UTF-8, and Windows-1252 would
+    # store wrong letters.
+    (tmp_path / "cyrillic.txt").write_bytes("Договор регулируется правом Англии.\n".encode("cp1251") * 40)
+    assert "looks like a binary file" in _error(tmp_path / "cyrillic.txt")
+
+
+def test_text_that_is_mostly_control_characters_is_refused_as_binary(tmp_path):
+    (tmp_path / "dump.txt").write_bytes(bytes(range(1, 32)) * 100 + b"some text")  # valid UTF-8, but not text
+    assert "looks like a binary file" in _error(tmp_path / "dump.txt")
+    # A log with terminal colour codes and a man page's backspaces are text.
+    (tmp_path / "build.log").write_bytes(b"\x1b[31mERROR\x1b[0m step 3 failed\n" * 50 + b"N\bNA\bAM\bME\bE\n")
+    assert extract_document(tmp_path / "build.log").text.startswith("\x1b[31mERROR")
 
 
 # --------------------------------------------------------------------------------------------------- page lookup

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import re
 import signal
 import stat
@@ -70,6 +71,7 @@ def inputs(tmp_path_factory) -> Path:
     (folder / "folder" / "terms.txt").write_text(NEW_VERSION, encoding="utf-8")  # the same stem as terms.txt
     (folder / "empty.txt").write_bytes(b"")
     (folder / "binary.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 4)
+    (folder / "bin.txt").write_bytes(random.Random(16).randbytes(4096).replace(b"\x00", b"\x01"))  # no NUL
     (folder / "latin1.txt").write_bytes("Clause 1. The fee is 4,200 \u20ac; caf\u00e9 ".encode("utf-8")
                                         + b"na\xefve \xff clause.\n")
     (folder / "corrupt.pdf").write_bytes(b"%PDF-1.7\n" + bytes(range(256)) * 8 + b"\n%%EOF\n")
@@ -132,6 +134,8 @@ BAD_INPUTS = [
      "would both be stored as 'terms'"),
     ("empty file", lambda i, m, s: ["ingest", i / "empty.txt", "--model", m], 1, "is empty"),
     ("binary file as text", lambda i, m, s: ["ingest", i / "binary.txt", "--model", m], 1,
+     "looks like a binary file"),
+    ("random bytes without NUL as text", lambda i, m, s: ["ingest", i / "bin.txt", "--model", m], 1,
      "looks like a binary file"),
     ("corrupt PDF", lambda i, m, s: ["ingest", i / "corrupt.pdf", "--model", m], 1, "is not a readable PDF"),
     ("encrypted PDF", lambda i, m, s: ["ingest", i / "locked.pdf", "--model", m], 1,
@@ -814,6 +818,26 @@ def test_stdout_carries_only_answers_and_stderr_the_rest(capsys, home, inputs, t
     lines = plain.stdout.splitlines()
     answer_text = "\n".join(lines[:-1] if lines and lines[-1].startswith("Sources:") else lines)
     assert answer_text.strip() == rows[0]["answer"]
+
+
+@pytest.mark.slow
+def test_off_a_terminal_every_message_is_one_plain_line(tmp_path, tiny_model_dir):
+    # A batch job's log: stderr is not a terminal. A long warning and the tables' titles with a long name must each
+    # be one line, unpadded, with no escape codes, and the name printed as it is (":memo:" is a Rich emoji code).
+    name = "board-minutes:memo:-quarterly-review-of-the-supplier-agreement-with-every-annex-2025"
+    source = tmp_path / ("minutes-of-the-board-meeting-" + "x" * 60 + ".txt")
+    source.write_bytes(DOCUMENT.encode("cp1252") + b"na\xefve clause.\n")  # Windows-1252: a long warning
+    result = starqa("ask", "--doc", source, "--name", name, QUESTION, "--block-size", "48", "--max-new-tokens", "4",
+                    "--model", tiny_model_dir, home=tmp_path / "home")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert [line for line in lines if line != line.rstrip()] == []
+    assert "\x1b" not in result.stderr
+    [warning] = [line for line in lines if line.startswith("starqa: warning:")]
+    assert str(source) in warning and warning.endswith("save it as UTF-8 and ingest it again")
+    assert f"ingested '{name}'" in lines
+    title = re.compile(rf"star attention over '{re.escape(name)}' \([\d,]+ context tokens\)")
+    assert [line for line in lines if title.fullmatch(line)], result.stderr
 
 
 def test_every_command_has_quiet_and_debug():

@@ -205,7 +205,7 @@ def print_table(rows: list[dict], overall: list[dict], *, title: str) -> None:
     from rich.table import Table
 
     cuda = any(row["peak_cuda_mb"] is not None for row in rows)
-    table = Table(title=title, title_justify="left")
+    table = Table()
     for header, justify in (("task", "left"), ("length", "right"), ("mode", "left"), ("n", "right"),
                             ("accuracy %", "right"), ("retention %", "right"), ("Phase 1 s", "right"),
                             ("TTFT s", "right"), ("decode tok/s", "right"), ("peak RSS MiB", "right")):
@@ -241,17 +241,7 @@ def print_table(rows: list[dict], overall: list[dict], *, title: str) -> None:
         table.add_section()
         for row in shown:
             add(row, style="bold")
-    # Logs and pipes get a wide table rather than Rich's 80 columns, which would wrap every row.
-    console = report.console
-    if console.is_terminal:
-        console.print(table)
-        return
-    width = console.width
-    console.width = max(width, 180)
-    try:
-        console.print(table)
-    finally:
-        console.width = width
+    report.print_table(table, title)  # off a terminal at a fixed wide width: Rich's 80 columns would wrap every row
 
 
 def plot(overall: list[dict], path: Path | str, *, title: str, series: Sequence[tuple[str, object]] | None = None) -> None:
