@@ -836,7 +836,7 @@ def test_off_a_terminal_every_message_is_one_plain_line(tmp_path, tiny_model_dir
     [warning] = [line for line in lines if line.startswith("starqa: warning:")]
     assert str(source) in warning and warning.endswith("save it as UTF-8 and ingest it again")
     assert f"ingested '{name}'" in lines
-    title = re.compile(rf"star attention over '{re.escape(name)}' \([\d,]+ context tokens\)")
+    title = re.compile(rf"star attention over '{re.escape(name)}' \([\d,]+ context tokens, 1 question\)")
     assert [line for line in lines if title.fullmatch(line)], result.stderr
 
 
