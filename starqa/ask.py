@@ -202,10 +202,84 @@ def load_context_share(engine, store: DocumentStore, document: StoredDocument, r
 _READ_ATTEMPTS = 3
 
 
-def run(engine_loader, settings, store: DocumentStore, *, doc: str, questions: list[str], as_json: bool,
-        attention: str, name: str | None, explicit_model: str | None, explicit_sizes: bool,
-        ranks: Ranks, ingest_options: dict | None = None) -> None:
-    """The `ask` command: find (or first ingest) the document, load its KV, answer every question.
+def resolve_documents(store: DocumentStore, docs: Sequence[str], all_documents: bool) -> list[str]:
+    """The --doc values (stored names, globs over stored names, or files to ingest first), or every stored name
+    with --all, in the order given (each once). A glob that matches nothing is a usage error naming it."""
+    import fnmatch
+    from pathlib import Path
+
+    if all_documents:
+        if docs:
+            raise UsageError("--all asks every stored document; drop --doc, or drop --all")
+        names = store.names()
+        if not names:
+            raise UsageError(f"--all: no documents stored in {store.root}; ingest some first")
+        return names
+    if not docs:
+        raise UsageError("give --doc NAME (a stored document, a glob over stored names, or a file), or --all")
+    resolved: list[str] = []
+    for doc in docs:
+        if _is_valid_name(doc) and store.exists(doc) or Path(doc).exists() or not _is_glob(doc):
+            matches = [doc]
+        else:
+            matches = fnmatch.filter(store.names(), doc)
+            if not matches:
+                raise UsageError(f"--doc '{doc}' matches no stored document; `starqa list` shows what is stored")
+        resolved += [match for match in matches if match not in resolved]
+    return resolved
+
+
+def _is_glob(text: str) -> bool:
+    return any(char in text for char in "*?[")
+
+
+def run(engine_loader, settings, store: DocumentStore, *, docs: Sequence[str], all_documents: bool = False,
+        questions: list[str], as_json: bool, attention: str, name: str | None, explicit_model: str | None,
+        explicit_sizes: bool, ranks: Ranks, ingest_options: dict | None = None) -> int:
+    """The `ask` command over one or several documents: one model load (per model and dtype the documents were
+    stored with); each document's KV is loaded, used for every question and released before the next one, so
+    memory is bounded by the largest document. Returns the exit code: with several documents, one that fails
+    (unknown, damaged) is reported on its own line and the others are still answered; 1 if any failed."""
+    targets = share_outcome(ranks, lambda: resolve_documents(store, docs, all_documents))
+    if name is not None and len(targets) > 1:
+        raise UsageError("--name names one document; drop it to ask several")
+    engines: dict[tuple, object] = {}
+
+    def load_engine(model: str | None, dtype: str | None):
+        key = (model, dtype)
+        if key not in engines:
+            engines.clear()  # one model in memory at a time
+            engines[key] = engine_loader(model, dtype)
+        return engines[key]
+
+    if len(targets) == 1:
+        answer_document(load_engine, settings, store, doc=targets[0], questions=questions, as_json=as_json,
+                        attention=attention, name=name, explicit_model=explicit_model,
+                        explicit_sizes=explicit_sizes, ranks=ranks, ingest_options=ingest_options)
+        return 0
+    failed = 0
+    for doc in targets:
+        if ranks.is_speaker and not as_json:
+            print(f"== {doc} ==", flush=True)
+        try:
+            answer_document(load_engine, settings, store, doc=doc, questions=questions, as_json=as_json,
+                            attention=attention, name=None, explicit_model=explicit_model,
+                            explicit_sizes=explicit_sizes, ranks=ranks, ingest_options=ingest_options)
+        except StarqaError as exc:  # every rank raises the same error (agree/share_outcome): all go on together
+            failed += 1
+            if ranks.is_speaker:
+                report.error(f"{doc}: {exc}")
+    if failed:
+        if ranks.is_speaker:
+            report.error(f"{failed} of {len(targets)} documents failed")
+        return 1
+    return 0
+
+
+def answer_document(load_engine, settings, store: DocumentStore, *, doc: str, questions: list[str], as_json: bool,
+                    attention: str, name: str | None, explicit_model: str | None, explicit_sizes: bool,
+                    ranks: Ranks, ingest_options: dict | None = None) -> None:
+    """Find (or first ingest) one document, load its KV, answer every question, release the KV.
 
     `ingest_options` (force, allow_long, password) apply when `doc` is a file to ingest first.
     """
@@ -220,9 +294,9 @@ def run(engine_loader, settings, store: DocumentStore, *, doc: str, questions: l
         raise UsageError(f"{flags} apply when --doc is a file to ingest, and '{doc}' is a stored document name")
     if stored_name is not None:
         # A stored document is answered with the model and compute dtype it was stored with, unless asked otherwise.
-        manifest = store.get(stored_name).manifest
-        engine = engine_loader(explicit_model or manifest.get("model"),
-                               manifest.get("dtype") if settings.dtype == "auto" else None)
+        manifest = share_outcome(ranks, lambda: store.get(stored_name)).manifest
+        engine = load_engine(explicit_model or manifest.get("model"),
+                             manifest.get("dtype") if settings.dtype == "auto" else None)
         cache_hit, phase1_s = True, 0.0
     else:
         from pathlib import Path
@@ -230,7 +304,7 @@ def run(engine_loader, settings, store: DocumentStore, *, doc: str, questions: l
         if not Path(doc).exists():
             validate_name(doc)
             store.get(doc)  # raises: no such document (with close names)
-        engine = engine_loader(explicit_model, None)
+        engine = load_engine(explicit_model, None)
         result = ingest(doc, settings, engine, store, name=name, ranks=ranks, **ingest_options)
         stored_name, cache_hit, phase1_s = result.name, not result.phase1_ran, result.phase1_s
 
@@ -266,6 +340,7 @@ def run(engine_loader, settings, store: DocumentStore, *, doc: str, questions: l
                     print(answer.to_json(), flush=True)
             print_timings(answers, engine, load_s if first == 0 else None,
                           document.kv_dtype if attention == "star" else None)
+    del context  # released before the next document's KV is read
 
 
 def _is_valid_name(doc: str) -> bool:

@@ -193,7 +193,9 @@ def _check_sources(files: list[str], name: str | None) -> None:
 @app.command()
 def ask(
     question: Optional[str] = typer.Argument(None, help="The question (or use --questions)."),
-    doc: str = typer.Option(..., "--doc", help="A stored document name, or a file to ingest first."),
+    doc: Optional[list[str]] = typer.Option(None, "--doc", help="A stored document name, a glob over stored names "
+                                            "('contract-*'), or a file to ingest first; may be repeated."),
+    all_documents: bool = typer.Option(False, "--all", help="Ask every stored document."),
     questions: Optional[Path] = typer.Option(None, "--questions", help="File with one question per line."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per question on stdout."),
     attention: str = typer.Option("star", "--attention", help="star (stored KV) or full (one pass, no cache)."),
@@ -221,6 +223,10 @@ def ask(
                          batch_size=batch_size, temperature=temperature, top_p=top_p, seed=seed, nproc=nproc)
     if attention not in ("star", "full"):
         raise UsageError(f"--attention must be star or full, not {attention!r}")
+    if not doc and not all_documents:
+        raise UsageError("give --doc NAME (a stored document, a glob over stored names, or a file), or --all")
+    if doc and all_documents:
+        raise UsageError("--all asks every stored document; drop --doc, or drop --all")
     asked = _read_questions(question, questions)
     from_stdin = questions is not None and str(questions) == "-"
     if attention == "full" and str(settings.nproc) != "1":
@@ -233,10 +239,14 @@ def ask(
         from starqa.distributed import broadcast_object
 
         asked = broadcast_object(asked, ranks)  # under a hand-launched torchrun only rank 0 read standard input
-    asking.run(lambda model_name, dtype: _load_engine(settings, model_name, trust_remote_code, ranks, dtype), settings,
-               _store(settings), doc=doc, questions=asked, as_json=as_json, attention=attention, name=name,
-               ingest_options=dict(force=force, allow_long=allow_long, password=password),
-               explicit_model=model, explicit_sizes=block_size is not None or anchor_size is not None, ranks=ranks)
+    code = asking.run(lambda model_name, dtype: _load_engine(settings, model_name, trust_remote_code, ranks, dtype),
+                      settings, _store(settings), docs=doc or [], all_documents=all_documents, questions=asked,
+                      as_json=as_json, attention=attention, name=name,
+                      ingest_options=dict(force=force, allow_long=allow_long, password=password),
+                      explicit_model=model, explicit_sizes=block_size is not None or anchor_size is not None,
+                      ranks=ranks)
+    if code:
+        raise typer.Exit(code)
 
 
 def _torchrun_follower() -> bool:

@@ -158,7 +158,7 @@ BAD_INPUTS = [
      "anchor size 64 is larger than the block size 32"),
     ("block size not a number", lambda i, m, s: ["ingest", i / "terms.txt", "--block-size", "many"], 2,
      "Invalid value for '--block-size'"),
-    ("missing --doc", lambda i, m, s: ["ask", QUESTION], 2, "Missing option '--doc'"),
+    ("missing --doc", lambda i, m, s: ["ask", QUESTION], 2, "give --doc NAME (a stored document, a glob over stored names, or a file), or --all"),
     ("name with a separator", lambda i, m, s: ["ingest", i / "terms.txt", "--name", "a/b"], 2, "path separator"),
     ("name with a backslash", lambda i, m, s: ["ingest", i / "terms.txt", "--name", "a\\b"], 2, "path separator"),
     ("name ..", lambda i, m, s: ["ingest", i / "terms.txt", "--name", ".."], 2, "contains '..'"),
