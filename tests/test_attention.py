@@ -23,8 +23,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from attention_reference import (CASES, NEG_INF, TOL, assert_matches_reference, case_id, make_qkv,  # noqa: E402
-                                 reference_attention)
+from attention_reference import (CASES, KERNEL_CASES, NEG_INF, TOL, assert_matches_reference, case_id,  # noqa: E402
+                                 make_qkv, reference_attention)
 from starqa.attention import attention_with_lse, merge_attention  # noqa: E402
 from starqa.attention import torch_backend  # noqa: E402
 
@@ -225,6 +225,25 @@ def test_package_imports_and_torch_backend_runs_where_triton_is_missing():
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("case", [(2, 9, 3, 1, 5000, 64, True, 4999), (1, 6, 2, 33, 70, 16, True, 37)],
+                         ids=["decode-over-5000-keys", "causal-over-a-cache"])
+def test_the_reference_check_rejects_a_zero_output_and_attention_over_80_percent_of_the_keys(case, dtype):
+    """The mutants that passed the old absolute bounds: they must fail in every dtype, on long rows too."""
+    b, hq, hk, q_len, k_len, d, causal, q_offset = case
+    q, k, v = make_qkv(b, hq, hk, q_len, k_len, d, dtype=dtype, seed=17)
+    ref_out, ref_lse = reference_attention(q, k, v, causal=causal, q_offset=q_offset)
+    kw = dict(causal=causal, q_offset=q_offset)
+    assert_matches_reference(ref_out.to(dtype), ref_lse.float(), q, k, v, **kw)  # the exact answer, rounded, passes
+    kept = k_len * 4 // 5
+    part_out, part_lse = reference_attention(q, k[:, :, :kept], v[:, :, :kept], **kw)
+    for out, lse in [(torch.zeros_like(q), ref_lse.float()),  # right lse, zero output
+                     (part_out.to(dtype), ref_lse.float()),  # right lse, the output of 80 % of the keys
+                     (ref_out.to(dtype), part_lse.float())]:  # right output, the lse of 80 % of the keys
+        with pytest.raises(AssertionError, match="off by"):
+            assert_matches_reference(out, lse, q, k, v, **kw)
+
+
 # --------------------------------------------------------------------------- merge
 
 
@@ -365,16 +384,6 @@ def test_triton_backend_matches_float64_reference(case):
     q, k, v = make_qkv(b, hq, hk, q_len, k_len, d)
     out, lse = attention_with_lse(q, k, v, causal=causal, q_offset=q_offset, backend="triton")
     assert_matches_reference(out, lse, q, k, v, causal=causal, q_offset=q_offset)
-
-
-# (batch, q_heads, kv_heads, q_len, k_len, causal, q_offset)
-KERNEL_CASES = [
-    (1, 3, 1, 1, 70, True, 69),  # decode over a cache
-    (2, 8, 1, 2, 53, True, 51),  # two queries, GQA 8
-    (1, 2, 2, 7, 70, True, 20),  # diagonal crosses the key splits
-    (1, 3, 1, 21, 50, True, -3),  # negative offset: empty rows
-    (1, 2, 1, 19, 64, False, 0),  # non-causal
-]
 
 
 @triton_only
