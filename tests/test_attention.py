@@ -13,6 +13,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib.util  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
@@ -440,6 +441,7 @@ def test_triton_and_torch_backends_agree_and_merge_across_backends():
 
 
 AOT_COMPILE_SCRIPT = """
+import contextlib, io, json, re
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -454,20 +456,32 @@ def compile_for_sm90(fn, pointers, consts, options):
     }
     constexprs = {(names.index(n),): v for n, v in consts.items()}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    ptxas_log = io.StringIO()  # TRITON_DUMP_PTXAS_LOG=1: Triton prints the log of the ptxas run that made the cubin
+    with contextlib.redirect_stdout(ptxas_log):
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     assert "cubin" in compiled.asm
+    spills = re.search(r"(\\d+) bytes spill stores", ptxas_log.getvalue())
+    registers = re.search(r"Used (\\d+) registers", ptxas_log.getvalue())
+    assert spills and registers, "no ptxas log: " + ptxas_log.getvalue()[-500:]
+    return int(registers.group(1)), int(spills.group(1))
 
-for dtype, tl_name in [(torch.bfloat16, "bf16"), (torch.float32, "fp32")]:
+for dtype, tl_name, head_dims in [(torch.float32, "fp32", (64, 80, 128)), (torch.bfloat16, "bf16", (64, 128))]:
     ptrs = {"Q": "*" + tl_name, "K": "*" + tl_name, "V": "*" + tl_name, "Out": "*" + tl_name, "Lse": "*fp32"}
-    for head_dim in ((64, 128) if dtype == torch.bfloat16 else (64,)):
-        base = dict(CAUSAL=True, HEAD_DIM=head_dim, BLOCK_D=head_dim, UPCAST=False,
+    max_rows = tk._DECODE_MAX_ROWS_FP32 if dtype == torch.float32 else tk._DECODE_MAX_ROWS
+    for head_dim in head_dims:
+        block_d = tk._pow2_at_least(head_dim)
+        base = dict(CAUSAL=True, HEAD_DIM=head_dim, BLOCK_D=block_d, UPCAST=False,
                     DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
-        for name, cfg in [("fwd", tk._fwd_config(head_dim, dtype, interpret=False)),
-                          ("decode", dict(tk._decode_config(head_dim, dtype, interpret=False), BLOCK_R=16))]:
+        configs = [("fwd", tk._fwd_config(block_d, dtype, interpret=False))]
+        configs += [("decode", dict(tk._decode_config(block_d, dtype, interpret=False), BLOCK_R=rows))
+                    for rows in (16, max_rows)]
+        for name, cfg in configs:
             consts = {**base, **cfg}
             options = {k: consts.pop(k) for k in ("num_warps", "num_stages")}
-            compile_for_sm90({"fwd": tk._attn_fwd, "decode": tk._attn_decode}[name], ptrs, consts, options)
-            print("compiled", name, tl_name, head_dim)
+            registers, spills = compile_for_sm90({"fwd": tk._attn_fwd, "decode": tk._attn_decode}[name], ptrs,
+                                                 consts, options)
+            print(json.dumps(dict(kernel=name, dtype=tl_name, head_dim=head_dim, **cfg, registers=registers,
+                                  spill_stores=spills)))
 compile_for_sm90(tk._attn_combine,
                  {"PartOut": "*fp32", "PartLse": "*fp32", "Out": "*bf16", "Lse": "*fp32"},
                  dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_S=64), {"num_warps": 4})
@@ -476,13 +490,17 @@ print("compiled combine")
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_triton_kernels_compile_for_a_hopper_gpu_without_one(tmp_path):
-    """Ahead-of-time compile to cubin for sm_90 of the GPU configurations (bf16 with head_dim
-    64/128, fp32 with 64), so compile errors that the CPU interpreter cannot see are caught without a GPU.
+def test_triton_kernels_compile_for_a_hopper_gpu_without_one_and_float32_spills_no_register(tmp_path):
+    """Ahead-of-time compile to cubin for sm_90 of the GPU configurations (float32 at head_dim 64/80/128, bf16 at
+    64/128; forward, and decode with 16 and the most rows), so compile errors that the CPU interpreter cannot see are
+    caught without a GPU; and ptxas's report of each: no float32 configuration may spill registers (the former tiles
+    spilled 3-16 KB per thread). bf16 spills are checked on the GPU (tests/test_gpu.py) with the image's Triton: the
+    ptxas of Triton 3.9 spills 100-500 B in bf16 tiles that Triton 3.6's does not.
     Runs in a process without TRITON_INTERPRET (the compiler needs un-interpreted triton)."""
     env = subprocess_env(
         TRITON_CACHE_DIR=str(tmp_path),  # really compile, every time
         TRITON_DEFAULT_FP_FUSION="1",  # triton 3.9 warns when unset
+        TRITON_DUMP_PTXAS_LOG="1",
     )
     env.pop("TRITON_INTERPRET", None)
     result = subprocess.run(
@@ -492,3 +510,7 @@ def test_triton_kernels_compile_for_a_hopper_gpu_without_one(tmp_path):
         pytest.skip("this triton install has no ptxas")  # pragma: no cover
     assert result.returncode == 0, result.stderr[-4000:]
     assert "compiled combine" in result.stdout
+    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 15
+    spilling = [r for r in reports if r["dtype"] == "fp32" and r["spill_stores"] > 0]
+    assert not spilling, "float32 kernels spill registers:\n" + "\n".join(map(json.dumps, spilling))
