@@ -245,6 +245,54 @@ def test_the_reference_check_rejects_a_zero_output_and_attention_over_80_percent
             assert_matches_reference(out, lse, q, k, v, **kw)
 
 
+# --------------------------------------------------------------------------- the kernel benchmark
+
+
+def _attention_benchmark():
+    """benchmarks/attention.py as a module (it is a script, not part of the package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "attention.py"
+    spec = importlib.util.spec_from_file_location("attention_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_benchmark_gives_sdpa_no_boolean_mask_on_the_gpu_shapes(quick):
+    """A boolean mask with enable_gqa makes SDPA leave flash attention for its math path, which builds the float32
+    scores: about 140 GiB for 4 blocks of 8192 queries over a cached 8192-token anchor."""
+    bench = _attention_benchmark()
+    for shape in bench.cuda_shapes(quick):
+        mask = bench.sdpa_mask(shape, "cpu")
+        assert not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool), shape.name
+
+
+@pytest.mark.parametrize("q_len,k_len,q_offset", [(8, 24, 16), (24, 24, 0), (1, 24, 23), (8, 24, 3), (8, 24, 40)])
+def test_benchmark_sdpa_rows_compute_the_attention_they_time(q_len, k_len, q_offset):
+    bench = _attention_benchmark()
+    shape = bench.Shape("t", 2, 4, 2, q_len, k_len, 16, True, q_offset)
+    q, k, v = make_qkv(2, 4, 2, q_len, k_len, 16, seed=19)
+    out = bench.sdpa(q, k, v, shape, bench.causal_mask(shape, "cpu"))
+    expected, _ = reference_attention(q, k, v, causal=True, q_offset=q_offset)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_failing_benchmark_row_is_recorded_and_the_others_still_run(monkeypatch, capsys):
+    bench = _attention_benchmark()
+    monkeypatch.setattr(bench, "cpu_shapes", lambda quick: [bench.Shape("tiny", 1, 4, 2, 8, 40, 16, True, 32)])
+
+    def refused(*args):
+        raise RuntimeError("No available kernel. Aborting execution.\nmore lines")
+
+    monkeypatch.setattr(bench, "sdpa", refused)
+    rows = bench.run("cpu", quick=True, dtype=torch.float32)
+    assert [(row["impl"], "ms" in row, row.get("error")) for row in rows] == [
+        ("torch path", True, None), ("sdpa (no lse)", False, "RuntimeError: No available kernel. Aborting execution."),
+        ("eager (HF)", True, None)]
+    assert "failed: RuntimeError: No available kernel" in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------- merge
 
 
