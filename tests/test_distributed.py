@@ -73,16 +73,21 @@ def _phase2_logits(engine, ctx, **spread):
     return tokens, torch.stack(logits)
 
 
-def _phase2_worker(rank, world, init_file, result_path):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    ranks = Ranks(rank=rank, world=world, device="cpu", group=dist.group.WORLD)
-    engine = StarEngine(tiny_model("llama"), _NoTokenizer())
+def _phase2_worker(rank, world, init_file, result_path, device="cpu"):
+    """One rank of Phase 2: gloo on CPU processes, or NCCL with one GPU per rank (device "cuda", tests/test_gpu.py)."""
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+        device = f"cuda:{rank}"
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", init_method=f"file://{init_file}",
+                            rank=rank, world_size=world)
+    ranks = Ranks(rank=rank, world=world, device=device, group=dist.group.WORLD)
+    engine = StarEngine(tiny_model("llama").to(device), _NoTokenizer())
     spans = plan_blocks(len(_CONTEXT), 48)
     mine = block_plan(len(spans), world, rank)
     blocks = engine.encode_blocks(_CONTEXT, 48, 32, block_indices=mine)  # Phase 1 of this rank's blocks only
     ctx = engine.context_from_blocks(blocks, len(_CONTEXT), sum(spans[i][1] - spans[i][0] for i in mine))
     tokens, logits = _phase2_logits(engine, ctx, **phase2_spread(ranks))  # as `starqa ask` spreads it
-    torch.save((tokens, logits), f"{result_path}.{rank}")
+    torch.save((tokens, logits.cpu()), f"{result_path}.{rank}")
     dist.destroy_process_group()
 
 
