@@ -9,7 +9,17 @@ STARQA := $(VENV)/bin/starqa
 TORCH_PIN ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: install demo test bench gpu-check clean
+# The GPU check (tests/gpu_check.py; README, "Checking on a GPU"). A bare GPU machine reaches no package index:
+# `make gpu-wheels`, here, fills .whl/ with what its image lacks or has too old (Python 3.12; the image holds torch,
+# triton, tokenizers, huggingface_hub, ... but transformers 5.17, and no pypdf or gguf); `make gpu-check-device`,
+# there, installs them into GPU_SITE without an index and runs the check with the image's python3.
+GPU_WHEELS := transformers==5.24.0 pypdf==7.1.1 gguf==0.19.0
+GPU_PYTHON ?= python3
+GPU_SITE ?= /tmp/site
+GPU_CHECK_OUT ?= gpu-check-out
+PIP_DOWNLOAD ?= python3 -m pip download
+
+.PHONY: install demo test bench gpu-check gpu-wheels gpu-check-device clean
 
 install: $(VENV)/.installed
 
@@ -32,11 +42,23 @@ test: install
 bench: install
 	$(PY) benchmarks/phase1.py
 
-# On a CUDA machine: the Triton kernels compiled (not interpreted) and the engine on the GPU against their
-# references, then the kernels' speed against torch SDPA (see README, "Attention kernels").
+# On a CUDA machine with network: the Triton kernels compiled (not interpreted) and the engine on the GPU against
+# their references, then the kernels' speed against torch SDPA; fails if CUDA is missing (see README).
 gpu-check: install
-	env -u TRITON_INTERPRET $(PY) -m pytest -q -ra tests/test_gpu.py
-	env -u TRITON_INTERPRET $(PY) benchmarks/attention.py --device cuda
+	env -u TRITON_INTERPRET $(PY) tests/gpu_check.py --out $(GPU_CHECK_OUT)
+
+gpu-wheels:
+	rm -rf .whl && mkdir .whl
+	$(PIP_DOWNLOAD) -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
+	@du -sh .whl; test "$$(du -sm .whl | cut -f1)" -le 64 || { echo ".whl/ is over the 64 MiB that travels"; exit 1; }
+
+# On the bare GPU machine, with .whl/ carried: no index, no venv.
+gpu-check-device:
+	@ls .whl/*.whl >/dev/null 2>&1 || { echo "no wheels in .whl/: run make gpu-wheels where pip reaches an index"; exit 2; }
+	$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl
+	env -u TRITON_INTERPRET PYTHONPATH=$(GPU_SITE):$(CURDIR) PYTHONUNBUFFERED=1 $(GPU_PYTHON) tests/gpu_check.py --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -3,15 +3,22 @@
     python benchmarks/attention.py                  # CPU: torch path vs HF-style eager vs SDPA
     python benchmarks/attention.py --quick          # CPU, smaller shapes (well under a minute)
     python benchmarks/attention.py --device cuda    # GPU: Triton kernels vs torch SDPA
+    python benchmarks/attention.py --device cuda --json figures.json   # and every row as JSON
 
 Columns: milliseconds per call (best of several), TFLOP/s for attention-shaped work
 (4 * visible q.k pairs * head_dim) and GB/s of K/V read for decode shapes (one query).
 SDPA returns no log-sum-exp, so it does less than attention_with_lse; it is the speed to beat.
+On CUDA, SDPA may use only its fused kernels (flash, memory-efficient, cuDNN): its math fallback would materialise
+the float32 scores (about 140 GiB for the cached-anchor shape). Queries after a cached prefix use SDPA's lower-right
+causal bias rather than a boolean mask, which flash attention refuses. A row that fails (refused, out of memory)
+is printed and recorded as failed, and the benchmark goes on.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import math
 import sys
 import time
@@ -115,15 +122,40 @@ def eager_attention(q, k, v, s: Shape, mask):
     return torch.matmul(p, v)
 
 
+def sdpa_mask(s: Shape, device: str):
+    """SDPA's mask for the shape: None, "causal" (square), a lower-right causal bias (queries after a cached prefix:
+    q_offset = k_len - q_len), or a boolean mask for any other offset."""
+    if not s.causal or s.q_offset >= s.k_len - 1:
+        return None
+    if s.q_offset == 0 and s.q_len == s.k_len:
+        return "causal"
+    if s.q_offset == s.k_len - s.q_len:
+        from torch.nn.attention.bias import causal_lower_right
+
+        return causal_lower_right(s.q_len, s.k_len)
+    return causal_mask(s, device)
+
+
+def fused_sdpa_only(device: str):
+    """On CUDA, SDPA without its math fallback (which would build the whole score matrix): refused shapes raise."""
+    if not device.startswith("cuda"):
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION])
+
+
 def sdpa(q, k, v, s: Shape, mask):
-    if mask is not None and s.q_offset == 0 and s.q_len == s.k_len:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    mask = sdpa_mask(s, str(q.device))
+    with fused_sdpa_only(str(q.device)):
+        if isinstance(mask, str):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 def timeit(fn: Callable[[], object], device: str, reps: int) -> float:
     """Best wall time of `reps` calls, in milliseconds (after one warm-up call)."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
     fn()
     sync()
     best = math.inf
@@ -135,7 +167,8 @@ def timeit(fn: Callable[[], object], device: str, reps: int) -> float:
     return best * 1e3
 
 
-def run(device: str, quick: bool, dtype: torch.dtype) -> None:
+def run(device: str, quick: bool, dtype: torch.dtype) -> list[dict]:
+    """Print the table; return its rows (a failed row has "error" instead of timings)."""
     on_cuda = device.startswith("cuda")
     shapes = cuda_shapes(quick) if on_cuda else cpu_shapes(quick)
     reps = 3 if quick else 10
@@ -164,6 +197,7 @@ def run(device: str, quick: bool, dtype: torch.dtype) -> None:
     )
     print(header)
     print("-" * len(header))
+    rows = []
     for s in shapes:
         q, k, v = make_inputs(s, dtype, device)
         mask = causal_mask(s, device)
@@ -172,15 +206,26 @@ def run(device: str, quick: bool, dtype: torch.dtype) -> None:
                 continue  # would need a multi-GiB score matrix
             if on_cuda and name == "torch path" and s.q_len > 64:
                 continue
-            ms = timeit(lambda: impl(q, k, v, s, mask), device, reps)
+            row = {"shape": s.name, "batch": s.batch, "q_heads": s.q_heads, "kv_heads": s.kv_heads, "q_len": s.q_len,
+                   "k_len": s.k_len, "head_dim": s.head_dim, "impl": name}
+            prefix = f"{s.name:38s} {s.batch:2d} {s.q_heads:2d}/{s.kv_heads:<2d} {s.q_len:6d} {s.k_len:7d} {name:>14s}"
+            try:
+                ms = timeit(lambda: impl(q, k, v, s, mask), device, reps)
+            except (RuntimeError, ValueError) as error:  # refused by the backend, or out of memory: go on
+                row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"
+                print(f"{prefix} failed: {row['error']}")
+                if on_cuda:
+                    torch.cuda.empty_cache()
+                rows.append(row)
+                continue
             tflops = s.flops() / (ms * 1e-3) / 1e12
             gbs = s.kv_bytes(dtype) / (ms * 1e-3) / 1e9  # K/V bytes read: decode's bound
             gb_txt = f"{gbs:7.1f}" if s.q_len == 1 else f"{'':>7s}"
-            print(
-                f"{s.name:38s} {s.batch:2d} {s.q_heads:2d}/{s.kv_heads:<2d} {s.q_len:6d} {s.k_len:7d} "
-                f"{name:>14s} {ms:9.3f} {tflops:8.3f} {gb_txt}"
-            )
-        del q, k, v
+            print(f"{prefix} {ms:9.3f} {tflops:8.3f} {gb_txt}", flush=True)
+            rows.append({**row, "ms": round(ms, 4), "tflops": round(tflops, 3),
+                         **({"kv_gb_per_s": round(gbs, 1)} if s.q_len == 1 else {})})
+        del q, k, v, mask
+    return rows
 
 
 def main() -> None:
@@ -189,11 +234,29 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller shapes, fewer repetitions")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="default: float32 on CPU, bfloat16 on CUDA")
+    ap.add_argument("--json", metavar="PATH", help="also write the rows, with the versions and device, to PATH")
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device here")
     dtype_name = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    run(args.device, args.quick, getattr(torch, dtype_name))
+    rows = run(args.device, args.quick, getattr(torch, dtype_name))
+    if args.json:
+        on_cuda = args.device.startswith("cuda")
+        report = {"device": args.device, "device_name": torch.cuda.get_device_name(args.device) if on_cuda else "cpu",
+                  "dtype": dtype_name, "quick": args.quick, "torch": torch.__version__,
+                  "triton": _version("triton"), "rows": rows}
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    if any("error" in row for row in rows):
+        print(f"{sum('error' in row for row in rows)} row(s) failed (see above)", file=sys.stderr)
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 if __name__ == "__main__":

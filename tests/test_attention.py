@@ -13,6 +13,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib.util  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
@@ -23,8 +24,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from attention_reference import (CASES, NEG_INF, TOL, assert_matches_reference, case_id, make_qkv,  # noqa: E402
-                                 reference_attention)
+from attention_reference import (CASES, KERNEL_CASES, NEG_INF, TOL, assert_matches_reference, case_id,  # noqa: E402
+                                 make_qkv, reference_attention)
 from starqa.attention import attention_with_lse, merge_attention  # noqa: E402
 from starqa.attention import torch_backend  # noqa: E402
 
@@ -225,6 +226,73 @@ def test_package_imports_and_torch_backend_runs_where_triton_is_missing():
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("case", [(2, 9, 3, 1, 5000, 64, True, 4999), (1, 6, 2, 33, 70, 16, True, 37)],
+                         ids=["decode-over-5000-keys", "causal-over-a-cache"])
+def test_the_reference_check_rejects_a_zero_output_and_attention_over_80_percent_of_the_keys(case, dtype):
+    """The mutants that passed the old absolute bounds: they must fail in every dtype, on long rows too."""
+    b, hq, hk, q_len, k_len, d, causal, q_offset = case
+    q, k, v = make_qkv(b, hq, hk, q_len, k_len, d, dtype=dtype, seed=17)
+    ref_out, ref_lse = reference_attention(q, k, v, causal=causal, q_offset=q_offset)
+    kw = dict(causal=causal, q_offset=q_offset)
+    assert_matches_reference(ref_out.to(dtype), ref_lse.float(), q, k, v, **kw)  # the exact answer, rounded, passes
+    kept = k_len * 4 // 5
+    part_out, part_lse = reference_attention(q, k[:, :, :kept], v[:, :, :kept], **kw)
+    for out, lse in [(torch.zeros_like(q), ref_lse.float()),  # right lse, zero output
+                     (part_out.to(dtype), ref_lse.float()),  # right lse, the output of 80 % of the keys
+                     (ref_out.to(dtype), part_lse.float())]:  # right output, the lse of 80 % of the keys
+        with pytest.raises(AssertionError, match="off by"):
+            assert_matches_reference(out, lse, q, k, v, **kw)
+
+
+# --------------------------------------------------------------------------- the kernel benchmark
+
+
+def _attention_benchmark():
+    """benchmarks/attention.py as a module (it is a script, not part of the package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "attention.py"
+    spec = importlib.util.spec_from_file_location("attention_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_benchmark_gives_sdpa_no_boolean_mask_on_the_gpu_shapes(quick):
+    """A boolean mask with enable_gqa makes SDPA leave flash attention for its math path, which builds the float32
+    scores: about 140 GiB for 4 blocks of 8192 queries over a cached 8192-token anchor."""
+    bench = _attention_benchmark()
+    for shape in bench.cuda_shapes(quick):
+        mask = bench.sdpa_mask(shape, "cpu")
+        assert not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool), shape.name
+
+
+@pytest.mark.parametrize("q_len,k_len,q_offset", [(8, 24, 16), (24, 24, 0), (1, 24, 23), (8, 24, 3), (8, 24, 40)])
+def test_benchmark_sdpa_rows_compute_the_attention_they_time(q_len, k_len, q_offset):
+    bench = _attention_benchmark()
+    shape = bench.Shape("t", 2, 4, 2, q_len, k_len, 16, True, q_offset)
+    q, k, v = make_qkv(2, 4, 2, q_len, k_len, 16, seed=19)
+    out = bench.sdpa(q, k, v, shape, bench.causal_mask(shape, "cpu"))
+    expected, _ = reference_attention(q, k, v, causal=True, q_offset=q_offset)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_failing_benchmark_row_is_recorded_and_the_others_still_run(monkeypatch, capsys):
+    bench = _attention_benchmark()
+    monkeypatch.setattr(bench, "cpu_shapes", lambda quick: [bench.Shape("tiny", 1, 4, 2, 8, 40, 16, True, 32)])
+
+    def refused(*args):
+        raise RuntimeError("No available kernel. Aborting execution.\nmore lines")
+
+    monkeypatch.setattr(bench, "sdpa", refused)
+    rows = bench.run("cpu", quick=True, dtype=torch.float32)
+    assert [(row["impl"], "ms" in row, row.get("error")) for row in rows] == [
+        ("torch path", True, None), ("sdpa (no lse)", False, "RuntimeError: No available kernel. Aborting execution."),
+        ("eager (HF)", True, None)]
+    assert "failed: RuntimeError: No available kernel" in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------- merge
 
 
@@ -367,16 +435,6 @@ def test_triton_backend_matches_float64_reference(case):
     assert_matches_reference(out, lse, q, k, v, causal=causal, q_offset=q_offset)
 
 
-# (batch, q_heads, kv_heads, q_len, k_len, causal, q_offset)
-KERNEL_CASES = [
-    (1, 3, 1, 1, 70, True, 69),  # decode over a cache
-    (2, 8, 1, 2, 53, True, 51),  # two queries, GQA 8
-    (1, 2, 2, 7, 70, True, 20),  # diagonal crosses the key splits
-    (1, 3, 1, 21, 50, True, -3),  # negative offset: empty rows
-    (1, 2, 1, 19, 64, False, 0),  # non-causal
-]
-
-
 @triton_only
 @pytest.mark.parametrize("kernel", ["fwd", "decode"])
 @pytest.mark.parametrize("num_splits", [1, 3])
@@ -431,6 +489,7 @@ def test_triton_and_torch_backends_agree_and_merge_across_backends():
 
 
 AOT_COMPILE_SCRIPT = """
+import contextlib, io, json, re
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -445,20 +504,32 @@ def compile_for_sm90(fn, pointers, consts, options):
     }
     constexprs = {(names.index(n),): v for n, v in consts.items()}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    ptxas_log = io.StringIO()  # TRITON_DUMP_PTXAS_LOG=1: Triton prints the log of the ptxas run that made the cubin
+    with contextlib.redirect_stdout(ptxas_log):
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     assert "cubin" in compiled.asm
+    spills = re.search(r"(\\d+) bytes spill stores", ptxas_log.getvalue())
+    registers = re.search(r"Used (\\d+) registers", ptxas_log.getvalue())
+    assert spills and registers, "no ptxas log: " + ptxas_log.getvalue()[-500:]
+    return int(registers.group(1)), int(spills.group(1))
 
-for dtype, tl_name in [(torch.bfloat16, "bf16"), (torch.float32, "fp32")]:
+for dtype, tl_name, head_dims in [(torch.float32, "fp32", (64, 80, 128)), (torch.bfloat16, "bf16", (64, 128))]:
     ptrs = {"Q": "*" + tl_name, "K": "*" + tl_name, "V": "*" + tl_name, "Out": "*" + tl_name, "Lse": "*fp32"}
-    for head_dim in ((64, 128) if dtype == torch.bfloat16 else (64,)):
-        base = dict(CAUSAL=True, HEAD_DIM=head_dim, BLOCK_D=head_dim, UPCAST=False,
+    max_rows = tk._DECODE_MAX_ROWS_FP32 if dtype == torch.float32 else tk._DECODE_MAX_ROWS
+    for head_dim in head_dims:
+        block_d = tk._pow2_at_least(head_dim)
+        base = dict(CAUSAL=True, HEAD_DIM=head_dim, BLOCK_D=block_d, UPCAST=False,
                     DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
-        for name, cfg in [("fwd", tk._fwd_config(head_dim, dtype, interpret=False)),
-                          ("decode", dict(tk._decode_config(head_dim, dtype, interpret=False), BLOCK_R=16))]:
+        configs = [("fwd", tk._fwd_config(block_d, dtype, interpret=False))]
+        configs += [("decode", dict(tk._decode_config(block_d, dtype, interpret=False), BLOCK_R=rows))
+                    for rows in (16, max_rows)]
+        for name, cfg in configs:
             consts = {**base, **cfg}
             options = {k: consts.pop(k) for k in ("num_warps", "num_stages")}
-            compile_for_sm90({"fwd": tk._attn_fwd, "decode": tk._attn_decode}[name], ptrs, consts, options)
-            print("compiled", name, tl_name, head_dim)
+            registers, spills = compile_for_sm90({"fwd": tk._attn_fwd, "decode": tk._attn_decode}[name], ptrs,
+                                                 consts, options)
+            print(json.dumps(dict(kernel=name, dtype=tl_name, head_dim=head_dim, **cfg, registers=registers,
+                                  spill_stores=spills)))
 compile_for_sm90(tk._attn_combine,
                  {"PartOut": "*fp32", "PartLse": "*fp32", "Out": "*bf16", "Lse": "*fp32"},
                  dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_S=64), {"num_warps": 4})
@@ -467,13 +538,17 @@ print("compiled combine")
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_triton_kernels_compile_for_a_hopper_gpu_without_one(tmp_path):
-    """Ahead-of-time compile to cubin for sm_90 of the GPU configurations (bf16 with head_dim
-    64/128, fp32 with 64), so compile errors that the CPU interpreter cannot see are caught without a GPU.
+def test_triton_kernels_compile_for_a_hopper_gpu_without_one_and_float32_spills_no_register(tmp_path):
+    """Ahead-of-time compile to cubin for sm_90 of the GPU configurations (float32 at head_dim 64/80/128, bf16 at
+    64/128; forward, and decode with 16 and the most rows), so compile errors that the CPU interpreter cannot see are
+    caught without a GPU; and ptxas's report of each: no float32 configuration may spill registers (the former tiles
+    spilled 3-16 KB per thread). bf16 spills are checked on the GPU (tests/test_gpu.py) with the image's Triton: the
+    ptxas of Triton 3.9 spills 100-500 B in bf16 tiles that Triton 3.6's does not.
     Runs in a process without TRITON_INTERPRET (the compiler needs un-interpreted triton)."""
     env = subprocess_env(
         TRITON_CACHE_DIR=str(tmp_path),  # really compile, every time
         TRITON_DEFAULT_FP_FUSION="1",  # triton 3.9 warns when unset
+        TRITON_DUMP_PTXAS_LOG="1",
     )
     env.pop("TRITON_INTERPRET", None)
     result = subprocess.run(
@@ -483,3 +558,7 @@ def test_triton_kernels_compile_for_a_hopper_gpu_without_one(tmp_path):
         pytest.skip("this triton install has no ptxas")  # pragma: no cover
     assert result.returncode == 0, result.stderr[-4000:]
     assert "compiled combine" in result.stdout
+    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 15
+    spilling = [r for r in reports if r["dtype"] == "fp32" and r["spill_stores"] > 0]
+    assert not spilling, "float32 kernels spill registers:\n" + "\n".join(map(json.dumps, spilling))

@@ -221,6 +221,11 @@ def test_a_ranks_partial_attention_reaches_the_cross_rank_merge_in_float32():
     rank(0, 6, keep_local=False)
     rank(6, 12, keep_local=True)
     assert all(out.dtype == torch.float32 for out, _ in partials)
+    # The second rank merged two parts (its stored keys and the query's own) into its partial: in float32 that is
+    # (almost surely) no bf16 number anywhere; rounded to bf16 and back (a mutant a 2e-2 tolerance below let through),
+    # every element would be one.
+    own_out = partials[1][0]
+    assert (own_out != own_out.to(torch.bfloat16).float()).float().mean() > 0.5, "the partial was rounded to bf16"
     merged, _ = merge_attention(partials)
     # Reference: the same attention in float32 over all stored keys and, causally, the query's own.
     all_keys = torch.cat([stored_keys, keys], dim=2).float().repeat_interleave(2, dim=1)

@@ -11,7 +11,7 @@ Kernels
   * ``_attn_fwd``: one program per (BLOCK_M queries, batch x q_head[, key split]). Key tiles
     wholly visible to every row of the block run without masks; the k_len edge and the causal
     diagonal run masked. Scores are kept in base 2 (exp2) with float32 running max/sum/out.
-  * ``_attn_decode``: flash-decoding for few queries (group * q_len <= 64 rows): one program per
+  * ``_attn_decode``: flash-decoding for few queries (group * q_len <= 64 rows, 32 in float32): one program per
     (batch x kv_head, key split) holds every query row that shares the kv head, so K/V are read
     once per kv head, and the keys are split across programs so one token over 128K keys still
     fills the GPU.
@@ -26,6 +26,7 @@ interpreter is slow: tiny shapes only.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -35,7 +36,7 @@ import triton.language as tl
 __all__ = ["attention_with_lse_triton", "interpreter_ready"]
 
 _LOG2E = 1.4426950408889634
-_DECODE_MAX_ROWS = 64  # group * q_len up to this uses the split-KV decode kernel
+_DECODE_MAX_ROWS = 64  # group * q_len up to this uses the split-KV decode kernel (float32: _DECODE_MAX_ROWS_FP32)
 _MAX_SPLITS = 128  # key splits per query row (the combine kernel loads their lse at once)
 
 
@@ -300,11 +301,24 @@ def _pow2_at_least(n: int, floor: int = 16) -> int:
     return max(floor, 1 << max(0, n - 1).bit_length())
 
 
+# Tile configurations of the compiled kernels, chosen so that ptxas spills no register on sm_90 (`ptxas -v` with
+# Triton 3.6, the GPU image's, and 3.9; tests/test_attention.py compiles them ahead of time and fails on a float32
+# spill, tests/test_gpu.py on any spill). A float32 dot is an FMA loop that holds both operand tiles in registers:
+# the former float32 tiles (64 x 32 on 4 warps) spilled 3-14 KB per thread at head_dim 64-128 (Triton 3.6; 1.3-37 KB
+# with 3.9), and decode (32 keys, 4 warps) up to 16 KB with 64 query rows. Now 32 x 32 tiles on 8 warps at head_dim
+# 64 (92-100 registers), 32 x 16 above it (128-164); decode 16 keys on 8 warps (64-188), for at most 32 float32 rows:
+# at head_dim 128 no 64-row tile tried (16 or 32 keys, 4, 8 or 16 warps) was free of spills under both Triton
+# versions, so 33-64 float32 rows go to the forward kernel. Head dims above 128 (no supported model has them) take
+# the small tiles too: 142-172 registers at 256, where 64 x 32 spilled 0.9-6 KB. bf16/fp16 decode at head_dim 128
+# takes 8 warps: 4 spilled 56-160 B with 32-64 rows.
+_DECODE_MAX_ROWS_FP32 = 32
+
+
 def _fwd_config(head_dim_p2: int, dtype: torch.dtype, interpret: bool) -> dict:
     if interpret:
         return {"BLOCK_M": 16, "BLOCK_N": 16}
     if dtype == torch.float32 or head_dim_p2 > 128:
-        return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+        return {"BLOCK_M": 32, "BLOCK_N": 32 if head_dim_p2 <= 64 else 16, "num_warps": 8, "num_stages": 2}
     return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8 if head_dim_p2 >= 128 else 4, "num_stages": 3}
 
 
@@ -312,8 +326,8 @@ def _decode_config(head_dim_p2: int, dtype: torch.dtype, interpret: bool) -> dic
     if interpret:
         return {"BLOCK_N": 16}
     if dtype == torch.float32 or head_dim_p2 > 128:
-        return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
-    return {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+        return {"BLOCK_N": 16, "num_warps": 8, "num_stages": 2}
+    return {"BLOCK_N": 64, "num_warps": 8 if head_dim_p2 >= 128 else 4, "num_stages": 3}
 
 
 def _pick_splits(programs: int, k_len: int, block_n: int, device: torch.device, min_keys: int) -> int:
@@ -366,7 +380,8 @@ def attention_with_lse_triton(
     block_d = _pow2_at_least(d)
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     rows = group * q_len
-    use_decode = rows <= _DECODE_MAX_ROWS if decode is None else decode
+    max_rows = _DECODE_MAX_ROWS_FP32 if q.dtype == torch.float32 else _DECODE_MAX_ROWS
+    use_decode = rows <= max_rows if decode is None else decode
     if use_decode:
         cfg = _decode_config(block_d, q.dtype, interpret)
         if block_n is not None:
@@ -404,22 +419,24 @@ def attention_with_lse_triton(
         CAUSAL=bool(causal), HEAD_DIM=d, BLOCK_D=block_d, DOT_PRECISION=dot_precision, UPCAST=upcast, **cfg
     )
     qk_scale_log2 = scale * _LOG2E
-    if use_decode:
-        consts["BLOCK_R"] = _pow2_at_least(rows)
-        _kernel("decode", interpret)[(b * hk, num_splits)](
-            q, k, v, o_buf, l_buf, *common,
-            hk, group, q_len, k_len, q_offset, keys_per_split, qk_scale_log2, **consts,
-        )  # fmt: skip
-    else:
-        _kernel("fwd", interpret)[(grid_m, b * hq, num_splits)](
-            q, k, v, o_buf, l_buf, *common,
-            hq, group, q_len, k_len, q_offset, keys_per_split, qk_scale_log2, **consts,
-        )  # fmt: skip
-    if num_splits > 1:
-        _kernel("combine", interpret)[(q_len, b * hq)](
-            o_buf, l_buf, out, lse, *o_buf.stride(), *l_buf.stride(), *out.stride(), *lse.stride(),
-            hq, q_len, num_splits,
-            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=_pow2_at_least(num_splits, floor=2),
-            **({} if interpret else {"num_warps": 4}),
-        )  # fmt: skip
+    # Triton launches on the current CUDA device: make it the tensors' (q on cuda:1 while cuda:0 is current).
+    with contextlib.nullcontext() if interpret else torch.cuda.device(q.device):
+        if use_decode:
+            consts["BLOCK_R"] = _pow2_at_least(rows)
+            _kernel("decode", interpret)[(b * hk, num_splits)](
+                q, k, v, o_buf, l_buf, *common,
+                hk, group, q_len, k_len, q_offset, keys_per_split, qk_scale_log2, **consts,
+            )  # fmt: skip
+        else:
+            _kernel("fwd", interpret)[(grid_m, b * hq, num_splits)](
+                q, k, v, o_buf, l_buf, *common,
+                hq, group, q_len, k_len, q_offset, keys_per_split, qk_scale_log2, **consts,
+            )  # fmt: skip
+        if num_splits > 1:
+            _kernel("combine", interpret)[(q_len, b * hq)](
+                o_buf, l_buf, out, lse, *o_buf.stride(), *l_buf.stride(), *out.stride(), *lse.stride(),
+                hq, q_len, num_splits,
+                HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=_pow2_at_least(num_splits, floor=2),
+                **({} if interpret else {"num_warps": 4}),
+            )  # fmt: skip
     return out, lse
