@@ -135,9 +135,10 @@ class StarCache:
             return out, lse
         keys, values = prefix.dense(layer, q.dtype)
         if observers is not None:
-            last = q[:, :, -1:]  # the rows that predict the next tokens
-            grouped = last.float().view(batch, kv_heads, group, dim)
-            scores = torch.einsum("bhgd,hnd->bhgn", grouped, keys[0].float()) * scale
+            # The rows that predict the next tokens, scored in the KV's own dtype (the matmul accumulates in float32):
+            # a float32 copy of every stored key per layer and step would cost more than the attention itself.
+            last = q[:, :, -1].reshape(batch, kv_heads, group, dim).to(keys.dtype)
+            scores = torch.matmul(last, keys[0].transpose(-1, -2)[None]).float() * scale  # [batch, hk, group, n]
             for row, observer in enumerate(observers):
                 observer.observe_scores(layer, scores[row].reshape(q_heads, -1))
         return attention_with_lse(q, keys, values, causal=False, scale=scale, backend=self.backend)
