@@ -125,3 +125,15 @@ def test_decode_attention_merges_the_decode_buffer_in_exactly(local_tokens):
     assert float((lse.double() - ref_lse).abs().max()) < 1e-5
     _assert_close_to(ref_scores[..., :700], scores)  # scores of the stored prefix only
     assert scores.shape == (3, 3, 700)
+
+
+def test_weights_far_below_the_largest_are_zero_not_denormal_and_change_nothing():
+    """Scores 100 apart: exp(-100) is a denormal float; the kernel takes such weights as 0 (they add nothing)."""
+    keys = torch.zeros(1, 64, 64)
+    keys[0, 0, 0] = 1.0  # the one key that q matches
+    values = torch.randn(1, 64, 64, generator=torch.Generator().manual_seed(0))
+    q = torch.zeros(1, 1, 64)
+    q[0, 0, 0] = 100.0
+    out, lse, _ = kernels.decode_attention(q, keys, values, chunk_starts_for([(0, 64)], 64))
+    torch.testing.assert_close(out[0, 0], values[0, 0], rtol=0, atol=1e-6)
+    assert abs(float(lse[0, 0]) - 100.0) < 1e-4

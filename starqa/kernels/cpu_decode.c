@@ -92,11 +92,14 @@ int linear_bf16(const uint16_t* restrict W, const uint16_t* restrict x, uint16_t
 
 /* -------------------------------------------------------------------------------------------- decode attention */
 
-/* exp(x) for float32 lanes: 2^n * p(r) with |r| <= ln2/2 (Cephes expf polynomial), ~1 ulp; exp(-inf) = 0. */
+/* exp(x) for float32 lanes: 2^n * p(r) with |r| <= ln2/2 (Cephes expf polynomial), ~1 ulp.  Below ln(FLT_MIN)
+ * the result is 0, not a denormal: attention weights that small add nothing next to the largest (1), and a denormal
+ * multiplied in the weighted sum would cost the CPU a microcode assist per lane. */
 static inline __m512 exp512(__m512 x) {
     const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
     const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
     x = _mm512_min_ps(x, _mm512_set1_ps(88.7f));
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
@@ -108,7 +111,7 @@ static inline __m512 exp512(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
+    return _mm512_maskz_mov_ps(normal, _mm512_scalef_ps(p, n));
 }
 
 /* lane t of the result = the sum of the 16 lanes of v[t] */
@@ -130,12 +133,13 @@ static inline __m512 hsum16(const __m512* v) {
 /* One (head, chunk): the partial softmax state of R rows over keys [k0, k1).  K and V point at this head's first
  * key (token stride d).  kscale: this chunk's per-channel key scales (int8); vscale: this head's per-token value
  * scales (int8).  Writes part_out [R, d] (unnormalised), part_m [R] (max score), part_l [R] (sum of exp). */
-static void chunk_attention(int fmt, const void* K, const void* V, const float* kscale, const float* vscale,
-                            int k0, int k1, int d, const float* q, int R, float* part_out, float* part_m,
-                            float* part_l, float* scores, size_t scores_row_stride) {
+static inline __attribute__((always_inline)) void chunk_attention_dv(
+        int fmt, const void* K, const void* V, const float* kscale, const float* vscale, int k0, int k1, int d,
+        const float* q, int R, float* part_out, float* part_m, float* part_l, float* scores, size_t scores_row_stride,
+        const int dv) {
     float s[MAX_ROWS * MAX_CHUNK] __attribute__((aligned(64)));
     __m512 qv[MAX_ROWS][MAX_DIM / 16];
-    const int len = k1 - k0, dv = d / 16;
+    const int len = k1 - k0;
     for (int r = 0; r < R; r++)  /* per-channel key scales fold into the query */
         for (int c = 0; c < dv; c++) {
             qv[r][c] = _mm512_loadu_ps(q + (size_t)r * d + 16 * c);
@@ -191,6 +195,26 @@ static void chunk_attention(int fmt, const void* K, const void* V, const float* 
         }
         for (int r = 0; r < rb; r++)
             for (int c = 0; c < dv; c++) _mm512_storeu_ps(part_out + (size_t)(r0 + r) * d + 16 * c, acc[r][c]);
+    }
+}
+
+/* head_dim 64 and 128 get their own copies with the vector count known to the compiler, so that the
+ * accumulators of a row block stay in registers. */
+static void chunk_attention(int fmt, const void* K, const void* V, const float* kscale, const float* vscale,
+                            int k0, int k1, int d, const float* q, int R, float* part_out, float* part_m,
+                            float* part_l, float* scores, size_t scores_row_stride) {
+    switch (d) {
+    case 64:
+        chunk_attention_dv(fmt, K, V, kscale, vscale, k0, k1, d, q, R, part_out, part_m, part_l, scores,
+                           scores_row_stride, 4);
+        break;
+    case 128:
+        chunk_attention_dv(fmt, K, V, kscale, vscale, k0, k1, d, q, R, part_out, part_m, part_l, scores,
+                           scores_row_stride, 8);
+        break;
+    default:
+        chunk_attention_dv(fmt, K, V, kscale, vscale, k0, k1, d, q, R, part_out, part_m, part_l, scores,
+                           scores_row_stride, d / 16);
     }
 }
 
