@@ -124,13 +124,19 @@ class Linear:
     weight: torch.Tensor
     bias: torch.Tensor | None = None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ weight.T (+ bias), and `residual + that` with a residual (rounded as torch rounds each op)."""
         rows = x.numel() // x.shape[-1]
         if (x.device.type == "cpu" and self.weight.dtype == torch.bfloat16 and rows <= GEMV_MAX_ROWS
                 and x.shape[-1] % 32 == 0 and kernels.available()):
-            y = kernels.linear_bf16(x.reshape(rows, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
+            fused = residual if self.bias is None else None
+            y = kernels.linear_bf16(x.reshape(rows, x.shape[-1]), self.weight,
+                                    None if fused is None else fused.reshape(rows, -1)).view(*x.shape[:-1], -1)
+            if self.bias is not None:
+                y = y + self.bias
+            return y if residual is None or fused is not None else residual + y
+        y = F.linear(x, self.weight, self.bias)
+        return y if residual is None else residual + y
 
 
 @dataclass
@@ -272,6 +278,8 @@ class Transformer:
         heads, kv_heads, dim = args.num_heads, args.num_kv_heads, args.head_dim
         x = F.embedding(ids, self.embed)  # [batch, tokens, hidden]
         cos, sin = self.rotary(positions)
+        if self._per_token_kernels(x):
+            return self._forward_per_token(x, cos, sin, cache, logits=logits)
         for index, layer in enumerate(self.layers):
             h = self._rms_norm(x, layer.input_norm)
             qkv = layer.qkv(h)  # [batch, tokens, (heads + 2 kv_heads) dim]
@@ -281,10 +289,41 @@ class Transformer:
             q, k = rotated[:, :heads], rotated[:, heads:]
             v = qkv[..., (heads + kv_heads) * dim:].view(batch, tokens, kv_heads, dim).transpose(1, 2)
             attended = cache.attend(index, q, k, v, dim ** -0.5)  # [batch, tokens, heads, dim]
-            x = x + layer.o(attended.reshape(batch, tokens, heads * dim))
+            x = layer.o(attended.reshape(batch, tokens, heads * dim), residual=x)
             h = self._rms_norm(x, layer.post_norm)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
+            x = layer.down(F.silu(gate) * up, residual=x)
         if not logits:
             return None
         return self.lm_head(self._rms_norm(x[:, -1], self.norm))  # [batch, vocab]
+
+    # ------------------------------------------------------------------------------- decoding: per-token kernels
+
+    def _per_token_kernels(self, x: torch.Tensor) -> bool:
+        """Decoding a few tokens in bfloat16 on a CPU with the kernels: each layer is ~10 kernel calls, not ~40
+        torch ops (see starqa/kernels). Bit for bit the torch path's result: the same roundings."""
+        rows = x.shape[0] * x.shape[1]
+        return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and rows <= GEMV_MAX_ROWS
+                and x.shape[-1] % 32 == 0 and self.args.head_dim <= 256 and kernels.available())
+
+    def _forward_per_token(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, *,
+                           logits: bool) -> torch.Tensor | None:
+        args = self.args
+        batch, tokens, hidden = x.shape
+        heads, kv_heads, dim = args.num_heads, args.num_kv_heads, args.head_dim
+        rows, eps = batch * tokens, args.rms_norm_eps
+        x = x.reshape(rows, hidden)
+        cos, sin = cos.reshape(rows, -1), sin.reshape(rows, -1)  # [batch, 1, tokens, rotary] -> one row per token
+        for index, layer in enumerate(self.layers):
+            qkv = layer.qkv(kernels.rms_norm_bf16(x, layer.input_norm, eps))  # [rows, (heads + 2 kv_heads) dim]
+            kernels.rope_bf16_(qkv, heads + kv_heads, dim, cos, sin)
+            qkv = qkv.view(batch, tokens, heads + 2 * kv_heads, dim).transpose(1, 2)
+            q, k, v = qkv[:, :heads], qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
+            attended = cache.attend(index, q, k, v, dim ** -0.5)  # [batch, tokens, heads, dim]
+            x = layer.o(attended.reshape(rows, heads * dim), residual=x)
+            x = layer.down(kernels.silu_mul_bf16(layer.gate_up(kernels.rms_norm_bf16(x, layer.post_norm, eps))),
+                           residual=x)
+        if not logits:
+            return None
+        last = x.view(batch, tokens, hidden)[:, -1]
+        return self.lm_head(kernels.rms_norm_bf16(last, self.norm, eps))  # [batch, vocab]

@@ -137,3 +137,67 @@ def test_weights_far_below_the_largest_are_zero_not_denormal_and_change_nothing(
     out, lse, _ = kernels.decode_attention(q, keys, values, chunk_starts_for([(0, 64)], 64))
     torch.testing.assert_close(out[0, 0], values[0, 0], rtol=0, atol=1e-6)
     assert abs(float(lse[0, 0]) - 100.0) < 1e-4
+
+
+def test_per_token_layer_kernels_round_as_torch_does():
+    """RMS norm, rotary embedding, SiLU gate and the residual add: the same bfloat16 bits as the torch ops they
+    replace (the roundings of starqa.transformer's torch path)."""
+    from starqa.transformer import Transformer
+
+    generator = torch.Generator().manual_seed(1)
+    x = (torch.randn(3, 576, generator=generator) * 4).to(torch.bfloat16)
+    weight = torch.randn(576, generator=generator).to(torch.bfloat16)
+    normalised = torch.nn.functional.rms_norm(x.float(), (576,), eps=1e-5)
+    assert torch.equal(kernels.rms_norm_bf16(x, weight, 1e-5), weight * normalised.to(torch.bfloat16))
+
+    gate_up = (torch.randn(3, 2 * 1536, generator=generator) * 3).to(torch.bfloat16)
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert torch.equal(kernels.silu_mul_bf16(gate_up), torch.nn.functional.silu(gate) * up)
+
+    heads, kv_heads, dim = 9, 3, 64
+    qkv = torch.randn(3, (heads + 2 * kv_heads) * dim, generator=generator).to(torch.bfloat16)
+    angles = torch.rand(3, dim // 2, generator=generator) * 50
+    cos = torch.cat((angles, angles), dim=-1).cos().to(torch.bfloat16)
+    sin = torch.cat((angles, angles), dim=-1).sin().to(torch.bfloat16)
+    expected = Transformer._rotate(qkv[:, :(heads + kv_heads) * dim].view(3, heads + kv_heads, dim),
+                                   cos[:, None], sin[:, None])
+    rotated = qkv.clone()
+    kernels.rope_bf16_(rotated, heads + kv_heads, dim, cos, sin)
+    assert torch.equal(rotated[:, :(heads + kv_heads) * dim].view(3, heads + kv_heads, dim), expected)
+    assert torch.equal(rotated[:, (heads + kv_heads) * dim:], qkv[:, (heads + kv_heads) * dim:])  # values untouched
+
+    w = torch.randn(960, 576, generator=generator).to(torch.bfloat16)
+    residual = torch.randn(3, 960, generator=generator).to(torch.bfloat16)
+    assert torch.equal(kernels.linear_bf16(x, w, residual), residual + kernels.linear_bf16(x, w))
+
+
+def test_decoding_with_the_per_token_kernels_equals_the_torch_path(monkeypatch):
+    """A bfloat16 model decoding token by token: the per-token kernel path gives the torch path's logits bit for bit
+    (a single sequence, and a left-padded batch of two)."""
+    from conftest import tiny_model
+    from test_engine import _NoTokenizer
+
+    from starqa.engine import StarEngine
+    from starqa.transformer import Transformer
+
+    engine = StarEngine(tiny_model("llama").to(torch.bfloat16), _NoTokenizer())
+    engine.stop_ids = set()
+    ctx = engine.encode_context(list(range(100, 400)), 128, 128)
+    forward = Transformer.forward
+    runs = {}
+    for fast in (True, False):
+        logits: list[torch.Tensor] = []
+
+        def recording(self, *args, **kwargs):
+            out = forward(self, *args, **kwargs)
+            logits.append(out)
+            return out
+
+        monkeypatch.setattr(Transformer, "forward", recording)
+        monkeypatch.setattr(Transformer, "_per_token_kernels",
+                            lambda self, x, fast=fast: fast and x.shape[0] * x.shape[1] <= 8)
+        engine.generate_batch(ctx, [[5, 6, 7], [8, 9]], max_new_tokens=6)
+        engine.generate(ctx, [5, 6, 7, 11], max_new_tokens=6)
+        runs[fast] = logits
+    assert len(runs[True]) == len(runs[False]) >= 10
+    assert all(torch.equal(a, b) for a, b in zip(runs[True], runs[False]))

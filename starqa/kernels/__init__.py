@@ -2,7 +2,9 @@
 
 Decoding reads every weight and every stored KV byte once per token; torch's CPU kernels read bfloat16 matrices
 at a fraction of the memory bandwidth when only a few rows multiply them, and attention of a few rows over many
-keys is no better. These two C functions stream each byte once (see benchmarks/decode.py for the figures).
+keys is no better. These C functions stream each byte once (see benchmarks/decode.py for the figures); three small
+ones do a layer's per-token steps (RMS norm, rotary embedding, SiLU gate) in one call each, since at one token a
+decoding step's dozens of tiny torch ops per layer cost more in dispatch than their arithmetic.
 
 The C file is compiled once per machine on first use with the machine's C compiler (`cc -O3 -march=native
 -fopenmp`, about a second) into a cache folder, keyed by the source, the compiler and the CPU, and loaded with
@@ -26,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "unavailable_reason", "linear_bf16", "decode_attention", "read_bandwidth", "KV_FORMATS",
+__all__ = ["available", "unavailable_reason", "linear_bf16", "rms_norm_bf16", "rope_bf16_", "silu_mul_bf16",
+           "decode_attention", "read_bandwidth", "KV_FORMATS",
            "MAX_ROWS", "MAX_CHUNK", "cache_folder"]
 
 _SOURCE = Path(__file__).with_name("cpu_decode.c")
@@ -107,7 +110,13 @@ def _library() -> ctypes.CDLL | None:
         _state["reason"] = "this CPU has no AVX-512"
         return None
     library.linear_bf16.restype = ctypes.c_int
-    library.linear_bf16.argtypes = [_P, _P, _P, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    library.linear_bf16.argtypes = [_P, _P, _P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P]
+    library.rms_norm_bf16.restype = ctypes.c_int
+    library.rms_norm_bf16.argtypes = [_P, _P, _P, ctypes.c_int, ctypes.c_int, ctypes.c_float]
+    library.rope_bf16.restype = ctypes.c_int
+    library.rope_bf16.argtypes = [_P, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _P]
+    library.silu_mul_bf16.restype = ctypes.c_int
+    library.silu_mul_bf16.argtypes = [_P, _P, ctypes.c_int, ctypes.c_int]
     library.stream_read.restype = ctypes.c_float
     library.stream_read.argtypes = [_P, ctypes.c_long]
     library.decode_attention.restype = ctypes.c_int
@@ -130,8 +139,9 @@ def _pointer(tensor: torch.Tensor | None):
     return None if tensor is None else tensor.data_ptr()
 
 
-def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [rows, in] @ weight[out, in].T for bfloat16 CPU tensors, float32 accumulation, rounded to bfloat16 once.
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x [rows, in] @ weight[out, in].T for bfloat16 CPU tensors, float32 accumulation, rounded to bfloat16 once;
+    with `residual` [rows, out] (bf16), residual + that, rounded again (as torch's `residual + linear(x)`).
 
     Callers check `available()` and keep rows small (a GEMV; torch's AMX kernels win from about 8 rows)."""
     rows, features = x.shape
@@ -139,11 +149,51 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if features % 32 or not weight.is_contiguous():
         raise ValueError(f"linear_bf16 needs a contiguous weight and in-features divisible by 32, got {tuple(weight.shape)}")
     x = x.contiguous()
+    if residual is not None:
+        residual = residual.contiguous()
+        if residual.shape != (rows, out) or residual.dtype != torch.bfloat16:
+            raise ValueError(f"linear_bf16: residual {tuple(residual.shape)} {residual.dtype}, needs ({rows}, {out}) bf16")
     y = torch.empty((rows, out), dtype=torch.bfloat16)
-    code = _library().linear_bf16(weight.data_ptr(), x.data_ptr(), y.data_ptr(), out, features, rows)
+    code = _library().linear_bf16(weight.data_ptr(), x.data_ptr(), y.data_ptr(), out, features, rows,
+                                  _pointer(residual))
     if code != 0:
         raise RuntimeError(f"linear_bf16 failed ({code}) for x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     return y
+
+
+def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm of bfloat16 rows x [..., dim] (normalised in float32, rounded, times the bf16 weight)."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    dim = x.shape[-1]
+    code = _library().rms_norm_bf16(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // dim, dim, eps)
+    if code != 0:
+        raise RuntimeError(f"rms_norm_bf16 failed ({code}) for x {tuple(x.shape)}")
+    return y
+
+
+def rope_bf16_(qkv: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotary embedding in place on the first `heads` heads of each row of a contiguous bf16 qkv [rows, features];
+    cos, sin: bf16 [rows, rotary_dim] (each row's position)."""
+    rows = qkv.shape[0]
+    cos, sin = cos.contiguous(), sin.contiguous()
+    if not qkv.is_contiguous() or cos.shape[0] != rows or qkv.shape[1] < heads * head_dim:
+        raise ValueError(f"rope_bf16_: qkv {tuple(qkv.shape)}, cos {tuple(cos.shape)}")
+    code = _library().rope_bf16(qkv.data_ptr(), qkv.shape[1], rows, heads, head_dim, cos.shape[1], cos.data_ptr(),
+                                sin.data_ptr())
+    if code != 0:
+        raise RuntimeError(f"rope_bf16 failed ({code}) for head_dim {head_dim}, rotary {cos.shape[1]}")
+
+
+def silu_mul_bf16(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for bf16 rows [..., 2 * inter] holding [gate | up]; returns [..., inter]."""
+    gate_up = gate_up.contiguous()
+    inter = gate_up.shape[-1] // 2
+    out = torch.empty((*gate_up.shape[:-1], inter), dtype=torch.bfloat16)
+    code = _library().silu_mul_bf16(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * inter), inter)
+    if code != 0:
+        raise RuntimeError(f"silu_mul_bf16 failed ({code})")
+    return out
 
 
 class _Segment(ctypes.Structure):

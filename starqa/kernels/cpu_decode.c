@@ -3,6 +3,10 @@
  * them (a GEMV) or when a few query rows attend to many keys.  These two functions read every byte once, in order.
  *
  *   linear_bf16:       y[r, o] = sum_i x[r, i] * W[o, i]       W bf16 [out, in]; x, y bf16 [rows, in] / [rows, out]
+ *                      (+ residual[r, o], optionally)
+ *   rms_norm_bf16, rope_bf16, silu_mul_bf16: a decoder layer's small per-token steps, one call each instead of the
+ *                      dozen torch ops (each costing more dispatch than arithmetic) that a decoding step repeats per
+ *                      layer; rounded to bfloat16 wherever torch's bfloat16 ops round, so both paths agree.
  *   decode_attention:  out, lse (and optionally the scores) of R query rows per KV head over n stored keys, no mask,
  *                      with K/V in float32, bfloat16, float16 or int8 (keys scaled per channel and chunk, values per
  *                      token), and optionally over the decode buffer too, split over key chunks that are merged
@@ -59,7 +63,7 @@ static inline __m512 load16(int fmt, const void* base, size_t offset) {
 
 /* Rows of x (bf16) are widened to float32 once; each pair of W rows is streamed once for all rows of x. */
 int linear_bf16(const uint16_t* restrict W, const uint16_t* restrict x, uint16_t* restrict y, int out, int in,
-                int rows) {
+                int rows, const uint16_t* restrict residual) {
     if (in % 32 || rows < 1) return -1;
     float* xf = aligned_alloc(64, sizeof(float) * (size_t)rows * in);
     if (!xf) return -3;
@@ -81,8 +85,15 @@ int linear_bf16(const uint16_t* restrict W, const uint16_t* restrict x, uint16_t
                     b0 = _mm512_fmadd_ps(bf16x16_to_f32(_mm256_loadu_si256((const __m256i*)(w1 + i))), x0, b0);
                     b1 = _mm512_fmadd_ps(bf16x16_to_f32(_mm256_loadu_si256((const __m256i*)(w1 + i + 16))), x1, b1);
                 }
-                y[(size_t)r * out + o] = f32_to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(a0, a1)));
-                if (o + 1 < out) y[(size_t)r * out + o + 1] = f32_to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(b0, b1)));
+                size_t at = (size_t)r * out + o;
+                uint16_t y0 = f32_to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(a0, a1)));
+                uint16_t y1 = f32_to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(b0, b1)));
+                if (residual) {  /* x + linear(h) of a decoder layer, rounded as torch rounds it: twice */
+                    y0 = f32_to_bf16(bf16_to_f32(y0) + bf16_to_f32(residual[at]));
+                    if (o + 1 < out) y1 = f32_to_bf16(bf16_to_f32(y1) + bf16_to_f32(residual[at + 1]));
+                }
+                y[at] = y0;
+                if (o + 1 < out) y[at + 1] = y1;
             }
         }
     }
@@ -304,6 +315,71 @@ int decode_attention(const Segment* prefix, const Segment* local, int hk, int d,
         float* o = out + ((size_t)h * R + r) * d;
         for (int i = 0; i < d / 16; i++) _mm512_storeu_ps(o + 16 * i, _mm512_div_ps(acc[i], _mm512_set1_ps(L)));
         lse[h * R + r] = M + logf(L);
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ per-token layer steps */
+
+/* y = w * bf16(x * rsqrt(mean(x^2) + eps)), as LlamaRMSNorm in bfloat16: normalised in float32, rounded, then the
+ * weight applied in bfloat16. */
+int rms_norm_bf16(const uint16_t* restrict x, const uint16_t* restrict w, uint16_t* restrict y, int rows, int dim,
+                  float eps) {
+    if (dim % 16 || rows < 1) return -1;
+    for (int r = 0; r < rows; r++) {
+        const uint16_t* xr = x + (size_t)r * dim;
+        uint16_t* yr = y + (size_t)r * dim;
+        __m512 squares = _mm512_setzero_ps();
+        for (int i = 0; i < dim; i += 16) {
+            __m512 v = bf16x16_to_f32(_mm256_loadu_si256((const __m256i*)(xr + i)));
+            squares = _mm512_fmadd_ps(v, v, squares);
+        }
+        float inv = 1.0f / sqrtf(_mm512_reduce_add_ps(squares) / dim + eps);
+        for (int i = 0; i < dim; i++) {
+            float normalised = bf16_to_f32(f32_to_bf16(bf16_to_f32(xr[i]) * inv));
+            yr[i] = f32_to_bf16(normalised * bf16_to_f32(w[i]));
+        }
+    }
+    return 0;
+}
+
+/* Rotary embedding in place on the first `heads` heads of each row (the query and key heads of a fused qkv row):
+ * h * cos + rotate_half(h) * sin over the first `rotary` channels, each product and the sum rounded to bfloat16 as
+ * torch's bfloat16 ops round them.  cos, sin: bf16 [rows, rotary]. */
+int rope_bf16(uint16_t* restrict qk, long row_stride, int rows, int heads, int dim, int rotary,
+              const uint16_t* restrict cos, const uint16_t* restrict sin) {
+    if (rotary % 2 || rotary > dim || dim > MAX_DIM || rows < 1) return -1;
+    int half = rotary / 2;
+    float rotated[MAX_DIM];
+    for (int r = 0; r < rows; r++) {
+        const uint16_t* c = cos + (size_t)r * rotary;
+        const uint16_t* s = sin + (size_t)r * rotary;
+        for (int h = 0; h < heads; h++) {
+            uint16_t* p = qk + (size_t)r * row_stride + (size_t)h * dim;
+            for (int j = 0; j < rotary; j++) {
+                float other = j < half ? -bf16_to_f32(p[j + half]) : bf16_to_f32(p[j - half]);
+                float a = bf16_to_f32(f32_to_bf16(bf16_to_f32(p[j]) * bf16_to_f32(c[j])));
+                float b = bf16_to_f32(f32_to_bf16(other * bf16_to_f32(s[j])));
+                rotated[j] = a + b;
+            }
+            for (int j = 0; j < rotary; j++) p[j] = f32_to_bf16(rotated[j]);
+        }
+    }
+    return 0;
+}
+
+/* out = bf16(silu(gate)) * up, rounded, for rows of [gate | up] (the fused gate_up projection's output). */
+int silu_mul_bf16(const uint16_t* restrict gate_up, uint16_t* restrict out, int rows, int inter) {
+    if (rows < 1) return -1;
+    for (int r = 0; r < rows; r++) {
+        const uint16_t* g = gate_up + (size_t)r * 2 * inter;
+        const uint16_t* u = g + inter;
+        uint16_t* o = out + (size_t)r * inter;
+        for (int i = 0; i < inter; i++) {
+            float x = bf16_to_f32(g[i]);
+            float silu = bf16_to_f32(f32_to_bf16(x / (1.0f + expf(-x))));
+            o[i] = f32_to_bf16(silu * bf16_to_f32(u[i]));
+        }
     }
     return 0;
 }
