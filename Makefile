@@ -19,7 +19,7 @@ GPU_SITE ?= /tmp/site
 GPU_CHECK_OUT ?= gpu-check-out
 PIP_DOWNLOAD ?= python3 -m pip download
 
-.PHONY: install demo test bench gpu-check gpu-wheels gpu-check-device clean
+.PHONY: install demo test bench bench-install gpu-check gpu-wheels gpu-check-device clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,10 @@ test: install
 
 bench: install
 	$(PY) benchmarks/phase1.py
+
+# The optional peer of benchmarks/vs_llamacpp.py: llama-cpp-python, compiled from source (never needed by make test).
+bench-install: install
+	$(PIP) install -q -e ".[bench]"
 
 # On a CUDA machine with network: the Triton kernels compiled (not interpreted) and the engine on the GPU against
 # their references, then the kernels' speed against torch SDPA; fails if CUDA is missing (see README).

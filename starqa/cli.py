@@ -125,7 +125,10 @@ def _load_engine(settings, model: str | None = None, trust_remote_code: bool = F
 def ingest(
     files: list[str] = typer.Argument(..., help="PDF, .txt or .md files (or - for stdin)."),
     name: Optional[str] = typer.Option(None, "--name", help="Document name (default: the file's stem)."),
-    force: bool = typer.Option(False, "--force", help="Replace a stored document of the same name."),
+    force: bool = typer.Option(False, "--force", help="Replace a stored document of the same name (blocks that "
+                               "did not change are taken over, not encoded)."),
+    update: bool = typer.Option(False, "--update", help="Skip files stored unchanged (same content and settings); "
+                                "replace changed ones, encoding only the blocks that changed; ingest new ones."),
     allow_long: bool = typer.Option(False, "--allow-long", help="Encode documents longer than the model's context."),
     password: Optional[str] = typer.Option(None, "--password", help="Password of an encrypted PDF."),
     model: Optional[str] = ModelOpt, dtype: Optional[str] = DtypeOpt, kv_dtype: Optional[str] = KvDtypeOpt,
@@ -139,9 +142,13 @@ def ingest(
 
     settings = _settings(config, quiet, model=model, dtype=dtype, kv_dtype=kv_dtype, device=device,
                          block_size=block_size, anchor_size=anchor_size, nproc=nproc)
+    if update and force:
+        raise UsageError("--update skips unchanged files and --force replaces them: pass one of the two")
     files = expand_sources(files)  # quoted globs: "docs/*.pdf"
     if name is not None and len(files) > 1:
-        raise UsageError("--name names one document; drop it to ingest several files (each takes its stem)")
+        flag = "--update with --name" if update else "--name"
+        raise UsageError(f"{flag} names one document, but {len(files)} files were given; drop --name to ingest "
+                         "several files (each takes its stem)")
     _check_sources(files, name)  # usage errors before loading a model (or converting one, ~20 s)
     _launch_if_asked(settings)
     ranks = _ranks(settings)
@@ -152,8 +159,8 @@ def ingest(
         files_task = bar.add_task("files", total=len(files)) if len(files) > 1 else None
         for source in files:
             try:
-                ingest_one(source, settings, engine, store, name=name, force=force, allow_long=allow_long,
-                           password=password, ranks=ranks)
+                ingest_one(source, settings, engine, store, name=name, force=force, update=update,
+                           allow_long=allow_long, password=password, ranks=ranks)
             except Exception as exc:  # noqa: BLE001 - one file's failure is reported; the others go on
                 if len(files) == 1:
                     raise
@@ -345,11 +352,23 @@ def info(
             *([("why not tiktoken", m["tokenizer_engine_reason"])] if m.get("tokenizer_engine_reason") else []),
             ("pages", str(m["pages"])), ("context tokens", f"{m['context_tokens']:,}"),
             ("blocks", str(len(m["blocks"]))), ("block / anchor size", f"{m['block_size']} / {m['anchor_size']}"),
+            ("reused / encoded", f"{m.get('blocks_reused', 0)} / {m.get('blocks_encoded', len(m['blocks']))} blocks"),
             ("dtype", m["dtype"]), ("KV dtype", document.kv_dtype), ("Phase 1", f"{m.get('phase1_s', 0):.2f} s"),
             ("KV on disk", f"{m['kv_bytes']:,} bytes ({document.kv_bytes_per_token:,.0f} per token)"),
-            ("created", m["created"]), ("stored in", str(document.path))]
+            ("updated", f"{m['created']} (version {m.get('version', 1)}, "
+                        f"first stored {m.get('first_created', m['created'])})"),
+            ("stored in", str(document.path))]
+    for number, version in enumerate(m.get("history", [])[1:], start=1):  # the versions this one replaced
+        rows.append(("previous versions" if number == 1 else "", _version_line(version)))
     for label, value in rows:
-        print(f"{label + ':':22}{value}")
+        print(f"{label + ':' if label else '':22}{value}")
+
+
+def _version_line(version: dict) -> str:
+    """One earlier version of a document, from its manifest's history."""
+    return (f"{version['created']}: {version['context_tokens']:,} tokens, {version['blocks']} blocks "
+            f"({version['blocks_reused']} reused, {version['blocks_encoded']} encoded), "
+            f"{version['kv_bytes']:,} bytes of KV, Phase 1 {version['phase1_s'] or 0:.2f} s")
 
 
 @app.command()

@@ -294,8 +294,14 @@ class StarEngine:
     # ---------------------------------------------------------------- Phase 1
 
     def encode_blocks(self, context_ids: Sequence[int], block_size: int, anchor_size: int | None = None, *,
-                      block_indices: Iterable[int] | None = None, batch: int = 4) -> Iterator[EncodedBlock]:
-        """Phase 1 for the given blocks (all by default), yielding each block's KV in index order."""
+                      block_indices: Iterable[int] | None = None, batch: int = 4,
+                      anchor: ContextKV | None = None) -> Iterator[EncodedBlock]:
+        """Phase 1 for the given blocks (all by default), yielding each block's KV in index order.
+
+        `anchor`: the anchor's KV [1, kv_heads, anchor_len, head_dim] in the compute dtype, when it is at hand
+        without encoding block 0 here: the head of block 0's stored KV, which is what block 0's own pass gives
+        (a re-ingest that takes block 0 over, see starqa.ingest). Without it, a process that does not encode block 0
+        encodes the anchor alone."""
         anchor_size = block_size if anchor_size is None else anchor_size
         if block_size <= 0 or anchor_size <= 0 or anchor_size > block_size:
             raise ValueError(f"need 0 < anchor_size ({anchor_size}) <= block_size ({block_size})")
@@ -306,7 +312,8 @@ class StarEngine:
         ids = torch.tensor(list(context_ids), dtype=torch.long, device=self.device)
         anchor_len = min(anchor_size, len(context_ids))
 
-        anchor = None
+        if anchor is not None and (0 in wanted or anchor.n_tokens != anchor_len):
+            raise ValueError("an anchor given must be the first anchor_size tokens' KV, for blocks other than block 0")
         if 0 in wanted:
             start, end = spans[0]
             cache = self._encode(ids[None, start:end], torch.arange(start, end, device=self.device)[None])

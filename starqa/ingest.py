@@ -4,6 +4,10 @@ Data flows one way: documents -> tokens -> engine (Phase 1) -> store. Blocks are
 the KV of a long document never has to fit in memory at once. Under torch.distributed, rank 0 prepares the document
 and owns the store; every rank encodes its contiguous run of blocks and writes their files into rank 0's staging
 folder; the manifest is written and the document published only after all ranks have finished.
+
+A new version of a stored document (--force, --update) takes over every block the version it replaces holds with
+the same key (starqa.reuse) when both were made with the same settings; only the other blocks run Phase 1, spread
+over the ranks as before.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from starqa.engine import quantize_block
 from starqa.kv_quant import KEY_GROUP, resolve_kv_dtype
 from starqa.distributed import RankFailure, Ranks, agree, block_plan, broadcast_object, gather_objects, share_outcome
 from starqa.errors import StarqaError, UsageError
+from starqa.reuse import anchor_from_block_file, block_keys, reusable_blocks
 from starqa.sources import block_pages
-from starqa.store import (DamagedDocument, DocumentStore, StoredDocument, name_from_path, reingest_hint, validate_name,
-                          write_block_file)
+from starqa.store import (DamagedDocument, DocumentStore, StoredDocument, block_file_name, name_from_path,
+                          reingest_hint, validate_name, write_block_file)
 from starqa.tokens import PROMPT_LAYOUT_VERSION, context_ids_for, plan_blocks, prompt_template
 
 # Test hook: STARQA_FAIL_PHASE1_RANK=N makes rank N raise during Phase 1 (how the fault tests stage a failure).
@@ -37,6 +42,8 @@ class IngestResult:
     document: StoredDocument | None  # None on ranks other than 0
     phase1_ran: bool  # False when the document was already stored with the same source and settings
     phase1_s: float = 0.0
+    blocks_reused: int = 0  # taken over from the version this one replaced
+    blocks_encoded: int = 0
 
 
 @dataclass
@@ -128,53 +135,78 @@ def _file_version(source: str) -> tuple | None:
     return (status.st_ino, status.st_size, status.st_mtime_ns) if stat.S_ISREG(status.st_mode) else None
 
 
-def _source_digest(source: str, text: str, version: tuple | None) -> str:
-    """SHA-256 of the source file as extracted; of the text for a stream, which cannot be read a second time."""
-    if version is None:
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+def _file_digest(source: str) -> str | None:
+    """SHA-256 of a regular file's bytes (None if it cannot be read: extraction then says why)."""
     digest = hashlib.sha256()
     try:
         with open(source, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
     except OSError:
-        version = None  # removed meanwhile: reported as changed below
-    if version is None or _file_version(source) != version:  # saved again while it was extracted or hashed
-        raise StarqaError(f"'{source}' changed while it was being read; nothing was stored: try again")
+        return None
     return digest.hexdigest()
 
 
-def _prepare(source, settings, engine, store, *, name, force, allow_long, password) -> _Prepared:
+def _stored_version(store: DocumentStore, name: str, replacing: bool) -> StoredDocument | None:
+    """The version stored under `name`, if any; a damaged one is refused unless it is to be replaced."""
+    if not store.exists(name):
+        return None
+    try:
+        return store.get(name)
+    except DamagedDocument:
+        if not replacing:
+            raise
+        report.warn(f"replacing '{name}', whose stored manifest cannot be read")
+        return None
+
+
+def _nothing_to_do(stored: StoredDocument | None, source: str, source_sha256: str, signature: dict, *,
+                   force: bool, update: bool) -> bool:
+    """Whether the stored version already is this source with these settings (then say so); a name clash without
+    --force or --update is a usage error."""
+    if stored is None:
+        return False
+    same_source = stored.manifest.get("source", {}).get("sha256") == source_sha256
+    diffs = differences(stored.manifest, signature)
+    if same_source and not diffs and not force:
+        if update:
+            report.info(f"'{stored.name}' is unchanged ({source}): skipped")
+        else:
+            report.info(f"'{stored.name}' is already stored from the same source with the same settings; nothing to do")
+        return True
+    if not (force or update):
+        what = "a different source file" if not same_source else "different settings: " + ", ".join(diffs)
+        raise UsageError(f"document '{stored.name}' is already stored with {what}; pass --force to replace it, "
+                         "or --name to store it under another name")
+    return False
+
+
+def _prepare(source, settings, engine, store, *, name, force, update, allow_long, password) -> _Prepared:
     from starqa.documents import extract_document
 
     name = validate_name(name if name is not None else name_from_path(source))
+    signature = chosen_signature(settings_signature(engine, settings), settings)
+    stored = _stored_version(store, name, replacing=force or update)
+    # A regular file is hashed before it is extracted: an unchanged one (an `--update` cron job over many files)
+    # costs one read, not an extraction. A stream can be read only once: its text identifies it.
     version = _file_version(source)
+    source_sha256 = _file_digest(source) if version is not None else None
+    nothing = _Prepared(name, [], {}, "", [], stored=True)
+    if source_sha256 is not None and _file_version(source) == version and _nothing_to_do(
+            stored, source, source_sha256, signature, force=force, update=update):
+        return nothing
     with report.progress() as bar:
         pages_task = bar.add_task("extracting pages", total=None)
         extracted = extract_document(source, password=password,
                                      on_page=lambda done, total: bar.update(pages_task, completed=done, total=total))
     for warning in extracted.warnings:
         report.warn(warning)
-    source_sha256 = _source_digest(source, extracted.text, version)
-    signature = chosen_signature(settings_signature(engine, settings), settings)
-    stored = None
-    if store.exists(name):
-        try:
-            stored = store.get(name)
-        except DamagedDocument:
-            if not force:
-                raise
-            report.warn(f"replacing '{name}', whose stored manifest cannot be read")
-    if stored is not None:
-        same_source = stored.manifest.get("source", {}).get("sha256") == source_sha256
-        diffs = differences(stored.manifest, signature)
-        if same_source and not diffs and not force:
-            report.info(f"'{name}' is already stored from the same source with the same settings; nothing to do")
-            return _Prepared(name, [], {}, "", [], stored=True)
-        if not force:
-            what = "a different source file" if not same_source else "different settings: " + ", ".join(diffs)
-            raise UsageError(f"document '{name}' is already stored with {what}; pass --force to replace it, "
-                             "or --name to store it under another name")
+    if version is None:
+        source_sha256 = hashlib.sha256(extracted.text.encode("utf-8")).hexdigest()
+    elif source_sha256 is None or _file_version(source) != version:  # saved again while it was hashed or extracted
+        raise StarqaError(f"'{source}' changed while it was being read; nothing was stored: try again")
+    if _nothing_to_do(stored, source, source_sha256, signature, force=force, update=update):
+        return nothing
 
     template = prompt_template(engine.tokenizer)
     document_ids = engine.encode_document_text(extracted.text)
@@ -213,71 +245,94 @@ def _prepare(source, settings, engine, store, *, name, force, allow_long, passwo
 
 
 def ingest(source: str, settings: Settings, engine, store: DocumentStore, *, name: str | None = None,
-           force: bool = False, allow_long: bool = False, password: str | None = None,
+           force: bool = False, update: bool = False, allow_long: bool = False, password: str | None = None,
            ranks: Ranks | None = None) -> IngestResult:
-    """Ingest one file (or "-" for stdin) as document `name` (default: the file's stem)."""
+    """Ingest one file (or "-" for stdin) as document `name` (default: the file's stem).
+
+    A name already stored from another source or with other settings is refused unless `force` or `update` (which
+    replace it, taking over the blocks that did not change); `update` skips a name stored from this very source with
+    these settings, `force` stores it again (every block taken over)."""
     ranks = ranks or Ranks()
     prepared = share_outcome(ranks, lambda: _prepare(source, settings, engine, store, name=name, force=force,
-                                                     allow_long=allow_long, password=password))
+                                                     update=update, allow_long=allow_long, password=password))
     if prepared.stored:
         document = store.get(prepared.name) if ranks.is_speaker else None
         return IngestResult(name=prepared.name, document=document, phase1_ran=False)
 
     spans = plan_blocks(len(prepared.context_ids), settings.block_size)
     if ranks.is_speaker:
-        stored = _store_as_speaker(prepared, settings, engine, store, spans, ranks, force)
+        stored = _store_as_speaker(prepared, settings, engine, store, spans, ranks, force=force, update=update)
         if stored is None:  # another process stored the same source with the same settings while we waited
             return IngestResult(name=prepared.name, document=store.get(prepared.name), phase1_ran=False)
         phase1_s, document = stored
+        encoded = document.manifest["blocks_encoded"]
     else:
-        staging = broadcast_object(None, ranks)
-        if staging == _STORED_MEANWHILE:
+        plan = broadcast_object(None, ranks)
+        if plan == _STORED_MEANWHILE:
             return IngestResult(name=prepared.name, document=None, phase1_ran=False)
-        if staging is None:  # rank 0 failed before Phase 1 and reports why
+        if plan is None:  # rank 0 failed before Phase 1 and reports why
             raise RankFailure("rank 0 could not start storing the document")
-        phase1_s = _phase1(engine, prepared.context_ids, settings, Path(staging), spans, ranks)
+        phase1_s = _phase1(engine, prepared.context_ids, settings, spans, ranks, plan)
         agree(ranks, "storing the document", None)
-        document = None
+        document, encoded = None, len(plan.to_encode)
     peaks = gather_objects(report.peak_rss_mb(), ranks)
     if ranks.is_speaker:
         _summary(prepared, settings, phase1_s, document, peaks, engine.device)
-    return IngestResult(name=prepared.name, document=document, phase1_ran=True, phase1_s=phase1_s)
+    return IngestResult(name=prepared.name, document=document, phase1_ran=True, phase1_s=phase1_s,
+                        blocks_reused=len(spans) - encoded, blocks_encoded=encoded)
 
 
-# What rank 0 broadcasts instead of its staging folder when the document turned out to be stored already.
+# What rank 0 broadcasts instead of its Phase 1 plan when the document turned out to be stored already.
 _STORED_MEANWHILE = "stored-meanwhile"
 
 
-def _store_as_speaker(prepared, settings, engine, store, spans, ranks, force):
-    """Rank 0 (or the only process): lock, stage, run its share of Phase 1, record every block, publish.
+@dataclass
+class _Phase1Plan:
+    """What rank 0 tells every rank before Phase 1 (small and picklable: it is broadcast)."""
+
+    staging: str  # rank 0's staging folder, where every rank writes its block files
+    to_encode: list[int]  # the blocks not taken over from the previous version, in order
+    anchor_file: str | None  # block 0's file (taken over, in the compute dtype): the anchor is its head
+
+
+def _store_as_speaker(prepared, settings, engine, store, spans, ranks, *, force, update):
+    """Rank 0 (or the only process): lock, stage, take over unchanged blocks, run its share of Phase 1, record every
+    block, publish.
 
     Returns (Phase 1 seconds, the stored document), or None when a concurrent ingest stored the same source with the
     same settings while this one waited for the lock (nothing to do, as if it had been stored before).
     """
     stage = "before Phase 1"
+    signature = settings_signature(engine, settings)
     try:
         with store.lock(prepared.name, on_wait=report.info):
-            if not force and _stored_the_same(store, prepared,
-                                              chosen_signature(settings_signature(engine, settings), settings)):
+            if not force and _stored_the_same(store, prepared, chosen_signature(signature, settings)):
                 report.info(f"'{prepared.name}' was just stored from the same source with the same settings by "
                             "another starqa process; nothing to do")
                 broadcast_object(_STORED_MEANWHILE, ranks)
                 return None
-            _refuse_if_stored_meanwhile(store, prepared, force)
-            with store.writing(prepared.name, prepared.manifest) as writer:
+            if not (force or update):
+                _refuse_if_stored_meanwhile(store, prepared)
+            previous = _readable_version(store, prepared.name)  # read under the lock: it cannot change now
+            keys = block_keys(prepared.context_ids, spans, settings.effective_anchor_size, signature)
+            with store.writing(prepared.name, prepared.manifest, previous=previous) as writer:
                 writer.write_text(prepared.text, prepared.pages)
                 writer.write_context_ids(prepared.context_ids)
-                broadcast_object(str(writer.staging), ranks)
+                reused = _take_over_blocks(store, previous, writer, keys, signature)
+                plan = _Phase1Plan(str(writer.staging), [i for i in range(len(spans)) if i not in reused],
+                                   _anchor_file(writer.staging, reused, signature))
+                broadcast_object(plan, ranks)
                 stage = "Phase 1"
-                phase1_s = _phase1(engine, prepared.context_ids, settings, writer.staging, spans, ranks)
+                phase1_s = _phase1(engine, prepared.context_ids, settings, spans, ranks, plan)
                 stage = "publishing"
                 pages_per_block = block_pages(engine.tokenizer, prepared.context_ids,
                                               prepared.manifest["document_token_offset"], spans, prepared.pages,
                                               prepared.text)
                 for index, (start, end) in enumerate(spans):
-                    writer.record_existing_block(index, start, end, pages_per_block[index])
-                prepared.manifest["phase1_s"] = round(phase1_s, 3)
-                prepared.manifest["nproc"] = ranks.world
+                    writer.record_existing_block(index, start, end, pages_per_block[index], key=keys[index],
+                                                 reused=index in reused)
+                prepared.manifest.update(phase1_s=round(phase1_s, 3), nproc=ranks.world, blocks_reused=len(reused),
+                                         blocks_encoded=len(plan.to_encode))
         document = store.get(prepared.name)
     except BaseException as exc:
         if stage == "before Phase 1":
@@ -287,6 +342,40 @@ def _store_as_speaker(prepared, settings, engine, store, spans, ranks, force):
         raise
     agree(ranks, "storing the document", None)
     return phase1_s, document
+
+
+def _readable_version(store: DocumentStore, name: str) -> StoredDocument | None:
+    try:
+        return store.get(name) if store.exists(name) else None
+    except StarqaError:  # a damaged manifest (replaced with --force or --update): nothing to take over
+        return None
+
+
+def _take_over_blocks(store: DocumentStore, previous: StoredDocument | None, writer, keys: list[str],
+                      signature: dict) -> dict[int, dict]:
+    """Link (else copy) into the staging folder every block of `previous` with a key this version has, when both
+    were made with the same settings (model, tokenizer, layout, block and anchor size, dtype, KV dtype); a block
+    file that no longer matches its checksum is encoded again instead. Returns {index: previous block}."""
+    if previous is None or differences(previous.manifest, signature):
+        return {}
+    candidates = reusable_blocks(previous.blocks, keys)
+    intact = store.intact_files(previous, [block["file"] for block in candidates.values()])
+    damaged = sorted(index for index, block in candidates.items() if block["file"] not in intact)
+    if damaged:
+        report.warn(f"'{previous.name}': the stored files of block(s) {', '.join(map(str, damaged))} do not match "
+                    "their checksums; encoding them again")
+    reused = {index: block for index, block in candidates.items() if block["file"] in intact}
+    for block in reused.values():
+        writer.take_over_block(previous, block)
+    return reused
+
+
+def _anchor_file(staging: Path, reused: dict[int, dict], signature: dict) -> str | None:
+    """Block 0's file when it was taken over in the compute dtype: the anchor is then the head of its KV, bit for
+    bit what block 0's own pass gives (otherwise it is encoded: a narrower stored KV is not the anchor's)."""
+    if 0 not in reused or signature["kv_dtype"] != signature["dtype"]:
+        return None
+    return str(staging / block_file_name(0))
 
 
 def _stored_the_same(store: DocumentStore, prepared: _Prepared, signature: dict) -> bool:
@@ -301,27 +390,33 @@ def _stored_the_same(store: DocumentStore, prepared: _Prepared, signature: dict)
             and not differences(manifest, signature))
 
 
-def _refuse_if_stored_meanwhile(store: DocumentStore, prepared: _Prepared, force: bool) -> None:
-    if store.exists(prepared.name) and not force:  # a concurrent ingest stored it while we waited for the lock
+def _refuse_if_stored_meanwhile(store: DocumentStore, prepared: _Prepared) -> None:
+    if store.exists(prepared.name):  # a concurrent ingest stored it while we waited for the lock
         raise UsageError(f"document '{prepared.name}' was just stored by another starqa process; "
                          "pass --force to replace it")
 
 
-def _phase1(engine, context_ids, settings: Settings, staging: Path, spans, ranks: Ranks) -> float:
-    """This rank's share of Phase 1, each block written as soon as it is encoded; all ranks then agree."""
-    mine = block_plan(len(spans), ranks.world, ranks.rank)
+def _phase1(engine, context_ids, settings: Settings, spans, ranks: Ranks, plan: _Phase1Plan) -> float:
+    """This rank's share of the blocks to encode, each written as soon as it is encoded; all ranks then agree."""
+    mine = [plan.to_encode[i] for i in block_plan(len(plan.to_encode), ranks.world, ranks.rank)]
+    staging = Path(plan.staging)
     started = time.perf_counter()
     error = None
     with report.progress() as bar:
-        task = bar.add_task("Phase 1: encoding blocks", total=len(spans))
-        watcher = _BlockFileWatcher(staging, bar, task) if ranks.is_speaker and ranks.distributed else None
+        task = bar.add_task("Phase 1: encoding blocks", total=len(plan.to_encode))
+        watcher = (_BlockFileWatcher(staging, bar, task, taken_over=len(spans) - len(plan.to_encode))
+                   if ranks.is_speaker and ranks.distributed else None)
         try:
             if str(ranks.rank) == _fail_rank():
                 # Shaped like a library's error (CUDA out of memory): not ours, and on several lines.
                 raise RuntimeError("injected failure\n(STARQA_FAIL_PHASE1_RANK)")
             kv_dtype = resolve_kv_dtype(settings.kv_dtype, engine.dtype)
+            anchor = None
+            if plan.anchor_file is not None and mine and 0 not in mine:
+                anchor = anchor_from_block_file(Path(plan.anchor_file),
+                                                min(settings.effective_anchor_size, len(context_ids)), engine.device)
             for block in engine.encode_blocks(context_ids, settings.block_size, settings.effective_anchor_size,
-                                              block_indices=mine, batch=settings.phase1_batch):
+                                              block_indices=mine, batch=settings.phase1_batch, anchor=anchor):
                 write_block_file(staging, quantize_block(block, kv_dtype))
                 if watcher is None:
                     bar.advance(task)
@@ -333,7 +428,7 @@ def _phase1(engine, context_ids, settings: Settings, staging: Path, spans, ranks
             if watcher is not None:
                 watcher.stop()
         agree(ranks, "Phase 1", error)
-        bar.update(task, completed=len(spans))
+        bar.update(task, completed=len(plan.to_encode))
     return time.perf_counter() - started
 
 
@@ -346,15 +441,16 @@ def _fail_rank() -> str:
 class _BlockFileWatcher:
     """Rank 0's progress across ranks: counts block files appearing in the shared staging folder."""
 
-    def __init__(self, staging: Path, bar, task) -> None:
-        self.staging, self.bar, self.task = staging, bar, task
+    def __init__(self, staging: Path, bar, task, taken_over: int = 0) -> None:
+        self.staging, self.bar, self.task, self.taken_over = staging, bar, task, taken_over
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         while not self.done.wait(0.5):
-            self.bar.update(self.task, completed=sum(1 for _ in (self.staging / "blocks").glob("*.safetensors")))
+            written = sum(1 for _ in (self.staging / "blocks").glob("*.safetensors")) - self.taken_over
+            self.bar.update(self.task, completed=written)
 
     def stop(self) -> None:
         self.done.set()
@@ -363,13 +459,17 @@ class _BlockFileWatcher:
 
 def _summary(prepared: _Prepared, settings, phase1_s, document, peaks: list[float], device) -> None:
     n_tokens = len(prepared.context_ids)
+    manifest = document.manifest
+    encoded_tokens = sum(block["end"] - block["start"] for block in document.blocks if not block.get("reused"))
+    rate = f"{encoded_tokens / max(phase1_s, 1e-9):,.0f} tokens/s" if encoded_tokens else "nothing to encode"
     rows = [
         ("pages", f"{prepared.manifest['pages']}"),
         ("tokens", f"{n_tokens:,}"),
         ("blocks", f"{len(document.blocks)}"),
+        ("blocks reused / encoded", f"{manifest['blocks_reused']} / {manifest['blocks_encoded']}"),
         ("block / anchor size", f"{settings.block_size} / {settings.effective_anchor_size}"),
         ("dtype / KV dtype", f"{prepared.manifest['dtype']} / {prepared.manifest['kv_dtype']}"),
-        ("Phase 1", f"{phase1_s:.2f} s ({n_tokens / max(phase1_s, 1e-9):,.0f} tokens/s)"),
+        ("Phase 1", f"{phase1_s:.2f} s ({rate})"),
     ]
     if len(peaks) == 1:
         rows.append(("peak memory (RSS)", f"{peaks[0]:,.0f} MiB"))

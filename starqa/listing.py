@@ -10,10 +10,12 @@ def document_row(document) -> dict:
     return {"name": document.name, "context_tokens": m["context_tokens"], "blocks": len(m["blocks"]),
             "model": m["model"], "dtype": m["dtype"], "kv_dtype": document.kv_dtype, "kv_bytes": m["kv_bytes"],
             "kv_bytes_per_token": round(document.kv_bytes_per_token, 1), "created": m["created"],
-            "source": m["source"]["path"]}
+            "updated": m["created"], "version": m.get("version", 1),
+            "first_created": m.get("first_created", m["created"]), "source": m["source"]["path"]}
 
 
 def document_line(document) -> str:
-    m = document.manifest
+    m = document.manifest  # the current version was stored ("updated") at its `created` time
     return (f"{document.name}\t{m['context_tokens']} tokens\t{len(m['blocks'])} blocks\t"
-            f"{m['block_size']}/{m['anchor_size']}\t{document.kv_dtype} KV\t{m['model']}\t{m['created']}")
+            f"{m['block_size']}/{m['anchor_size']}\t{document.kv_dtype} KV\t{m['model']}\t"
+            f"updated {m['created']}\tfrom {m['source']['path']}")

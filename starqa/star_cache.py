@@ -78,25 +78,40 @@ class StarCache:
         batch, q_heads, tokens, dim = q.shape
         end = self.length + tokens
         self._check_window(end)
-        parts = []
-        if self.prefix is not None:
-            parts.append(self._attend_prefix(layer, q, scale))
         if self.keep_local:
             if end > self.keys[layer].shape[2]:
                 raise RuntimeError(f"StarCache buffer overflow: {end} > {self.keys[layer].shape[2]} tokens")
             self.keys[layer][:, :, self.length:end] = k
             self.values[layer][:, :, self.length:end] = v
-            parts.append(self._attend_buffer(q, self.keys[layer][:, :, :end], self.values[layer][:, :, :end], scale))
         across_ranks = self.merge_across_ranks is not None
-        if not parts:  # a rank holding no block and not the query host: nothing seen, a neutral part
-            parts.append((torch.zeros(q.shape, dtype=torch.float32, device=q.device),
-                          torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)))
-        if across_ranks:  # this rank's result is itself partial: no rounding to bf16/fp16 before the final merge
-            parts = [(out.float(), lse) for out, lse in parts]
-        out, lse = merge_attention(parts) if len(parts) > 1 else parts[0]
+        if self._one_kernel_call(q):
+            # One sequence decoding on a CPU: the kernel reads the stored prefix and the buffer and merges them.
+            out, lse = self._attend_prefix(layer, q, scale, local=(self.keys[layer][0, :, :end],
+                                                                     self.values[layer][0, :, :end]))
+        else:
+            parts = []
+            if self.prefix is not None:
+                parts.append(self._attend_prefix(layer, q, scale))
+            if self.keep_local:
+                parts.append(self._attend_buffer(q, self.keys[layer][:, :, :end], self.values[layer][:, :, :end],
+                                                 scale))
+            if not parts:  # a rank holding no block and not the query host: nothing seen, a neutral part
+                parts.append((torch.zeros(q.shape, dtype=torch.float32, device=q.device),
+                              torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)))
+            if across_ranks:  # this rank's result is itself partial: no rounding to bf16/fp16 before the final merge
+                parts = [(out.float(), lse) for out, lse in parts]
+            out, lse = merge_attention(parts) if len(parts) > 1 else parts[0]
         if across_ranks:
-            out, lse = self.merge_across_ranks(out, lse)
+            out, lse = self.merge_across_ranks(out.float(), lse)
         return out.to(q.dtype).transpose(1, 2)
+
+    def _kernel_usable(self, q: torch.Tensor, rows: int) -> bool:
+        return (q.device.type == "cpu" and rows <= KERNEL_MAX_ROWS and q.shape[-1] % 16 == 0
+                and self.prefix is not None and kernels.available())
+
+    def _one_kernel_call(self, q: torch.Tensor) -> bool:
+        return (q.shape[0] == 1 and q.shape[2] == 1 and self.keep_local and self.key_valid is None
+                and self._kernel_usable(q, q.shape[1]))
 
     def _check_window(self, end: int) -> None:
         if self.sliding_window is None:
@@ -108,23 +123,25 @@ class StarCache:
                               "starqa cannot answer this exactly; ask with a shorter --max-new-tokens or use another "
                               "model")
 
-    def _attend_prefix(self, layer: int, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _attend_prefix(self, layer: int, q: torch.Tensor, scale: float,
+                       local: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of q to the prefix (and, with `local`, to those buffer keys too, in the same kernel call)."""
         prefix = self.prefix
         batch, q_heads, tokens, dim = q.shape
         kv_heads = prefix.keys[layer].shape[1]
         group = q_heads // kv_heads
         rows = batch * tokens * group
         observers = self.observers
-        use_kernel = (q.device.type == "cpu" and rows <= KERNEL_MAX_ROWS and dim % 16 == 0
-                      and prefix.chunk_starts is not None and kernels.available())
-        if use_kernel:
-            # [batch, kv_heads * group, tokens, d] -> [kv_heads, batch * tokens * group, d], pre-scaled, float32
-            rows_q = (q.float() * scale).reshape(batch, kv_heads, group, tokens, dim).permute(1, 0, 3, 2, 4)
+        if local is not None or self._kernel_usable(q, rows):
+            # [batch, kv_heads * group, tokens, d] -> [kv_heads, batch * tokens * group, d]
+            rows_q = q if q.dtype in (torch.float32, torch.bfloat16) else q.float()
+            rows_q = rows_q.reshape(batch, kv_heads, group, tokens, dim).permute(1, 0, 3, 2, 4)
             out, lse, scores = kernels.decode_attention(
                 rows_q.reshape(kv_heads, rows, dim), prefix.keys[layer][0], prefix.values[layer][0],
                 prefix.chunk_starts, key_scales=prefix.key_scales[layer] if prefix.quantized else None,
-                value_scales=prefix.value_scales[layer] if prefix.quantized else None,
-                want_scores=observers is not None)
+                value_scales=prefix.value_scales[layer] if prefix.quantized else None, scale=scale,
+                want_scores=observers is not None, local_keys=None if local is None else local[0],
+                local_values=None if local is None else local[1])
             out = out.view(kv_heads, batch, tokens, group, dim).permute(1, 0, 3, 2, 4).reshape(q.shape)
             lse = lse.view(kv_heads, batch, tokens, group).permute(1, 0, 3, 2).reshape(batch, q_heads, tokens)
             if observers is not None:

@@ -3,6 +3,8 @@
     <root>/documents/<name>     symlink -> ../objects/<name>.<id>   (swapped atomically on re-ingest)
     <root>/objects/<name>.<id>/  manifest.json, text.txt, pages.json, context_ids.safetensors,
                                  blocks/block_00000.safetensors ..., checks.json
+                                 (a new version may hard-link block files of the version it replaces: see
+                                 `DocumentWriter.take_over_block`; no file is ever written after it is complete)
     <root>/objects/.tmp-<name>.<id>.<pid>/   an ingest in progress (renamed into objects/ when complete)
     <root>/locks/<name>.lock     held while a document is written or replaced
     <root>/models/               de-quantised copies of GGUF models
@@ -12,7 +14,8 @@ the previous version or the new one, never a mixture; leftovers are cleaned by t
 Nothing here is ever unpickled: KV and ids are safetensors, everything else JSON or text.
 
 Test hook (tests/test_hardening.py stops an ingest at an exact moment to kill or resume it):
-STARQA_TEST_PAUSE_AT=after-block:N (this process has written N block files) or before-link-swap (the complete
+STARQA_TEST_PAUSE_AT=after-block:N (the staging folder holds N block files after this process wrote one; blocks
+taken over from the previous version count) or before-link-swap (the complete
 object folder is in place, the name's link not yet swapped) makes the writer wait there until the file named by
 STARQA_TEST_RESUME_FILE exists, for at most 120 s.
 """
@@ -47,6 +50,7 @@ from starqa.kv_quant import storage_dtype
 from starqa.store_root import default_store_root, store_root  # noqa: F401  (default_store_root: re-exported)
 
 MANIFEST_FORMAT = 1
+HISTORY_LENGTH = 5  # versions of a document whose sizes and reuse counts its manifest keeps ("history")
 _NAME_MAX = 100
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
@@ -91,6 +95,15 @@ def _write_bytes(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _copy_new_file(source: Path, target: Path) -> None:
+    """Copy into a file that must not exist yet (O_EXCL: never into an existing file, which may be a hard link)."""
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
+    with os.fdopen(fd, "wb") as handle, source.open("rb") as original:
+        shutil.copyfileobj(original, handle, 1 << 20)
         handle.flush()
         os.fsync(handle.fileno())
 
@@ -216,6 +229,23 @@ def block_file_name(index: int) -> str:
     return f"blocks/block_{index:05d}.safetensors"
 
 
+def read_block_file(path: Path, device: torch.device | str = "cpu") -> tuple[list, list, list, list]:
+    """A block file's tensors per layer: (keys, values, key scales, value scales); the scales are empty lists
+    unless the KV is int8. Raises OSError or SafetensorError for a file that cannot be read."""
+    keys, values, key_scales, value_scales = [], [], [], []
+    with safe_open(path, framework="pt", device=str(device)) as handle:
+        names = set(handle.keys())
+        layer = 0
+        while f"layers.{layer}.key" in names:
+            keys.append(handle.get_tensor(f"layers.{layer}.key"))  # [kv_heads, tokens, head_dim]
+            values.append(handle.get_tensor(f"layers.{layer}.value"))
+            if f"layers.{layer}.key_scale" in names:
+                key_scales.append(handle.get_tensor(f"layers.{layer}.key_scale"))
+                value_scales.append(handle.get_tensor(f"layers.{layer}.value_scale"))
+            layer += 1
+    return keys, values, key_scales, value_scales
+
+
 def write_block_file(staging: Path, block: EncodedBlock) -> None:
     """One block's KV for every layer, in its stored precision (int8 with its scales, see starqa.kv_quant); any rank
     may write its blocks into the staging folder of rank 0's writer."""
@@ -227,6 +257,10 @@ def write_block_file(staging: Path, block: EncodedBlock) -> None:
             tensors[f"layers.{layer}.key_scale"] = block.key_scales[layer].detach().to("cpu").contiguous()
             tensors[f"layers.{layer}.value_scale"] = block.value_scales[layer].detach().to("cpu").contiguous()
     path = staging / block_file_name(block.index)
+    if os.path.lexists(path):
+        # safetensors would write into the existing file, and a block taken over from the previous version is a
+        # hard link to that version's file: writing here would change the version that must stay whole.
+        raise StarqaError(f"block {block.index} is already in the staging folder; it is not written twice")
     save_file(tensors, str(path), metadata={"index": str(block.index), "start": str(block.start), "end": str(block.end)})
     os.chmod(path, _FILE_MODE)
     _fsync(path)
@@ -259,14 +293,52 @@ class DocumentWriter:
         _fsync(self.staging / "context_ids.safetensors")
         self._record("context_ids.safetensors")
 
-    def record_existing_block(self, index: int, start: int, end: int, pages: Sequence[int] = ()) -> None:
-        """Record a block file already in the staging folder (written here or by another rank)."""
-        relative = block_file_name(index)
-        if not (self.staging / relative).is_file():
-            raise StarqaError(f"block {index} was not written by any rank")
-        self._record(relative)
-        self.blocks.append({"index": index, "start": start, "end": end, "file": relative, "pages": list(pages)})
+    def take_over_block(self, previous: StoredDocument, block: dict) -> bool:
+        """Put the previous version's file of `block` into this version, unchanged: a hard link (its bytes are
+        shared; no store file is ever written after it is complete, so the previous version stays whole until the
+        new one is published), else a copy, checked against the checksum it had. The checksum is re-used; the
+        caller checked the file (`DocumentStore.intact_files`). Returns whether it was linked."""
+        relative = block["file"]
+        source, target = previous.path / relative, self.staging / relative
+        expected = previous.manifest["files"][relative]
+        try:
+            os.link(source, target)
+            linked = True
+        except FileExistsError:
+            raise
+        except OSError as exc:  # another file system, no hard links there, or too many links to the file
+            if _disk_full(exc):
+                raise
+            _copy_new_file(source, target)
+            linked = False
+        if not linked:
+            self._record(relative)
+            if self.files[relative] != {"sha256": expected["sha256"], "size": expected["size"]}:
+                raise StarqaError(f"the copy of {relative} from the previous version does not match its checksum")
+        self.files[relative] = {"sha256": expected["sha256"], "size": expected["size"]}
+        return linked
 
+    def record_existing_block(self, index: int, start: int, end: int, pages: Sequence[int] = (),
+                              key: str | None = None, reused: bool = False) -> None:
+        """Record a block file already in the staging folder: written here or by another rank, or taken over from
+        the previous version (`reused`, recorded by take_over_block with the checksum it had)."""
+        relative = block_file_name(index)
+        if reused != (relative in self.files):
+            raise StarqaError(f"block {index} was {'not ' if reused else ''}taken over from the previous version")
+        if not reused:
+            if not (self.staging / relative).is_file():
+                raise StarqaError(f"block {index} was not written by any rank")
+            self._record(relative)
+        entry = {"index": index, "start": start, "end": end, "file": relative, "pages": list(pages)}
+        self.blocks.append(entry if key is None else dict(entry, key=key, reused=reused))
+
+
+def version_summary(manifest: dict) -> dict:
+    """One line of a document's history: when a version was stored, its size and how much of it was reused."""
+    blocks = len(manifest.get("blocks", []))
+    return {"created": manifest.get("created"), "context_tokens": manifest.get("context_tokens"), "blocks": blocks,
+            "blocks_reused": manifest.get("blocks_reused", 0), "blocks_encoded": manifest.get("blocks_encoded", blocks),
+            "kv_bytes": manifest.get("kv_bytes"), "phase1_s": manifest.get("phase1_s")}
 
 
 class DamagedDocument(StarqaError):
@@ -368,18 +440,8 @@ class DocumentStore:
         wanted = storage_dtype(doc.kv_dtype)
         for index in indices:
             block = by_index[index]
-            keys, values, key_scales, value_scales = [], [], [], []
             try:
-                with safe_open(doc.path / block["file"], framework="pt", device=str(device)) as handle:
-                    names = set(handle.keys())
-                    layer = 0
-                    while f"layers.{layer}.key" in names:
-                        keys.append(handle.get_tensor(f"layers.{layer}.key"))
-                        values.append(handle.get_tensor(f"layers.{layer}.value"))
-                        if f"layers.{layer}.key_scale" in names:
-                            key_scales.append(handle.get_tensor(f"layers.{layer}.key_scale"))
-                            value_scales.append(handle.get_tensor(f"layers.{layer}.value_scale"))
-                        layer += 1
+                keys, values, key_scales, value_scales = read_block_file(doc.path / block["file"], device)
             except (OSError, SafetensorError) as exc:  # checked a moment ago: changed or removed since
                 raise doc.read_error(block["file"], exc) from None
             if not keys or keys[0].dtype != wanted or bool(key_scales) != (wanted == torch.int8):
@@ -387,6 +449,28 @@ class DocumentStore:
                 raise doc.damaged(f"{block['file']} holds {found} KV, but the manifest says {doc.kv_dtype}")
             yield EncodedBlock(index=index, start=block["start"], end=block["end"], keys=keys, values=values,
                                key_scales=key_scales or None, value_scales=value_scales or None)
+
+    def intact_files(self, doc: StoredDocument, relatives: Collection[str]) -> set[str]:
+        """Those of `relatives` that match the manifest: their size, and their SHA-256 unless checks.json vouches
+        for their (size, mtime). Unlike check_files it writes nothing: it is asked about a version being replaced,
+        which must stay exactly as it is until the new one is published."""
+        try:
+            checks = json.loads((doc.path / "checks.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            checks = {}
+        intact = set()
+        for relative in relatives:
+            expected = doc.manifest["files"].get(relative)
+            try:
+                status = (doc.path / relative).stat()
+                if expected is None or status.st_size != expected["size"]:
+                    continue
+                if (checks.get(relative) == [status.st_size, status.st_mtime_ns]
+                        or sha256_file(doc.path / relative) == expected["sha256"]):
+                    intact.add(relative)
+            except OSError:
+                continue
+        return intact
 
     # ------------------------------------------------------------ writing
 
@@ -410,11 +494,12 @@ class DocumentStore:
             lock.release()
 
     @contextmanager
-    def writing(self, name: str, manifest: dict) -> Iterator[DocumentWriter]:
+    def writing(self, name: str, manifest: dict, previous: StoredDocument | None = None) -> Iterator[DocumentWriter]:
         """Stage a document; on normal exit write its manifest and publish it atomically. Caller holds lock(name).
 
-        Leftovers of earlier, killed writers are removed first. On any failure the staging folder is removed and
-        the store is as it was; running out of disk space is reported as such.
+        `previous`: the version this one replaces (read under the lock), whose history it continues. Leftovers of
+        earlier, killed writers are removed first. On any failure the staging folder is removed and the store is as
+        it was; running out of disk space is reported as such.
         """
         validate_name(name)
         self.collect_garbage(held={name})
@@ -433,6 +518,7 @@ class DocumentStore:
                             blocks=sorted(writer.blocks, key=lambda block: block["index"]),
                             kv_bytes=sum(f["size"] for r, f in writer.files.items() if r.startswith("blocks/")),
                             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            manifest.update(_continued_history(manifest, previous))
             _write_json(staging / "manifest.json", manifest)
             checks = {rel: [(staging / rel).stat().st_size, (staging / rel).stat().st_mtime_ns] for rel in writer.files}
             _write_json(staging / "checks.json", checks)
@@ -557,6 +643,17 @@ class DocumentStore:
             finally:
                 lock.release()
         return removed, freed
+
+
+def _continued_history(manifest: dict, previous: StoredDocument | None) -> dict:
+    """The new version's place in its name's history: its number, when the name was first stored, and the last
+    HISTORY_LENGTH versions (newest first; a version stored before starqa kept a history counts as one)."""
+    if previous is None:
+        return {"version": 1, "first_created": manifest["created"], "history": [version_summary(manifest)]}
+    old = previous.manifest
+    earlier = old.get("history") or [version_summary(old)]
+    return {"version": old.get("version", 1) + 1, "first_created": old.get("first_created") or old.get("created"),
+            "history": [version_summary(manifest), *earlier][:HISTORY_LENGTH]}
 
 
 def _process_alive(pid: int) -> bool:

@@ -243,10 +243,9 @@ class Transformer:
     # ------------------------------------------------------------------------------------------------ forward
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # As LlamaRMSNorm: the statistics in float32, the weight applied in the input dtype.
-        x32 = x.to(torch.float32)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.args.rms_norm_eps)
-        return weight * x32.to(x.dtype)
+        # As LlamaRMSNorm: normalised in float32 (torch's fused kernel), the weight applied in the input dtype.
+        normalised = F.rms_norm(x.to(torch.float32), (x.shape[-1],), eps=self.args.rms_norm_eps)
+        return weight * normalised.to(x.dtype)
 
     def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [batch, 1, tokens, rotary_dim] in the compute dtype, as LlamaRotaryEmbedding computes them."""
@@ -276,10 +275,11 @@ class Transformer:
         for index, layer in enumerate(self.layers):
             h = self._rms_norm(x, layer.input_norm)
             qkv = layer.qkv(h)  # [batch, tokens, (heads + 2 kv_heads) dim]
-            q = qkv[..., : heads * dim].view(batch, tokens, heads, dim).transpose(1, 2)
-            k = qkv[..., heads * dim: (heads + kv_heads) * dim].view(batch, tokens, kv_heads, dim).transpose(1, 2)
+            # RoPE on the query and key heads together: [batch, heads + kv_heads, tokens, dim]
+            rotated = self._rotate(qkv[..., : (heads + kv_heads) * dim].view(batch, tokens, heads + kv_heads, dim)
+                                   .transpose(1, 2), cos, sin)
+            q, k = rotated[:, :heads], rotated[:, heads:]
             v = qkv[..., (heads + kv_heads) * dim:].view(batch, tokens, kv_heads, dim).transpose(1, 2)
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             attended = cache.attend(index, q, k, v, dim ** -0.5)  # [batch, tokens, heads, dim]
             x = x + layer.o(attended.reshape(batch, tokens, heads * dim))
             h = self._rms_norm(x, layer.post_norm)

@@ -117,9 +117,11 @@ def test_config_rejects_unknown_keys_and_wrong_types_by_name(tmp_path):
         load_settings(config)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_kv_read_back_from_the_store_equals_phase1_in_memory(tmp_path, home, tiny_model_dir, dtype):
-    """What ask loads from disk is bit for bit what Phase 1 computed (layers, keys/values and positions in order)."""
+@pytest.mark.parametrize("dtype,kv_dtype", [("float32", "auto"), ("bfloat16", "auto"), ("float32", "float16"),
+                                            ("bfloat16", "int8")])
+def test_kv_read_back_from_the_store_equals_phase1_in_memory(tmp_path, home, tiny_model_dir, dtype, kv_dtype):
+    """What ask loads from disk is bit for bit what Phase 1 computed and stored in its precision (layers, keys and
+    values, int8 scales, positions in order)."""
     from starqa import cli
     from starqa.ask import load_context
     from starqa.engine import StarEngine
@@ -128,17 +130,60 @@ def test_kv_read_back_from_the_store_equals_phase1_in_memory(tmp_path, home, tin
     source = tmp_path / "terms.txt"
     source.write_text("Clause 1. The supplier delivers the reports every Tuesday.\n\n" * 12, encoding="utf-8")
     assert cli.main(["ingest", str(source), "--block-size", "40", "--anchor-size", "24", "--dtype", dtype,
-                     "--model", str(tiny_model_dir), "--quiet"]) == 0
+                     "--kv-dtype", kv_dtype, "--model", str(tiny_model_dir), "--quiet"]) == 0
     engine = StarEngine.load(str(tiny_model_dir), device="cpu", dtype=dtype, store_root=home)
     store = DocumentStore(home)
     document = store.get("terms")
+    stored = dtype if kv_dtype == "auto" else kv_dtype
+    assert document.kv_dtype == document.manifest["kv_dtype"] == stored
     assert len(document.blocks) >= 4
     loaded = load_context(engine, store, document)
-    computed = engine.encode_context(document.context_ids(), 40, 24)
+    computed = engine.encode_context(document.context_ids(), 40, 24, kv_dtype=kv_dtype)
     assert loaded.spans == computed.spans and loaded.n_tokens == computed.n_tokens
     assert len(loaded.keys) == len(computed.keys) == engine.num_layers
+    assert torch.equal(loaded.chunk_starts, computed.chunk_starts)
     for layer in range(engine.num_layers):
-        assert loaded.keys[layer].dtype == getattr(torch, dtype)
+        assert loaded.keys[layer].dtype == getattr(torch, stored)
         assert torch.equal(loaded.keys[layer], computed.keys[layer])
         assert torch.equal(loaded.values[layer], computed.values[layer])
+        if stored == "int8":
+            assert torch.equal(loaded.key_scales[layer], computed.key_scales[layer])
+            assert torch.equal(loaded.value_scales[layer], computed.value_scales[layer])
     assert not torch.equal(loaded.keys[0], loaded.values[0])  # keys and values are not the same tensor twice
+    info = json.loads(_run_cli(["info", "terms", "--json"]))
+    assert info["kv_dtype"] == stored
+    assert info["kv_bytes_per_token"] == pytest.approx(info["kv_bytes"] / info["context_tokens"], abs=0.1)
+
+
+def _run_cli(args):
+    import contextlib
+    import io
+
+    from starqa import cli
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(args) == 0
+    return out.getvalue()
+
+
+@pytest.mark.slow
+def test_a_document_stored_before_kv_precision_and_bf16_existed_is_still_answered(tmp_path, tiny_model_dir):
+    """An old store: float32 KV, a manifest without kv_dtype. The default (auto) settings answer it in float32."""
+    home = tmp_path / "home"
+    source = tmp_path / "terms.txt"
+    source.write_text("Clause 1. The fee is 4,200 euros per month.\n\n" * 8, encoding="utf-8")
+    args = ("--doc", "terms", "What is the fee?", "--json", "--max-new-tokens", "5", "--model", str(tiny_model_dir))
+    assert starqa("ingest", str(source), "--dtype", "float32", "--model", str(tiny_model_dir), home=home).returncode == 0
+    before = starqa("ask", *args, home=home)
+    assert before.returncode == 0, before.stderr
+    manifest_path = next(home.glob("objects/terms.*/manifest.json"))
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["kv_dtype"]  # as written by starqa before --kv-dtype
+    manifest_path.write_text(json.dumps(manifest))
+    after = starqa("ask", *args, home=home)
+    assert after.returncode == 0, after.stderr
+    assert json_lines(after.stdout)[0]["answer"] == json_lines(before.stdout)[0]["answer"]
+    assert "float32 / float32" in after.stderr  # answered in its own dtype, its KV read as float32
+    again = starqa("ingest", str(source), "--model", str(tiny_model_dir), home=home)  # default dtype: auto
+    assert again.returncode == 0 and "nothing to do" in again.stderr

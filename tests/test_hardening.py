@@ -132,6 +132,11 @@ BAD_INPUTS = [
     ("missing among several", lambda i, m, s: ["ingest", i / "terms.txt", i / "nope.txt"], 2, "does not exist"),
     ("two files, one name", lambda i, m, s: ["ingest", i / "terms.txt", i / "folder" / "terms.txt", "--force"], 2,
      "would both be stored as 'terms'"),
+    ("--update with --name over several files", lambda i, m, s: ["ingest", i / "terms.txt", i / "v2.txt", "--update",
+                                                                 "--name", "terms"], 2,
+     "--update with --name names one document, but 2 files were given; drop --name"),
+    ("--update with --force", lambda i, m, s: ["ingest", i / "terms.txt", "--update", "--force"], 2,
+     "--update skips unchanged files and --force replaces them: pass one of the two"),
     ("empty file", lambda i, m, s: ["ingest", i / "empty.txt", "--model", m], 1, "is empty"),
     ("binary file as text", lambda i, m, s: ["ingest", i / "binary.txt", "--model", m], 1,
      "looks like a binary file"),
@@ -625,7 +630,8 @@ def test_a_full_disk_fails_cleanly_and_leaves_the_store_unchanged(capsys, monkey
 
     def save_file(tensors, path, *args, **kwargs):
         calls.append(path)
-        if len(calls) == 3:  # context ids, block 0, then block 1: the disk is full
+        if len(calls) == 2:  # context ids, then the first block Phase 1 encodes (the unchanged ones were taken
+            # over from the stored version: linked, not written): the disk is full
             Path(path).write_bytes(b"partial")
             raise failure()
         return real_save_file(tensors, path, *args, **kwargs)
@@ -636,7 +642,7 @@ def test_a_full_disk_fails_cleanly_and_leaves_the_store_unchanged(capsys, monkey
     assert code == 1 and out == "" and "Traceback" not in err
     [line] = error_lines(err)
     assert "no space left on device while writing document 'terms'" in line and "nothing was stored" in line
-    assert len(calls) == 3
+    assert len(calls) == 2
     assert tree_snapshot(home) == before
     assert not list((home / "objects").glob(".tmp-*"))
 
@@ -733,7 +739,8 @@ def test_sigkill_mid_ingest_or_before_the_link_swap_leaves_the_previous_version(
     replace = ("ingest", inputs / "v2.txt", "--name", "terms", "--force", "--block-size", "48",
                "--model", tiny_model_dir)
 
-    # 1. Killed in Phase 1, after two blocks were written into the staging folder.
+    # 1. Killed once the staging folder holds two blocks (v2 takes the unchanged blocks of terms.txt over: hard
+    #    links to the previous version's files, so this also checks that they leave it whole).
     writer = _spawn(home, *replace, env={"STARQA_TEST_PAUSE_AT": "after-block:2"})
     _wait_for(lambda: _staged_blocks(home) >= 2, writer, "two staged blocks")
     writer.send_signal(signal.SIGKILL)

@@ -105,3 +105,35 @@ def test_linear_bf16_equals_float64_matmul_rounded_once():
         # float32 accumulation, one rounding to bfloat16: at most one bf16 step (2^-7 relative) from exact
         assert bool(((got.double() - exact).abs() <= exact.abs() * 2 ** -7 + 1e-3).all())
         assert not torch.equal(got, torch.zeros_like(got))
+
+
+@pytest.mark.parametrize("local_tokens", [1, 37, 300])  # 300: the buffer itself spans two chunks
+def test_decode_attention_merges_the_decode_buffer_in_exactly(local_tokens):
+    """One sequence decoding: prefix and buffer in one call equal attention over both key sets together."""
+    generator = torch.Generator().manual_seed(local_tokens)
+    keys = torch.randn(3, 700, 64, generator=generator).to(torch.bfloat16)
+    values = torch.randn(3, 700, 64, generator=generator).to(torch.bfloat16)
+    buffer_keys = torch.randn(1, 3, 320, 64, generator=generator).to(torch.bfloat16)  # capacity beyond what is used
+    buffer_values = torch.randn(1, 3, 320, 64, generator=generator).to(torch.bfloat16)
+    local_keys, local_values = buffer_keys[0, :, :local_tokens], buffer_values[0, :, :local_tokens]
+    q = (torch.randn(3, 3, 64, generator=generator) * 3).to(torch.bfloat16)
+    out, lse, scores = kernels.decode_attention(q, keys, values, chunk_starts_for([(0, 700)], 128), scale=0.125,
+                                                want_scores=True, local_keys=local_keys, local_values=local_values)
+    ref_out, ref_lse, ref_scores = _reference(q.double() * 0.125, torch.cat([keys, local_keys], 1).float(),
+                                              torch.cat([values, local_values], 1).float())
+    _assert_close_to(ref_out, out)
+    assert float((lse.double() - ref_lse).abs().max()) < 1e-5
+    _assert_close_to(ref_scores[..., :700], scores)  # scores of the stored prefix only
+    assert scores.shape == (3, 3, 700)
+
+
+def test_weights_far_below_the_largest_are_zero_not_denormal_and_change_nothing():
+    """Scores 100 apart: exp(-100) is a denormal float; the kernel takes such weights as 0 (they add nothing)."""
+    keys = torch.zeros(1, 64, 64)
+    keys[0, 0, 0] = 1.0  # the one key that q matches
+    values = torch.randn(1, 64, 64, generator=torch.Generator().manual_seed(0))
+    q = torch.zeros(1, 1, 64)
+    q[0, 0, 0] = 100.0
+    out, lse, _ = kernels.decode_attention(q, keys, values, chunk_starts_for([(0, 64)], 64))
+    torch.testing.assert_close(out[0, 0], values[0, 0], rtol=0, atol=1e-6)
+    assert abs(float(lse[0, 0]) - 100.0) < 1e-4

@@ -114,3 +114,30 @@ def test_bfloat16_compute_equals_hf_in_bfloat16():
     # bf16 rounds at every layer; two correct implementations differ by a few bf16 steps of the largest logit
     assert float((logits - expected).abs().max()) <= 0.05 * float(expected.abs().max())
     assert int(logits.argmax()) == int(expected.argmax())
+
+
+@pytest.mark.slow
+def test_needles_are_found_in_bfloat16_and_every_kv_precision_with_the_bundled_model(bundled_engine, shared_home):
+    """Short needle documents: the bundled model's answer holds the planted number in float32 with float32 KV, and
+    still in bfloat16 compute with bfloat16, float16 and int8 KV (the same Phase 1 stored each way)."""
+    from starqa.engine import quantize_block
+    from starqa.tokens import context_ids_for, encode_document, prompt_template, query_ids_for
+
+    bf16 = StarEngine.load("smollm2-135m", device="cpu", dtype="bfloat16", store_root=shared_home)
+    tokenizer = bundled_engine.hf_tokenizer
+    template = prompt_template(tokenizer)
+    filler = ("The committee reviewed the quarterly figures and agreed to meet again after the audit. "
+              "Minutes were circulated to every member of the board. ") * 6
+    for number, depth in ((48213, 0.2), (73519, 0.5), (90264, 0.8)):
+        cut = int(len(filler) * depth)
+        text = f"{filler[:cut]}The special magic number is {number}. {filler[cut:]}"
+        context = context_ids_for(tokenizer, template, encode_document(tokenizer, text))
+        query = query_ids_for(tokenizer, template, "What is the special magic number?")
+        for engine, kv_dtypes in ((bundled_engine, ("float32",)), (bf16, ("bfloat16", "float16", "int8"))):
+            blocks = list(engine.encode_blocks(context, 128, 128))
+            spans = [(block.start, block.end) for block in blocks]
+            for kv_dtype in kv_dtypes:
+                ctx = engine.context_from_blocks((quantize_block(block, kv_dtype) for block in blocks), len(context),
+                                                 len(context), kv_dtype=kv_dtype, spans=spans)
+                answer = engine.tokenizer.decode(engine.generate(ctx, query, max_new_tokens=24))
+                assert str(number) in answer, (engine.dtype, kv_dtype, answer)

@@ -20,6 +20,7 @@ import os
 import platform
 import shutil
 import subprocess
+import threading
 import uuid
 from pathlib import Path
 
@@ -110,8 +111,8 @@ def _library() -> ctypes.CDLL | None:
     library.stream_read.restype = ctypes.c_float
     library.stream_read.argtypes = [_P, ctypes.c_long]
     library.decode_attention.restype = ctypes.c_int
-    library.decode_attention.argtypes = [ctypes.c_int, _P, _P, _P, _P, ctypes.c_int, ctypes.c_long, ctypes.c_int, _P,
-                                         ctypes.c_int, _P, ctypes.c_int, _P, _P, _P, _P]
+    library.decode_attention.argtypes = [_P, _P, ctypes.c_int, ctypes.c_int, _P, ctypes.c_int, ctypes.c_float,
+                                         ctypes.c_int, _P, _P, _P]
     return library
 
 
@@ -145,39 +146,71 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y
 
 
+class _Segment(ctypes.Structure):
+    """cpu_decode.c's Segment: one set of keys the query rows attend to."""
+
+    _fields_ = [("fmt", ctypes.c_int), ("K", _P), ("V", _P), ("kscale", _P), ("vscale", _P),
+                ("head_stride", ctypes.c_long), ("chunk_start", _P), ("n_chunks", ctypes.c_int), ("n", ctypes.c_int),
+                ("scores", _P)]
+
+
+_work = threading.local()  # one reusable float32 scratch buffer per thread (decode steps would allocate it per layer)
+
+
+def _scratch(elements: int) -> torch.Tensor:
+    buffer = getattr(_work, "buffer", None)
+    if buffer is None or buffer.numel() < elements:
+        buffer = torch.empty(max(elements, 1 << 16), dtype=torch.float32)
+        _work.buffer = buffer
+    return buffer
+
+
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk_starts: torch.Tensor, *,
                      key_scales: torch.Tensor | None = None, value_scales: torch.Tensor | None = None,
-                     want_scores: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Attention of R query rows per KV head over every stored key (no mask).
+                     scale: float = 1.0, want_scores: bool = False, local_keys: torch.Tensor | None = None,
+                     local_values: torch.Tensor | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Attention of R query rows per KV head over every stored key (no mask), and optionally over a decode buffer.
 
-    q: float32 [hk, R, d], already multiplied by the softmax scale. keys, values: [hk, n, d] (any head stride,
-    contiguous per head) in float32, bfloat16, float16 or int8; int8 takes key_scales float32 [hk, chunks, d]
+    q: float32 or bfloat16 [hk, R, d], multiplied by `scale` in the kernel. keys, values: [hk, n, d] (any head
+    stride, token stride d) in float32, bfloat16, float16 or int8; int8 takes key_scales float32 [hk, chunks, d]
     (per channel, one row per chunk) and value_scales float32 [hk, n] (per token). chunk_starts: int32
-    [chunks + 1], ascending offsets, at most MAX_CHUNK keys each (the int8 groups). Returns out float32
-    [hk, R, d], lse float32 [hk, R] and, with want_scores, the scores float32 [hk, R, n].
+    [chunks + 1], ascending offsets, at most MAX_CHUNK keys each (the int8 groups). local_keys/local_values:
+    [hk, m, d] keys every row also sees (the decode buffer of a single sequence), merged in exactly. Returns out
+    float32 [hk, R, d], lse float32 [hk, R] and, with want_scores, the prefix scores float32 [hk, R, n].
     """
     hk, rows, dim = q.shape
-    n = keys.shape[1]
     if rows > MAX_ROWS:  # each row is independent: split the batch
         parts = [decode_attention(q[:, start:start + MAX_ROWS], keys, values, chunk_starts, key_scales=key_scales,
-                                  value_scales=value_scales, want_scores=want_scores)
+                                  value_scales=value_scales, scale=scale, want_scores=want_scores,
+                                  local_keys=local_keys, local_values=local_values)
                  for start in range(0, rows, MAX_ROWS)]
         scores = torch.cat([p[2] for p in parts], dim=1) if want_scores else None
         return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1), scores
+    n = keys.shape[1]
     if keys.stride(2) != 1 or keys.stride(1) != dim or values.stride() != keys.stride():
         raise ValueError("decode_attention needs keys and values laid out [hk, n, d] with token stride d")
-    chunks = chunk_starts.numel() - 1
+    quantized = keys.dtype == torch.int8
+    scores = torch.empty((hk, rows, n), dtype=torch.float32) if want_scores else None
+    prefix = _Segment(KV_FORMATS[keys.dtype], keys.data_ptr(), values.data_ptr(),
+                      _pointer(key_scales) if quantized else None, _pointer(value_scales) if quantized else None,
+                      keys.stride(0), chunk_starts.data_ptr(), chunk_starts.numel() - 1, n, _pointer(scores))
+    chunks = prefix.n_chunks
+    local = None
+    if local_keys is not None and local_keys.shape[1] > 0:
+        if local_keys.stride(2) != 1 or local_keys.stride(1) != dim or local_values.stride() != local_keys.stride():
+            raise ValueError("decode_attention needs the local keys and values laid out [hk, m, d]")
+        m = local_keys.shape[1]
+        local = _Segment(KV_FORMATS[local_keys.dtype], local_keys.data_ptr(), local_values.data_ptr(), None, None,
+                         local_keys.stride(0), None, -(-m // MAX_CHUNK), m, None)
+        chunks += local.n_chunks
     q = q.contiguous()
-    work = torch.empty(hk * chunks * rows * (dim + 2), dtype=torch.float32)
+    work = _scratch(hk * chunks * rows * (dim + 2))
     out = torch.empty((hk, rows, dim), dtype=torch.float32)
     lse = torch.empty((hk, rows), dtype=torch.float32)
-    scores = torch.empty((hk, rows, n), dtype=torch.float32) if want_scores else None
-    quantized = keys.dtype == torch.int8
-    code = _library().decode_attention(
-        KV_FORMATS[keys.dtype], keys.data_ptr(), values.data_ptr(),
-        _pointer(key_scales) if quantized else None, _pointer(value_scales) if quantized else None,
-        hk, keys.stride(0), dim, chunk_starts.data_ptr(), chunks, q.data_ptr(), rows, work.data_ptr(),
-        out.data_ptr(), lse.data_ptr(), _pointer(scores))
+    code = _library().decode_attention(ctypes.byref(prefix), None if local is None else ctypes.byref(local), hk, dim,
+                                       q.data_ptr(), KV_FORMATS[q.dtype], scale, rows, work.data_ptr(),
+                                       out.data_ptr(), lse.data_ptr())
     if code != 0:
         raise RuntimeError(f"decode_attention failed ({code}) for q {tuple(q.shape)}, keys {tuple(keys.shape)}")
     return out, lse, scores

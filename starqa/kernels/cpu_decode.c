@@ -5,7 +5,8 @@
  *   linear_bf16:       y[r, o] = sum_i x[r, i] * W[o, i]       W bf16 [out, in]; x, y bf16 [rows, in] / [rows, out]
  *   decode_attention:  out, lse (and optionally the scores) of R query rows per KV head over n stored keys, no mask,
  *                      with K/V in float32, bfloat16, float16 or int8 (keys scaled per channel and chunk, values per
- *                      token), split over key chunks that are merged exactly by their log-sum-exp.
+ *                      token), and optionally over the decode buffer too, split over key chunks that are merged
+ *                      exactly by their log-sum-exp.
  *
  * Accumulation is float32 throughout.  Compiled on first use by starqa/kernels/__init__.py with the machine's C
  * compiler (-O3 -march=native -fopenmp), loaded with ctypes after torch, so that OpenMP is torch's own runtime.
@@ -25,6 +26,13 @@ enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2, KV_I8 = 3 };
 #define MAX_ROWS 64   /* query rows per KV head in one call (callers split larger batches) */
 #define MAX_CHUNK 256 /* keys per chunk */
 #define MAX_DIM 256   /* head_dim, a multiple of 16 */
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
 
 static inline __m512 bf16x16_to_f32(__m256i h) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -84,11 +92,14 @@ int linear_bf16(const uint16_t* restrict W, const uint16_t* restrict x, uint16_t
 
 /* -------------------------------------------------------------------------------------------- decode attention */
 
-/* exp(x) for float32 lanes: 2^n * p(r) with |r| <= ln2/2 (Cephes expf polynomial), ~1 ulp; exp(-inf) = 0. */
+/* exp(x) for float32 lanes: 2^n * p(r) with |r| <= ln2/2 (Cephes expf polynomial), ~1 ulp.  Below ln(FLT_MIN)
+ * the result is 0, not a denormal: attention weights that small add nothing next to the largest (1), and a denormal
+ * multiplied in the weighted sum would cost the CPU a microcode assist per lane. */
 static inline __m512 exp512(__m512 x) {
     const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
     const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
     x = _mm512_min_ps(x, _mm512_set1_ps(88.7f));
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
@@ -100,7 +111,7 @@ static inline __m512 exp512(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
+    return _mm512_maskz_mov_ps(normal, _mm512_scalef_ps(p, n));
 }
 
 /* lane t of the result = the sum of the 16 lanes of v[t] */
@@ -122,12 +133,13 @@ static inline __m512 hsum16(const __m512* v) {
 /* One (head, chunk): the partial softmax state of R rows over keys [k0, k1).  K and V point at this head's first
  * key (token stride d).  kscale: this chunk's per-channel key scales (int8); vscale: this head's per-token value
  * scales (int8).  Writes part_out [R, d] (unnormalised), part_m [R] (max score), part_l [R] (sum of exp). */
-static void chunk_attention(int fmt, const void* K, const void* V, const float* kscale, const float* vscale,
-                            int k0, int k1, int d, const float* q, int R, float* part_out, float* part_m,
-                            float* part_l, float* scores, size_t scores_row_stride) {
+static inline __attribute__((always_inline)) void chunk_attention_dv(
+        int fmt, const void* K, const void* V, const float* kscale, const float* vscale, int k0, int k1, int d,
+        const float* q, int R, float* part_out, float* part_m, float* part_l, float* scores, size_t scores_row_stride,
+        const int dv) {
     float s[MAX_ROWS * MAX_CHUNK] __attribute__((aligned(64)));
     __m512 qv[MAX_ROWS][MAX_DIM / 16];
-    const int len = k1 - k0, dv = d / 16;
+    const int len = k1 - k0;
     for (int r = 0; r < R; r++)  /* per-channel key scales fold into the query */
         for (int c = 0; c < dv; c++) {
             qv[r][c] = _mm512_loadu_ps(q + (size_t)r * d + 16 * c);
@@ -186,46 +198,103 @@ static void chunk_attention(int fmt, const void* K, const void* V, const float* 
     }
 }
 
-/* q: float32 [hk, R, d], already multiplied by the softmax scale.  K, V: head h's keys start at h * head_stride
- * elements, token stride d.  chunk_start[0..n_chunks]: ascending key offsets (each chunk at most MAX_CHUNK keys).
- * int8 only: kscale float32 [hk, n_chunks, d]; vscale float32 [hk, n] (n = chunk_start[n_chunks]).
- * work: float32 [hk * n_chunks * R * (d + 2)].  out: float32 [hk, R, d]; lse: float32 [hk, R];
- * scores: NULL or float32 [hk, R, n] (the scaled scores, what a caller ranking the keys needs). */
-int decode_attention(int fmt, const void* K, const void* V, const float* kscale, const float* vscale,
-                     int hk, long head_stride, int d, const int32_t* chunk_start, int n_chunks, const float* q, int R,
-                     float* work, float* out, float* lse, float* scores) {
-    if (R < 1 || R > MAX_ROWS || d % 16 || d > MAX_DIM || n_chunks < 1 || fmt < 0 || fmt > KV_I8) return -1;
-    for (int c = 0; c < n_chunks; c++) {
-        int len = chunk_start[c + 1] - chunk_start[c];
+/* head_dim 64 and 128 get their own copies with the vector count known to the compiler, so that the
+ * accumulators of a row block stay in registers. */
+static void chunk_attention(int fmt, const void* K, const void* V, const float* kscale, const float* vscale,
+                            int k0, int k1, int d, const float* q, int R, float* part_out, float* part_m,
+                            float* part_l, float* scores, size_t scores_row_stride) {
+    switch (d) {
+    case 64:
+        chunk_attention_dv(fmt, K, V, kscale, vscale, k0, k1, d, q, R, part_out, part_m, part_l, scores,
+                           scores_row_stride, 4);
+        break;
+    case 128:
+        chunk_attention_dv(fmt, K, V, kscale, vscale, k0, k1, d, q, R, part_out, part_m, part_l, scores,
+                           scores_row_stride, 8);
+        break;
+    default:
+        chunk_attention_dv(fmt, K, V, kscale, vscale, k0, k1, d, q, R, part_out, part_m, part_l, scores,
+                           scores_row_stride, d / 16);
+    }
+}
+
+/* One segment of keys a query row attends to: the stored prefix (chunked by chunk_start, scored for a caller) or
+ * the buffer of the tokens being decoded (uniform chunks, no scores). */
+typedef struct {
+    int fmt;                      /* KV_F32, KV_BF16, KV_F16 or KV_I8 */
+    const void* K;                /* head h's keys start at h * head_stride elements, token stride d */
+    const void* V;
+    const float* kscale;          /* int8: [hk, n_chunks, d] per channel and chunk */
+    const float* vscale;          /* int8: [hk, n] per token */
+    long head_stride;
+    const int32_t* chunk_start;   /* [n_chunks + 1] ascending offsets; NULL: uniform chunks of MAX_CHUNK over n */
+    int n_chunks;
+    int n;                        /* keys */
+    float* scores;                /* NULL, or float32 [hk, R, n]: the scaled scores */
+} Segment;
+
+static inline int chunk_bound(const Segment* s, int c) {
+    if (s->chunk_start) return s->chunk_start[c];
+    long b = (long)c * MAX_CHUNK;
+    return b < s->n ? (int)b : s->n;
+}
+
+static int check_segment(const Segment* s) {
+    if (s->fmt < 0 || s->fmt > KV_I8 || s->n_chunks < 1 || (s->fmt == KV_I8 && (!s->kscale || !s->vscale))) return -1;
+    for (int c = 0; c < s->n_chunks; c++) {
+        int len = chunk_bound(s, c + 1) - chunk_bound(s, c);
         if (len < 1 || len > MAX_CHUNK) return -2;
     }
-    const size_t elem = fmt == KV_F32 ? 4 : fmt == KV_I8 ? 1 : 2;
-    const int n = chunk_start[n_chunks];
+    return chunk_bound(s, s->n_chunks) == s->n ? 0 : -2;
+}
+
+/* q: [hk, R, d] in q_fmt (KV_F32 or KV_BF16), multiplied by `scale` here; rows are independent queries that see
+ * every key of every segment (the prefix, then optionally the decode buffer: merged here, exactly, by the
+ * log-sum-exp).  work: float32 [hk * chunks * R * (d + 2)] (chunks over both segments); out: float32 [hk, R, d];
+ * lse: float32 [hk, R]. */
+int decode_attention(const Segment* prefix, const Segment* local, int hk, int d, const void* q_in, int q_fmt,
+                     float scale, int R, float* work, float* out, float* lse) {
+    if (R < 1 || R > MAX_ROWS || d % 16 || d > MAX_DIM || (q_fmt != KV_F32 && q_fmt != KV_BF16)) return -1;
+    const Segment* segments[2] = {prefix, local};
+    int n_segments = local ? 2 : 1;
+    for (int i = 0; i < n_segments; i++) {
+        int problem = check_segment(segments[i]);
+        if (problem) return problem;
+    }
+    float* q = aligned_alloc(64, sizeof(float) * (size_t)hk * R * d);
+    if (!q) return -3;
+    for (size_t i = 0; i < (size_t)hk * R * d; i++)
+        q[i] = scale * (q_fmt == KV_F32 ? ((const float*)q_in)[i] : bf16_to_f32(((const uint16_t*)q_in)[i]));
+    const int chunks = prefix->n_chunks + (local ? local->n_chunks : 0);
     const size_t part = (size_t)R * (d + 2);
     #pragma omp parallel for schedule(static)
-    for (int t = 0; t < hk * n_chunks; t++) {
-        const int h = t / n_chunks, c = t % n_chunks;
+    for (int t = 0; t < hk * chunks; t++) {
+        const int h = t / chunks, c = t % chunks;
+        const Segment* s = c < prefix->n_chunks ? prefix : local;
+        const int sc = c < prefix->n_chunks ? c : c - prefix->n_chunks;
+        const size_t elem = s->fmt == KV_F32 ? 4 : s->fmt == KV_I8 ? 1 : 2;
         float* w = work + (size_t)t * part;
-        chunk_attention(fmt, (const char*)K + (size_t)h * head_stride * elem,
-                        (const char*)V + (size_t)h * head_stride * elem,
-                        fmt == KV_I8 ? kscale + ((size_t)h * n_chunks + c) * d : NULL,
-                        fmt == KV_I8 ? vscale + (size_t)h * n : NULL, chunk_start[c], chunk_start[c + 1], d,
-                        q + (size_t)h * R * d, R, w, w + (size_t)R * d, w + (size_t)R * d + R,
-                        scores ? scores + (size_t)h * R * n : NULL, (size_t)n);
+        chunk_attention(s->fmt, (const char*)s->K + (size_t)h * s->head_stride * elem,
+                        (const char*)s->V + (size_t)h * s->head_stride * elem,
+                        s->fmt == KV_I8 ? s->kscale + ((size_t)h * s->n_chunks + sc) * d : NULL,
+                        s->fmt == KV_I8 ? s->vscale + (size_t)h * s->n : NULL, chunk_bound(s, sc),
+                        chunk_bound(s, sc + 1), d, q + (size_t)h * R * d, R, w, w + (size_t)R * d,
+                        w + (size_t)R * d + R, s->scores ? s->scores + (size_t)h * R * s->n : NULL, (size_t)s->n);
     }
+    free(q);
     #pragma omp parallel for schedule(static)
     for (int t = 0; t < hk * R; t++) {
         const int h = t / R, r = t % R;
-        const float* head_work = work + (size_t)h * n_chunks * part;
+        const float* head_work = work + (size_t)h * chunks * part;
         float M = -INFINITY;
-        for (int c = 0; c < n_chunks; c++) {
+        for (int c = 0; c < chunks; c++) {
             float m = head_work[c * part + (size_t)R * d + r];
             M = m > M ? m : M;
         }
         float L = 0.f;
         __m512 acc[MAX_DIM / 16];
         for (int i = 0; i < d / 16; i++) acc[i] = _mm512_setzero_ps();
-        for (int c = 0; c < n_chunks; c++) {
+        for (int c = 0; c < chunks; c++) {
             const float* w = head_work + c * part;
             const float f = expf(w[(size_t)R * d + r] - M);
             L += f * w[(size_t)R * d + R + r];
