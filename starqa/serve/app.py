@@ -156,23 +156,34 @@ async def _read_json(request: Request, limit: int) -> dict:
         raise RequestError(400, "the request body nests too deeply") from None
     if not isinstance(data, dict):
         raise RequestError(400, "the request body must be a JSON object")
-    if not _encodable(data):  # "\ud800" is valid JSON but no text: it could not even be sent back in an error
-        raise RequestError(400, "the request body holds a string that is not valid Unicode (a lone surrogate)")
+    problem = _untrusted_structure(data)
+    if problem is not None:
+        raise RequestError(400, f"the request body {problem}")
     return data
 
 
-def _encodable(value) -> bool:
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return False
-        return True
-    if isinstance(value, dict):
-        return all(_encodable(key) and _encodable(item) for key, item in value.items())
-    if isinstance(value, list):
-        return all(_encodable(item) for item in value)
-    return True
+# No request of this API nests deeper than a few levels (chat content parts: 4); a deeper body is refused before
+# anything walks it recursively (a repr, a settings check), which could exhaust Python's recursion limit.
+MAX_DEPTH = 32
+
+
+def _untrusted_structure(data) -> str | None:
+    """Why a parsed body cannot be handled, or None. Walked iteratively: a lone surrogate such as "\\ud800" is
+    valid JSON but no text (it could not even be sent back in an error message), and nesting is limited."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return "holds a string that is not valid Unicode (a lone surrogate)"
+        elif isinstance(value, (dict, list)):
+            if depth > MAX_DEPTH:
+                return f"nests deeper than {MAX_DEPTH} levels"
+            items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            stack.extend((item, depth + 1) for item in items)
+    return None
 
 
 def _submit(worker: Worker, request: protocol.AskRequest, peer: str) -> tuple[Job, asyncio.Queue]:

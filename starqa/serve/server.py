@@ -38,7 +38,16 @@ def serve(settings, *, trust_remote_code: bool, host: str | None, port: int | No
           debug: bool) -> int:
     from filelock import FileLock, Timeout
 
-    from starqa.distributed import requested_nproc
+    if host is not None and port is None:
+        raise UsageError("--host needs --port (the server listens on its Unix socket only unless given a port)")
+    if port is not None:
+        if not 1 <= port <= 65535:
+            raise UsageError(f"--port must be a TCP port from 1 to 65535, not {port}")
+        host = host or "127.0.0.1"
+        if not api_key:
+            raise UsageError(f"listening on TCP ({host}:{port}) needs an API key: pass --api-key KEY or set "
+                             "STARQA_API_KEY (without --port the server listens on the store's Unix socket only)")
+    from starqa.distributed import requested_nproc  # (torch: after the checks above, which are instant)
     from starqa.store import DocumentStore
 
     nproc = requested_nproc(settings.nproc, settings.device)
@@ -46,13 +55,6 @@ def serve(settings, *, trust_remote_code: bool, host: str | None, port: int | No
         raise UsageError(f"starqa serve runs one process on one device, and --nproc {settings.nproc} asks for "
                          f"{nproc}: serving on several GPUs is not supported yet; pass --nproc 1 (and --device "
                          "cuda:N to choose the GPU)")
-    if host is not None and port is None:
-        raise UsageError("--host needs --port (the server listens on its Unix socket only unless given a port)")
-    if port is not None:
-        host = host or "127.0.0.1"
-        if not api_key:
-            raise UsageError(f"listening on TCP ({host}:{port}) needs an API key: pass --api-key KEY or set "
-                             "STARQA_API_KEY (without --port the server listens on the store's Unix socket only)")
     store = DocumentStore(settings.store)
     path = protocol.socket_path(store.root)
     lock = FileLock(str(store.root / protocol.LOCK_NAME), mode=0o600)
