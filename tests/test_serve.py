@@ -37,6 +37,7 @@ STARTUP_S = 180  # loading torch and the model on a busy 2-core machine
 # Every document here is stored, and every server started, in float32: the same on every CPU (auto would be
 # bfloat16 on one with AMX), so the one stored in bfloat16 below is the one the server does not hold.
 DTYPE = ("--dtype", "float32")
+API_KEY = "k3y-" + "x" * 28  # the shared server also listens on TCP, with this key
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -87,7 +88,8 @@ class Server:
         return self.get("/health").json()
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:  # (closed once the server was stopped)
+            self._log.flush()
         return self.log_path.read_text()
 
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 60) -> int:
@@ -141,13 +143,23 @@ def texts(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, texts, tiny_model_dir):
-    """A store with 'terms' (several blocks), 'contract-alpha' and 'contract-beta', and a server on it."""
+    """A store with 'terms' (several blocks), 'contract-alpha' and 'contract-beta', and a server on it (its Unix
+    socket, and TCP on 127.0.0.1 with API_KEY): one server for most tests, since each start loads torch and the
+    model."""
     home = tmp_path_factory.mktemp("served") / "home"
     result = starqa("ingest", texts / "terms.txt", *(texts / f"{name}.txt" for name in OTHERS), "--block-size",
                     "48", "--model", tiny_model_dir, *DTYPE, home=home)
     assert result.returncode == 0, result.stderr
-    with serving(home, "--model", str(tiny_model_dir), *DTYPE) as server:
+    port = _free_port()
+    with serving(home, "--model", str(tiny_model_dir), *DTYPE, "--port", str(port), "--api-key", API_KEY) as server:
+        server.port = port
         yield server
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _ask(server: Server, model: Path, *args, stdin: str | None = None):
@@ -158,7 +170,6 @@ def _ask(server: Server, model: Path, *args, stdin: str | None = None):
 
 ASKS = {
     "one question": ("--doc", "terms", QUESTION),
-    "json": ("--doc", "terms", QUESTION, "--json"),
     "a batch streamed, then the next": ("--doc", "terms", "--questions", "{questions}", "--batch-size", "2"),
     "questions as json": ("--doc", "terms", "--questions", "{questions}", "--json"),
     "sampled": ("--doc", "terms", QUESTION, "--temperature", "0.8", "--seed", "3"),
@@ -166,7 +177,6 @@ ASKS = {
     "a glob over stored names": ("--doc", "contract-*", QUESTION),
     "every document, one unknown": ("--doc", "contract-beta", "--doc", "nosuch", "--doc", "terms", QUESTION),
     "all as json": ("--all", QUESTION, "--json"),
-    "unknown document": ("--doc", "term", QUESTION),
     "a name with a path": ("--doc", "../terms", QUESTION),
     "other block sizes than stored": ("--doc", "terms", QUESTION, "--block-size", "64"),
     "quiet": ("--doc", "terms", QUESTION, "--quiet"),
@@ -346,6 +356,12 @@ BAD_REQUESTS = [
      "unknown field 'max_tokens'"),
     ("wrong type", "/v1/ask", b'{"doc": "terms", "question": "q", "seed": "three"}', 400, "setting 'seed'"),
     ("bad setting", "/v1/ask", b'{"doc": "terms", "question": "q", "top_p": 7}', 400, "top-p must be in (0, 1]"),
+    ("a lone surrogate", "/v1/ask", b'{"doc": "terms", "question": "\\ud800"}', 400, "not valid Unicode"),
+    ("nested deeper than any request", "/v1/ask", b'{"doc": "terms", "question": "q", "seed": ' + b"[" * 500
+     + b"]" * 500 + b"}", 400, "nests deeper than 32 levels"),
+    ("nested past the JSON parser's limit", "/v1/ask", b'{"doc": ' + b"[" * 100000 + b"]" * 100000 + b"}", 400,
+     "nests too deeply"),
+    ("not UTF-8", "/v1/ask", b'{"doc": "terms", "question": "\xff"}', 400, "not valid JSON"),
     ("no question", "/v1/ask", b'{"doc": "terms"}', 400, "give one 'question'"),
     ("empty question", "/v1/ask", b'{"doc": "terms", "question": "  "}', 400, "non-empty string"),
     ("a path for a name", "/v1/ask", b'{"doc": "../../etc/passwd", "question": "q"}', 400, "path separator"),
@@ -461,15 +477,18 @@ def test_a_client_that_does_not_read_holds_up_no_one(served, tiny_model_dir):
 # ------------------------------------------------------------------------------------------------ lifecycle
 
 @pytest.mark.slow
-def test_a_server_killed_mid_answer_leaves_the_cli_one_line_and_exit_1(tmp_path, texts, tiny_model_dir):
+def test_a_server_killed_mid_answer_then_sigterm_on_the_next_one(tmp_path, texts, tiny_model_dir):
+    """SIGKILL mid-answer: the CLI prints one line and exits 1 at once. The next server takes the socket over
+    (its API key from the environment); SIGTERM finishes the answer in flight, hands the waiting ask back to its
+    CLI (which answers it in its own process), removes the socket and exits 0."""
     home = tmp_path / "home"
     _ingest(home, texts / "terms.txt", tiny_model_dir)
+    environment = dict(os.environ, STARQA_HOME=str(home), OMP_NUM_THREADS="1")
     with serving(home, "--model", str(tiny_model_dir), *DTYPE) as server:
         assert stat.S_IMODE(os.stat(server.socket).st_mode) == 0o600
         ask = subprocess.Popen([sys.executable, "-m", "starqa", "ask", "--doc", "terms", QUESTION,
                                 "--max-new-tokens", "4000", "--model", str(tiny_model_dir)], cwd=REPO,
-                               env=dict(os.environ, STARQA_HOME=str(home), OMP_NUM_THREADS="1"),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         ready, _, _ = select.select([ask.stdout], [], [], 120)
         assert ready and os.read(ask.stdout.fileno(), 1)  # the answer is streaming
         server.kill()
@@ -480,29 +499,22 @@ def test_a_server_killed_mid_answer_leaves_the_cli_one_line_and_exit_1(tmp_path,
     assert stderr.decode().splitlines() == [
         f"starqa: error: the starqa server on {home.resolve() / 'serve.sock'} stopped before the answer was complete "
         "(RemoteProtocolError); ask again (with --no-server to answer in this process)"]
-    # The killed server left its socket: a new ask answers in its own process, a new server takes the socket over.
+    # The killed server left its socket: a new ask answers in its own process ...
     assert server.socket.exists()
-    assert starqa("ask", "--doc", "terms", QUESTION, "--max-new-tokens", "2", "--model", tiny_model_dir,
-                  home=home).returncode == 0
-    with serving(home, "--model", str(tiny_model_dir), *DTYPE) as again:
-        assert again.health()["status"] == "ok"
-        assert again.stop(signal.SIGINT) == 130
-    assert not again.socket.exists()
-
-
-@pytest.mark.slow
-def test_sigterm_finishes_the_answer_in_flight_and_hands_back_the_waiting_ones(tmp_path, texts, tiny_model_dir):
-    home = tmp_path / "home"
-    _ingest(home, texts / "terms.txt", tiny_model_dir)
     here = starqa("ask", "--doc", "terms", QUESTION, "--json", "--max-new-tokens", "4", "--model", tiny_model_dir,
-                  "--no-server", home=home)
-    with serving(home, "--model", str(tiny_model_dir), *DTYPE) as server:
+                  home=home)
+    assert here.returncode == 0 and "loading model" in here.stderr, here.stderr
+    # ... and a new server takes the socket over.
+    port = _free_port()
+    with serving(home, "--model", str(tiny_model_dir), *DTYPE, "--port", str(port),
+                 env={"STARQA_API_KEY": API_KEY}) as server:
+        health = httpx.get(f"http://127.0.0.1:{port}/health", headers={"Authorization": f"Bearer {API_KEY}"})
+        assert health.status_code == 200 and health.json()["status"] == "ok"  # the key from the environment
         running = _stream_until_first_delta(server.socket, {"doc": "terms", "question": QUESTION,
                                                             "max_new_tokens": 600})
         waiting = subprocess.Popen([sys.executable, "-m", "starqa", "ask", "--doc", "terms", QUESTION, "--json",
                                     "--max-new-tokens", "4", "--model", str(tiny_model_dir)], cwd=REPO,
-                                   env=dict(os.environ, STARQA_HOME=str(home), OMP_NUM_THREADS="1"),
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                   env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         _wait_for(lambda: server.health()["queue"]["waiting"] == 1, 120, "an ask waiting")
         server.process.send_signal(signal.SIGTERM)
         rest = b""
@@ -512,49 +524,40 @@ def test_sigterm_finishes_the_answer_in_flight_and_hands_back_the_waiting_ones(t
         assert b'"type": "done", "exit_code": 0' in rest
         out, err = waiting.communicate(timeout=120)  # ... and the waiting ask answered by its own process
         assert waiting.returncode == 0 and "answering here: the server did not" in err
-        assert json_lines(out)[0]["answer"] == json_lines(here.stdout)[0]["answer"]
+        assert _timeless(out) == _timeless(here.stdout)
         assert server.process.wait(60) == 0
     assert not (home / "serve.sock").exists()
 
 
 @pytest.mark.slow
-def test_tcp_needs_the_api_key_and_start_up_refusals_are_one_line(tmp_path, texts, tiny_model_dir):
-    home = tmp_path / "home"
-    _ingest(home, texts / "terms.txt", tiny_model_dir)
+def test_tcp_needs_the_api_key_and_start_up_refusals_are_one_line(served, tmp_path):
     for args, fragment in [(("--port", "1"), "needs an API key"), (("--host", "0.0.0.0"), "--host needs --port"),
+                           (("--port", "99999", "--api-key", "k"), "--port must be a TCP port"),
                            (("--nproc", "2"), "serving on several GPUs is not supported yet"),
                            (("--max-kv-memory", "lots"), "max_kv_memory must be a size")]:
-        refused = starqa("serve", *args, home=home, timeout=120)
+        refused = starqa("serve", *args, home=tmp_path / "elsewhere", timeout=120)
         assert refused.returncode == 2 and _error_lines(refused.stderr) == refused.stderr.splitlines(), args
         assert fragment in refused.stderr
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    key = "k3y-" + "x" * 28
-    with serving(home, "--model", str(tiny_model_dir), *DTYPE, "--port", str(port), "--api-key", key) as server:
-        second = starqa("serve", "--model", tiny_model_dir, home=home, timeout=120)
-        assert second.returncode == 1 and _error_lines(second.stderr) == [
-            f"starqa: error: a starqa server is already running on the store {home.resolve()} (socket "
-            f"{home.resolve() / 'serve.sock'}); stop it first, or ask it questions"]
-        base = f"http://127.0.0.1:{port}"
-        assert httpx.get(f"{base}/health").status_code == 401
-        assert httpx.get(f"{base}/health", headers={"Authorization": "Bearer wrong"}).status_code == 401
-        assert httpx.get(f"{base}/health", headers={"Authorization": key}).status_code == 401
-        assert httpx.get(f"{base}/health", headers={"Authorization": f"Bearer {key}x"}).status_code == 401
-        unauthorized = httpx.post(f"{base}/v1/ask", json={"doc": "terms", "question": QUESTION})
-        assert unauthorized.status_code == 401 and "API key" in unauthorized.json()["error"]["message"]
-        headers = {"Authorization": f"Bearer {key}"}
-        assert httpx.get(f"{base}/health", headers=headers).json()["status"] == "ok"
-        answer = httpx.post(f"{base}/v1/chat/completions", headers=headers, timeout=60,
-                            json={"model": "terms", "messages": [{"role": "user", "content": QUESTION}],
-                                  "max_tokens": 3})
-        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
-        assert server.get("/health").status_code == 200  # the Unix socket needs no key
-        assert "401: missing or wrong API key" in server.log()
-    with serving(home, "--model", str(tiny_model_dir), *DTYPE, "--port", str(port),
-                 env={"STARQA_API_KEY": key}) as server:  # the key from the environment
-        health = httpx.get(f"http://127.0.0.1:{port}/health", headers={"Authorization": f"Bearer {key}"})
-        assert health.status_code == 200
+    home = served.home
+    second = starqa("serve", "--model", "unused", home=home, timeout=120)
+    assert second.returncode == 1 and _error_lines(second.stderr) == [
+        f"starqa: error: a starqa server is already running on the store {home.resolve()} (socket "
+        f"{home.resolve() / 'serve.sock'}); stop it first, or ask it questions"]
+    base, key = f"http://127.0.0.1:{served.port}", API_KEY
+    assert httpx.get(f"{base}/health").status_code == 401
+    assert httpx.get(f"{base}/health", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(f"{base}/health", headers={"Authorization": key}).status_code == 401
+    assert httpx.get(f"{base}/health", headers={"Authorization": f"Bearer {key}x"}).status_code == 401
+    unauthorized = httpx.post(f"{base}/v1/ask", json={"doc": "terms", "question": QUESTION})
+    assert unauthorized.status_code == 401 and "API key" in unauthorized.json()["error"]["message"]
+    headers = {"Authorization": f"Bearer {key}"}
+    assert httpx.get(f"{base}/health", headers=headers).json()["status"] == "ok"
+    answer = httpx.post(f"{base}/v1/chat/completions", headers=headers, timeout=60,
+                        json={"model": "terms", "messages": [{"role": "user", "content": QUESTION}],
+                              "max_tokens": 3})
+    assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
+    assert served.get("/health").status_code == 200  # the Unix socket needs no key
+    assert "401: missing or wrong API key" in served.log()
 
 
 # ------------------------------------------------------------------------------------------------ KV memory
@@ -584,3 +587,13 @@ def test_kv_memory_keeps_the_most_recently_used_within_its_limit(tmp_path):
     memory.put((str(tmp_path / "e"), "m"), "e", _FakeKV(10))
     memory.forget_stale(lambda name: None)  # its name links nowhere now (removed)
     assert memory.snapshot()["documents"] == []
+
+
+# ------------------------------------------------------------------------------------------------ last: Ctrl-C
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_shared_server_with_130_and_removes_its_socket(served):
+    # Last in this file: it stops the server the tests above share.
+    assert served.stop(signal.SIGINT) == 130
+    assert not served.socket.exists()
+    assert "stopped (Ctrl-C)" in served.log() and "Traceback" not in served.log()
