@@ -1,18 +1,19 @@
 """Ask: Phase 2 over a stored document's KV (or, for comparison, full attention over document + question).
 
-Data flows one way: store -> engine (Phase 2) -> answer. The answer streams to stdout as it is decoded; timings go
-to stderr; with --json each question's result is one JSON object on one line of stdout.
+Data flows one way: store -> engine (Phase 2) -> answer. Answering emits events (starqa.events): the answer text as
+it is decoded, each question's Answer with its text and the lines printed under it, one timing table per batch, a
+line per document that failed. `starqa ask` prints them in its own process (starqa.events.EventPrinter);
+`starqa serve` runs this same code and sends the same events to the client, which prints them the same way.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
-from starqa import report
+from starqa import events, report
+from starqa.answer import Answer
 from starqa.distributed import Ranks, agree, block_plan, gather_objects, phase2_spread, share_outcome
 from starqa.context_kv import ContextKV
 from starqa.errors import StarqaError, UsageError
@@ -20,28 +21,24 @@ from starqa.sources import AttentionShares, block_pages, format_sources, rank_so
 from starqa.store import DocumentReplaced, DocumentStore, StoredDocument, reingest_hint
 from starqa.tokens import context_ids_for, prompt_template, query_ids_for
 
+__all__ = ["Answer", "Reply", "answer_document", "answer_lines", "ask_full", "ask_star", "load_context", "run"]
+
+Emit = Callable[[dict], None]  # where events go: a printer, or a server's queue for one request
+Stream = Callable[[int, str], None]  # (row of the batch, text decoded since the last call)
+
 
 @dataclass
-class Answer:
-    question: str
-    answer: str
-    doc: str
-    attention: str  # "star" or "full"
-    cache_hit: bool
-    context_tokens: int
-    query_tokens: int
-    answer_tokens: int
-    phase1_s: float
-    prefill_s: float
-    ttft_s: float
-    decode_tokens_per_s: float
-    sources: list = field(default_factory=list)  # [{"pages": [4, 5], "block": 3, "share": 0.41}, ...]
+class Reply:
+    """One question's outcome: its Answer (the JSON object) and its text as printed (decoded, not stripped)."""
 
-    def to_json(self) -> str:
-        row = asdict(self)
-        for key in ("phase1_s", "prefill_s", "ttft_s", "decode_tokens_per_s"):
-            row[key] = round(row[key], 4)
-        return json.dumps(row, ensure_ascii=False)
+    answer: Answer
+    text: str
+
+
+def answer_lines(answer: Answer) -> list[str]:
+    """The lines printed under an answer's text: its sources (`Sources: pp. 6–7`), if any."""
+    line = format_sources(answer.sources) if answer.sources else ""
+    return [line] if line else []
 
 
 def load_context(engine, store: DocumentStore, document: StoredDocument,
@@ -63,63 +60,57 @@ def load_context(engine, store: DocumentStore, document: StoredDocument,
                                       kv_dtype=document.kv_dtype, spans=spans)
 
 
-class _StreamPrinter:
-    """Prints a batch's answers in question order: the first streams as its tokens arrive, the others (decoded
-    alongside it) follow when the batch is done, each under its own answer with its sources."""
+class _TextStream:
+    """Each row's answer text as it is decoded: `stream(row, text since the last call)`. A row's text is held back
+    while it ends in an incomplete UTF-8 sequence; stop tokens are not text."""
 
-    def __init__(self, tokenizer, stop_ids, rows: int = 1) -> None:
-        self.tokenizer, self.stop_ids = tokenizer, stop_ids
-        self.out = sys.stdout  # looked up now, not at import: a caller may have redirected stdout since
+    def __init__(self, tokenizer, stop_ids, rows: int, stream: Stream | None) -> None:
+        self.tokenizer, self.stop_ids, self.stream = tokenizer, stop_ids, stream
         self.ids: list[list[int]] = [[] for _ in range(rows)]
-        self.printed = ""  # of the first answer
+        self.sent = [0] * rows  # characters of each row's text already streamed
 
     def __call__(self, row: int, token: int) -> None:
         if token in self.stop_ids:
             return
         self.ids[row].append(token)
-        if row == 0:
-            text = self.tokenizer.decode(self.ids[0], skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-                return
-            self.out.write(text[len(self.printed):])
-            self.out.flush()
-            self.printed = text
+        if self.stream is None:
+            return
+        text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return
+        if len(text) > self.sent[row]:
+            self.stream(row, text[self.sent[row]:])
+            self.sent[row] = len(text)
 
-    def close(self, trailers: Sequence[str]) -> None:
-        """End every answer, each followed by its trailer lines (sources), in question order."""
-        for row, trailer in enumerate(trailers):
-            text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
-            self.out.write(text[len(self.printed):] if row == 0 else text)
-            self.out.write("\n" + (trailer + "\n" if trailer else ""))
-            self.out.flush()
-
-
-def answer_text(engine, new_ids: list[int]) -> str:
-    kept = [token for token in new_ids if token not in engine.stop_ids]
-    return engine.tokenizer.decode(kept, skip_special_tokens=True).strip()
+    def text(self, row: int) -> str:
+        return self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
 
 
 def ask_star(engine, ctx: ContextKV, document: StoredDocument, questions: Sequence[str], settings, *,
-             cache_hit: bool, phase1_s: float, stream: bool, ranks: Ranks | None = None) -> list[Answer]:
-    """Phase 2 for a batch of questions over the document's context KV (decoded together), answers in order."""
+             cache_hit: bool, phase1_s: float, stream: Stream | None = None,
+             ranks: Ranks | None = None) -> list[Reply]:
+    """Phase 2 for a batch of questions over the document's context KV (decoded together), replies in order;
+    `stream(row, text)` receives each row's text as it is decoded."""
     ranks = ranks or Ranks()
     template = prompt_template(engine.tokenizer)
     query_ids = [query_ids_for(engine.tokenizer, template, question) for question in questions]
     shares = [AttentionShares(ctx.spans, document.manifest["document_token_offset"], engine.head_dim ** -0.5)
               for _ in questions]
-    printer = _StreamPrinter(engine.tokenizer, engine.stop_ids, len(questions)) if stream and ranks.is_speaker else None
+    texts = _TextStream(engine.tokenizer, engine.stop_ids, len(questions), stream if ranks.is_speaker else None)
     new_ids = engine.generate_batch(ctx, query_ids, max_new_tokens=settings.max_new_tokens,
                                     temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
-                                    on_token=printer, observers=shares, **phase2_spread(ranks))
+                                    on_token=texts, observers=shares, **phase2_spread(ranks))
     stats = engine.last_stats
     sources = [_sources(engine, document, row_shares, ranks) for row_shares in shares]
-    if printer is not None:
-        printer.close([format_sources(row_sources) if row_sources else "" for row_sources in sources])
-    return [Answer(question=question, answer=answer_text(engine, ids), doc=document.name, attention="star",
-                   cache_hit=cache_hit, context_tokens=ctx.n_tokens, query_tokens=len(query_ids[row]),
-                   answer_tokens=len(ids), phase1_s=phase1_s if row == 0 else 0.0, prefill_s=stats.prefill_s,
-                   ttft_s=stats.ttft_s, decode_tokens_per_s=stats.decode_tokens_per_s, sources=sources[row])
-            for row, (question, ids) in enumerate(zip(questions, new_ids))]
+    replies = []
+    for row, (question, ids) in enumerate(zip(questions, new_ids)):
+        text = texts.text(row)
+        replies.append(Reply(Answer(
+            question=question, answer=text.strip(), doc=document.name, attention="star", cache_hit=cache_hit,
+            context_tokens=ctx.n_tokens, query_tokens=len(query_ids[row]), answer_tokens=len(ids),
+            phase1_s=phase1_s if row == 0 else 0.0, prefill_s=stats.prefill_s, ttft_s=stats.ttft_s,
+            decode_tokens_per_s=stats.decode_tokens_per_s, sources=sources[row]), text))
+    return replies
 
 
 def _sources(engine, document: StoredDocument, shares: AttentionShares, ranks: Ranks) -> list[dict]:
@@ -135,25 +126,27 @@ def _sources(engine, document: StoredDocument, shares: AttentionShares, ranks: R
 
 
 def ask_full(engine, document: StoredDocument, context_ids: list[int], question: str, settings, *,
-             stream: bool) -> Answer:
+             stream: Stream | None = None) -> Reply:
     """Full attention for comparison: document and question in one causal pass, no stored KV used."""
     query_ids = query_ids_for(engine.tokenizer, prompt_template(engine.tokenizer), question)
-    printer = _StreamPrinter(engine.tokenizer, engine.stop_ids) if stream else None
+    texts = _TextStream(engine.tokenizer, engine.stop_ids, 1, stream)
     new_ids = engine.generate_full(context_ids + query_ids, max_new_tokens=settings.max_new_tokens,
                                    temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
-                                   on_token=None if printer is None else (lambda token: printer(0, token)))
-    if printer is not None:
-        printer.close([""])
+                                   on_token=lambda token: texts(0, token))
     stats = engine.last_stats
-    return Answer(question=question, answer=answer_text(engine, new_ids), doc=document.name, attention="full",
-                  cache_hit=False, context_tokens=len(context_ids), query_tokens=len(query_ids),
-                  answer_tokens=len(new_ids), phase1_s=0.0, prefill_s=stats.prefill_s, ttft_s=stats.ttft_s,
-                  decode_tokens_per_s=stats.decode_tokens_per_s)
+    text = texts.text(0)
+    return Reply(Answer(question=question, answer=text.strip(), doc=document.name, attention="full",
+                        cache_hit=False, context_tokens=len(context_ids), query_tokens=len(query_ids),
+                        answer_tokens=len(new_ids), phase1_s=0.0, prefill_s=stats.prefill_s, ttft_s=stats.ttft_s,
+                        decode_tokens_per_s=stats.decode_tokens_per_s), text)
 
 
-def print_timings(answers: Sequence[Answer], engine, load_s: float | None = None, kv_dtype: str | None = None) -> None:
-    """One table per batch of questions (stderr)."""
+def timing_table(answers: Sequence[Answer], engine, load_s: float | None = None, kv_dtype: str | None = None,
+                 together: int | None = None) -> tuple[str, list[tuple[str, str]]]:
+    """The title and rows of one batch's timing table (stderr). `together`: the questions decoded at once, when a
+    server decoded other requests' questions with these."""
     answer = answers[0]
+    together = len(answers) if together is None else together
     rows = []
     if load_s is not None:
         rows.append(("load (model + KV)", f"{load_s:.2f} s"))
@@ -165,8 +158,8 @@ def print_timings(answers: Sequence[Answer], engine, load_s: float | None = None
     rows += [
         (label, f"{answer.prefill_s:.3f} s ({prompt_tokens} tokens)"),
         ("time to first token", f"{answer.ttft_s:.3f} s"),
-        ("decode", f"{answer.decode_tokens_per_s:.1f} tokens/s" + (f" per question ({len(answers)} at once)"
-                                                                   if len(answers) > 1 else "")
+        ("decode", f"{answer.decode_tokens_per_s:.1f} tokens/s" + (f" per question ({together} at once)"
+                                                                   if together > 1 else "")
          + f" ({sum(a.answer_tokens for a in answers)} tokens)"),
         ("peak memory (RSS)", f"{report.peak_rss_mb():,.0f} MiB"),
     ]
@@ -174,8 +167,14 @@ def print_timings(answers: Sequence[Answer], engine, load_s: float | None = None
     if cuda is not None:
         rows.append(("peak CUDA memory", f"{cuda:,.0f} MiB"))
     what = "1 question" if len(answers) == 1 else f"{len(answers)} questions"
-    report.table(f"{answer.attention} attention over '{answer.doc}' ({answer.context_tokens:,} context tokens, "
-                 f"{what})", rows)
+    return (f"{answer.attention} attention over '{answer.doc}' ({answer.context_tokens:,} context tokens, {what})",
+            rows)
+
+
+def emit_replies(emit: Emit, doc: str, first: int, replies: Sequence[Reply]) -> None:
+    """The answer events of a batch whose first question is the document's question number `first`."""
+    for row, reply in enumerate(replies):
+        emit(events.answer(doc, first + row, reply.answer.to_row(), reply.text, answer_lines(reply.answer)))
 
 
 def timer() -> Callable[[], float]:
@@ -202,9 +201,11 @@ def load_context_share(engine, store: DocumentStore, document: StoredDocument, r
 _READ_ATTEMPTS = 3
 
 
-def resolve_documents(store: DocumentStore, docs: Sequence[str], all_documents: bool) -> list[str]:
+def resolve_documents(store: DocumentStore, docs: Sequence[str], all_documents: bool, *,
+                      files: bool = True) -> list[str]:
     """The --doc values (stored names, globs over stored names, or files to ingest first), or every stored name
-    with --all, in the order given (each once). A glob that matches nothing is a usage error naming it."""
+    with --all, in the order given (each once). A glob that matches nothing is a usage error naming it.
+    `files=False` (a server): a value is never a path on this machine, only a name or a glob."""
     import fnmatch
     from pathlib import Path
 
@@ -219,7 +220,7 @@ def resolve_documents(store: DocumentStore, docs: Sequence[str], all_documents: 
         raise UsageError("give --doc NAME (a stored document, a glob over stored names, or a file), or --all")
     resolved: list[str] = []
     for doc in docs:
-        if _is_valid_name(doc) and store.exists(doc) or Path(doc).exists() or not _is_glob(doc):
+        if _is_valid_name(doc) and store.exists(doc) or files and Path(doc).exists() or not _is_glob(doc):
             matches = [doc]
         else:
             matches = fnmatch.filter(store.names(), doc)
@@ -233,14 +234,24 @@ def _is_glob(text: str) -> bool:
     return any(char in text for char in "*?[")
 
 
+def engine_for(manifest: dict, settings, explicit_model: str | None) -> tuple[str | None, str | None]:
+    """(model, dtype) to load for a stored document: the model and compute dtype it was stored with, unless asked
+    otherwise (dtype None: the settings' own)."""
+    return explicit_model or manifest.get("model"), manifest.get("dtype") if settings.dtype == "auto" else None
+
+
 def run(engine_loader, settings, store: DocumentStore, *, docs: Sequence[str], all_documents: bool = False,
-        questions: list[str], as_json: bool, attention: str, name: str | None, explicit_model: str | None,
-        explicit_sizes: bool, ranks: Ranks, ingest_options: dict | None = None) -> int:
+        questions: list[str], attention: str, name: str | None, explicit_model: str | None, explicit_sizes: bool,
+        ranks: Ranks, emit: Emit, stream: bool = True, ingest_options: dict | None = None, files: bool = True,
+        load_kv=None) -> int:
     """The `ask` command over one or several documents: one model load (per model and dtype the documents were
     stored with); each document's KV is loaded, used for every question and released before the next one, so
     memory is bounded by the largest document. Returns the exit code: with several documents, one that fails
-    (unknown, damaged) is reported on its own line and the others are still answered; 1 if any failed."""
-    targets = share_outcome(ranks, lambda: resolve_documents(store, docs, all_documents))
+    (unknown, damaged) is reported on its own line and the others are still answered; 1 if any failed.
+
+    Events go to `emit` (answer text as decoded only with `stream`). A server passes `files=False` (a --doc value
+    is never a file to ingest) and `load_kv(engine, store, document)`, its memory of documents' KV."""
+    targets = share_outcome(ranks, lambda: resolve_documents(store, docs, all_documents, files=files))
     if name is not None and len(targets) > 1:
         raise UsageError("--name names one document; drop it to ask several")
     engines: dict[tuple, object] = {}
@@ -252,37 +263,59 @@ def run(engine_loader, settings, store: DocumentStore, *, docs: Sequence[str], a
             engines[key] = engine_loader(model, dtype)
         return engines[key]
 
+    options = dict(questions=questions, attention=attention, explicit_model=explicit_model,
+                   explicit_sizes=explicit_sizes, ranks=ranks, emit=emit, stream=stream,
+                   ingest_options=ingest_options, files=files, load_kv=load_kv)
     if len(targets) == 1:
-        answer_document(load_engine, settings, store, doc=targets[0], questions=questions, as_json=as_json,
-                        attention=attention, name=name, explicit_model=explicit_model,
-                        explicit_sizes=explicit_sizes, ranks=ranks, ingest_options=ingest_options)
+        answer_document(load_engine, settings, store, doc=targets[0], name=name, **options)
         return 0
     failed = 0
     for doc in targets:
-        if ranks.is_speaker and not as_json:
-            print(f"== {doc} ==", flush=True)
+        emit(events.document(doc))
         try:
-            answer_document(load_engine, settings, store, doc=doc, questions=questions, as_json=as_json,
-                            attention=attention, name=None, explicit_model=explicit_model,
-                            explicit_sizes=explicit_sizes, ranks=ranks, ingest_options=ingest_options)
+            answer_document(load_engine, settings, store, doc=doc, name=None, **options)
         except StarqaError as exc:  # every rank raises the same error (agree/share_outcome): all go on together
             failed += 1
-            if ranks.is_speaker:
-                report.error(f"{doc}: {exc}")
+            emit(events.error(f"{doc}: {exc}"))
     if failed:
-        if ranks.is_speaker:
-            report.error(f"{failed} of {len(targets)} documents failed")
+        emit(events.error(f"{failed} of {len(targets)} documents failed"))
         return 1
     return 0
 
 
-def answer_document(load_engine, settings, store: DocumentStore, *, doc: str, questions: list[str], as_json: bool,
-                    attention: str, name: str | None, explicit_model: str | None, explicit_sizes: bool,
-                    ranks: Ranks, ingest_options: dict | None = None) -> None:
+@dataclass
+class OpenDocument:
+    """A document ready to be asked: the engine for it, its stored version and its context (KV for star
+    attention; the prompt's context ids for full attention, on the speaking rank)."""
+
+    engine: object
+    document: StoredDocument
+    context: object
+    cache_hit: bool  # Phase 1 did not run for this ask
+    phase1_s: float
+    load_s: float  # finding (or ingesting) the document, loading the model and the KV
+
+
+def answer_document(load_engine, settings, store: DocumentStore, *, doc: str, questions: list[str], attention: str,
+                    name: str | None, explicit_model: str | None, explicit_sizes: bool, ranks: Ranks, emit: Emit,
+                    stream: bool = True, ingest_options: dict | None = None, files: bool = True,
+                    load_kv=None) -> None:
     """Find (or first ingest) one document, load its KV, answer every question, release the KV.
 
     `ingest_options` (force, allow_long, password) apply when `doc` is a file to ingest first.
     """
+    opened = open_document(load_engine, settings, store, doc=doc, attention=attention, name=name,
+                           explicit_model=explicit_model, explicit_sizes=explicit_sizes, ranks=ranks,
+                           ingest_options=ingest_options, files=files, load_kv=load_kv)
+    answer_questions(opened, questions, settings, attention=attention, ranks=ranks, emit=emit, stream=stream)
+    # `opened` and its KV are released here, before the next document's KV is read
+
+
+def open_document(load_engine, settings, store: DocumentStore, *, doc: str, attention: str, name: str | None,
+                  explicit_model: str | None, explicit_sizes: bool, ranks: Ranks, ingest_options: dict | None = None,
+                  files: bool = True, load_kv=None) -> OpenDocument:
+    """The engine for `doc` (a stored name, or with `files` a file ingested first), its current version checked
+    against that engine, and its context, read again if another process replaced the document meanwhile."""
     from starqa.ingest import check_usable, ingest
     from starqa.store import validate_name
 
@@ -293,15 +326,13 @@ def answer_document(load_engine, settings, store: DocumentStore, *, doc: str, qu
         flags = ", ".join("--" + key.replace("_", "-") for key in ingest_options)
         raise UsageError(f"{flags} apply when --doc is a file to ingest, and '{doc}' is a stored document name")
     if stored_name is not None:
-        # A stored document is answered with the model and compute dtype it was stored with, unless asked otherwise.
         manifest = share_outcome(ranks, lambda: store.get(stored_name)).manifest
-        engine = load_engine(explicit_model or manifest.get("model"),
-                             manifest.get("dtype") if settings.dtype == "auto" else None)
+        engine = load_engine(*engine_for(manifest, settings, explicit_model))
         cache_hit, phase1_s = True, 0.0
     else:
         from pathlib import Path
 
-        if not Path(doc).exists():
+        if not (files and Path(doc).exists()):
             validate_name(doc)
             store.get(doc)  # raises: no such document (with close names)
         engine = load_engine(explicit_model, None)
@@ -313,7 +344,9 @@ def answer_document(load_engine, settings, store: DocumentStore, *, doc: str, qu
         document = share_outcome(ranks, lambda: store.get(stored_name))
         check_usable(document, engine, settings, explicit_sizes=explicit_sizes)
         try:
-            if attention == "star":
+            if attention == "star" and load_kv is not None:
+                context = load_kv(engine, store, document)
+            elif attention == "star":
                 context = load_context_share(engine, store, document, ranks, len(document.blocks))
             else:  # full attention encodes the stored text again, once for all the questions
                 context = context_ids_for(engine.tokenizer, prompt_template(engine.tokenizer),
@@ -322,25 +355,28 @@ def answer_document(load_engine, settings, store: DocumentStore, *, doc: str, qu
         except DocumentReplaced:  # (several processes agree on failures as a RankFailure, not retried)
             if attempt == _READ_ATTEMPTS - 1:
                 raise
-    load_s = elapsed()
+    return OpenDocument(engine, document, context, cache_hit, phase1_s, elapsed())
+
+
+def answer_questions(opened: OpenDocument, questions: list[str], settings, *, attention: str, ranks: Ranks,
+                     emit: Emit, stream: bool = True) -> None:
+    """Every question, in batches of the settings' batch size (star attention; full attention: one at a time)."""
+    engine, document = opened.engine, opened.document
     batch = settings.batch_size if attention == "star" else 1
     for first in range(0, len(questions), batch):
         asked = questions[first:first + batch]
-        stream = not as_json
+        send = (lambda row, text, first=first: emit(events.delta(document.name, first + row, text))) if stream else None
         if attention == "star":
-            answers = ask_star(engine, context, document, asked, settings, cache_hit=cache_hit,
-                               phase1_s=phase1_s if first == 0 else 0.0, stream=stream, ranks=ranks)
+            replies = ask_star(engine, opened.context, document, asked, settings, cache_hit=opened.cache_hit,
+                               phase1_s=opened.phase1_s if first == 0 else 0.0, stream=send, ranks=ranks)
         elif ranks.is_speaker:
-            answers = [ask_full(engine, document, context, asked[0], settings, stream=stream)]
+            replies = [ask_full(engine, document, opened.context, asked[0], settings, stream=send)]
         else:
             continue  # one full-attention pass needs one process; the other ranks of a torchrun job only wait
-        if ranks.is_speaker:
-            if as_json:
-                for answer in answers:
-                    print(answer.to_json(), flush=True)
-            print_timings(answers, engine, load_s if first == 0 else None,
-                          document.kv_dtype if attention == "star" else None)
-    del context  # released before the next document's KV is read
+        emit_replies(emit, document.name, first, replies)
+        emit(events.timings(*timing_table([reply.answer for reply in replies], engine,
+                                          opened.load_s if first == 0 else None,
+                                          document.kv_dtype if attention == "star" else None)))
 
 
 def _is_valid_name(doc: str) -> bool:

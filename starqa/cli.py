@@ -220,10 +220,12 @@ def ask(
     model: Optional[str] = ModelOpt, dtype: Optional[str] = DtypeOpt, kv_dtype: Optional[str] = KvDtypeOpt,
     device: Optional[str] = DeviceOpt, block_size: Optional[int] = BlockOpt, anchor_size: Optional[int] = AnchorOpt,
     nproc: Optional[str] = NprocOpt, trust_remote_code: bool = TrustOpt,
+    no_server: bool = typer.Option(False, "--no-server", help="Answer in this process even if `starqa serve` is "
+                                   "running on this store."),
     config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
-    """Answer questions about a document from its stored KV cache (Phase 2 only)."""
-    from starqa import ask as asking
+    """Answer questions about a document from its stored KV cache (Phase 2 only); through `starqa serve` if it runs."""
+    from starqa.events import EventPrinter, ignore
 
     settings = _settings(config, quiet, model=model, dtype=dtype, kv_dtype=kv_dtype, device=device,
                          block_size=block_size, anchor_size=anchor_size, max_new_tokens=max_new_tokens,
@@ -235,6 +237,21 @@ def ask(
     if doc and all_documents:
         raise UsageError("--all asks every stored document; drop --doc, or drop --all")
     asked = _read_questions(question, questions)
+    printer = EventPrinter(as_json)
+    if not no_server:
+        # A running `starqa serve` on this store answers, unless this ask must run here: see starqa.serve.client.
+        from starqa.serve import client
+
+        code = client.ask(settings, printer, docs=doc or [], all_documents=all_documents, questions=asked,
+                          attention=attention, stream=not as_json, model=model, block_size=block_size,
+                          anchor_size=anchor_size, trust_remote_code=trust_remote_code, debug=debug,
+                          ingest_flags=bool(name is not None or force or allow_long or password is not None))
+        if code is not None:
+            if code:
+                raise typer.Exit(code)
+            return
+    from starqa import ask as asking
+
     from_stdin = questions is not None and str(questions) == "-"
     if attention == "full" and str(settings.nproc) != "1":
         # Full attention is one pass over the whole prompt: more ranks would each repeat it. A document given as a
@@ -248,7 +265,8 @@ def ask(
         asked = broadcast_object(asked, ranks)  # under a hand-launched torchrun only rank 0 read standard input
     code = asking.run(lambda model_name, dtype: _load_engine(settings, model_name, trust_remote_code, ranks, dtype),
                       settings, _store(settings), docs=doc or [], all_documents=all_documents, questions=asked,
-                      as_json=as_json, attention=attention, name=name,
+                      attention=attention, name=name, emit=printer if ranks.is_speaker else ignore,
+                      stream=not as_json and ranks.is_speaker,
                       ingest_options=dict(force=force, allow_long=allow_long, password=password),
                       explicit_model=model, explicit_sizes=block_size is not None or anchor_size is not None,
                       ranks=ranks)
@@ -292,6 +310,7 @@ def list_documents(
     config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """List stored documents."""
+    from starqa.listing import document_line, document_row
     from starqa.store import DamagedDocument
 
     settings = _settings(config, quiet)
@@ -304,22 +323,13 @@ def list_documents(
             report.warn(str(exc))
     if as_json:
         for document in documents:
-            m = document.manifest
-            print(json.dumps({"name": document.name, "context_tokens": m["context_tokens"],
-                              "blocks": len(m["blocks"]), "model": m["model"], "dtype": m["dtype"],
-                              "kv_dtype": document.kv_dtype, "kv_bytes": m["kv_bytes"],
-                              "kv_bytes_per_token": round(document.kv_bytes_per_token, 1),
-                              "created": m["created"], "updated": m["created"], "version": m.get("version", 1),
-                              "first_created": m.get("first_created", m["created"]), "source": m["source"]["path"]}))
+            print(json.dumps(document_row(document)))
         return
     if not documents:
         report.info(f"no documents stored in {store.root}")
         return
-    for document in documents:  # the current version was stored ("updated") at its `created` time
-        m = document.manifest
-        print(f"{document.name}\t{m['context_tokens']} tokens\t{len(m['blocks'])} blocks\t"
-              f"{m['block_size']}/{m['anchor_size']}\t{document.kv_dtype} KV\t{m['model']}\t"
-              f"updated {m['created']}\tfrom {m['source']['path']}")
+    for document in documents:
+        print(document_line(document))
 
 
 @app.command()
@@ -396,6 +406,34 @@ def gc(config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool =
     settings = _settings(config, quiet)
     removed, freed = _store(settings).collect_garbage()
     report.info(f"removed {removed} leftover item(s), freed {report.human_bytes(freed)}")
+
+
+@app.command()
+def serve(
+    max_kv_memory: Optional[str] = typer.Option(None, "--max-kv-memory", help="Documents' KV kept in memory, least "
+                                                "recently used dropped first: 4GiB, 512MiB, 0 (default: config)."),
+    host: Optional[str] = typer.Option(None, "--host", help="Also listen on TCP at this address (with --port; "
+                                       "requires an API key)."),
+    port: Optional[int] = typer.Option(None, "--port", help="Also listen on TCP at this port (default host: "
+                                       "127.0.0.1)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Key that TCP requests must send as "
+                                          "'Authorization: Bearer KEY' (or set STARQA_API_KEY, which `ps` does "
+                                          "not show)."),
+    max_request_bytes: Optional[str] = typer.Option(None, "--max-request-bytes", help="Largest request body "
+                                                    "accepted (default: config, 1MiB)."),
+    model: Optional[str] = ModelOpt, dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
+    nproc: Optional[str] = NprocOpt, trust_remote_code: bool = TrustOpt,
+    config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
+) -> None:
+    """Keep the model and recently used documents' KV in memory; answer `starqa ask` and HTTP on the store's socket."""
+    from starqa.serve.server import serve as run_server
+
+    settings = _settings(config, quiet, model=model, dtype=dtype, device=device, nproc=nproc,
+                         max_kv_memory=max_kv_memory, max_request_bytes=max_request_bytes)
+    code = run_server(settings, trust_remote_code=trust_remote_code, host=host, port=port,
+                      api_key=api_key or os.environ.get("STARQA_API_KEY") or None, debug=debug)
+    if code:
+        raise typer.Exit(code)
 
 
 from starqa.eval.command import eval_command  # noqa: E402  (the eval command lives in its own package)

@@ -6,6 +6,7 @@ Unknown keys and wrong types are usage errors that name the key, so a typo never
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ class Settings:
     store: str | None
     nproc: int | str
     attention_backend: str
+    max_kv_memory: int  # bytes (the config may say "4GiB")
+    max_request_bytes: int  # bytes
 
     @property
     def effective_anchor_size(self) -> int:
@@ -57,7 +60,13 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "store": (str, type(None)),
     "nproc": (int, str),
     "attention_backend": (str,),
+    "max_kv_memory": (int, str),
+    "max_request_bytes": (int, str),
 }
+# Settings given as a size: bytes, or a number with a unit ("512MiB", "4GiB", "1.5GB").
+_SIZE_KEYS = ("max_kv_memory", "max_request_bytes")
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _CHOICES = {
     "dtype": {"auto", "float32", "bfloat16", "float16"},
     "kv_dtype": {"auto", "float32", "bfloat16", "float16", "int8"},
@@ -97,6 +106,21 @@ def _check_keys_and_types(values: dict[str, Any], origin: str) -> None:
             raise UsageError(f"setting '{key}' in {origin} must be {names}, not {value!r}")
 
 
+def parse_size(value: int | str, key: str) -> int:
+    """Bytes from an int or a text such as "4GiB", "512 MiB", "1.5GB"; a usage error naming `key` otherwise."""
+    if isinstance(value, int):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+        unit = match.group(2).lower() if match else None
+        if unit not in _SIZE_UNITS:
+            raise UsageError(f"{key} must be a size such as 4GiB, 512MiB or a number of bytes, not {value!r}")
+        size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size < 0:
+        raise UsageError(f"{key} must not be negative, not {value!r}")
+    return size
+
+
 def validate(settings: Settings) -> Settings:
     """Reject impossible values with a message naming the setting."""
     if settings.block_size <= 0:
@@ -129,6 +153,8 @@ def validate(settings: Settings) -> Settings:
         raise UsageError(f"nproc must be a positive number or 'auto', not {settings.nproc!r}")
     if isinstance(settings.nproc, int) and settings.nproc <= 0:
         raise UsageError(f"nproc must be a positive number or 'auto', not {settings.nproc}")
+    if settings.max_request_bytes <= 0:
+        raise UsageError(f"max_request_bytes must be positive, not {settings.max_request_bytes}")
     return settings
 
 
@@ -146,7 +172,17 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     flag_values = {key: value for key, value in overrides.items() if value is not None}
     _check_keys_and_types(flag_values, "the command line")
     values.update(flag_values)
-    settings = Settings(**values)
+    return _normalized(Settings(**values))
+
+
+def override(settings: Settings, values: dict[str, Any], origin: str) -> Settings:
+    """`settings` with `values` (checked as a config file's are: known keys, types, then every setting's range)."""
+    _check_keys_and_types(values, origin)
+    return _normalized(dataclasses.replace(settings, **values))
+
+
+def _normalized(settings: Settings) -> Settings:
     if isinstance(settings.nproc, str) and settings.nproc.isdigit():
         settings = dataclasses.replace(settings, nproc=int(settings.nproc))
-    return validate(settings)
+    sizes = {key: parse_size(getattr(settings, key), key) for key in _SIZE_KEYS}
+    return validate(dataclasses.replace(settings, **sizes))

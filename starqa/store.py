@@ -47,6 +47,7 @@ from safetensors.torch import save_file
 from starqa.context_kv import EncodedBlock
 from starqa.errors import StarqaError, UsageError, one_line
 from starqa.kv_quant import storage_dtype
+from starqa.store_root import default_store_root, store_root  # noqa: F401  (default_store_root: re-exported)
 
 MANIFEST_FORMAT = 1
 HISTORY_LENGTH = 5  # versions of a document whose sizes and reuse counts its manifest keeps ("history")
@@ -54,14 +55,6 @@ _NAME_MAX = 100
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
 _PAUSE_ENV, _RESUME_ENV = "STARQA_TEST_PAUSE_AT", "STARQA_TEST_RESUME_FILE"
-
-
-def default_store_root() -> Path:
-    if os.environ.get("STARQA_HOME"):
-        return Path(os.environ["STARQA_HOME"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "starqa"
-    return Path.home() / ".cache" / "starqa"
 
 
 def validate_name(name: str) -> str:
@@ -359,7 +352,7 @@ class DocumentReplaced(StarqaError):
 class DocumentStore:
     def __init__(self, root: Path | str | None = None) -> None:
         # Absolute and without links, so an object folder compares equal to what a document link resolves to.
-        self.root = (Path(root).expanduser() if root is not None else default_store_root()).resolve()
+        self.root = store_root(root)
         for folder in (self.root, self.root / "documents", self.root / "objects", self.root / "locks"):
             folder.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
         if stat.S_IMODE(self.root.stat().st_mode) != _DIR_MODE:
