@@ -13,10 +13,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from starqa import report
-from starqa.distributed import Ranks, agree, block_plan, gather_objects, phase2_spread, share_outcome
+from starqa.distributed import Ranks, agree, block_plan, phase2_spread, share_outcome
 from starqa.context_kv import ContextKV
 from starqa.errors import StarqaError, UsageError
-from starqa.sources import AttentionShares, block_pages, format_sources, rank_sources, shares_from_parts
+from starqa.evidence import answer_evidence, answer_trailer_lines, observer_for
 from starqa.store import DocumentReplaced, DocumentStore, StoredDocument, reingest_hint
 from starqa.tokens import context_ids_for, prompt_template, query_ids_for
 
@@ -36,6 +36,8 @@ class Answer:
     ttft_s: float
     decode_tokens_per_s: float
     sources: list = field(default_factory=list)  # [{"pages": [4, 5], "block": 3, "share": 0.41}, ...]
+    evidence: list = field(default_factory=list)  # [{"page", "text", "start", "end", "score"}, ...] (text.txt)
+    grounded: bool = False  # the answer's content is in one evidence quote (starqa.evidence)
 
     def to_json(self) -> str:
         row = asdict(self)
@@ -105,33 +107,25 @@ def ask_star(engine, ctx: ContextKV, document: StoredDocument, questions: Sequen
     ranks = ranks or Ranks()
     template = prompt_template(engine.tokenizer)
     query_ids = [query_ids_for(engine.tokenizer, template, question) for question in questions]
-    shares = [AttentionShares(ctx.spans, document.manifest["document_token_offset"], engine.head_dim ** -0.5)
+    shares = [observer_for(engine, ctx.spans, document.manifest["document_token_offset"], ranks=ranks)
               for _ in questions]
     printer = _StreamPrinter(engine.tokenizer, engine.stop_ids, len(questions)) if stream and ranks.is_speaker else None
     new_ids = engine.generate_batch(ctx, query_ids, max_new_tokens=settings.max_new_tokens,
                                     temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
                                     on_token=printer, observers=shares, **phase2_spread(ranks))
     stats = engine.last_stats
-    sources = [_sources(engine, document, row_shares, ranks) for row_shares in shares]
+    texts = [answer_text(engine, ids) for ids in new_ids]
+    found = [answer_evidence(engine, document, row_shares, text, question, ranks)
+             for row_shares, text, question in zip(shares, texts, questions)]
+    answers = [Answer(question=question, answer=texts[row], doc=document.name, attention="star",
+                      cache_hit=cache_hit, context_tokens=ctx.n_tokens, query_tokens=len(query_ids[row]),
+                      answer_tokens=len(ids), phase1_s=phase1_s if row == 0 else 0.0, prefill_s=stats.prefill_s,
+                      ttft_s=stats.ttft_s, decode_tokens_per_s=stats.decode_tokens_per_s, sources=found[row].sources,
+                      evidence=found[row].evidence, grounded=found[row].grounded)
+               for row, (question, ids) in enumerate(zip(questions, new_ids))]
     if printer is not None:
-        printer.close([format_sources(row_sources) if row_sources else "" for row_sources in sources])
-    return [Answer(question=question, answer=answer_text(engine, ids), doc=document.name, attention="star",
-                   cache_hit=cache_hit, context_tokens=ctx.n_tokens, query_tokens=len(query_ids[row]),
-                   answer_tokens=len(ids), phase1_s=phase1_s if row == 0 else 0.0, prefill_s=stats.prefill_s,
-                   ttft_s=stats.ttft_s, decode_tokens_per_s=stats.decode_tokens_per_s, sources=sources[row])
-            for row, (question, ids) in enumerate(zip(questions, new_ids))]
-
-
-def _sources(engine, document: StoredDocument, shares: AttentionShares, ranks: Ranks) -> list[dict]:
-    """Rank the document's blocks by the answer's attention share (all ranks' blocks, in order)."""
-    parts = gather_objects(shares.stacked(), ranks)  # every rank's blocks, in rank (= block) order
-    pages_per_block = [block.get("pages") for block in document.blocks]
-    if any(pages is None for pages in pages_per_block):  # stored before page sources existed
-        spans = [(block["start"], block["end"]) for block in document.blocks]
-        pages_per_block = block_pages(engine.tokenizer, document.context_ids(),
-                                      document.manifest["document_token_offset"], spans, document.pages(),
-                                      document.text())
-    return rank_sources(shares_from_parts(parts), pages_per_block)
+        printer.close(["\n".join(answer_trailer_lines(answer)) for answer in answers])
+    return answers
 
 
 def ask_full(engine, document: StoredDocument, context_ids: list[int], question: str, settings, *,
@@ -139,16 +133,23 @@ def ask_full(engine, document: StoredDocument, context_ids: list[int], question:
     """Full attention for comparison: document and question in one causal pass, no stored KV used."""
     query_ids = query_ids_for(engine.tokenizer, prompt_template(engine.tokenizer), question)
     printer = _StreamPrinter(engine.tokenizer, engine.stop_ids) if stream else None
+    spans = [(block["start"], block["end"]) for block in document.blocks]  # the stored blocks name the sources
+    observer = observer_for(engine, spans, document.manifest["document_token_offset"])
     new_ids = engine.generate_full(context_ids + query_ids, max_new_tokens=settings.max_new_tokens,
                                    temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
-                                   on_token=None if printer is None else (lambda token: printer(0, token)))
-    if printer is not None:
-        printer.close([""])
+                                   on_token=None if printer is None else (lambda token: printer(0, token)),
+                                   observe_prefix=observer)
     stats = engine.last_stats
-    return Answer(question=question, answer=answer_text(engine, new_ids), doc=document.name, attention="full",
-                  cache_hit=False, context_tokens=len(context_ids), query_tokens=len(query_ids),
-                  answer_tokens=len(new_ids), phase1_s=0.0, prefill_s=stats.prefill_s, ttft_s=stats.ttft_s,
-                  decode_tokens_per_s=stats.decode_tokens_per_s)
+    text = answer_text(engine, new_ids)
+    found = answer_evidence(engine, document, observer, text, question)
+    answer = Answer(question=question, answer=text, doc=document.name, attention="full",
+                    cache_hit=False, context_tokens=len(context_ids), query_tokens=len(query_ids),
+                    answer_tokens=len(new_ids), phase1_s=0.0, prefill_s=stats.prefill_s, ttft_s=stats.ttft_s,
+                    decode_tokens_per_s=stats.decode_tokens_per_s, sources=found.sources, evidence=found.evidence,
+                    grounded=found.grounded)
+    if printer is not None:
+        printer.close(["\n".join(answer_trailer_lines(answer))])
+    return answer
 
 
 def print_timings(answers: Sequence[Answer], engine, load_s: float | None = None, kv_dtype: str | None = None) -> None:
