@@ -26,6 +26,8 @@ class Answer:
     ttft_s: float
     decode_tokens_per_s: float
     sources: list = field(default_factory=list)  # [{"pages": [4, 5], "block": 3, "share": 0.41}, ...]
+    evidence: list = field(default_factory=list)  # [{"page", "text", "start", "end", "score"}, ...] (text.txt)
+    grounded: bool = False  # the answer's content is in one evidence quote (starqa.evidence)
 
     def to_row(self) -> dict:
         """The JSON object (timings rounded), as plain data: a server sends it, a client prints it unchanged."""

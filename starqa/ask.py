@@ -14,14 +14,15 @@ from dataclasses import dataclass
 
 from starqa import events, report
 from starqa.answer import Answer
-from starqa.distributed import Ranks, agree, block_plan, gather_objects, phase2_spread, share_outcome
+from starqa.distributed import Ranks, agree, block_plan, phase2_spread, share_outcome
 from starqa.context_kv import ContextKV
 from starqa.errors import StarqaError, UsageError
-from starqa.sources import AttentionShares, block_pages, format_sources, rank_sources, shares_from_parts
+from starqa.evidence import answer_evidence, answer_trailer_lines, observer_for
 from starqa.store import DocumentReplaced, DocumentStore, StoredDocument, reingest_hint
 from starqa.tokens import context_ids_for, prompt_template, query_ids_for
 
-__all__ = ["Answer", "Reply", "answer_document", "answer_lines", "ask_full", "ask_star", "load_context", "run"]
+__all__ = ["Answer", "Reply", "answer_document", "answer_lines", "answer_text", "ask_full", "ask_star", "load_context",
+           "run"]
 
 Emit = Callable[[dict], None]  # where events go: a printer, or a server's queue for one request
 Stream = Callable[[int, str], None]  # (row of the batch, text decoded since the last call)
@@ -36,9 +37,9 @@ class Reply:
 
 
 def answer_lines(answer: Answer) -> list[str]:
-    """The lines printed under an answer's text: its sources (`Sources: pp. 6–7`), if any."""
-    line = format_sources(answer.sources) if answer.sources else ""
-    return [line] if line else []
+    """The lines printed under an answer's text: its evidence quotes, whether it is grounded in them, then its
+    sources (`Sources: pp. 6–7`) (starqa.evidence.answer_trailer_lines)."""
+    return answer_trailer_lines(answer)
 
 
 def load_context(engine, store: DocumentStore, document: StoredDocument,
@@ -86,6 +87,12 @@ class _TextStream:
         return self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
 
 
+def answer_text(engine, new_ids: Sequence[int]) -> str:
+    """A decoded answer's text (stop tokens dropped, stripped): `Answer.answer` for these generated ids."""
+    kept = [token for token in new_ids if token not in engine.stop_ids]
+    return engine.tokenizer.decode(kept, skip_special_tokens=True).strip()
+
+
 def ask_star(engine, ctx: ContextKV, document: StoredDocument, questions: Sequence[str], settings, *,
              cache_hit: bool, phase1_s: float, stream: Stream | None = None,
              ranks: Ranks | None = None) -> list[Reply]:
@@ -94,35 +101,24 @@ def ask_star(engine, ctx: ContextKV, document: StoredDocument, questions: Sequen
     ranks = ranks or Ranks()
     template = prompt_template(engine.tokenizer)
     query_ids = [query_ids_for(engine.tokenizer, template, question) for question in questions]
-    shares = [AttentionShares(ctx.spans, document.manifest["document_token_offset"], engine.head_dim ** -0.5)
+    shares = [observer_for(engine, ctx.spans, document.manifest["document_token_offset"], ranks=ranks)
               for _ in questions]
     texts = _TextStream(engine.tokenizer, engine.stop_ids, len(questions), stream if ranks.is_speaker else None)
     new_ids = engine.generate_batch(ctx, query_ids, max_new_tokens=settings.max_new_tokens,
                                     temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
                                     on_token=texts, observers=shares, **phase2_spread(ranks))
     stats = engine.last_stats
-    sources = [_sources(engine, document, row_shares, ranks) for row_shares in shares]
     replies = []
-    for row, (question, ids) in enumerate(zip(questions, new_ids)):
+    for row, (question, ids, observer) in enumerate(zip(questions, new_ids, shares)):
         text = texts.text(row)
+        found = answer_evidence(engine, document, observer, text.strip(), question, ranks)  # every rank calls it
         replies.append(Reply(Answer(
             question=question, answer=text.strip(), doc=document.name, attention="star", cache_hit=cache_hit,
             context_tokens=ctx.n_tokens, query_tokens=len(query_ids[row]), answer_tokens=len(ids),
             phase1_s=phase1_s if row == 0 else 0.0, prefill_s=stats.prefill_s, ttft_s=stats.ttft_s,
-            decode_tokens_per_s=stats.decode_tokens_per_s, sources=sources[row]), text))
+            decode_tokens_per_s=stats.decode_tokens_per_s, sources=found.sources, evidence=found.evidence,
+            grounded=found.grounded), text))
     return replies
-
-
-def _sources(engine, document: StoredDocument, shares: AttentionShares, ranks: Ranks) -> list[dict]:
-    """Rank the document's blocks by the answer's attention share (all ranks' blocks, in order)."""
-    parts = gather_objects(shares.stacked(), ranks)  # every rank's blocks, in rank (= block) order
-    pages_per_block = [block.get("pages") for block in document.blocks]
-    if any(pages is None for pages in pages_per_block):  # stored before page sources existed
-        spans = [(block["start"], block["end"]) for block in document.blocks]
-        pages_per_block = block_pages(engine.tokenizer, document.context_ids(),
-                                      document.manifest["document_token_offset"], spans, document.pages(),
-                                      document.text())
-    return rank_sources(shares_from_parts(parts), pages_per_block)
 
 
 def ask_full(engine, document: StoredDocument, context_ids: list[int], question: str, settings, *,
@@ -130,15 +126,19 @@ def ask_full(engine, document: StoredDocument, context_ids: list[int], question:
     """Full attention for comparison: document and question in one causal pass, no stored KV used."""
     query_ids = query_ids_for(engine.tokenizer, prompt_template(engine.tokenizer), question)
     texts = _TextStream(engine.tokenizer, engine.stop_ids, 1, stream)
+    spans = [(block["start"], block["end"]) for block in document.blocks]  # the stored blocks name the sources
+    observer = observer_for(engine, spans, document.manifest["document_token_offset"])
     new_ids = engine.generate_full(context_ids + query_ids, max_new_tokens=settings.max_new_tokens,
                                    temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
-                                   on_token=lambda token: texts(0, token))
+                                   on_token=lambda token: texts(0, token), observe_prefix=observer)
     stats = engine.last_stats
     text = texts.text(0)
+    found = answer_evidence(engine, document, observer, text.strip(), question)
     return Reply(Answer(question=question, answer=text.strip(), doc=document.name, attention="full",
                         cache_hit=False, context_tokens=len(context_ids), query_tokens=len(query_ids),
                         answer_tokens=len(new_ids), phase1_s=0.0, prefill_s=stats.prefill_s, ttft_s=stats.ttft_s,
-                        decode_tokens_per_s=stats.decode_tokens_per_s), text)
+                        decode_tokens_per_s=stats.decode_tokens_per_s, sources=found.sources,
+                        evidence=found.evidence, grounded=found.grounded), text)
 
 
 def timing_table(answers: Sequence[Answer], engine, load_s: float | None = None, kv_dtype: str | None = None,

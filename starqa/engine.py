@@ -85,6 +85,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 class _Ignored:
     """Stands in for a finished sequence's observer: its answer is complete, later steps are not its own."""
 
+    def layer_heads(self, layer) -> list[int]:
+        return []  # no scores are computed for it
+
     def observe_scores(self, layer, scores) -> None:
         pass
 
@@ -457,7 +460,8 @@ class StarEngine:
 
         The pass covers all prompt tokens but the last; those become the prefix that the last prompt token and the
         answer attend to, through the same decoding path as Star Attention (exact: one softmax over every earlier
-        token, merged by log-sum-exp), so `observe_prefix` sees the same scores as in Phase 2."""
+        token, merged by log-sum-exp), so `observe_prefix` sees the same scores as in Phase 2, over the whole prompt
+        but its last token (a starqa.sources.AttentionShares keeps the context part: the tokens its spans name)."""
         prompt = list(prompt_ids)
         self._check_reach(len(prompt) + max_new_tokens)
         head = len(prompt) - 1

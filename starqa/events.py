@@ -1,9 +1,10 @@
 """What answering produces, as events; and `EventPrinter`, which prints them the way `starqa ask` does.
 
 Answering a request (starqa.ask) emits plain JSON-able dicts, in this order per batch of questions: the answer
-text as it is decoded, then each question's Answer with its text and the lines printed under it (sources), then the
-batch's timing table. `starqa ask` prints them in its own process; `starqa serve` sends the same dicts to a client
-(`POST /v1/ask`, one per line), which prints them with the same printer, so both print the same bytes. torch-free.
+text as it is decoded, then each question's Answer with its text and the lines printed under it (evidence quotes,
+grounded, sources), then the batch's timing table. `starqa ask` prints them in its own process; `starqa serve` sends
+the same dicts to a client (`POST /v1/ask`, one per line), which prints them with the same printer, so both print the
+same bytes. torch-free.
 
     {"type": "document", "doc": "memo"}                       a document begins (when several are asked)
     {"type": "delta", "doc": "memo", "question": 0, "text": " The"}     answer text as it is decoded

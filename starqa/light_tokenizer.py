@@ -125,6 +125,10 @@ class LightTokenizer:
         text = self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return _clean_up_tokenization(text) if self._clean_up else text
 
+    def convert_ids_to_tokens(self, ids) -> list[str | None]:
+        """The vocabulary's token strings (starqa.evidence places byte-level tokens in the text by them)."""
+        return [self._tokenizer.id_to_token(int(i)) for i in ids]
+
     def __len__(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 

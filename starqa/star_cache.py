@@ -24,6 +24,7 @@ from starqa import kernels
 from starqa.attention import attention_with_lse, merge_attention
 from starqa.context_kv import ContextKV
 from starqa.errors import StarqaError
+from starqa.sources import layer_heads_of
 
 # Query rows per KV head (sequences x tokens x GQA group) up to which the CPU decode kernel reads the prefix; more
 # rows (a question's prefill) are a matrix problem, for the torch path's fused kernels.
@@ -51,8 +52,10 @@ class StarCache:
         self.sliding_window = sliding_window
         self.dtype = dtype
         # Observers of each sequence's scores over the prefix (the answer's sources): one per batch row, each with
-        # .observe_scores(layer, scores [q_heads, held_tokens]) for the row that predicts the next token.
+        # .observe_scores(layer, scores [heads, prefix_tokens]) for the row that predicts the next token, for the
+        # heads its optional .layer_heads(layer) names (all when it has none; see `_observing`).
         self.observers: Sequence | None = None
+        self._head_indices: dict = {}
 
     def advance(self, tokens: int) -> None:
         self.length += tokens
@@ -131,7 +134,7 @@ class StarCache:
         kv_heads = prefix.keys[layer].shape[1]
         group = q_heads // kv_heads
         rows = batch * tokens * group
-        observers = self.observers
+        observers, heads = self._observing(layer, q_heads)
         if local is not None or self._kernel_usable(q, rows):
             # [batch, kv_heads * group, tokens, d] -> [kv_heads, batch * tokens * group, d]
             rows_q = q if q.dtype in (torch.float32, torch.bfloat16) else q.float()
@@ -145,20 +148,63 @@ class StarCache:
             out = out.view(kv_heads, batch, tokens, group, dim).permute(1, 0, 3, 2, 4).reshape(q.shape)
             lse = lse.view(kv_heads, batch, tokens, group).permute(1, 0, 3, 2).reshape(batch, q_heads, tokens)
             if observers is not None:
-                # [kv_heads, batch, tokens, group, n] -> the last token's [q_heads, n] per sequence
+                # [kv_heads, batch, tokens, group, n] -> the last token's rows of the wanted heads, per sequence
                 by_row = scores.view(kv_heads, batch, tokens, group, -1)[:, :, -1]
+                kv_index, in_group = self._head_index(heads, group, scores.device)
                 for row, observer in enumerate(observers):
-                    observer.observe_scores(layer, by_row[:, row].reshape(q_heads, -1))
+                    self._deliver(observer, layer, heads, by_row[kv_index, row, in_group])
             return out, lse
         keys, values = prefix.dense(layer, q.dtype)
         if observers is not None:
-            # The rows that predict the next tokens, scored in the KV's own dtype (the matmul accumulates in float32):
-            # a float32 copy of every stored key per layer and step would cost more than the attention itself.
-            last = q[:, :, -1].reshape(batch, kv_heads, group, dim).to(keys.dtype)
-            scores = torch.matmul(last, keys[0].transpose(-1, -2)[None]).float() * scale  # [batch, hk, group, n]
+            # The rows that predict the next tokens, of the wanted heads only, scored in the KV's own dtype (the
+            # matmul accumulates in float32): a float32 copy of every stored key per layer and step would cost more
+            # than the attention itself, and so would scoring every head for the few an observer follows.
+            if len(heads) == q_heads:
+                last = q[:, :, -1].reshape(batch, kv_heads, group, dim).to(keys.dtype)
+                scores = torch.matmul(last, keys[0].transpose(-1, -2)[None]).float() * scale  # [batch, hk, group, n]
+                scores = scores.view(batch, q_heads, -1)
+            else:
+                kv_index, _ = self._head_index(heads, group, keys.device)
+                wanted_keys = keys[0].index_select(0, kv_index)  # [m, n, d]: the key heads of the wanted heads
+                last = q[:, heads, -1].to(keys.dtype)  # [batch, m, d]
+                scores = torch.matmul(wanted_keys[None], last[..., None])[..., 0].float() * scale  # [batch, m, n]
             for row, observer in enumerate(observers):
-                observer.observe_scores(layer, scores[row].reshape(q_heads, -1))
+                self._deliver(observer, layer, heads, scores[row])
         return attention_with_lse(q, keys, values, causal=False, scale=scale, backend=self.backend)
+
+    def _observing(self, layer: int, q_heads: int) -> tuple[Sequence | None, list[int]]:
+        """(the observers, the query heads to score for them) at `layer`; (None, []) when none wants this layer.
+
+        An observer says which heads it follows with `layer_heads(layer)` (None: all, []: none; see
+        starqa.sources.AttentionShares); one without that method gets every head of every layer."""
+        if self.observers is None:
+            return None, []
+        wanted: set[int] = set()
+        for observer in self.observers:
+            heads = layer_heads_of(observer, layer)
+            if heads is None:
+                return self.observers, list(range(q_heads))
+            wanted.update(heads)
+        return (self.observers, sorted(wanted)) if wanted else (None, [])
+
+    def _head_index(self, heads: list[int], group: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(key head, position in its group) of each query head in `heads`, as index tensors (kept per list)."""
+        key = (tuple(heads), group, str(device))
+        if key not in self._head_indices:
+            index = torch.tensor(heads, device=device)
+            self._head_indices[key] = (index // group, index % group)
+        return self._head_indices[key]
+
+    @staticmethod
+    def _deliver(observer, layer: int, heads: list[int], scores: torch.Tensor) -> None:
+        """scores [len(heads), n] to an observer, as the rows of its own heads (in its order)."""
+        wanted = layer_heads_of(observer, layer)
+        if wanted == []:
+            return
+        if wanted is None or wanted == heads:
+            observer.observe_scores(layer, scores)
+        else:
+            observer.observe_scores(layer, scores[[heads.index(head) for head in wanted]])
 
     def _attend_buffer(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:

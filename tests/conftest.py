@@ -84,6 +84,15 @@ def bundled_engine(shared_home):
     return StarEngine.load("smollm2-135m", device="cpu", dtype="float32", store_root=shared_home)
 
 
+@pytest.fixture(scope="session")
+def bundled_heads(bundled_engine):
+    """The bundled model's retrieval heads, calibrated once per session and recorded in the shared store (so that
+    `starqa` processes using that store read the record instead of calibrating again)."""
+    from starqa.retrieval_heads import retrieval_heads
+
+    return retrieval_heads(bundled_engine)
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -13,7 +13,8 @@ from starqa.config import load_settings
 from starqa.errors import UsageError
 
 JSON_KEYS = {"question", "answer", "doc", "attention", "cache_hit", "context_tokens", "query_tokens",
-             "answer_tokens", "phase1_s", "prefill_s", "ttft_s", "decode_tokens_per_s", "sources"}
+             "answer_tokens", "phase1_s", "prefill_s", "ttft_s", "decode_tokens_per_s", "sources", "evidence",
+             "grounded"}
 
 
 @pytest.mark.slow

@@ -225,8 +225,9 @@ def test_a_rank_failing_in_phase1_fails_the_command_and_leaves_the_store_unchang
 
 
 @pytest.mark.slow
-def test_two_ranks_answer_like_one_with_the_bundled_model(tmp_path, doc_file, shared_home):
-    # The shared store already holds the converted bundled model (or converts it once, here).
+def test_two_ranks_answer_like_one_with_the_bundled_model(tmp_path, doc_file, shared_home, bundled_heads):
+    # The shared store already holds the converted bundled model and its retrieval heads (the fixtures put them
+    # there once per session).
     answers = []
     for nproc in (1, 2):
         result = starqa("ask", "--doc", str(doc_file), "--name", f"terms{nproc}", "What is the fee?", "--json",

@@ -27,8 +27,8 @@ from starqa.eval.scoring import score, string_match_all, string_match_part
 from starqa.eval.tasks import TASK_NAMES, TASKS, cwe_frequencies, generate_cases, spread_order
 
 ROW_KEYS = {"task", "length", "mode", "block_size", "anchor_size", "samples", "accuracy", "retention", "phase1_s",
-            "ttft_s", "decode_tokens_per_s", "peak_rss_mb", "speedup", "source_hit", "delta", "delta_ci95",
-            "better", "worse"}
+            "ttft_s", "decode_tokens_per_s", "peak_rss_mb", "speedup", "source_hit", "evidence_hit", "delta",
+            "delta_ci95", "better", "worse"}
 
 SMALL_SOURCE = QASource(
     name="lease",
@@ -302,12 +302,16 @@ def test_tiny_end_to_end_run(tiny_engine, prompts):
     for row in rows + overall:
         assert ROW_KEYS <= set(row)
         assert 0.0 <= row["accuracy"] <= 100.0
+        # Both modes name sources and quote evidence (by the same method).
+        assert row["source_hit"] is None or 0.0 <= row["source_hit"] <= 100.0
+        assert row["evidence_hit"] is None or 0.0 <= row["evidence_hit"] <= 100.0
         if row["mode"] == "star":
             assert row["speedup"] > 0 and row["phase1_s"] > 0
-            assert row["source_hit"] is None or 0.0 <= row["source_hit"] <= 100.0
         else:
             assert row["retention"] is None and row["speedup"] is None and row["phase1_s"] is None
-            assert row["source_hit"] is None
+    # niah_single_1's needle is written once in its context: every record says whether its sources found it.
+    assert all(isinstance(record["evidence_hit"], bool) and isinstance(record["source_hit"], bool)
+               for record in runner.records if record["task"] == "niah_single_1")
 
 
 def test_summary_numbers_on_hand_made_records():
@@ -318,8 +322,14 @@ def test_summary_numbers_on_hand_made_records():
 
     records = [record("full", 0, 1.0, 4.0), record("full", 1, 1.0, 4.0),
                record("star", 0, 1.0, 0.5, 0.5, 256), record("star", 1, 0.5, 0.5, 0.5, 256)]
+    records[2].update(source_hit=True, evidence_hit=False)
+    records[3].update(source_hit=True, evidence_hit=True)
+    records[0].update(source_hit=None, evidence_hit=None)  # no reference written once in its context: not counted
+    records[1].update(source_hit=False, evidence_hit=True)
     rows, overall = summary.summarize(records)
     full, star = rows
+    assert (star["source_hit"], star["evidence_hit"], full["source_hit"], full["evidence_hit"]) == (100, 50, 0, 100)
+    assert overall[1]["evidence_hit"] == 50.0
     assert full["accuracy"] == 100.0 and full["retention"] is None and full["peak_rss_mb"] == 101.0
     assert star["accuracy"] == 75.0 and star["retention"] == 75.0
     assert star["speedup"] == 4.0  # full ttft 4 s / (Phase 1 0.5 s + ttft 0.5 s)

@@ -269,3 +269,18 @@ def test_phase2_on_two_nccl_ranks_gives_the_tokens_and_logits_of_one_gpu(tmp_pat
         rank_tokens, rank_logits = torch.load(tmp_path / f"result.{rank}")
         assert rank_tokens == tokens
         torch.testing.assert_close(rank_logits, logits, rtol=1e-4, atol=1e-4 * logits.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_source_scores_on_the_gpu_match_float64(dtype):
+    # The sources observer's scores on a GPU: in the keys' dtype with float32 accumulation, no float32 key copy.
+    from starqa.sources import prefix_scores
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    query = torch.randn(1, 32, 1, 128, device="cuda", generator=generator).to(dtype)
+    keys = torch.randn(1, 8, 32768, 128, device="cuda", generator=generator).to(dtype)
+    scores = prefix_scores(query, keys, 128 ** -0.5, heads=[0, 5, 31])
+    expected = torch.einsum("hd,hnd->hn", query[0, [0, 5, 31], -1].double() * 128 ** -0.5,
+                            keys[0, [0, 1, 7]].double())
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-2, atol=2e-2)

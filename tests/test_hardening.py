@@ -824,8 +824,11 @@ def test_stdout_carries_only_answers_and_stderr_the_rest(capsys, home, inputs, t
                    home=home)
     assert plain.returncode == 0 and plain.stderr == ""
     lines = plain.stdout.splitlines()
-    answer_text = "\n".join(lines[:-1] if lines and lines[-1].startswith("Sources:") else lines)
-    assert answer_text.strip() == rows[0]["answer"]
+    # Under the answer: its evidence quotes, whether it is grounded in them, its sources (starqa.evidence).
+    grounded = next(i for i, line in enumerate(lines) if line.startswith("Grounded: "))
+    quotes = next((i for i, line in enumerate(lines) if line.startswith("Evidence: ")), grounded)
+    assert "\n".join(lines[:quotes]).strip() == rows[0]["answer"]
+    assert all(line.startswith("Sources: ") for line in lines[grounded + 1:])
 
 
 @pytest.mark.slow

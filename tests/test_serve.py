@@ -320,7 +320,8 @@ def test_the_openai_chat_endpoint_answers_streamed_and_whole(served, tiny_model_
         assert whole["object"] == "chat.completion" and whole["model"] == "terms"
         assert whole["choices"][0]["message"] == {"role": "assistant", "content": expected["answer"]}
         assert whole["usage"]["completion_tokens"] == expected["answer_tokens"]
-        assert whole["starqa"]["sources"] == expected["sources"]
+        assert {key: whole["starqa"][key] for key in ("sources", "evidence", "grounded")} == \
+            {key: expected[key] for key in ("sources", "evidence", "grounded")}
         with client.stream("POST", "/v1/chat/completions", json=dict(request, stream=True)) as response:
             assert response.headers["content-type"].startswith("text/event-stream")
             data = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]

@@ -28,7 +28,9 @@ from starqa.errors import UsageError
 from starqa.eval.prompts import PromptBuilder
 from starqa.eval.scoring import clean_prediction, score
 from starqa.eval.tasks import Case
-from starqa.sources import AttentionShares, block_char_spans, shares_from_parts
+from starqa.evidence import DocumentView, evidence_for_answer, observer_for
+from starqa.sources import block_char_spans
+from starqa.tokens import plan_blocks
 
 RecordKey = tuple  # (task, length, index, mode, block_size, anchor_size)
 
@@ -198,7 +200,8 @@ class EvalRunner:
     """Measures (case, mode) pairs with one engine; `records` holds everything measured or resumed, in order."""
 
     def __init__(self, engine, *, phase1_batch: int = 4, max_new_tokens: int | None = None,
-                 log: ResultLog | None = None, on_record: Callable[[dict], None] | None = None) -> None:
+                 log: ResultLog | None = None, on_record: Callable[[dict], None] | None = None,
+                 full_attention_block_size: int = 1024) -> None:
         self.engine = engine
         self.prompts = PromptBuilder(engine.hf_tokenizer)
         self.phase1_batch = phase1_batch
@@ -209,6 +212,7 @@ class EvalRunner:
         self.records: list[dict] = []
         self.resumed = 0
         self.peak_rss_scope = "mode"
+        self.full_attention_block_size = full_attention_block_size  # blocks naming a full-attention answer's sources
         self._dtype = str(engine.dtype).removeprefix("torch.")
         self._warm = False
 
@@ -269,7 +273,11 @@ class EvalRunner:
         return measured
 
     def _warm_up(self, context_ids: Sequence[int], query_ids: Sequence[int]) -> None:
-        """One tiny run of each path first, so one-time start-up costs do not land on the first measured case."""
+        """One tiny run of each path first, so one-time start-up costs do not land on the first measured case
+        (nor the model's first-use calibration of its retrieval heads, which the sources follow)."""
+        from starqa.retrieval_heads import retrieval_heads
+
+        retrieval_heads(self.engine, on_status=report.info)
         head = list(context_ids[:32])
         self.engine.generate_full(head + list(query_ids), max_new_tokens=2)
         ctx = self.engine.encode_context(head, block_size=16, anchor_size=16, batch=self.phase1_batch)
@@ -282,23 +290,29 @@ class EvalRunner:
         if not reset_peak_rss():
             self.peak_rss_scope = "process"
         _cuda_reset(engine)
-        phase1_s = source_hit = None
+        phase1_s = None
+        document_offset = self.prompts.document_offset
         if mode.name == "full":
+            # The sources of a full-attention answer are named by the blocks of the default size (as `ask` names
+            # them by the stored document's blocks).
+            spans = plan_blocks(len(context_ids), self.full_attention_block_size)
+            observer = observer_for(engine, spans, document_offset)
             new_ids = engine.generate_full(list(context_ids) + list(query_ids), max_new_tokens=budget,
-                                           temperature=0.0)
+                                           temperature=0.0, observe_prefix=observer)
         else:
             started = time.perf_counter()
             ctx = engine.encode_context(context_ids, mode.block_size, mode.anchor_size, batch=self.phase1_batch)
             _synchronize(engine)
             phase1_s = time.perf_counter() - started
-            document_offset = self.prompts.document_offset
-            shares = AttentionShares(ctx.spans, document_offset, engine.head_dim ** -0.5)
+            spans = list(ctx.spans)
+            observer = observer_for(engine, spans, document_offset)
             new_ids = engine.generate(ctx, query_ids, max_new_tokens=budget, temperature=0.0,
-                                      observe_prefix=shares)
-            source_hit = _source_hit(engine, case, context_ids, document_offset, ctx.spans, shares)
+                                      observe_prefix=observer)
             del ctx
         stats = engine.last_stats
         prediction = prediction_text(engine, new_ids)
+        source_hit, evidence_hit = _attribution_hits(engine, case, context_ids, document_offset, spans, observer,
+                                                     prediction)
         cuda_peak = report.cuda_peak_mb(engine.device) if engine.device.type == "cuda" else None
         return {
             "task": case.task, "length": case.length, "index": case.index, "mode": mode.name,
@@ -311,21 +325,27 @@ class EvalRunner:
             "phase1_s": phase1_s, "prefill_s": stats.prefill_s, "ttft_s": stats.ttft_s, "decode_s": stats.decode_s,
             "new_tokens": stats.new_tokens, "decode_tokens_per_s": stats.decode_tokens_per_s,
             "peak_rss_mb": report.peak_rss_mb(), "peak_cuda_mb": cuda_peak, "max_new_tokens": budget,
-            "source_hit": source_hit,
+            "source_hit": source_hit, "evidence_hit": evidence_hit,
         }
 
 
-def _source_hit(engine, case: Case, context_ids, document_offset: int, spans, shares) -> bool | None:
-    """Whether the block ranked first as the answer's source (starqa.sources) holds the first reference answer.
+def _attribution_hits(engine, case: Case, context_ids, document_offset: int, spans, observer,
+                      prediction: str) -> tuple[bool | None, bool | None]:
+    """(source_hit, evidence_hit): whether the first source block (starqa.evidence) holds the first reference
+    answer, and whether the first evidence quote does.
 
-    None when no reference occurs in the context (e.g. cwe's counted words are everywhere they are counted).
+    None when no reference occurs in the context exactly once (e.g. cwe's counted words are everywhere).
     """
     position = case.context_text.find(case.answers[0]) if case.answers else -1
     if position < 0 or case.context_text.count(case.answers[0]) != 1:
-        return None
-    strengths = shares_from_parts([shares.stacked()])
-    if strengths.numel() == 0:
-        return None
-    char_spans = block_char_spans(engine.tokenizer, context_ids, document_offset, spans, case.context_text)
-    holding = [i for i, (start, end) in enumerate(char_spans) if start <= position < end]
-    return bool(holding) and int(strengths.argmax()) == holding[0]
+        return None, None
+    text = case.context_text
+    view = DocumentView(text, [{"number": 1, "start": 0, "end": len(text)}], list(context_ids), document_offset,
+                        list(spans), [[1]] * len(spans), engine.tokenizer)
+    found = evidence_for_answer(view, [observer.stacked()], prediction, case.question)
+    if not found.sources:
+        return False, False
+    char_spans = block_char_spans(engine.tokenizer, context_ids, document_offset, spans, text)
+    start, end = char_spans[found.sources[0]["block"]]
+    quote = found.evidence[0] if found.evidence else {"start": 0, "end": 0}
+    return start <= position < end, quote["start"] <= position < quote["end"]

@@ -12,6 +12,8 @@ A row is one (task, length, mode, block, anchor):
     delta_ci95           half-width of delta's 95 % confidence interval (normal approximation of the paired
                          per-sample differences; null under 2 samples): a loss whose interval holds 0 may be noise
     better, worse        star rows: how many paired samples Star scored higher / lower on than full attention
+    source_hit           % of the cases with a reference answer written once in the context whose first source
+                         block (starqa.evidence) holds it; evidence_hit likewise for the first evidence quote
 Overall rows (task "overall") average each mode's per-task rows at one length, over the tasks that mode ran; their
 delta_ci95 combines the per-task variances (a stratified mean), and better / worse add up the tasks' counts.
 """
@@ -97,9 +99,11 @@ def summarize(records: Sequence[dict]) -> tuple[list[dict], list[dict]]:
             "peak_rss_mb": _max(case["peak_rss_mb"] for case in cases.values()),
             "peak_cuda_mb": _max(case.get("peak_cuda_mb") for case in cases.values()),
             "speedup": None,
-            # star rows: % of cases whose first-ranked source block holds the answer (None where not applicable)
+            # % of cases whose first source block / first evidence quote holds the answer (None where not applicable)
             "source_hit": _mean(100.0 * case["source_hit"] for case in cases.values()
                                 if case.get("source_hit") is not None),
+            "evidence_hit": _mean(100.0 * case["evidence_hit"] for case in cases.values()
+                                  if case.get("evidence_hit") is not None),
             **_NO_PAIRS,
         }
         if mode == "star":
@@ -147,6 +151,7 @@ def _overall(rows: Sequence[dict]) -> list[dict]:
             "peak_cuda_mb": _max(row["peak_cuda_mb"] for row in group),
             "speedup": None,
             "source_hit": _mean(row.get("source_hit") for row in group),
+            "evidence_hit": _mean(row.get("evidence_hit") for row in group),
             **_NO_PAIRS,
         }
         if mode == "star":
@@ -171,7 +176,7 @@ def _overall(rows: Sequence[dict]) -> list[dict]:
 
 def _rounded(row: dict) -> dict:
     digits = {"accuracy": 2, "retention": 2, "phase1_s": 4, "ttft_s": 4, "decode_tokens_per_s": 2,
-              "peak_rss_mb": 1, "peak_cuda_mb": 1, "speedup": 3, "source_hit": 1, "delta": 2,
+              "peak_rss_mb": 1, "peak_cuda_mb": 1, "speedup": 3, "source_hit": 1, "evidence_hit": 1, "delta": 2,
               "delta_ci95": 2}
     return {key: _round(value, digits[key]) if key in digits else value for key, value in row.items()}
 
@@ -216,6 +221,7 @@ def print_table(rows: list[dict], overall: list[dict], *, title: str) -> None:
     table.add_column("Δ acc ±95 %", justify="right")
     table.add_column("won/lost", justify="right")
     table.add_column("source hit %", justify="right")
+    table.add_column("quote hit %", justify="right")
 
     def add(row: dict, style: str | None = None) -> None:
         cells = [row["task"], f"{row['length']:,}", mode_label(row), str(row["samples"]),
@@ -228,6 +234,7 @@ def print_table(rows: list[dict], overall: list[dict], *, title: str) -> None:
         cells.append(_delta_cell(row))
         cells.append("–" if row["better"] is None else f"{row['better']}/{row['worse']}")
         cells.append(_cell(row.get("source_hit"), ".0f"))
+        cells.append(_cell(row.get("evidence_hit"), ".0f"))
         table.add_row(*cells, style=style)
 
     for position, row in enumerate(rows):

@@ -1,0 +1,504 @@
+"""Evidence for an answer: the passages of the stored text it drew on, quoted with their pages, and whether the
+answer's content is found in them (`grounded`).
+
+The text side of attribution: where each document token sits in the stored text (text.txt), the text cut into
+quotable passages (sentences or clauses of at most ~300 characters, never crossing a paragraph or page), the
+answer's content terms (numbers, names, words the question did not already hold), and the scoring that picks the
+passages. The attention side (which tokens the answer attended to) is starqa.sources.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+# A quote is at most about this many characters: a sentence or a clause of one.
+MAX_QUOTE_CHARS = 300
+
+
+# ---------------------------------------------------------------- token positions in the text
+
+
+def token_char_starts(tokenizer, document_ids: Sequence[int], text: str) -> list[int]:
+    """Where each document token starts in `text` (which the ids encode), plus len(text) at the end.
+
+    Byte-level BPE vocabularies (GPT-2 style) give every token's bytes exactly; a token that starts inside a
+    multi-byte character is placed at that character. Other tokenizers go through starqa.sources.block_char_spans
+    one token at a time (approximate where the tokenizer normalises the text).
+    """
+    starts = _byte_level_starts(tokenizer, document_ids, text)
+    if starts is not None:
+        return starts
+    from starqa.sources import block_char_spans
+
+    spans = [(i, i + 1) for i in range(len(document_ids))]
+    char_spans = block_char_spans(tokenizer, list(document_ids), 0, spans, text)
+    return [start for start, _ in char_spans] + [len(text)]
+
+
+def _byte_level_starts(tokenizer, document_ids: Sequence[int], text: str) -> list[int] | None:
+    from starqa.fast_tokenizer import gpt2_bytes_to_unicode
+
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    if convert is None:
+        return None
+    table = {character: byte for byte, character in gpt2_bytes_to_unicode().items()}
+    lengths = []
+    pieces = []
+    for token in convert(list(document_ids)):
+        if token is None:
+            return None
+        try:
+            piece = bytes(table[character] for character in token)
+        except KeyError:  # not a byte-level vocabulary
+            return None
+        pieces.append(piece)
+        lengths.append(len(piece))
+    encoded = text.encode("utf-8")
+    if b"".join(pieces) != encoded:
+        return None
+    # byte offset -> index of the character holding that byte
+    char_of_byte = []
+    for index, character in enumerate(text):
+        char_of_byte.extend([index] * len(character.encode("utf-8")))
+    starts, byte = [], 0
+    for length in lengths:
+        starts.append(char_of_byte[byte] if byte < len(char_of_byte) else len(text))
+        byte += length
+    return starts + [len(text)]
+
+
+# ---------------------------------------------------------------- passages
+
+
+@dataclass(frozen=True)
+class Passage:
+    start: int  # [start, end) in the stored text
+    end: int
+
+
+_BREAK = re.compile(r"\n\s*\n|\f|\n(?=\s*(?:\(?[0-9ivxa-zA-Z]{1,4}[.)]\s|[\u2022\u25cf*\u2013-]\s))")
+_SENTENCE_END = re.compile(r"(?<=[.!?;:])[\u201d\"'\u2019)\]]*\s+(?=[\"'\u201c\u2018(\[]?[A-Z0-9])")
+_CLAUSE_CUT = re.compile(r"[;,:]\s+|\s+(?:and|or|but|which|where|unless|provided)\s+")
+_MIN_SENTENCE = 25  # a shorter "sentence" ("15.", "Ltd.") joins the next one
+
+
+def passages(text: str, pages: Sequence[dict] = ()) -> list[Passage]:
+    """`text` cut into quotable passages, in order: sentences (or clauses of long ones) of at most
+    MAX_QUOTE_CHARS characters, never across a paragraph break or a page boundary; whitespace trimmed."""
+    bounds = sorted({0, len(text), *(page["start"] for page in pages if 0 < page["start"] < len(text))})
+    result: list[Passage] = []
+    for page_start, page_end in zip(bounds, bounds[1:]):
+        for block_start, block_end in _split(text, page_start, page_end, _BREAK):
+            sentences = _split(text, block_start, block_end, _SENTENCE_END)
+            for start, end in _join_short(text, sentences):
+                result.extend(_cut_long(text, start, end))
+    return result
+
+
+def _split(text: str, start: int, end: int, pattern: re.Pattern) -> list[tuple[int, int]]:
+    pieces, position = [], start
+    for match in pattern.finditer(text, start, end):
+        pieces.append((position, match.start()))
+        position = match.end()
+    pieces.append((position, end))
+    return [trimmed for piece in pieces if (trimmed := _trim(text, *piece))]
+
+
+def _trim(text: str, start: int, end: int) -> tuple[int, int] | None:
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return (start, end) if end > start else None
+
+
+def _join_short(text: str, sentences: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    joined: list[tuple[int, int]] = []
+    carry = None
+    for start, end in sentences:
+        if carry is not None:
+            start = carry
+            carry = None
+        if end - start < _MIN_SENTENCE and (start, end) != sentences[-1]:
+            carry = start
+            continue
+        joined.append((start, end))
+    if carry is not None:
+        joined.append((carry, sentences[-1][1]))
+    return joined
+
+
+def _cut_long(text: str, start: int, end: int) -> list[Passage]:
+    """A sentence longer than MAX_QUOTE_CHARS cut at clause boundaries (else at a space) into pieces that fit."""
+    pieces = []
+    while end - start > MAX_QUOTE_CHARS:
+        limit = start + MAX_QUOTE_CHARS
+        cut = None
+        for match in _CLAUSE_CUT.finditer(text, start + MAX_QUOTE_CHARS // 3, limit):
+            cut = match
+        if cut is not None:
+            piece_end, next_start = cut.start() + (1 if text[cut.start()] in ";,:" else 0), cut.end()
+        else:
+            space = text.rfind(" ", start + 1, limit)
+            piece_end, next_start = (space, space + 1) if space > start else (limit, limit)
+        trimmed = _trim(text, start, piece_end)
+        if trimmed:
+            pieces.append(Passage(*trimmed))
+        start = next_start
+    trimmed = _trim(text, start, end)
+    if trimmed:
+        pieces.append(Passage(*trimmed))
+    return pieces
+
+
+def passage_index(passage_list: Sequence[Passage], char: int) -> int | None:
+    """The passage holding character `char` (None when it falls between passages, e.g. on whitespace)."""
+    index = bisect.bisect_right([p.start for p in passage_list], char) - 1
+    if index >= 0 and char < passage_list[index].end:
+        return index
+    return None
+
+
+# ---------------------------------------------------------------- answer content
+
+
+_STOPWORDS = frozenset("""
+a about above after again against all also am an and any are as at be because been before being below between both
+but by can could did do does doing down during each few for from further had has have having he her here hers him
+his how i if in into is it its itself just me more most my no nor not now of off on once only or other our ours out
+over own same she should so some such than that the their theirs them then there these they this those through to
+too under until up very was we were what when where which while who whom why will with would you your yours
+according answer answers briefly document documents text says stated state states mentioned provided given yes
+many much long often whose
+""".split())
+_TERM = re.compile(r"\d[\d,.]*\d|\d|[^\W\d_][\w'\u2019-]*", re.UNICODE)
+
+
+@dataclass(frozen=True)
+class Term:
+    text: str  # as compared: lowercase; numbers without thousands separators
+    number: bool
+
+
+def _normal(word: str) -> tuple[str, bool]:
+    if word[0].isdigit():
+        return word.replace(",", "").rstrip("."), True
+    word = word.lower().replace("\u2019", "'").rstrip("'-").removesuffix("'s")  # "days'", "party's" -> "days", "party"
+    for suffix in ("ing", "ed", "es", "s"):  # "governs", "governed", "governing" -> "govern"; "ends" -> "end"
+        if len(word) > len(suffix) + 2 and word.endswith(suffix):
+            return word[: -len(suffix)], False
+    return word, False
+
+
+def content_terms(answer: str, question: str = "") -> list[Term]:
+    """The answer's checkable content: its numbers and its words that are neither stopwords nor in the question
+    (an answer that repeats the question's words has not said anything by them), in order, without repeats."""
+    asked = {_normal(word)[0] for word in _TERM.findall(question)}
+    terms: list[Term] = []
+    seen = set()
+    for word in _TERM.findall(answer):
+        text, number = _normal(word)
+        if not text or text in seen or text in asked:
+            continue
+        if not number and (word.lower() in _STOPWORDS or len(word) < 3):
+            continue
+        seen.add(text)
+        terms.append(Term(text, number))
+    return terms
+
+
+def terms_in(text: str) -> set[str]:
+    """The normalised words and numbers of a piece of text, for matching content terms against it."""
+    return {_normal(word)[0] for word in _TERM.findall(text)}
+
+
+# The passage an answer is grounded in must hold at least this share of the question's content words, weighted
+# by their rarity: a passage about another key ("Project Garnet" when "Project Meridian" was asked) is no support.
+QUESTION_COVERAGE = 0.5
+
+
+def grounded(terms: Sequence[Term], quoted: Sequence[str], asked: Sequence[Term] = (),
+             asked_weights: dict[str, float] | None = None) -> bool:
+    """Whether one quoted passage holds the answer's content: every number of it, at least two thirds of its
+    other terms, and (when the question has content words) QUESTION_COVERAGE of the question's words, weighted by
+    `asked_weights` (equal weights without). An answer stitched from several unrelated passages, one copied from a
+    passage about something else, or whose number merely occurs somewhere, is not grounded; neither is an answer
+    with nothing to check (only the question's words, "Yes")."""
+    if not terms:
+        return False
+    numbers = [term.text for term in terms if term.number]
+    words = [term.text for term in terms if not term.number]
+    weights = {term.text: (asked_weights or {}).get(term.text, 1.0) for term in asked}
+    for text in quoted:
+        found = terms_in(text)
+        if any(number not in found for number in numbers):
+            continue
+        if words and sum(word in found for word in words) * 3 < 2 * len(words):
+            continue
+        if weights and sum(w for word, w in weights.items() if word in found) < QUESTION_COVERAGE * sum(
+                weights.values()):
+            continue
+        return True
+    return False
+
+
+@dataclass
+class Evidence:
+    """What `evidence_for_answer` finds: sources (blocks, as before), quotes, and whether the answer is grounded."""
+
+    sources: list = field(default_factory=list)  # [{"pages": [6, 7], "block": 4, "share": 0.54}, ...]
+    evidence: list = field(default_factory=list)  # [{"page", "text", "start", "end", "score"}, ...]
+    grounded: bool = False
+
+
+# ---------------------------------------------------------------- choosing the passages
+
+# A passage's score is its share of the answer's attention (relative to the most attended passage), plus
+# MATCH_WEIGHT times the share of the answer's content it holds and QUESTION_WEIGHT times the share of the question's
+# content words it holds (terms weighted by their rarity in the document).
+MATCH_WEIGHT = 1.0
+QUESTION_WEIGHT = 1.0
+MAX_QUOTES = 3
+RELATIVE = 0.5  # a further quote (or source) must score at least this fraction of the best
+
+
+@dataclass
+class DocumentView:
+    """One stored document version as attribution needs it: its text and page map, its context ids and where the
+    document starts in them, its block spans and their pages. Token positions and passages are worked out once."""
+
+    text: str
+    pages: list  # [{"number", "start", "end"}, ...]
+    context_ids: list
+    document_offset: int
+    spans: list  # global [start, end) of every block, in order
+    pages_per_block: list
+    tokenizer: object
+    _starts: list | None = field(default=None, repr=False)
+    _passages: list | None = field(default=None, repr=False)
+    _passage_terms: list | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_stored(cls, document, tokenizer) -> "DocumentView":
+        """From a starqa.store.StoredDocument (its text, ids and page map are read and checked once here)."""
+        from starqa.sources import block_pages
+
+        text, pages, context_ids = document.text(), document.pages(), document.context_ids()
+        offset = document.manifest["document_token_offset"]
+        spans = [(block["start"], block["end"]) for block in document.blocks]
+        pages_per_block = [block.get("pages") for block in document.blocks]
+        if any(block_pages_ is None for block_pages_ in pages_per_block):  # stored before page sources existed
+            pages_per_block = block_pages(tokenizer, context_ids, offset, spans, pages, text)
+        return cls(text, pages, context_ids, offset, spans, pages_per_block, tokenizer)
+
+    @property
+    def context_tokens(self) -> int:
+        return len(self.context_ids)
+
+    @property
+    def token_starts(self) -> list[int]:
+        """Where each document token starts in the text (index i = context position document_offset + i)."""
+        if self._starts is None:
+            self._starts = token_char_starts(self.tokenizer, self.context_ids[self.document_offset:], self.text)
+        return self._starts
+
+    @property
+    def passages(self) -> list[Passage]:
+        if self._passages is None:
+            self._passages = passages(self.text, self.pages)
+        return self._passages
+
+    @property
+    def passage_terms(self) -> list[set[str]]:
+        """The normalised words and numbers of each passage."""
+        if self._passage_terms is None:
+            self._passage_terms = [terms_in(self.text[p.start:p.end]) for p in self.passages]
+        return self._passage_terms
+
+    def page_of(self, char: int) -> int:
+        from starqa.documents import Page, page_of_offset
+
+        return page_of_offset([Page(p["number"], p["start"], p["end"]) for p in self.pages], char)
+
+
+def passage_attention(document: DocumentView, weights) -> list[float]:
+    """Each passage's sum of the attention weights [context_tokens] of the document tokens starting in it."""
+    starts = document.token_starts
+    bounds = [p.start for p in document.passages]
+    sums = [0.0] * len(bounds)
+    weights = weights.tolist() if hasattr(weights, "tolist") else list(weights)
+    for index in range(len(starts) - 1):
+        weight = weights[document.document_offset + index] if document.document_offset + index < len(weights) else 0
+        if weight:
+            at = passage_index(document.passages, starts[index])
+            if at is None:  # whitespace between passages: the passage it precedes
+                at = bisect.bisect_right(bounds, starts[index])
+                at = at if at < len(bounds) else None
+            if at is not None:
+                sums[at] += weight
+    return sums
+
+
+def rarity(document: DocumentView, terms: Sequence[Term]) -> dict[str, float]:
+    """Each term's inverse document frequency over the passages, log((passages + 1) / (passages holding it + 0.5)):
+    a word every passage has tells little."""
+    import math
+
+    found = document.passage_terms
+    return {term.text: math.log((len(found) + 1) / (sum(term.text in words for words in found) + 0.5))
+            for term in terms}
+
+
+def passage_matches(document: DocumentView, terms: Sequence[Term], weights: dict[str, float]) -> list[float]:
+    """The share of `terms` each passage holds, each term counted by its weight (its rarity)."""
+    total = sum(weights.get(term.text, 0.0) for term in terms)
+    if not terms or total <= 0:
+        return [0.0] * len(document.passages)
+    return [sum(weights[t.text] for t in terms if t.text in words) / total for words in document.passage_terms]
+
+
+def evidence_from_weights(document: DocumentView, weights, answer: str, question: str = "", *,
+                          match_weight: float = MATCH_WEIGHT, question_weight: float = QUESTION_WEIGHT,
+                          max_quotes: int = MAX_QUOTES, relative: float = RELATIVE) -> Evidence:
+    """Sources, quotes and grounded for `answer` from the attention per context token (starqa.sources.attended_tokens)."""
+    from starqa.sources import rank_sources
+
+    attention = passage_attention(document, weights)
+    best_attention = max(attention, default=0.0)
+    terms = content_terms(answer, question)
+    asked = content_terms(question)
+    asked_weights = rarity(document, asked)
+    matches = passage_matches(document, terms, rarity(document, terms))
+    question_matches = passage_matches(document, asked, asked_weights)
+    scores = [((a / best_attention) if best_attention > 0 else 0.0) + match_weight * m + question_weight * q
+              for a, m, q in zip(attention, matches, question_matches)]
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    chosen = [i for i in order[:max_quotes] if scores[i] > 0 and scores[i] >= relative * scores[order[0]]]
+    quotes = []
+    for i in chosen:
+        passage = document.passages[i]
+        quotes.append({"page": document.page_of(passage.start), "text": document.text[passage.start:passage.end],
+                       "start": passage.start, "end": passage.end,
+                       "score": round(scores[i] / (1 + match_weight + question_weight), 3)})
+    block_scores = _block_scores(document, scores)
+    total = sum(block_scores)
+    import torch
+
+    shares = torch.tensor([score / total if total > 0 else 0.0 for score in block_scores])
+    sources = rank_sources(shares, document.pages_per_block, relative=relative)
+    return Evidence(sources=sources, evidence=quotes, grounded=grounded(terms, [q["text"] for q in quotes], asked,
+                                                                      asked_weights))
+
+
+def _block_scores(document: DocumentView, scores: Sequence[float]) -> list[float]:
+    """Each block's best passage score (a passage counts for every block it overlaps)."""
+    starts = document.token_starts
+    offset = document.document_offset
+    result = []
+    for start, end in document.spans:
+        first, last = max(start, offset) - offset, end - offset
+        if last <= first:
+            result.append(0.0)
+            continue
+        char_start, char_end = starts[first], starts[last]
+        lo = bisect.bisect_right([p.end for p in document.passages], char_start)
+        best = 0.0
+        for i in range(lo, len(document.passages)):
+            if document.passages[i].start >= char_end:
+                break
+            best = max(best, scores[i])
+        result.append(best)
+    return result
+
+
+def evidence_for_answer(document: DocumentView, parts, answer: str, question: str = "") -> Evidence:
+    """Sources, evidence quotes and `grounded` for an answer, from every rank's observed attention
+    (starqa.sources.AttentionShares.stacked(), gathered in any order) and the answer's text."""
+    from starqa.sources import attended_tokens
+
+    return evidence_from_weights(document, attended_tokens(parts, document.context_tokens), answer, question)
+
+
+def observer_for(engine, spans: Sequence[tuple[int, int]], document_offset: int, heads=None, *, ranks=None):
+    """The observer to hand the engine (`observe_prefix`, or one per row in `generate_batch(observers=...)`) for one
+    answer over the context blocks `spans` held by this process. It follows the model's retrieval heads: `heads`
+    (a starqa.retrieval_heads.RetrievalHeads), or else the model's (`model_heads`: calibrated on the model's first
+    use, then read from the store's record; call this before decoding, as a first calibration runs the engine
+    itself). A model without retrieval heads is followed on every head."""
+    from starqa.sources import AttentionShares
+
+    heads = model_heads(engine, ranks) if heads is None else heads
+    return AttentionShares(spans, document_offset, engine.head_dim ** -0.5, heads=heads if heads.heads else None)
+
+
+def model_heads(engine, ranks=None):
+    """The engine's retrieval heads (starqa.retrieval_heads), found by rank 0 alone under several processes and
+    given to the others (each rank keeps them for the engine's lifetime, so later calls are no collective)."""
+    from starqa import report
+    from starqa.distributed import share_outcome
+    from starqa.retrieval_heads import remember, retrieval_heads
+
+    if ranks is None or not ranks.distributed:
+        return retrieval_heads(engine, on_status=report.info)
+    return remember(engine, share_outcome(ranks, lambda: retrieval_heads(engine, on_status=report.info)))
+
+
+def answer_evidence(engine, document, observer, answer: str, question: str, ranks=None) -> Evidence:
+    """Sources, evidence quotes and `grounded` for one answer about a stored document (a
+    starqa.store.StoredDocument), from `observer` (this process's `observer_for`). Under several processes every
+    rank must call it (the ranks' observations are gathered); the ranks other than the speaker get an empty
+    Evidence."""
+    from starqa.distributed import gather_objects
+
+    parts = gather_objects(observer.stacked(), ranks) if ranks is not None else [observer.stacked()]
+    if ranks is not None and not ranks.is_speaker:
+        return Evidence()
+    return evidence_for_answer(document_view(document, engine.tokenizer), parts, answer, question)
+
+
+_VIEWS: dict = {}  # (stored version's folder, tokenizer) -> DocumentView: token positions are worked out once
+_VIEWS_KEPT = 4
+
+
+def document_view(document, tokenizer) -> DocumentView:
+    """The DocumentView of a starqa.store.StoredDocument version, kept for the next questions about it."""
+    key = (str(document.path), id(tokenizer))
+    view = _VIEWS.get(key)
+    if view is None:
+        view = DocumentView.from_stored(document, tokenizer)
+        while len(_VIEWS) >= _VIEWS_KEPT:
+            _VIEWS.pop(next(iter(_VIEWS)))
+        _VIEWS[key] = view
+    return view
+
+
+# ---------------------------------------------------------------- output
+
+
+def format_evidence(found: Evidence) -> str:
+    """The lines printed under an answer: one per quote (page and passage, whitespace collapsed) and whether the
+    answer is grounded in them ("Grounded: no" is what to search a batch job's output for)."""
+    lines = []
+    for number, quote in enumerate(found.evidence):
+        label = "Evidence: " if number == 0 else " " * len("Evidence: ")
+        lines.append(f"{label}p. {quote['page']} \u201c{' '.join(quote['text'].split())}\u201d")
+    if found.grounded:
+        lines.append("Grounded: yes (the answer's content is in the quoted passages)")
+    else:
+        lines.append("Grounded: no (the answer's content is not in the quoted passages: check it in the document)")
+    return "\n".join(lines)
+
+
+def answer_trailer_lines(answer) -> list[str]:
+    """The lines printed under an answer's text (an object with `evidence`, `grounded` and `sources`, as
+    starqa.ask.Answer): its quotes, whether it is grounded in them, then its pages ("Sources: ...")."""
+    from starqa.sources import format_sources
+
+    lines = format_evidence(Evidence(sources=answer.sources, evidence=answer.evidence,
+                                     grounded=answer.grounded)).splitlines()
+    if answer.sources:
+        lines.append(format_sources(answer.sources))
+    return lines

@@ -1,0 +1,180 @@
+"""Evidence quotes point into the stored text: token positions, passages, answer content, grounded, the output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from starqa import evidence as ev
+from clihelp import json_lines, starqa
+
+
+def test_token_positions_are_exact_for_byte_level_tokens(bundled_tokenizer):
+    text = "Prix : 4 200 € — délai 30 jours, 東京 😀 naïve.\n\n18.1 This Agreement is governed by English law. " * 3
+    ids = bundled_tokenizer.encode(text, add_special_tokens=False)
+    starts = ev.token_char_starts(bundled_tokenizer, ids, text)
+    assert len(starts) == len(ids) + 1 and starts[0] == 0 and starts[-1] == len(text)
+    assert starts == sorted(starts)
+    for index in range(len(ids)):  # decoding the ids before a token gives the text before it (whole characters)
+        prefix = bundled_tokenizer.decode(ids[:index])
+        if "\ufffd" not in prefix:
+            assert starts[index] == len(prefix)
+
+
+def test_token_positions_of_other_tokenizers_follow_their_decoding():
+    class ByteTokenizer:  # not a byte-level BPE vocabulary: one id per UTF-8 byte, no convert_ids_to_tokens
+        def decode(self, ids, skip_special_tokens=False):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    text = "Fee: 4 200 € per month."
+    starts = ev.token_char_starts(ByteTokenizer(), list(text.encode("utf-8")), text)
+    euro = text.index("€")
+    assert starts[:euro + 1] == list(range(euro + 1))  # one byte, one character
+    assert starts[-1] == len(text)
+
+
+def test_passages_are_sentences_within_paragraphs_and_pages():
+    text = ("15. GOVERNING LAW\n\n15.1 This Agreement is governed by the laws of England and Wales. 15.2 Disputes go "
+            "to the courts of London.\n\n" + "A clause that runs on, " * 30 + "and ends here.\n\fNext page starts here.")
+    pages = [{"number": 1, "start": 0, "end": text.index("\f") + 1},
+             {"number": 2, "start": text.index("\f") + 1, "end": len(text)}]
+    found = ev.passages(text, pages)
+    quoted = [text[p.start:p.end] for p in found]
+    assert quoted[0] == "15. GOVERNING LAW"
+    assert "15.1 This Agreement is governed by the laws of England and Wales." in quoted
+    assert "15.2 Disputes go to the courts of London." in quoted
+    assert quoted[-1] == "Next page starts here."
+    for passage, quote in zip(found, quoted):
+        assert len(quote) <= ev.MAX_QUOTE_CHARS and quote == quote.strip() and quote
+        assert "\n\n" not in quote and "\f" not in quote  # never across a paragraph or a page
+    long_pieces = [quote for quote in quoted if quote.startswith("A clause") or quote.startswith("runs on")
+                   or "ends here" in quote]
+    assert len(long_pieces) >= 3 and "".join(long_pieces).replace(" ", "") in text.replace(" ", "")
+    assert all(a.end <= b.start for a, b in zip(found, found[1:]))
+
+
+def test_content_terms_leave_out_what_the_question_already_said():
+    terms = ev.content_terms("The total of invoice INV-3491 is 779,157 euros.", "What is the total of invoice INV-3491?")
+    assert [term.text for term in terms] == ["779157", "euro"]
+    assert ev.content_terms("Yes.", "Is it governed by English law?") == []
+    # The words of "how many / how much / how long" ask; they are not what a passage must hold.
+    assert [t.text for t in ev.content_terms("How many days' notice ends the agreement?")] == ["day", "notice", "end",
+                                                                                               "agreement"]
+
+
+@pytest.mark.parametrize("answer, quotes, grounded", [
+    ("The alarm code is 2042710.", ["The alarm code for the Eastgate warehouse is 2042710."], True),
+    ("The alarm code is 2,042,710.", ["The alarm code for the Eastgate warehouse is 2042710."], True),
+    ("The alarm code is 5670620.", ["The alarm code for the Eastgate warehouse is 2042710."], False),
+    # A number that merely occurs in a passage about something else is not support.
+    ("The alarm code is 2042710.", ["Reference 2042710 was printed on the delivery notes."], False),
+    # Stitched from two passages, neither of which says it.
+    ("The laws of the European Economic Area govern it.",
+     ["The Agreement is governed by the laws of England and Wales.",
+      "No transfer outside the European Economic Area without consent."], False),
+    ("Nothing to check.", [], False),
+])
+def test_grounded_needs_one_quote_holding_the_answer_and_what_was_asked(answer, quotes, grounded):
+    question = "What is the alarm code for the Eastgate warehouse?" if "alarm" in answer else "Which law governs it?"
+    assert ev.grounded(ev.content_terms(answer, question), quotes, ev.content_terms(question)) is grounded
+
+
+def test_an_answer_copied_from_a_passage_about_another_key_is_not_grounded():
+    question = "What is the alarm code for the Eastgate warehouse?"
+    answer = "The alarm code is 3324784."
+    asked = ev.content_terms(question)
+    quote = ["The alarm code for the Fairview hangar is 3324784."]  # holds "alarm code", not what was asked about
+    rare = {"eastgate": 3.0, "warehouse": 2.5, "alarm": 0.4, "code": 0.4}  # as rarity() weighs a document's words
+    assert ev.grounded(ev.content_terms(answer, question), quote, asked, rare) is False
+    right = ["The alarm code for the Eastgate warehouse is 3324784."]
+    assert ev.grounded(ev.content_terms(answer, question), right, asked, rare) is True
+
+
+class _WordTokenizer:
+    """One token per character: exact and simple (positions are character offsets)."""
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(i) for i in ids)
+
+
+def _view(text: str, block_chars: int, offset: int = 3) -> ev.DocumentView:
+    context = [0] * offset + [ord(c) for c in text]
+    spans = [(start, min(start + block_chars, len(context))) for start in range(0, len(context), block_chars)]
+    pages = [{"number": 1, "start": 0, "end": len(text)}]
+    return ev.DocumentView(text, pages, context, offset, spans, [[1]] * len(spans), _WordTokenizer())
+
+
+def test_the_most_attended_passage_is_the_first_quote_and_its_block_the_first_source():
+    text = ("The canteen opens at eight. The alarm code for the depot is 4417. Visitors sign in at the desk. "
+            "The code 4417 was also on an old poster.")
+    view = _view(text, block_chars=40)
+    weights = torch.zeros(view.context_tokens, dtype=torch.float64)
+    fact = text.index("The alarm code")
+    weights[3 + fact + 5: 3 + fact + 12] = 1.0  # the retrieval heads looked at the fact
+    found = ev.evidence_from_weights(view, weights, "The alarm code is 4417.", "What is the alarm code for the depot?")
+    first = found.evidence[0]
+    assert text[first["start"]:first["end"]] == first["text"] == "The alarm code for the depot is 4417."
+    assert found.grounded and first["page"] == 1
+    block = found.sources[0]["block"]
+    assert view.spans[block][0] - 3 <= fact < view.spans[block][1] - 3
+    # Without attention, the answer's content and the question decide: the poster repeats the number only.
+    found = ev.evidence_from_weights(view, torch.zeros_like(weights), "The alarm code is 4417.",
+                                     "What is the alarm code for the depot?")
+    assert found.evidence[0]["text"] == "The alarm code for the depot is 4417."
+
+
+def test_an_answer_with_nothing_attended_or_matched_has_no_evidence():
+    view = _view("The canteen opens at eight. Visitors sign in at the desk.", block_chars=20)
+    found = ev.evidence_from_weights(view, torch.zeros(view.context_tokens, dtype=torch.float64), "I do not know.")
+    assert found.evidence == [] and found.sources == [] and found.grounded is False
+    assert ev.format_evidence(found).startswith("Grounded: no")
+
+
+def test_format_evidence_quotes_each_passage_with_its_page():
+    found = ev.Evidence(sources=[], evidence=[
+        {"page": 6, "text": "15.1 This Agreement is governed\nby the laws of England and Wales.", "start": 0,
+         "end": 10, "score": 0.9},
+        {"page": 7, "text": "15.3 The courts of England.", "start": 20, "end": 30, "score": 0.5}], grounded=True)
+    assert ev.format_evidence(found).splitlines() == [
+        "Evidence: p. 6 \u201c15.1 This Agreement is governed by the laws of England and Wales.\u201d",
+        "          p. 7 \u201c15.3 The courts of England.\u201d",
+        "Grounded: yes (the answer's content is in the quoted passages)"]
+
+
+@pytest.mark.slow
+def test_evidence_offsets_point_into_the_stored_text_of_that_version(tmp_path, tiny_model_dir):
+    from starqa.store import DocumentStore
+
+    home = tmp_path / "home"
+    pages = ["Page one speaks of the canteen. It opens at eight and closes at six.",
+             "Page two holds the alarm code. The alarm code for the depot is 4417.",
+             "Page three is about visitors. Visitors sign in at the desk."]
+    source = tmp_path / "notes.txt"
+    source.write_text("\n\f\n".join(pages * 6), encoding="utf-8")
+    model = ("--model", str(tiny_model_dir), "--max-new-tokens", "8", "--block-size", "64")
+    question = "What is the alarm code for the depot?"
+    for attention in ("star", "full"):
+        result = starqa("ask", "--doc", str(source), question, "--json", "--attention", attention, *model, home=home)
+        assert result.returncode == 0, result.stderr
+        row = json_lines(result.stdout)[0]
+        document = DocumentStore(home).get("notes")
+        text, page_map = document.text(), document.pages()
+        assert row["evidence"], row  # the observer followed every head of the random model: something was attended
+        for quote in row["evidence"]:
+            assert text[quote["start"]:quote["end"]] == quote["text"]
+            assert 0 < len(quote["text"]) <= 300
+            page = next(p["number"] for p in page_map if p["start"] <= quote["start"] < p["end"])
+            assert quote["page"] == page
+            assert "Read the document below" not in quote["text"]  # never the prompt template
+        assert isinstance(row["grounded"], bool) and row["sources"]
+    # The text output puts the quotes and the grounded line under the answer, then the sources.
+    plain = starqa("ask", "--doc", "notes", question, *model[:4], "--quiet", home=home)
+    assert plain.returncode == 0, plain.stderr
+    lines = plain.stdout.splitlines()
+    assert any(line.startswith("Evidence: p. ") for line in lines)
+    assert sum(line.startswith("Grounded: ") for line in lines) == 1 and lines[-1].startswith("Sources: ")
+    # The retrieval-head calibration of the model is recorded in the store's models/ folder.
+    record = json.loads((home / "models" / "retrieval-heads.json").read_text())
+    assert len(record) == 1 and next(iter(record.values()))["version"] >= 1
