@@ -28,6 +28,11 @@ DOCUMENT = (
     "Clause 3. The fee is 4,200 euros per month, payable within thirty days.\n\n"
 ) * 4
 NEW_VERSION = DOCUMENT + "Clause 4. The supplier keeps all records for seven years.\n"
+# The second half edited as well: a re-ingest over DOCUMENT (block size 48) takes its first 4 blocks over and
+# encodes 3 (NEW_VERSION only appends, so all but its last block are taken over).
+EDITED_VERSION = (DOCUMENT[:len(DOCUMENT) // 2]
+                  + DOCUMENT[len(DOCUMENT) // 2:].replace("every Tuesday", "every Thursday")
+                  + "Clause 4. The supplier keeps all records for seven years.\n")
 QUESTION = "What is the fee?"
 
 
@@ -66,6 +71,7 @@ def inputs(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("inputs")
     (folder / "terms.txt").write_text(DOCUMENT, encoding="utf-8")
     (folder / "v2.txt").write_text(NEW_VERSION, encoding="utf-8")
+    (folder / "edited.txt").write_text(EDITED_VERSION, encoding="utf-8")
     (folder / "long.txt").write_text(DOCUMENT * 3, encoding="utf-8")
     (folder / "folder").mkdir()
     (folder / "folder" / "terms.txt").write_text(NEW_VERSION, encoding="utf-8")  # the same stem as terms.txt
@@ -736,13 +742,14 @@ def test_sigkill_mid_ingest_or_before_the_link_swap_leaves_the_previous_version(
     answer = _answer(capsys, tiny_model_dir)
     previous = (home / "documents" / "terms").resolve()
     before = tree_snapshot(home)
-    replace = ("ingest", inputs / "v2.txt", "--name", "terms", "--force", "--block-size", "48",
+    replace = ("ingest", inputs / "edited.txt", "--name", "terms", "--force", "--block-size", "48",
                "--model", tiny_model_dir)
 
-    # 1. Killed once the staging folder holds two blocks (v2 takes the unchanged blocks of terms.txt over: hard
-    #    links to the previous version's files, so this also checks that they leave it whole).
-    writer = _spawn(home, *replace, env={"STARQA_TEST_PAUSE_AT": "after-block:2"})
-    _wait_for(lambda: _staged_blocks(home) >= 2, writer, "two staged blocks")
+    # 1. Killed mid-ingest: the edited version takes the 4 unchanged blocks of terms.txt over (hard links to the
+    #    previous version's files, so this also checks that they leave it whole) and has encoded the first of its 3
+    #    changed blocks; the other two are not written yet.
+    writer = _spawn(home, *replace, env={"STARQA_TEST_PAUSE_AT": "after-block:5"})
+    _wait_for(lambda: _staged_blocks(home) >= 5, writer, "four blocks taken over and one encoded")
     writer.send_signal(signal.SIGKILL)
     writer.wait()
     assert (home / "documents" / "terms").resolve() == previous
@@ -765,9 +772,12 @@ def test_sigkill_mid_ingest_or_before_the_link_swap_leaves_the_previous_version(
     assert tree_snapshot(home) == before
 
     # 3. The next ingest completes and replaces the document.
-    _ingest(capsys, inputs / "v2.txt", tiny_model_dir, "--name", "terms", "--force")
+    _ingest(capsys, inputs / "edited.txt", tiny_model_dir, "--name", "terms", "--force")
     assert [p.name for p in (home / "objects").iterdir()] == [(home / "documents" / "terms").resolve().name]
-    assert (home / "documents" / "terms").resolve().joinpath("text.txt").read_text().endswith("seven years.")
+    current = (home / "documents" / "terms").resolve()
+    assert current.joinpath("text.txt").read_text().endswith("seven years.")
+    manifest = json.loads(current.joinpath("manifest.json").read_text())
+    assert (manifest["blocks_reused"], manifest["blocks_encoded"]) == (4, 3)  # what the pause point above assumes
 
 
 @pytest.mark.slow
