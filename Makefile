@@ -43,8 +43,16 @@ bench: install
 	$(PY) benchmarks/phase1.py
 
 # The optional peer of benchmarks/vs_llamacpp.py: llama-cpp-python, compiled from source (never needed by make test).
+# llama.cpp is built for our CI machines' vector units (AVX-512) but without its AMX path: there (a VM) that path
+# crashed (general protection fault in libggml-cpu) on any batch of more than one token. On another CPU build it
+# for that CPU: make bench-install LLAMA_CPP_CMAKE_ARGS=
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+	-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON \
+	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF
+
 bench-install: install
-	$(PIP) install -q -e ".[bench]"
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -q --no-cache-dir -e ".[bench]"
 
 # On a CUDA machine with network: the Triton kernels compiled (not interpreted) and the engine on the GPU against
 # their references, then the kernels' speed against torch SDPA; fails if CUDA is missing (see README).

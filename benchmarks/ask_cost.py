@@ -32,6 +32,8 @@ QUESTIONS = ["Which law governs this agreement?", "What are the termination clau
 
 def starqa(home: Path, *args: str, stdin: str | None = None) -> tuple[float, subprocess.CompletedProcess]:
     env = dict(os.environ, STARQA_HOME=str(home))
+    if args[0] == "ask":  # in its own process, even if a server runs on this store (benchmarks/serve.py measures that)
+        args = (*args, "--no-server")
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "starqa", *args], capture_output=True, text=True, env=env,
                             input=stdin, cwd=REPO)
