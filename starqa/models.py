@@ -162,19 +162,20 @@ def _convert_gguf(gguf_path: Path, target: Path, on_status) -> None:
     staging = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
     staging.mkdir(mode=0o700)
     try:
-        # The GGUF reader draws its own tqdm bar on stderr (even with --quiet, and tqdm reads TQDM_DISABLE only when
-        # it is imported); we said what is happening, so its output goes nowhere. Its errors are exceptions.
+        # The GGUF reader and transformers' shard writer draw their own tqdm bars on stderr (even with --quiet, and
+        # tqdm reads TQDM_DISABLE only when it is imported); we said what is happening, so their output goes
+        # nowhere. Their errors are exceptions.
         with contextlib.redirect_stderr(io.StringIO()):
             tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
             model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
                                                          dtype=torch.float32)
-        # The de-quantised weights are plain float tensors; drop the GGUF marker so they can be saved.
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.hf_quantizer = None
-        # is_main_process: under torchrun transformers would otherwise let only rank 0 write the weights.
-        model.save_pretrained(staging, is_main_process=True)
-        tokenizer.save_pretrained(staging)
+            # The de-quantised weights are plain float tensors; drop the GGUF marker so they can be saved.
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.hf_quantizer = None
+            # is_main_process: under torchrun transformers would otherwise let only rank 0 write the weights.
+            model.save_pretrained(staging, is_main_process=True)
+            tokenizer.save_pretrained(staging)
         (staging / "starqa-source.json").write_text(
             json.dumps({"gguf": str(gguf_path), "gguf_sha256": sha256_file(gguf_path)}, indent=2)
         )

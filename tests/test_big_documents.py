@@ -217,3 +217,17 @@ def test_info_says_why_tiktoken_is_not_used(capsys, home, tmp_path, prefix_space
     code, out, _ = run(capsys, "info", "terms")
     assert code == 0 and "(hf engine)" in out
     assert any(line.startswith("why not tiktoken:") and "add_prefix_space" in line for line in out.splitlines())
+
+
+@pytest.mark.slow
+def test_converting_the_bundled_model_prints_only_its_status_line(tmp_path, capfd):
+    # A new user's first command converts the GGUF: transformers' reader and its shard writer draw tqdm bars on
+    # stderr, which must not reach the user (starqa already said what it is doing).
+    from starqa.models import _convert_gguf, bundled_gguf_path
+
+    statuses = []
+    _convert_gguf(bundled_gguf_path("smollm2-135m"), tmp_path / "converted", statuses.append)
+    captured = capfd.readouterr()
+    assert (captured.out, captured.err) == ("", "")
+    assert len(statuses) == 1 and statuses[0].startswith("converting ")
+    assert (tmp_path / "converted" / "config.json").is_file()
