@@ -28,7 +28,7 @@ from starqa.eval.tasks import TASK_NAMES, TASKS, cwe_frequencies, generate_cases
 
 ROW_KEYS = {"task", "length", "mode", "block_size", "anchor_size", "samples", "accuracy", "retention", "phase1_s",
             "ttft_s", "decode_tokens_per_s", "peak_rss_mb", "speedup", "source_hit", "evidence_hit", "delta",
-            "delta_ci95", "better", "worse"}
+            "delta_ci95", "better", "worse", "answer_s", "escalated", "answer_ratio"}
 
 SMALL_SOURCE = QASource(
     name="lease",
@@ -393,7 +393,8 @@ def test_json_report_has_the_required_keys(cli_engine, capsys):
     report = json.loads(output.out)
     assert report["model"] == "tiny-llama" and report["interrupted"] is False
     assert {(row["mode"], row["block_size"], row["anchor_size"]) for row in report["results"]} == {
-        ("full", None, None), ("star", 64, 64), ("star", 128, 64)}  # anchor 256 > both blocks: skipped
+        ("full", None, None), ("star", 64, 64), ("star", 128, 64),  # anchor 256 > both blocks: skipped
+        ("hybrid", 64, 64), ("hybrid", 128, 64)}  # one hybrid row per Star configuration (starqa.hybrid)
     assert len(report["skipped"]) == 2
     assert {row["task"] for row in report["results"]} == {"niah_single_1", "cwe"}
     assert {row["task"] for row in report["overall"]} == {"overall"}
@@ -477,7 +478,7 @@ def test_interrupted_run_reports_what_it_measured(cli_engine, capsys, monkeypatc
     assert output.err.splitlines()[-1] == ("starqa: error: interrupted: the report holds the cases finished so far "
                                            "(--resume FILE continues a run)")
     assert report["interrupted"] is True
-    assert sum(row["samples"] for row in report["results"]) == 3
+    assert sum(row["samples"] for row in report["results"] if row["mode"] != "hybrid") == 3
     assert len(log.read_text().splitlines()) == 3
 
 
@@ -492,7 +493,7 @@ def test_sigterm_stops_the_run_like_ctrl_c(cli_engine, capsys, monkeypatch, tmp_
     output = capsys.readouterr()
     report = json.loads(output.out)
     assert code == 130 and "interrupted" in output.err
-    assert report["interrupted"] is True and sum(row["samples"] for row in report["results"]) == 2
+    assert report["interrupted"] is True and sum(row["samples"] for row in report["results"] if row["mode"] != "hybrid") == 2
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is the eval's only while it runs
 
 
@@ -505,7 +506,7 @@ def test_a_failure_mid_run_still_prints_the_partial_report(cli_engine, capsys, m
     output = capsys.readouterr()
     report = json.loads(output.out)
     assert code == 1 and report["failed"] is True and report["interrupted"] is False
-    assert sum(row["samples"] for row in report["results"]) == 2
+    assert sum(row["samples"] for row in report["results"] if row["mode"] != "hybrid") == 2
     assert output.err.splitlines()[-1].startswith("starqa: error: RuntimeError: CUDA out of memory.")
 
 
@@ -539,7 +540,7 @@ def test_own_document_mode_reads_an_encrypted_pdf_with_its_password(cli_engine, 
     with pytest.raises(Exception, match="encrypted.*--password"):
         _invoke(args, capsys)
     report = json.loads(_invoke([*args, "--password", "s3cret"], capsys).out)
-    assert report["document"] == "locked" and {row["mode"] for row in report["results"]} == {"full", "star"}
+    assert report["document"] == "locked" and {row["mode"] for row in report["results"]} == {"full", "star", "hybrid"}
 
 
 def test_plot_is_written(cli_engine, capsys, tmp_path):

@@ -44,6 +44,20 @@ def parse_lengths(text: str | None) -> list[int]:
     return sorted(set(lengths))
 
 
+def parse_attention(text: str | None) -> list[str]:
+    """--attention: the modes to report, in the order star, full, hybrid (each measured case runs star and full;
+    hybrid is composed from them)."""
+    from starqa.hybrid import ATTENTION_MODES
+
+    if text is None:
+        return list(ATTENTION_MODES)
+    modes = _split(text)
+    unknown = [mode for mode in modes if mode not in ATTENTION_MODES]
+    if unknown or not modes:
+        raise UsageError(f"--attention takes star, full and/or hybrid, comma-separated; not {', '.join(unknown) or text!r}")
+    return [mode for mode in ATTENTION_MODES if mode in modes]
+
+
 def parse_tasks(text: str | None) -> list[str]:
     from starqa.eval.tasks import TASK_NAMES
 
@@ -125,6 +139,9 @@ def eval_command(
     anchor_size: Optional[str] = typer.Option(None, "--anchor-size", help="Anchor sizes, comma-separated (default: the block size)."),
     pairs: Optional[str] = typer.Option(None, "--pairs", help="Explicit BLOCK:ANCHOR pairs, e.g. L/4:L/4,1024:256, instead of the grid."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the generated cases (default: the config's seed)."),
+    attention: Optional[str] = typer.Option(None, "--attention", help="Modes reported, comma-separated: star, full, hybrid (default: all three; hybrid is Star, answered again with full attention where not grounded)."),
+    models: Optional[str] = typer.Option(None, "--models", help="PoC report: several models, comma-separated, each mode of each in its own process (with --doc, --qa, --report)."),
+    report_path: Optional[Path] = typer.Option(None, "--report", help="PoC report: write it to this .html or .md file (with --models or --model)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object on stdout."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw accuracy and speed-up against length into this file (.png, .svg or .pdf)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="JSONL results log: each finished case is appended; cases already in it are skipped."),
@@ -144,14 +161,26 @@ def eval_command(
         _eval(**options)
 
 
-def _eval(doc, qa, suite, lengths, samples, tasks, block_size, anchor_size, pairs, seed, as_json, plot, resume,
-          max_new_tokens, model, dtype, device, password, trust_remote_code, config, quiet, debug) -> None:
+def _eval(doc, qa, suite, lengths, samples, tasks, block_size, anchor_size, pairs, seed, attention, models,
+          report_path, as_json, plot, resume, max_new_tokens, model, dtype, device, password, trust_remote_code,
+          config, quiet, debug) -> None:
     from starqa.config import load_settings
     from starqa.eval import summary
     from starqa.eval.runner import ResultLog
 
     report.set_quiet(quiet)
     settings = load_settings(config, model=model, dtype=dtype, device=device, max_new_tokens=max_new_tokens)
+    modes = parse_attention(attention)
+    if models is not None or report_path is not None:
+        from starqa.eval import poc_report
+
+        poc_report.run(settings, doc=doc, qa=qa, suite=suite, models=models, model=model, modes=modes,
+                       report_path=report_path, resume=resume, as_json=as_json, options=dict(
+                           lengths=lengths, samples=samples, tasks=tasks, block_size=block_size,
+                           anchor_size=anchor_size, pairs=pairs, plot=plot, password=password, dtype=dtype,
+                           device=device, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code,
+                           config=config, quiet=quiet))
+        return
     if (doc is None) == (suite is None):
         raise UsageError("give --doc NAME --qa FILE (your document) or --suite ruler (synthetic), not both or neither")
     if suite is not None and suite != "ruler":
@@ -195,7 +224,13 @@ def _eval(doc, qa, suite, lengths, samples, tasks, block_size, anchor_size, pair
 
     stopped, skipped, runner = _run(engine, cases, specs, settings, max_new_tokens, log)
     interrupted = isinstance(stopped, KeyboardInterrupt)
-    rows, overall = summary.summarize(runner.records)
+    records = runner.records
+    if "hybrid" in modes:
+        from starqa.hybrid import with_hybrid
+
+        records = with_hybrid(records)
+    rows, overall = summary.summarize(records)
+    rows, overall = summary.only_modes(rows, modes), summary.only_modes(overall, modes)
     label = f"{engine.model_name or 'model'} on {engine.device.type}, {str(engine.dtype).removeprefix('torch.')}"
     title = f"Star Attention vs full attention — {label}"
     if stopped is not None:

@@ -311,8 +311,8 @@ class EvalRunner:
             del ctx
         stats = engine.last_stats
         prediction = prediction_text(engine, new_ids)
-        source_hit, evidence_hit = _attribution_hits(engine, case, context_ids, document_offset, spans, observer,
-                                                     prediction)
+        found, source_hit, evidence_hit = _attribution(engine, case, context_ids, document_offset, spans, observer,
+                                                       prediction)
         cuda_peak = report.cuda_peak_mb(engine.device) if engine.device.type == "cuda" else None
         return {
             "task": case.task, "length": case.length, "index": case.index, "mode": mode.name,
@@ -326,26 +326,28 @@ class EvalRunner:
             "new_tokens": stats.new_tokens, "decode_tokens_per_s": stats.decode_tokens_per_s,
             "peak_rss_mb": report.peak_rss_mb(), "peak_cuda_mb": cuda_peak, "max_new_tokens": budget,
             "source_hit": source_hit, "evidence_hit": evidence_hit,
+            # the signals hybrid answering may escalate on (starqa.hybrid): grounded, the best quote's score
+            "grounded": found.grounded, "evidence_score": found.evidence[0]["score"] if found.evidence else 0.0,
         }
 
 
-def _attribution_hits(engine, case: Case, context_ids, document_offset: int, spans, observer,
-                      prediction: str) -> tuple[bool | None, bool | None]:
-    """(source_hit, evidence_hit): whether the first source block (starqa.evidence) holds the first reference
-    answer, and whether the first evidence quote does.
+def _attribution(engine, case: Case, context_ids, document_offset: int, spans, observer,
+                 prediction: str) -> tuple:
+    """(evidence, source_hit, evidence_hit): the answer's evidence (starqa.evidence: its quotes and `grounded`),
+    whether the first source block holds the first reference answer, and whether the first evidence quote does.
 
-    None when no reference occurs in the context exactly once (e.g. cwe's counted words are everywhere).
+    The hits are None when no reference occurs in the context exactly once (e.g. cwe's counted words are everywhere).
     """
-    position = case.context_text.find(case.answers[0]) if case.answers else -1
-    if position < 0 or case.context_text.count(case.answers[0]) != 1:
-        return None, None
     text = case.context_text
     view = DocumentView(text, [{"number": 1, "start": 0, "end": len(text)}], list(context_ids), document_offset,
                         list(spans), [[1]] * len(spans), engine.tokenizer)
     found = evidence_for_answer(view, [observer.stacked()], prediction, case.question)
+    position = text.find(case.answers[0]) if case.answers else -1
+    if position < 0 or text.count(case.answers[0]) != 1:
+        return found, None, None
     if not found.sources:
-        return False, False
+        return found, False, False
     char_spans = block_char_spans(engine.tokenizer, context_ids, document_offset, spans, text)
     start, end = char_spans[found.sources[0]["block"]]
     quote = found.evidence[0] if found.evidence else {"start": 0, "end": 0}
-    return start <= position < end, quote["start"] <= position < quote["end"]
+    return found, start <= position < end, quote["start"] <= position < quote["end"]

@@ -12,6 +12,11 @@ A row is one (task, length, mode, block, anchor):
     delta_ci95           half-width of delta's 95 % confidence interval (normal approximation of the paired
                          per-sample differences; null under 2 samples): a loss whose interval holds 0 may be noise
     better, worse        star rows: how many paired samples Star scored higher / lower on than full attention
+    answer_s             mean seconds per answer once the document is stored: prefill to last token (Phase 1 is
+                         its own column); a hybrid row's includes the full-attention pass of the escalated cases
+    escalated            hybrid rows: % of the cases answered again with full attention (starqa.hybrid)
+Hybrid rows (mode "hybrid", one per Star configuration) are composed from the same cases' Star and full records
+(starqa.hybrid.compose_record); their delta, better and worse compare them with full attention like a Star row's.
     source_hit           % of the cases with a reference answer written once in the context whose first source
                          block (starqa.evidence) holds it; evidence_hit likewise for the first evidence quote
 Overall rows (task "overall") average each mode's per-task rows at one length, over the tasks that mode ran; their
@@ -49,7 +54,13 @@ def _mode_key(record: dict) -> tuple:
 
 def _mode_order(key: tuple) -> tuple:
     mode, block, anchor = key
-    return (mode != "full", block or 0, anchor or 0)
+    return (mode != "full", block or 0, anchor or 0, mode == "hybrid")
+
+
+def _answer_s(record: dict) -> float:
+    from starqa.hybrid import answer_seconds
+
+    return answer_seconds(record)
 
 
 def _star_latency(record: dict) -> float:
@@ -99,6 +110,10 @@ def summarize(records: Sequence[dict]) -> tuple[list[dict], list[dict]]:
             "peak_rss_mb": _max(case["peak_rss_mb"] for case in cases.values()),
             "peak_cuda_mb": _max(case.get("peak_cuda_mb") for case in cases.values()),
             "speedup": None,
+            "answer_s": fmean(_answer_s(case) for case in cases.values()),
+            "answer_ratio": None,  # star and hybrid rows: answer_s / full attention's, on the paired samples
+            "escalated": (100 * fmean(bool(case.get("escalated")) for case in cases.values())
+                          if mode == "hybrid" else None),
             # % of cases whose first source block / first evidence quote holds the answer (None where not applicable)
             "source_hit": _mean(100.0 * case["source_hit"] for case in cases.values()
                                 if case.get("source_hit") is not None),
@@ -106,7 +121,7 @@ def summarize(records: Sequence[dict]) -> tuple[list[dict], list[dict]]:
                                   if case.get("evidence_hit") is not None),
             **_NO_PAIRS,
         }
-        if mode == "star":
+        if mode != "full":
             paired = sorted(set(cases) & set(full))
             if paired:
                 full_accuracy = fmean(full[i]["score"] for i in paired)
@@ -115,6 +130,8 @@ def summarize(records: Sequence[dict]) -> tuple[list[dict], list[dict]]:
                 row["speedup"] = _ratio(fmean(full[i]["ttft_s"] for i in paired),
                                         fmean(_star_latency(cases[i]) for i in paired))
                 row.update(_paired([cases[i]["score"] for i in paired], [full[i]["score"] for i in paired]))
+                row["answer_ratio"] = _ratio(fmean(_answer_s(cases[i]) for i in paired),
+                                             fmean(_answer_s(full[i]) for i in paired))
         rows.append(row)
     overall = _overall(rows)
     return [_finished(row) for row in rows], [_finished(row) for row in overall]
@@ -150,16 +167,21 @@ def _overall(rows: Sequence[dict]) -> list[dict]:
             "peak_rss_mb": _max(row["peak_rss_mb"] for row in group),
             "peak_cuda_mb": _max(row["peak_cuda_mb"] for row in group),
             "speedup": None,
+            "answer_s": fmean(row["answer_s"] for row in group),
+            "answer_ratio": None,
+            "escalated": _mean(row["escalated"] for row in group),
             "source_hit": _mean(row.get("source_hit") for row in group),
             "evidence_hit": _mean(row.get("evidence_hit") for row in group),
             **_NO_PAIRS,
         }
-        if mode == "star":
+        if mode != "full":
             full = {r["task"]: r for r in by_length_mode.get((length, "full", None, None), [])}
             paired = [r for r in group if r["task"] in full]
             if paired:
                 row["retention"] = _ratio(100 * fmean(r["accuracy"] for r in paired),
                                           fmean(full[r["task"]]["accuracy"] for r in paired))
+                row["answer_ratio"] = _ratio(fmean(r["answer_s"] for r in paired),
+                                             fmean(full[r["task"]]["answer_s"] for r in paired))
                 row["speedup"] = _ratio(fmean(full[r["task"]]["ttft_s"] for r in paired),
                                         fmean((r["phase1_s"] or 0.0) + r["ttft_s"] for r in paired))
             measured = [r for r in group if r["delta"] is not None]
@@ -177,12 +199,17 @@ def _overall(rows: Sequence[dict]) -> list[dict]:
 def _rounded(row: dict) -> dict:
     digits = {"accuracy": 2, "retention": 2, "phase1_s": 4, "ttft_s": 4, "decode_tokens_per_s": 2,
               "peak_rss_mb": 1, "peak_cuda_mb": 1, "speedup": 3, "source_hit": 1, "evidence_hit": 1, "delta": 2,
-              "delta_ci95": 2}
+              "delta_ci95": 2, "answer_s": 4, "escalated": 1, "answer_ratio": 3}
     return {key: _round(value, digits[key]) if key in digits else value for key, value in row.items()}
 
 
+def only_modes(rows: list[dict], modes) -> list[dict]:
+    """The rows of the modes asked for (star, full, hybrid)."""
+    return [row for row in rows if row["mode"] in modes]
+
+
 def mode_label(row: dict) -> str:
-    return "full" if row["mode"] == "full" else f"star {row['block_size']}/{row['anchor_size']}"
+    return "full" if row["mode"] == "full" else f"{row['mode']} {row['block_size']}/{row['anchor_size']}"
 
 
 # ---------------------------------------------------------------- output
@@ -217,6 +244,10 @@ def print_table(rows: list[dict], overall: list[dict], *, title: str) -> None:
         table.add_column(header, justify=justify, no_wrap=header in ("task", "mode"))
     if cuda:
         table.add_column("peak CUDA MiB", justify="right")
+    table.add_column("s/answer", justify="right")
+    hybrid = any(row["mode"] == "hybrid" for row in rows)
+    if hybrid:
+        table.add_column("escalated %", justify="right")
     table.add_column("speed-up", justify="right")
     table.add_column("Δ acc ±95 %", justify="right")
     table.add_column("won/lost", justify="right")
@@ -230,6 +261,10 @@ def print_table(rows: list[dict], overall: list[dict], *, title: str) -> None:
                  _cell(row["peak_rss_mb"], ",.0f")]
         if cuda:
             cells.append(_cell(row["peak_cuda_mb"], ",.0f"))
+        cells.append(_cell(row.get("answer_s"), ".2f") + ("" if row.get("answer_ratio") is None
+                                                          else f" ({row['answer_ratio']:.2f}×)"))
+        if hybrid:
+            cells.append(_cell(row.get("escalated"), ".0f"))
         cells.append(_cell(row["speedup"], ".2f", "×"))
         cells.append(_delta_cell(row))
         cells.append("–" if row["better"] is None else f"{row['better']}/{row['worse']}")

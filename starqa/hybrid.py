@@ -1,0 +1,123 @@
+"""Hybrid answering: Star Attention answers first; an answer that is not grounded in its evidence is answered again
+with full attention over the stored text, and that answer is returned instead (a Self-Route-style fallback,
+arXiv:2407.16833, with starqa's own grounding check as the router).
+
+The signal (`escalation_reason`) is the answer's `grounded` flag (starqa.evidence): its content is not in the
+passages it drew on. It was chosen on generated RULER-style data and reported on held-out data: docs/hybrid.md.
+One place decides it, for `ask`, the server and `eval` alike. `compose_record` builds the hybrid record of an eval
+case from the same case's Star and full-attention records: greedy decoding is deterministic, so the second pass of a
+hybrid ask is exactly the full-attention run, and its cost is added to the Star pass's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+NOT_GROUNDED = "not grounded"
+ATTENTION_MODES = ("star", "full", "hybrid")
+
+
+def escalation_reason(grounded: bool, answer: str = "") -> str | None:
+    """Why a Star answer is answered again with full attention, or None to keep it."""
+    if not grounded:
+        return NOT_GROUNDED
+    return None
+
+
+def note_line(reason: str) -> str:
+    """The stderr line of text mode for an answer given again."""
+    return f"answered again with full attention: {reason}"
+
+
+def check_attention(attention: str, flag: str = "--attention") -> str:
+    from starqa.errors import UsageError
+
+    if attention not in ATTENTION_MODES:
+        raise UsageError(f"{flag} must be star, full or hybrid, not {attention!r}")
+    return attention
+
+
+# ---------------------------------------------------------------- asking (starqa.ask)
+
+
+def combined_answer(star, full, reason: str):
+    """The Answer a hybrid ask returns for an escalated question: full attention's, whose timings include both
+    passes (prefill: both prefills; time to first token: the whole Star answer, then full attention's first token)
+    and whose `hybrid` field holds the Star answer and why it was not kept."""
+    import dataclasses
+
+    star_s = star.ttft_s + _decode_s(star)
+    return dataclasses.replace(
+        full, cache_hit=star.cache_hit, phase1_s=star.phase1_s, prefill_s=star.prefill_s + full.prefill_s,
+        ttft_s=star_s + full.ttft_s,
+        hybrid={"escalated": True, "star_answer": star.answer, "reason": reason, "star_grounded": star.grounded,
+                "star_s": round(star_s, 4), "full_s": round(full.ttft_s + _decode_s(full), 4)})
+
+
+def kept_answer(star):
+    import dataclasses
+
+    return dataclasses.replace(star, hybrid={"escalated": False, "star_answer": None, "reason": None})
+
+
+def _decode_s(answer) -> float:
+    tokens = max(answer.answer_tokens - 1, 0)
+    return tokens / answer.decode_tokens_per_s if answer.decode_tokens_per_s > 0 else 0.0
+
+
+def escalated_rows(answers: Sequence) -> list[tuple[int, str]]:
+    """(row, reason) of every Star answer of a batch that is answered again."""
+    rows = []
+    for row, answer in enumerate(answers):
+        reason = escalation_reason(answer.grounded, answer.answer)
+        if reason is not None:
+            rows.append((row, reason))
+    return rows
+
+
+# ---------------------------------------------------------------- eval (starqa.eval)
+
+
+def compose_record(star: dict, full: dict) -> dict:
+    """The hybrid record of one eval case from its Star and full-attention records: Star's answer when grounded,
+    else full attention's; its seconds are Star's, plus full attention's when escalated."""
+    reason = escalation_reason(bool(star.get("grounded")), star.get("prediction", ""))
+    chosen = full if reason else star
+    record = dict(chosen, mode="hybrid", block_size=star["block_size"], anchor_size=star["anchor_size"],
+                  phase1_s=star["phase1_s"], escalated=reason is not None, reason=reason,
+                  answer_s=answer_seconds(star) + (answer_seconds(full) if reason else 0.0),
+                  peak_rss_mb=_max(star.get("peak_rss_mb"), full.get("peak_rss_mb") if reason else None),
+                  peak_cuda_mb=_max(star.get("peak_cuda_mb"), full.get("peak_cuda_mb") if reason else None))
+    if reason:
+        record["ttft_s"] = answer_seconds(star) + full["ttft_s"]
+        record["prefill_s"] = star["prefill_s"] + full["prefill_s"]
+    return record
+
+
+def answer_seconds(record: dict) -> float:
+    """Seconds to answer one question once the document is stored: the prompt's prefill to the last token (Phase 1,
+    paid once per document at ingest, is not included; hybrid records carry their own)."""
+    if record.get("answer_s") is not None:
+        return record["answer_s"]
+    return record["ttft_s"] + (record.get("decode_s") or 0.0)
+
+
+def _max(*values):
+    values = [value for value in values if value is not None]
+    return max(values) if values else None
+
+
+def with_hybrid(records: Sequence[dict]) -> list[dict]:
+    """`records` plus one hybrid record per case and Star configuration that has both a Star and a full record
+    (each after its Star record); records already hybrid are left as they are."""
+    full = {(r["task"], r["length"], r["index"]): r for r in records if r["mode"] == "full"}
+    have = {(r["task"], r["length"], r["index"], r["block_size"], r["anchor_size"]) for r in records
+            if r["mode"] == "hybrid"}
+    result = []
+    for record in records:
+        result.append(record)
+        key = (record["task"], record["length"], record["index"])
+        if (record["mode"] == "star" and key in full and "grounded" in record
+                and (*key, record["block_size"], record["anchor_size"]) not in have):
+            result.append(compose_record(record, full[key]))
+    return result
