@@ -16,7 +16,7 @@ class Answer:
     question: str
     answer: str
     doc: str
-    attention: str  # "star" or "full"
+    attention: str  # "star" or "full": the mode that answered (also under --attention hybrid)
     cache_hit: bool
     context_tokens: int
     query_tokens: int
@@ -28,10 +28,13 @@ class Answer:
     sources: list = field(default_factory=list)  # [{"pages": [4, 5], "block": 3, "share": 0.41}, ...]
     evidence: list = field(default_factory=list)  # [{"page", "text", "start", "end", "score"}, ...] (text.txt)
     grounded: bool = False  # the answer's content is in one evidence quote (starqa.evidence)
+    hybrid: dict | None = None  # --attention hybrid: {"escalated", "star_answer", "reason", ...} (starqa.hybrid)
 
     def to_row(self) -> dict:
         """The JSON object (timings rounded), as plain data: a server sends it, a client prints it unchanged."""
         row = asdict(self)
+        if row["hybrid"] is None:  # only a hybrid ask's answers carry it
+            del row["hybrid"]
         for key in _ROUNDED:
             row[key] = round(row[key], 4)
         return row

@@ -344,9 +344,9 @@ def open_document(load_engine, settings, store: DocumentStore, *, doc: str, atte
         document = share_outcome(ranks, lambda: store.get(stored_name))
         check_usable(document, engine, settings, explicit_sizes=explicit_sizes)
         try:
-            if attention == "star" and load_kv is not None:
+            if attention in ("star", "hybrid") and load_kv is not None:  # hybrid: Star first (starqa.hybrid)
                 context = load_kv(engine, store, document)
-            elif attention == "star":
+            elif attention in ("star", "hybrid"):
                 context = load_context_share(engine, store, document, ranks, len(document.blocks))
             else:  # full attention encodes the stored text again, once for all the questions
                 context = context_ids_for(engine.tokenizer, prompt_template(engine.tokenizer),
@@ -360,12 +360,18 @@ def open_document(load_engine, settings, store: DocumentStore, *, doc: str, atte
 
 def answer_questions(opened: OpenDocument, questions: list[str], settings, *, attention: str, ranks: Ranks,
                      emit: Emit, stream: bool = True) -> None:
-    """Every question, in batches of the settings' batch size (star attention; full attention: one at a time)."""
+    """Every question, in batches of the settings' batch size (star and hybrid attention; full attention: one at a
+    time)."""
     engine, document = opened.engine, opened.document
-    batch = settings.batch_size if attention == "star" else 1
+    batch = settings.batch_size if attention in ("star", "hybrid") else 1
     for first in range(0, len(questions), batch):
         asked = questions[first:first + batch]
         send = (lambda row, text, first=first: emit(events.delta(document.name, first + row, text))) if stream else None
+        if attention == "hybrid":  # Star, then full attention for the answers not grounded (starqa.hybrid)
+            from starqa import hybrid
+
+            hybrid.answer_batch(opened, asked, first, settings, ranks=ranks, emit=emit)
+            continue
         if attention == "star":
             replies = ask_star(engine, opened.context, document, asked, settings, cache_hit=opened.cache_hit,
                                phase1_s=opened.phase1_s if first == 0 else 0.0, stream=send, ranks=ranks)

@@ -205,7 +205,8 @@ def ask(
     all_documents: bool = typer.Option(False, "--all", help="Ask every stored document."),
     questions: Optional[Path] = typer.Option(None, "--questions", help="File with one question per line."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per question on stdout."),
-    attention: str = typer.Option("star", "--attention", help="star (stored KV) or full (one pass, no cache)."),
+    attention: str = typer.Option("star", "--attention", help="star (stored KV), full (one pass, no cache) or hybrid "
+                                  "(star; an answer not grounded is answered again with full attention)."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Questions decoded together against the "
                                              "document's KV (--questions; default from the config: 8)."),
@@ -230,8 +231,9 @@ def ask(
     settings = _settings(config, quiet, model=model, dtype=dtype, kv_dtype=kv_dtype, device=device,
                          block_size=block_size, anchor_size=anchor_size, max_new_tokens=max_new_tokens,
                          batch_size=batch_size, temperature=temperature, top_p=top_p, seed=seed, nproc=nproc)
-    if attention not in ("star", "full"):
-        raise UsageError(f"--attention must be star or full, not {attention!r}")
+    from starqa.hybrid import check_attention
+
+    check_attention(attention)
     if not doc and not all_documents:
         raise UsageError("give --doc NAME (a stored document, a glob over stored names, or a file), or --all")
     if doc and all_documents:

@@ -11,6 +11,7 @@ same bytes. torch-free.
     {"type": "answer", "doc": "memo", "question": 0, "answer": {...}, "text": " The fee ...", "lines": [...]}
     {"type": "timings", "title": "...", "rows": [["time to first token", "0.210 s"], ...]}
     {"type": "error", "message": "memo: ..."}                 one document failed; the others are still answered
+    {"type": "note", "doc": "memo", "question": 0, "message": "answered again with full attention: not grounded"}
 
 `answer` is the `ask --json` object (starqa.answer.Answer.to_row); `text` is the decoded answer as streamed (not
 stripped); `question` counts the questions asked of that document from 0. A server adds `failed` (the request
@@ -44,6 +45,11 @@ def timings(title: str, rows: list[tuple[str, str]]) -> dict:
 
 def error(message: str) -> dict:
     return {"type": "error", "message": message}
+
+
+def note(doc: str, question: int, message: str) -> dict:
+    """A line about one answer, on stderr in text mode (`answered again with full attention: not grounded`)."""
+    return {"type": "note", "doc": doc, "question": question, "message": message}
 
 
 class EventPrinter:
@@ -88,6 +94,10 @@ class EventPrinter:
 
     def _on_timings(self, event: dict) -> None:
         report.table(event["title"], [tuple(row) for row in event["rows"]])
+
+    def _on_note(self, event: dict) -> None:
+        if not self.as_json:  # --json: the answer's own "hybrid" field says it
+            report.info(event["message"])
 
     def _on_error(self, event: dict) -> None:
         report.error(event["message"])

@@ -65,6 +65,59 @@ def _decode_s(answer) -> float:
     return tokens / answer.decode_tokens_per_s if answer.decode_tokens_per_s > 0 else 0.0
 
 
+def answer_batch(opened, questions: list[str], first: int, settings, *, ranks, emit) -> None:
+    """One batch of a hybrid ask (starqa.ask.answer_questions): every question answered with Star Attention, decoded
+    together; then only those whose answer is not grounded are answered again with full attention over the stored
+    text, one after another, in the same second pass; then the batch's answers in order, a note before each one
+    given again, and one timing table holding both passes. Answer text is not streamed: it is known once decided."""
+    import time
+
+    from starqa import ask, events
+
+    engine, document = opened.engine, opened.document
+    started = time.perf_counter()
+    replies = ask.ask_star(engine, opened.context, document, questions, settings, cache_hit=opened.cache_hit,
+                           phase1_s=opened.phase1_s if first == 0 else 0.0, stream=None, ranks=ranks)
+    star_s = time.perf_counter() - started
+    if not ranks.is_speaker:
+        return  # the full-attention pass runs in one process (the speaker's evidence decides it), as --attention full
+    stars = [reply.answer for reply in replies]
+    escalated = escalated_rows(stars)
+    full_s = 0.0
+    if escalated:
+        started = time.perf_counter()
+        context_ids = full_context_ids(opened)
+        for row, reason in escalated:
+            full = ask.ask_full(engine, document, context_ids, questions[row], settings)
+            replies[row] = ask.Reply(combined_answer(stars[row], full.answer, reason), full.text)
+        full_s = time.perf_counter() - started
+    again = dict(escalated)
+    for row, reply in enumerate(replies):
+        if row in again:
+            emit(events.note(document.name, first + row, note_line(again[row])))
+        else:
+            reply.answer = kept_answer(reply.answer)
+        ask.emit_replies(emit, document.name, first + row, [reply])
+    title, rows = ask.timing_table(stars, engine, opened.load_s if first == 0 else None, document.kv_dtype)
+    rows += [("answered again (full attention)", f"{len(escalated)} of {len(questions)} (not grounded)"),
+             ("Star pass / full pass", f"{star_s:.2f} s / {full_s:.2f} s")]
+    emit(events.timings(title.replace("star attention", "hybrid attention", 1), rows))
+
+
+def full_context_ids(opened) -> list[int]:
+    """The prompt's context ids for full attention over the stored text (as `--attention full` builds them),
+    worked out on the first escalation of a document and kept for its next batches."""
+    ids = getattr(opened, "full_context_ids", None)
+    if ids is None:
+        from starqa.tokens import context_ids_for, prompt_template
+
+        engine = opened.engine
+        ids = context_ids_for(engine.tokenizer, prompt_template(engine.tokenizer),
+                              engine.encode_document_text(opened.document.text()))
+        opened.full_context_ids = ids
+    return ids
+
+
 def escalated_rows(answers: Sequence) -> list[tuple[int, str]]:
     """(row, reason) of every Star answer of a batch that is answered again."""
     rows = []

@@ -31,14 +31,14 @@ ASK_FIELDS = {
     "all": ((bool,), "ask every stored document"),
     "question": ((str,), "one question"),
     "questions": ((list,), "several questions"),
-    "attention": ((str,), "star (the stored KV, the default) or full"),
+    "attention": ((str,), "star (the stored KV, the default), full or hybrid"),
     "stream": ((bool,), "send the answer text as it is decoded (default true)"),
     "model": ((str, type(None)), "answer with this model rather than the document's own"),
     "trust_remote_code": ((bool,), "as --trust-remote-code (default: the server's)"),
 }
 # OpenAI chat-completion fields: those that mean something here, and those accepted and ignored.
 CHAT_FIELDS = {"model", "messages", "stream", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed",
-               "n", "user", "stream_options"}
+               "n", "user", "stream_options", "attention"}  # attention: starqa's own (star, full or hybrid)
 
 
 class RequestError(Exception):
@@ -95,14 +95,19 @@ def parse_ask(body: dict, base: Settings, trust_remote_code: bool) -> AskRequest
     questions = [body["question"]] if "question" in body else body["questions"]
     if not questions or not all(isinstance(question, str) and question.strip() for question in questions):
         raise RequestError(400, "every question must be a non-empty string")
-    attention = body.get("attention", "star")
-    if attention not in ("star", "full"):
-        raise RequestError(400, f"attention must be star or full, not {attention!r:.40}")
+    attention = _attention(body)
     settings = request_settings(base, {key: body[key] for key in SETTING_FIELDS if key in body})
     return AskRequest(docs=tuple(docs), all_documents=bool(body.get("all", False)), questions=tuple(questions),
                       attention=attention, stream=body.get("stream", True), explicit_model=body.get("model"),
                       explicit_sizes="block_size" in body or "anchor_size" in body,
                       trust_remote_code=body.get("trust_remote_code", trust_remote_code), settings=settings)
+
+
+def _attention(body: dict) -> str:
+    attention = body.get("attention", "star")
+    if attention not in ("star", "full", "hybrid"):
+        raise RequestError(400, f"attention must be star, full or hybrid, not {attention!r:.40}")
+    return attention
 
 
 def request_settings(base: Settings, values: dict) -> Settings:
@@ -144,7 +149,7 @@ def parse_chat(body: dict, base: Settings, trust_remote_code: bool) -> ChatReque
     options = body.get("stream_options") or {}
     if not isinstance(stream, bool) or not isinstance(options, dict):
         raise RequestError(400, "'stream' must be true or false and 'stream_options' an object")
-    ask = AskRequest(docs=(doc,), all_documents=False, questions=(question,), attention="star", stream=stream,
+    ask = AskRequest(docs=(doc,), all_documents=False, questions=(question,), attention=_attention(body), stream=stream,
                      explicit_model=None, explicit_sizes=False, trust_remote_code=trust_remote_code,
                      settings=request_settings(base, values))
     return ChatRequest(ask=ask, stream=stream, include_usage=bool(options.get("include_usage")))

@@ -106,7 +106,7 @@ class Worker:
         differently from `starqa ask` in its own process (409). Store reads only: runs outside the worker."""
         settings = request.settings
         why = None
-        if request.attention == "star" and requested_nproc(settings.nproc, settings.device) > 1:
+        if request.attention in ("star", "hybrid") and requested_nproc(settings.nproc, settings.device) > 1:
             why = f"this ask runs in {requested_nproc(settings.nproc, settings.device)} processes, the server in one"
         elif not _same_device(settings.device, self.engine.device):
             why = f"this ask runs on device {settings.device}, the server on {self.engine.device}"
@@ -118,7 +118,7 @@ class Worker:
         elif settings.max_new_tokens > self.engine.context_window:  # each answer preallocates its KV for this many
             why = (f"max_new_tokens {settings.max_new_tokens:,} is more than the model's context of "
                    f"{self.engine.context_window:,} tokens")
-        elif request.attention == "star" and settings.batch_size > protocol.MAX_BATCH_SIZE:
+        elif request.attention in ("star", "hybrid") and settings.batch_size > protocol.MAX_BATCH_SIZE:
             why = (f"batch_size {settings.batch_size} is more than the server decodes at once "
                    f"({protocol.MAX_BATCH_SIZE})")
         if why is not None:
