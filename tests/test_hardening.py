@@ -207,7 +207,7 @@ BAD_INPUTS = [
      "cannot read config file"),
     ("no question", lambda i, m, s: ["ask", "--doc", "terms"], 2, "give one question"),
     ("bad --attention", lambda i, m, s: ["ask", "--doc", "terms", QUESTION, "--attention", "sparse"], 2,
-     "--attention must be star or full"),
+     "--attention must be star, full or hybrid"),
 ]
 
 

@@ -219,3 +219,35 @@ def test_through_the_server_ungrounded_answers_are_answered_again_as_in_process(
     assert chat["starqa"]["attention"] == "full" and chat["starqa"]["hybrid"]["escalated"] is True
     assert chat["choices"][0]["message"]["content"] == chat["starqa"]["answer"]
     assert bad.status_code == 400 and "star, full or hybrid" in bad.json()["error"]["message"]
+
+
+def test_eval_judges_grounded_against_the_users_question_not_the_suites_instruction():
+    from starqa.eval.runner import user_question
+    from starqa.eval.tasks import generate_cases
+    from starqa.evidence import content_terms, grounded
+
+    case = generate_cases("niah_single_1", 300, 1, 0, lambda context, question: (len(context) + len(question)) // 4)[0]
+    asked = user_question(case)
+    assert asked != case.question and asked.endswith("mentioned in the provided text?") and "Begin" not in asked
+    value = case.answers[0]
+    answer = f"{case.answer_prefix}: {value}."
+    quote = next(line for line in case.context_text.splitlines() if value in line)
+    assert grounded(content_terms(answer, asked), [quote], content_terms(asked))
+    # and the eval runner's record takes `grounded` from that judgement (the hits keep the suite's question)
+    from types import SimpleNamespace
+
+    from starqa.eval import runner as runner_module
+
+    calls = []
+
+    def fake_evidence(view, parts, prediction, question):
+        calls.append(question)
+        return Evidence(grounded=question == asked)
+
+    import pytest as _pytest
+
+    with _pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner_module, "evidence_for_answer", fake_evidence)
+        judged, _, _ = runner_module._attribution(SimpleNamespace(tokenizer=None), case, [], 0, [],
+                                                  SimpleNamespace(stacked=lambda: None), answer)
+    assert judged.grounded and calls == [case.question, asked]

@@ -333,7 +333,8 @@ class EvalRunner:
 
 def _attribution(engine, case: Case, context_ids, document_offset: int, spans, observer,
                  prediction: str) -> tuple:
-    """(evidence, source_hit, evidence_hit): the answer's evidence (starqa.evidence: its quotes and `grounded`),
+    """(evidence, source_hit, evidence_hit): the answer's evidence as judged against the user's question
+    (starqa.evidence: its quotes and `grounded`),
     whether the first source block holds the first reference answer, and whether the first evidence quote does.
 
     The hits are None when no reference occurs in the context exactly once (e.g. cwe's counted words are everywhere).
@@ -342,12 +343,26 @@ def _attribution(engine, case: Case, context_ids, document_offset: int, spans, o
     view = DocumentView(text, [{"number": 1, "start": 0, "end": len(text)}], list(context_ids), document_offset,
                         list(spans), [[1]] * len(spans), engine.tokenizer)
     found = evidence_for_answer(view, [observer.stacked()], prediction, case.question)
+    # `grounded` as `ask` would judge it: against the question a user asks, without the answer-prefix instruction
+    # the suite appends to it ("Begin your answer with: ..."), whose words are no part of what was asked
+    asked = user_question(case)
+    judged = found if asked == case.question else evidence_for_answer(view, [observer.stacked()], prediction, asked)
     position = text.find(case.answers[0]) if case.answers else -1
     if position < 0 or text.count(case.answers[0]) != 1:
-        return found, None, None
+        return judged, None, None
     if not found.sources:
-        return found, False, False
+        return judged, False, False
     char_spans = block_char_spans(engine.tokenizer, context_ids, document_offset, spans, text)
     start, end = char_spans[found.sources[0]["block"]]
     quote = found.evidence[0] if found.evidence else {"start": 0, "end": 0}
-    return found, start <= position < end, quote["start"] <= position < quote["end"]
+    return judged, start <= position < end, quote["start"] <= position < quote["end"]
+
+
+def user_question(case: Case) -> str:
+    """The case's question less the answer-prefix instruction the suite appends (starqa.eval.tasks)."""
+    from starqa.eval.tasks import with_answer_prefix
+
+    if not case.answer_prefix:
+        return case.question
+    suffix = with_answer_prefix("", case.answer_prefix)
+    return case.question.removesuffix(suffix) if case.question.endswith(suffix) else case.question
