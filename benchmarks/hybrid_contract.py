@@ -73,6 +73,13 @@ def main() -> None:
         star = runs["star"][index]
         print(f"  {index + 1:2}. star {'✓' if scored['star'][index] else '✗'} grounded={star['grounded']!s:5} "
               f"full {'✓' if scored['full'][index] else '✗'}  {pair.question[:60]}")
+    # Cost per answer: each ask process's wall time (model load included) over its questions; Star decodes its
+    # questions in batches, so one answer's latency (the table's s / answer) overstates what each answer costs.
+    walls = {mode: json.loads((args.out / f"{mode}.meta.json").read_text())["wall_s"] for mode in ("star", "full")}
+    hybrid_wall = walls["star"] + sum(f for f, up in zip(seconds["full"], escalated) if up)
+    print(f"\nprocess wall per answer: star {walls['star'] / n:.1f} s, full {walls['full'] / n:.1f} s, hybrid "
+          f"{hybrid_wall / n:.1f} s (star's process plus the escalated questions' full-attention seconds) = "
+          f"{hybrid_wall / walls['full']:.2f}x full; star {walls['star'] / walls['full']:.2f}x full")
     wrong = [i for i in range(n) if not scored["star"][i]]
     caught = [i for i in wrong if escalated[i]]
     print(f"\nStar wrong: {len(wrong)}; of those not grounded (escalated): {len(caught)}; "
