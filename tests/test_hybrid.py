@@ -171,6 +171,7 @@ def test_hybrid_rows_report_accuracy_against_full_the_share_escalated_and_second
     assert (hybrid["delta"], hybrid["better"], hybrid["worse"]) == (-25.0, 0, 1)  # full: 75 %
     assert star["escalated"] is None and hybrid["answer_s"] == 2.25  # 1.5 s, or 1.5 + 1.5 s when escalated
     assert hybrid["answer_ratio"] == 1.5 and star["answer_ratio"] == 1.0
+    assert hybrid["phase1_s"] == star["phase1_s"] == 1.0  # the Star pass's Phase 1
     assert len(with_hybrid(with_hybrid(records))) == len(with_hybrid(records))  # composed once
 
 

@@ -3,7 +3,7 @@
 A row is one (task, length, mode, block, anchor):
     accuracy             mean score x 100 (RULER: string_match_all / string_match_part)
     retention            star rows: star accuracy / full accuracy x 100, over the samples both modes finished
-    phase1_s             star rows: mean Phase 1 seconds (null for full attention: it has no Phase 1)
+    phase1_s             star and hybrid rows: mean Phase 1 seconds (null for full attention: it has no Phase 1)
     ttft_s               mean seconds from the start of the prompt's forward pass to the first answer token
     decode_tokens_per_s  mean decoding speed after the first token (over cases that decoded more than one token)
     peak_rss_mb          highest peak RSS seen in the row's runs (peak_cuda_mb likewise on CUDA)
@@ -103,7 +103,7 @@ def summarize(records: Sequence[dict]) -> tuple[list[dict], list[dict]]:
             "samples": len(cases),
             "accuracy": 100 * fmean(case["score"] for case in cases.values()),
             "retention": None,
-            "phase1_s": _mean(case["phase1_s"] for case in cases.values()) if mode == "star" else None,
+            "phase1_s": _mean(case["phase1_s"] for case in cases.values()) if mode != "full" else None,
             "ttft_s": fmean(case["ttft_s"] for case in cases.values()),
             "decode_tokens_per_s": _mean(case["decode_tokens_per_s"] for case in cases.values()
                                          if case["new_tokens"] > 1),
