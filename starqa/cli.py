@@ -263,13 +263,16 @@ def ask(
         from starqa.distributed import broadcast_object
 
         asked = broadcast_object(asked, ranks)  # under a hand-launched torchrun only rank 0 read standard input
-    code = asking.run(lambda model_name, dtype: _load_engine(settings, model_name, trust_remote_code, ranks, dtype),
-                      settings, _store(settings), docs=doc or [], all_documents=all_documents, questions=asked,
-                      attention=attention, name=name, emit=printer if ranks.is_speaker else ignore,
-                      stream=not as_json and ranks.is_speaker,
-                      ingest_options=dict(force=force, allow_long=allow_long, password=password),
-                      explicit_model=model, explicit_sizes=block_size is not None or anchor_size is not None,
-                      ranks=ranks)
+    from starqa.governance import audited_ask
+
+    code = audited_ask(settings, lambda audit: asking.run(
+        lambda model_name, dtype: _load_engine(settings, model_name, trust_remote_code, ranks, dtype),
+        settings, _store(settings), docs=doc or [], all_documents=all_documents, questions=asked,
+        attention=attention, name=name, emit=audit(printer) if ranks.is_speaker else ignore,
+        stream=not as_json and ranks.is_speaker,
+        ingest_options=dict(force=force, allow_long=allow_long, password=password),
+        explicit_model=model, explicit_sizes=block_size is not None or anchor_size is not None,
+        ranks=ranks), questions=asked, docs=doc or [], attention=attention, speaker=ranks.is_speaker)
     if code:
         raise typer.Exit(code)
 
@@ -438,6 +441,9 @@ def serve(
 
 from starqa.eval.command import eval_command  # noqa: E402  (the eval command lives in its own package)
 app.command("eval")(eval_command)
+from starqa.governance import audit_app, keys_app  # noqa: E402  (audit log and scoped keys: docs/governance.md)
+app.add_typer(audit_app, name="audit")
+app.add_typer(keys_app, name="keys")
 
 
 _ARGV: list[str] | None = None  # the arguments main() runs, re-used to relaunch under torchrun

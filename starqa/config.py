@@ -37,6 +37,8 @@ class Settings:
     attention_backend: str
     max_kv_memory: int  # bytes (the config may say "4GiB")
     max_request_bytes: int  # bytes
+    audit: str = "metadata"  # off | metadata | full (starqa.audit)
+    audit_retention_days: int | None = None  # `starqa audit prune` drops records older than this; None: keep all
 
     @property
     def effective_anchor_size(self) -> int:
@@ -62,6 +64,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "attention_backend": (str,),
     "max_kv_memory": (int, str),
     "max_request_bytes": (int, str),
+    "audit": (str,),
+    "audit_retention_days": (int, type(None)),
 }
 # Settings given as a size: bytes, or a number with a unit ("512MiB", "4GiB", "1.5GB").
 _SIZE_KEYS = ("max_kv_memory", "max_request_bytes")
@@ -72,6 +76,7 @@ _CHOICES = {
     "kv_dtype": {"auto", "float32", "bfloat16", "float16", "int8"},
     "device": None,  # "auto", "cpu", "cuda", "cuda:N": checked in validate()
     "attention_backend": {"auto", "torch", "triton"},
+    "audit": {"off", "metadata", "full"},
 }
 
 
@@ -101,6 +106,10 @@ def _check_keys_and_types(values: dict[str, Any], origin: str) -> None:
             known = ", ".join(sorted(_FIELD_TYPES))
             raise UsageError(f"unknown setting '{key}' in {origin}; known settings: {known}")
         allowed = _FIELD_TYPES[key]
+        if key == "audit" and isinstance(value, bool):  # YAML reads `audit: off` as false
+            if value:
+                raise UsageError(f"setting 'audit' in {origin} must be off, metadata or full, not {value!r}")
+            values[key] = value = "off"
         if isinstance(value, bool) or not isinstance(value, allowed):
             names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
             raise UsageError(f"setting '{key}' in {origin} must be {names}, not {value!r}")
@@ -153,6 +162,9 @@ def validate(settings: Settings) -> Settings:
         raise UsageError(f"nproc must be a positive number or 'auto', not {settings.nproc!r}")
     if isinstance(settings.nproc, int) and settings.nproc <= 0:
         raise UsageError(f"nproc must be a positive number or 'auto', not {settings.nproc}")
+    if settings.audit_retention_days is not None and settings.audit_retention_days <= 0:
+        raise UsageError(f"audit_retention_days must be a positive number of days or null (keep every record), "
+                         f"not {settings.audit_retention_days}")
     if settings.max_request_bytes <= 0:
         raise UsageError(f"max_request_bytes must be positive, not {settings.max_request_bytes}")
     return settings
