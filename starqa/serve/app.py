@@ -20,6 +20,7 @@ answer is recorded in the store's audit log (starqa.audit) with who asked: the s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -79,22 +80,26 @@ def create_app(worker: Worker, *, api_key: str | None, log: Callable[[str], None
 
     async def ask(request: Request) -> Response:
         worker.counts["received"] += 1
+        ask_request = None
         try:
             ask_request = protocol.parse_ask(await _read_json(request, limit), settings, worker.trust_remote_code)
             ask_request = scoped_ask(identity_of(request.scope), ask_request, worker.store.names)
             await run_in_threadpool(worker.prepare, ask_request)
         except RequestError as error:
+            await run_in_threadpool(_record_refusal, worker, request, ask_request, error, log)
             return refuse(request, error)
         job, queue = _submit(worker, ask_request, _peer(request.scope), request)
         return StreamingResponse(_ndjson(job, queue), media_type=protocol.NDJSON)
 
     async def chat_completions(request: Request) -> Response:
         worker.counts["received"] += 1
+        chat = None
         try:
             chat = protocol.parse_chat(await _read_json(request, limit), settings, worker.trust_remote_code)
-            scoped_ask(identity_of(request.scope), chat.ask, worker.store.names)  # 403 for another document
+            chat = dataclasses.replace(chat, ask=scoped_ask(identity_of(request.scope), chat.ask, worker.store.names))
             await run_in_threadpool(worker.prepare, chat.ask)
         except RequestError as error:
+            await run_in_threadpool(_record_refusal, worker, request, chat.ask if chat else None, error, log)
             return refuse(request, error)
         job, queue = _submit(worker, chat.ask, _peer(request.scope), request)
         reply = _ChatReply(chat, job)
@@ -324,6 +329,24 @@ def _usage(row: dict) -> dict:
     prompt = row["context_tokens"] + row["query_tokens"]
     return {"prompt_tokens": prompt, "completion_tokens": row["answer_tokens"],
             "total_tokens": prompt + row["answer_tokens"]}
+
+
+def _record_refusal(worker: Worker, http: Request, request: protocol.AskRequest | None, error: RequestError,
+                    log: Callable[[str], None]) -> None:
+    """An ask refused after it was understood (403 for a key's other documents, 404, 400) is recorded too; one
+    the CLI then answers itself (409) is recorded by the CLI."""
+    from starqa import audit
+
+    if request is None or error.status == 409:
+        return
+    identity = identity_of(http.scope)
+    recorder = audit.recorder(worker.settings, who=identity.who, via=identity.via, questions=request.questions,
+                              docs=request.docs or ("--all",), attention=request.attention, endpoint=http.url.path)
+    if recorder is not None:
+        try:
+            recorder.finish(error.exit_code, f"HTTP {error.status}: {error.message}")
+        except Exception as exc:  # noqa: BLE001 - the refusal is still sent; the log says it was not recorded
+            log(f"no audit record written: {exc.__class__.__name__}: {exc}")
 
 
 def _model(name: str) -> dict:
