@@ -71,7 +71,9 @@ def main() -> None:
                                   attention="star", name=None, explicit_model=None, explicit_sizes=False,
                                   ranks=Ranks(), emit=emit, stream=False)
 
-            code = audited_ask(settings, run, questions=[QUESTION], docs=["contract"], attention="star")
+            recorder = audit.recorder(settings, who=audit.os_user(), via="cli", questions=[QUESTION],
+                                      docs=["contract"], attention="star")
+            code = audited_ask(recorder, run) if recorder is not None else run(lambda emit: emit)
             wall = time.perf_counter() - started
             assert code == 0
             return wall

@@ -263,16 +263,17 @@ def ask(
         from starqa.distributed import broadcast_object
 
         asked = broadcast_object(asked, ranks)  # under a hand-launched torchrun only rank 0 read standard input
-    from starqa.governance import audited_ask
+    from starqa.governance import AuditedAsk
 
-    code = audited_ask(settings, lambda audit: asking.run(
-        lambda model_name, dtype: _load_engine(settings, model_name, trust_remote_code, ranks, dtype),
-        settings, _store(settings), docs=doc or [], all_documents=all_documents, questions=asked,
-        attention=attention, name=name, emit=audit(printer) if ranks.is_speaker else ignore,
-        stream=not as_json and ranks.is_speaker,
-        ingest_options=dict(force=force, allow_long=allow_long, password=password),
-        explicit_model=model, explicit_sizes=block_size is not None or anchor_size is not None,
-        ranks=ranks), questions=asked, docs=doc or [], attention=attention, speaker=ranks.is_speaker)
+    asking = AuditedAsk(asking, settings, questions=asked, docs=doc or [], attention=attention,
+                        speaker=ranks.is_speaker)  # its run() records the ask in the store's audit log
+    code = asking.run(lambda model_name, dtype: _load_engine(settings, model_name, trust_remote_code, ranks, dtype),
+                      settings, _store(settings), docs=doc or [], all_documents=all_documents, questions=asked,
+                      attention=attention, name=name, emit=printer if ranks.is_speaker else ignore,
+                      stream=not as_json and ranks.is_speaker,
+                      ingest_options=dict(force=force, allow_long=allow_long, password=password),
+                      explicit_model=model, explicit_sizes=block_size is not None or anchor_size is not None,
+                      ranks=ranks)
     if code:
         raise typer.Exit(code)
 

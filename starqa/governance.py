@@ -39,18 +39,30 @@ def _root(config: Optional[Path], quiet: bool = False):
 
 # ------------------------------------------------------------------------------------------- the ask's hook
 
-def audited_ask(settings, run_ask: Callable[[], int], *, questions: list[str], docs: list[str], attention: str,
-                speaker: bool = True) -> int:
-    """Run an ask answered in this process (`run_ask(emit_wrapper)` returns its exit code) and append its
-    records to the audit log when it ends, whatever the outcome. A record that cannot be written is a warning:
-    the answers were given."""
-    from starqa import audit
+class AuditedAsk:
+    """starqa.ask as `starqa ask` uses it in its own process, with the audit hook: `run(...)` answers as
+    starqa.ask.run does, its events watched by an audit recorder (starqa.audit.AskRecorder), and appends the ask's
+    records when it ends, whatever the outcome. A record that cannot be written is a warning: the answers were
+    given. Only the speaking rank of several processes records."""
 
-    recorder = audit.recorder(settings, who=audit.os_user(), via="cli", questions=questions, docs=docs,
-                              attention=attention) if speaker else None
-    wrap = recorder.wrap if recorder is not None else (lambda emit: emit)
+    def __init__(self, asking, settings, *, questions: list[str], docs: list[str], attention: str,
+                 speaker: bool = True) -> None:
+        from starqa import audit
+
+        self.asking = asking
+        self.recorder = audit.recorder(settings, who=audit.os_user(), via="cli", questions=questions, docs=docs,
+                                       attention=attention) if speaker else None
+
+    def run(self, *args, emit, **kwargs) -> int:
+        if self.recorder is None:
+            return self.asking.run(*args, emit=emit, **kwargs)
+        return audited_ask(self.recorder, lambda wrap: self.asking.run(*args, emit=wrap(emit), **kwargs))
+
+
+def audited_ask(recorder, run_ask: Callable[[Callable], int]) -> int:
+    """`run_ask(wrap)` (wrap: what to put around the ask's emit), then the records of its outcome."""
     try:
-        code = run_ask(wrap)
+        code = run_ask(recorder.wrap)
     except StarqaError as exc:
         _finish(recorder, exc.exit_code, str(exc))
         raise

@@ -128,3 +128,31 @@ def test_scoped_keys_on_tcp_and_audit_records_of_served_asks(tmp_path, tiny_mode
     assert records[0]["object"] == (home / "documents" / "contract-alpha").resolve().name
     assert audit.verify(home).breaks == []
     assert secret not in "".join(p.read_text() for p in audit.log_files(audit.audit_dir(home)))
+
+
+def test_a_scoped_key_never_reaches_another_document_through_a_glob_or_all():
+    from starqa.config import load_settings
+    from starqa.serve.access import Identity, scoped_ask
+    from starqa.serve.protocol import AskRequest, RequestError
+
+    stored = ["contract-a", "contract-b", "contract-ab", "payroll", "*"]
+    key = keys.Key("k", "0" * 64, ("contract-?", "*"), "now")  # '*' as a glob: every name; here a literal name too
+    only_single = keys.Key("k", "0" * 64, ("contract-?",), "now")
+
+    def asked(identity, docs=(), all_documents=False):
+        request = AskRequest(docs=tuple(docs), all_documents=all_documents, questions=("q",), attention="star",
+                             stream=False, explicit_model=None, explicit_sizes=False, trust_remote_code=False,
+                             settings=load_settings())
+        return scoped_ask(identity, request, lambda: stored).docs
+
+    scoped = Identity("tcp", {"key": "k"}, only_single)
+    assert asked(scoped, ["*"]) == ("contract-a", "contract-b")  # a glob is expanded to the allowed names only
+    assert asked(scoped, ["contract-*"]) == ("contract-a", "contract-b")
+    assert asked(scoped, all_documents=True) == ("contract-a", "contract-b")
+    assert asked(scoped, ["contract-a", "contract-a"]) == ("contract-a",)
+    for docs in (["payroll"], ["contract-ab"], ["contract-a", "payroll"], ["pay*"]):
+        with pytest.raises(RequestError) as refused:
+            asked(scoped, docs)
+        assert refused.value.status == 403, docs
+    assert asked(Identity("tcp", {"key": "k"}, key), ["*"]) == ("*",)  # the stored name '*', which it may ask
+    assert asked(Identity("unix", {"uid": 0}), ["pay*"]) == ("pay*",)  # no key: resolved as before, everything
