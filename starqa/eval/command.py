@@ -135,7 +135,7 @@ def eval_command(
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Answer budget (default: per task as in RULER; the config's for --doc)."),
     model: Optional[str] = typer.Option(None, "--model", help="A catalogue model (`starqa models`), a local HF model dir, a .gguf file, or a "
                                          "cached HF id."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: auto, float32, bfloat16 or float16 (default: auto, from the config: bfloat16 on CUDA and on CPUs with native bfloat16 (AMX, AVX512-BF16), else float32)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
     password: Optional[str] = typer.Option(None, "--password", help="With --doc FILE: password of an encrypted PDF."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a model directory's own Python code to run."),
