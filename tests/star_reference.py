@@ -63,7 +63,7 @@ class Float64Decoder:
         ids = torch.as_tensor(ids, dtype=torch.long)
         positions = torch.as_tensor(positions, dtype=torch.long)
         n, d, group = ids.shape[0], self.head_dim, self.heads // self.kv_heads
-        x = self._weight("model.embed_tokens.weight")[ids]  # [n, hidden]
+        x = self.tensor("model.embed_tokens.weight")[ids].detach().to(torch.float64)  # [n, hidden]
         keys_out, values_out = [], []
         for layer in range(self.layers):
             prefix = f"model.layers.{layer}"
