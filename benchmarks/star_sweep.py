@@ -99,7 +99,7 @@ def phase1(engine, context_ids, block_size: int, anchor_size: int, batch: int = 
     same algorithm with the larger anchor (see the module docstring)."""
     import torch
 
-    from starqa.context_kv import ContextKV
+    from starqa.context_kv import ContextKV, EncodedBlock
     from starqa.engine import quantize_block
     from starqa.tokens import plan_blocks
 
@@ -115,9 +115,14 @@ def phase1(engine, context_ids, block_size: int, anchor_size: int, batch: int = 
                          values=[v[:1, :, :tokens] for v in anchor_cache.values])
 
     groups: dict[tuple, list[int]] = defaultdict(list)
-    for index, (start, end) in enumerate(spans):
-        groups[(min(anchor_len, start), end - start)].append(index)
     blocks = {}
+    for index, (start, end) in enumerate(spans):
+        if end <= anchor_len:  # inside the anchor: the anchor's own causal pass already holds this block's KV
+            block = EncodedBlock(index, start, end, [k[0, :, start:end].clone() for k in anchor_cache.keys],
+                                 [v[0, :, start:end].clone() for v in anchor_cache.values])
+            blocks[index] = quantize_block(block, "bfloat16")
+        else:
+            groups[(min(anchor_len, start), end - start)].append(index)
     for (seen, length), indices in groups.items():
         for first in range(0, len(indices), batch):
             group = indices[first : first + batch]
