@@ -80,7 +80,7 @@ def _compiler() -> str | None:
 
 def _compiler_identity(compiler: str) -> str:
     """The compiler as the cache key sees it, without running it: its resolved path, size and modification time
-    (an upgraded compiler is another file, so another key). Running `cc --version` cost every start ~10 ms."""
+    (an upgraded compiler is another file, so another key): no process is started on every run."""
     real = os.path.realpath(compiler)
     info = os.stat(real)
     return f"{real}:{info.st_size}:{info.st_mtime_ns}"

@@ -29,12 +29,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from starqa.serve import protocol
+from starqa.serve import limits, protocol
 from starqa.serve.protocol import RequestError
 from starqa.serve.worker import Job, Worker
 
 
-def create_app(worker: Worker, *, api_key: str | None, log: Callable[[str], None]) -> Starlette:
+def create_app(worker: Worker, *, api_key: str | None, log: Callable[[str], None],
+               open_connections: Callable[[], int] | None = None) -> Starlette:
+    """The app; with `open_connections` (uvicorn's count), requests beyond `max_connections` are refused."""
     settings = worker.settings
     limit = settings.max_request_bytes
 
@@ -59,9 +61,9 @@ def create_app(worker: Worker, *, api_key: str | None, log: Callable[[str], None
         try:
             ask_request = protocol.parse_ask(await _read_json(request, limit), settings, worker.trust_remote_code)
             await run_in_threadpool(worker.prepare, ask_request)
+            job, queue = _submit(worker, ask_request, _peer(request.scope))
         except RequestError as error:
             return refuse(request, error)
-        job, queue = _submit(worker, ask_request, _peer(request.scope))
         return StreamingResponse(_ndjson(job, queue), media_type=protocol.NDJSON)
 
     async def chat_completions(request: Request) -> Response:
@@ -69,9 +71,9 @@ def create_app(worker: Worker, *, api_key: str | None, log: Callable[[str], None
         try:
             chat = protocol.parse_chat(await _read_json(request, limit), settings, worker.trust_remote_code)
             await run_in_threadpool(worker.prepare, chat.ask)
+            job, queue = _submit(worker, chat.ask, _peer(request.scope))
         except RequestError as error:
             return refuse(request, error)
-        job, queue = _submit(worker, chat.ask, _peer(request.scope))
         reply = _ChatReply(chat, job)
         if chat.stream:
             return StreamingResponse(reply.chunks(queue), media_type="text/event-stream",
@@ -94,6 +96,8 @@ def create_app(worker: Worker, *, api_key: str | None, log: Callable[[str], None
               Route("/v1/ask", ask, methods=["POST"]), Route("/v1/chat/completions", chat_completions,
                                                              methods=["POST"])]
     app = Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: internal})
+    if open_connections is not None:
+        app = limits.ConnectionLimit(app, settings.max_connections, open_connections, log)
     return _RequireKey(app, api_key, log)
 
 
@@ -105,7 +109,11 @@ class _RequireKey:
         self.expected = ("Bearer " + api_key).encode() if api_key else None
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and not _over_unix_socket(scope) and not self._authorized(scope):
+        if scope["type"] != "http":  # a websocket (no route takes one), or anything else: refused (fail closed)
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+            return
+        if not _over_unix_socket(scope) and not self._authorized(scope):
             self.log(f"{_peer(scope)} {scope.get('method')} {scope.get('path')} 401: missing or wrong API key")
             body = protocol.error_body("missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                                        "unauthorized", 1)
@@ -186,16 +194,18 @@ def _untrusted_structure(data) -> str | None:
     return None
 
 
-def _submit(worker: Worker, request: protocol.AskRequest, peer: str) -> tuple[Job, asyncio.Queue]:
-    """Queue an ask; its events arrive in the returned queue (None ends them). The worker never waits for a
-    client: events wait in this queue, unbounded (an answer's events are small and finite)."""
-    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-    job = Job(request, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event), peer)
+def _submit(worker: Worker, request: protocol.AskRequest, peer: str) -> tuple[Job, limits.EventQueue]:
+    """Queue an ask (RequestError 429 when too many wait); its events arrive in the returned queue (None ends
+    them). The worker never waits for a client: events wait in this queue, up to `max_queued_events` of them,
+    and beyond that the answer text is merged into fewer events (limits.EventQueue)."""
+    queue = limits.EventQueue(asyncio.get_running_loop(), worker.settings.max_queued_events)
+    job = Job(request, queue.put, peer)
+    job.events = queue
     worker.submit(job)
     return job, queue
 
 
-async def _events(job: Job, queue: asyncio.Queue) -> AsyncIterator[dict]:
+async def _events(job: Job, queue: limits.EventQueue) -> AsyncIterator[dict]:
     """The ask's events until it ends; a client that goes away (the response is cancelled) cancels the ask."""
     try:
         while True:
@@ -207,7 +217,7 @@ async def _events(job: Job, queue: asyncio.Queue) -> AsyncIterator[dict]:
         job.cancelled.set()  # no-op once answered: the worker is done with it
 
 
-async def _ndjson(job: Job, queue: asyncio.Queue) -> AsyncIterator[bytes]:
+async def _ndjson(job: Job, queue: limits.EventQueue) -> AsyncIterator[bytes]:
     async for event in _events(job, queue):
         if event["type"] == "delta" and not job.request.stream:
             continue
@@ -229,7 +239,7 @@ class _ChatReply:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.doc,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
 
-    async def chunks(self, queue: asyncio.Queue) -> AsyncIterator[bytes]:
+    async def chunks(self, queue: limits.EventQueue) -> AsyncIterator[bytes]:
         yield protocol.sse(self._chunk({"role": "assistant", "content": ""}))
         sent, held, started = "", "", False
         async for event in _events(self.job, queue):
@@ -256,7 +266,7 @@ class _ChatReply:
                 return
         yield protocol.sse("[DONE]")
 
-    async def whole(self, queue: asyncio.Queue, request: Request) -> dict:
+    async def whole(self, queue: limits.EventQueue, request: Request) -> dict:
         watcher = asyncio.create_task(_cancel_when_gone(request, self.job, queue))
         row = None
         try:
@@ -278,7 +288,7 @@ class _ChatReply:
                 "usage": _usage(row), "starqa": row}
 
 
-async def _cancel_when_gone(request: Request, job: Job, queue: asyncio.Queue) -> None:
+async def _cancel_when_gone(request: Request, job: Job, queue: limits.EventQueue) -> None:
     """Cancel the ask when its client disconnects while a whole (not streamed) answer is being made."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
