@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from starqa import ask, events, report
+from starqa.audit import document_version
 from starqa.distributed import Ranks, requested_nproc
 from starqa.errors import StarqaError, UsageError, describe
 from starqa.serve import limits, protocol
@@ -42,10 +43,12 @@ class Job:
     """One queued ask. `deliver(event)` hands an event to the response that streams it (thread-safe, never
     blocks); `deliver(None)` ends it."""
 
-    def __init__(self, request: AskRequest, deliver: Callable[[dict | None], None], peer: str = "") -> None:
+    def __init__(self, request: AskRequest, deliver: Callable[[dict | None], None], peer: str = "",
+                 recorder=None) -> None:
         self.id = next(_ids)
         self.request = request
         self.peer = peer
+        self.recorder = recorder  # starqa.audit.AskRecorder: sees every event; records the ask when it closes
         self._deliver = deliver
         self.cancelled = threading.Event()
         self.queued_at = time.monotonic()
@@ -55,13 +58,20 @@ class Job:
 
     def emit(self, event: dict) -> None:
         """For an ask answered alone: its client gone, decoding stops (the exception unwinds the engine)."""
+        if self.recorder is not None:
+            self.recorder.observe(event)
         if self.cancelled.is_set():
             raise Cancelled()
         self.deltas += event.get("type") == "delta"
-        self.offer(event)
+        self._offer(event)
 
     def offer(self, event: dict) -> None:
         """For an ask decoded with others: its client gone, its events are dropped and the others go on."""
+        if self.recorder is not None:
+            self.recorder.observe(event)
+        self._offer(event)
+
+    def _offer(self, event: dict) -> None:
         if not self.cancelled.is_set():
             try:
                 self._deliver(event)
@@ -71,6 +81,11 @@ class Job:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            if self.recorder is not None:
+                try:
+                    self.recorder.finish()
+                except Exception as exc:  # noqa: BLE001 - the answer was given; the log says it was not recorded
+                    report.warn(f"ask #{self.id}: no audit record written: {describe(exc)}")
             try:
                 self._deliver(None)
             except RuntimeError:
@@ -296,7 +311,7 @@ class Worker:
             for job in group:
                 mine = replies[first:first + len(job.request.questions)]
                 first += len(mine)
-                ask.emit_replies(job.offer, name, 0, mine)
+                ask.emit_replies(job.offer, name, 0, mine, document_version(opened.document, opened.engine))
                 job.offer(events.timings(*ask.timing_table([reply.answer for reply in mine], opened.engine,
                                                            opened.load_s, opened.document.kv_dtype,
                                                            together=len(questions))))
