@@ -453,6 +453,18 @@ def serve(
                                           "not show)."),
     max_request_bytes: Optional[str] = typer.Option(None, "--max-request-bytes", help="Largest request body "
                                                     "accepted (default: config, 1MiB)."),
+    max_questions_per_request: Optional[int] = typer.Option(None, "--max-questions-per-request", help="Most "
+                                                            "questions in one request (default: config, 64)."),
+    max_waiting_asks: Optional[int] = typer.Option(None, "--max-waiting-asks", help="Most asks waiting for the "
+                                                   "engine; more get HTTP 429 (default: config, 32)."),
+    max_connections: Optional[int] = typer.Option(None, "--max-connections", help="Most open connections; a "
+                                                  "request beyond gets HTTP 429 (default: config, 64)."),
+    max_queued_events: Optional[int] = typer.Option(None, "--max-queued-events", help="Events held for a client "
+                                                    "that reads slowly, beyond which its text is merged "
+                                                    "(default: config, 1024)."),
+    max_decode_memory: Optional[str] = typer.Option(None, "--max-decode-memory", help="Decode buffers of the asks "
+                                                    "decoded at once; an ask needing more gets HTTP 413 (default: "
+                                                    "config, 1GiB)."),
     model: Optional[str] = ModelOpt, dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
     nproc: Optional[str] = NprocOpt, trust_remote_code: bool = TrustOpt,
     config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
@@ -461,7 +473,10 @@ def serve(
     from starqa.serve.server import serve as run_server
 
     settings = _settings(config, quiet, model=model, dtype=dtype, device=device, nproc=nproc,
-                         max_kv_memory=max_kv_memory, max_request_bytes=max_request_bytes)
+                         max_kv_memory=max_kv_memory, max_request_bytes=max_request_bytes,
+                         max_questions_per_request=max_questions_per_request, max_waiting_asks=max_waiting_asks,
+                         max_connections=max_connections, max_queued_events=max_queued_events,
+                         max_decode_memory=max_decode_memory)
     code = run_server(settings, trust_remote_code=trust_remote_code, host=host, port=port,
                       api_key=api_key or os.environ.get("STARQA_API_KEY") or None, debug=debug)
     if code:

@@ -33,13 +33,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from starqa.serve import protocol
+from starqa.serve import limits, protocol
 from starqa.serve.access import IDENTITY, identify, identity_of, over_unix_socket, scoped_ask
 from starqa.serve.protocol import RequestError
 from starqa.serve.worker import Job, Worker
 
 
-def create_app(worker: Worker, *, api_key: str | None, log: Callable[[str], None], keys=None) -> Starlette:
+def create_app(worker: Worker, *, api_key: str | None, log: Callable[[str], None], keys=None,
+               open_connections: Callable[[], int] | None = None) -> Starlette:
+    """The app; with `open_connections` (uvicorn's count), requests beyond `max_connections` are refused."""
     settings = worker.settings
     limit = settings.max_request_bytes
 
@@ -85,10 +87,10 @@ def create_app(worker: Worker, *, api_key: str | None, log: Callable[[str], None
             ask_request = protocol.parse_ask(await _read_json(request, limit), settings, worker.trust_remote_code)
             ask_request = scoped_ask(identity_of(request.scope), ask_request, worker.store.names)
             await run_in_threadpool(worker.prepare, ask_request)
+            job, queue = _submit(worker, ask_request, _peer(request.scope), request)
         except RequestError as error:
             await run_in_threadpool(_record_refusal, worker, request, ask_request, error, log)
             return refuse(request, error)
-        job, queue = _submit(worker, ask_request, _peer(request.scope), request)
         return StreamingResponse(_ndjson(job, queue), media_type=protocol.NDJSON)
 
     async def chat_completions(request: Request) -> Response:
@@ -98,10 +100,10 @@ def create_app(worker: Worker, *, api_key: str | None, log: Callable[[str], None
             chat = protocol.parse_chat(await _read_json(request, limit), settings, worker.trust_remote_code)
             chat = dataclasses.replace(chat, ask=scoped_ask(identity_of(request.scope), chat.ask, worker.store.names))
             await run_in_threadpool(worker.prepare, chat.ask)
+            job, queue = _submit(worker, chat.ask, _peer(request.scope), request)
         except RequestError as error:
             await run_in_threadpool(_record_refusal, worker, request, chat.ask if chat else None, error, log)
             return refuse(request, error)
-        job, queue = _submit(worker, chat.ask, _peer(request.scope), request)
         reply = _ChatReply(chat, job)
         if chat.stream:
             return StreamingResponse(reply.chunks(queue), media_type="text/event-stream",
@@ -126,6 +128,8 @@ def create_app(worker: Worker, *, api_key: str | None, log: Callable[[str], None
               Route("/v1/ask", ask, methods=["POST"]), Route("/v1/chat/completions", chat_completions,
                                                              methods=["POST"])]
     app = Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: internal})
+    if open_connections is not None:
+        app = limits.ConnectionLimit(app, settings.max_connections, open_connections, log)
     return _RequireKey(app, api_key, log, keys)
 
 
@@ -139,15 +143,18 @@ class _RequireKey:
         self.expected = ("Bearer " + api_key).encode() if api_key else None  # None: no all-documents key
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http":
-            identity = identify(scope, self.expected, self.keys)
-            if isinstance(identity, str):
-                self.log(f"{_peer(scope)} {scope.get('method')} {scope.get('path')} 401: {identity}")
-                body = protocol.error_body(identity, "unauthorized", 1)
-                response = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
-                await response(scope, receive, send)
-                return
-            scope[IDENTITY] = identity
+        if scope["type"] != "http":  # a websocket (no route takes one), or anything else: refused (fail closed)
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+            return
+        identity = identify(scope, self.expected, self.keys)
+        if isinstance(identity, str):
+            self.log(f"{_peer(scope)} {scope.get('method')} {scope.get('path')} 401: {identity}")
+            body = protocol.error_body(identity, "unauthorized", 1)
+            response = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            await response(scope, receive, send)
+            return
+        scope[IDENTITY] = identity
         await self.app(scope, receive, send)
 
 
@@ -213,24 +220,26 @@ def _untrusted_structure(data) -> str | None:
 
 
 def _submit(worker: Worker, request: protocol.AskRequest, peer: str,
-            http: Request | None = None) -> tuple[Job, asyncio.Queue]:
-    """Queue an ask; its events arrive in the returned queue (None ends them). The worker never waits for a
-    client: events wait in this queue, unbounded (an answer's events are small and finite). The ask is recorded in
-    the audit log (who: the identity of the `http` request) when it ends."""
+            http: Request | None = None) -> tuple[Job, limits.EventQueue]:
+    """Queue an ask (RequestError 429 when too many wait); its events arrive in the returned queue (None ends
+    them). The worker never waits for a client: events wait in this queue, up to `max_queued_events` of them,
+    and beyond that the answer text is merged into fewer events (limits.EventQueue). The ask is recorded in the
+    audit log (who: the identity of the `http` request) when it ends."""
     from starqa import audit
 
-    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+    queue = limits.EventQueue(asyncio.get_running_loop(), worker.settings.max_queued_events)
     identity = identity_of(http.scope) if http is not None else None
     recorder = audit.recorder(worker.settings, who=identity.who if identity else {"user": "unknown"},
                               via=identity.via if identity else "unix", questions=request.questions,
                               docs=request.docs, attention=request.attention,
                               endpoint=http.url.path if http is not None else None)
-    job = Job(request, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event), peer, recorder)
+    job = Job(request, queue.put, peer, recorder)
+    job.events = queue
     worker.submit(job)
     return job, queue
 
 
-async def _events(job: Job, queue: asyncio.Queue) -> AsyncIterator[dict]:
+async def _events(job: Job, queue: limits.EventQueue) -> AsyncIterator[dict]:
     """The ask's events until it ends; a client that goes away (the response is cancelled) cancels the ask."""
     try:
         while True:
@@ -242,7 +251,7 @@ async def _events(job: Job, queue: asyncio.Queue) -> AsyncIterator[dict]:
         job.cancelled.set()  # no-op once answered: the worker is done with it
 
 
-async def _ndjson(job: Job, queue: asyncio.Queue) -> AsyncIterator[bytes]:
+async def _ndjson(job: Job, queue: limits.EventQueue) -> AsyncIterator[bytes]:
     async for event in _events(job, queue):
         if event["type"] == "delta" and not job.request.stream:
             continue
@@ -264,7 +273,7 @@ class _ChatReply:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.doc,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
 
-    async def chunks(self, queue: asyncio.Queue) -> AsyncIterator[bytes]:
+    async def chunks(self, queue: limits.EventQueue) -> AsyncIterator[bytes]:
         yield protocol.sse(self._chunk({"role": "assistant", "content": ""}))
         sent, held, started = "", "", False
         async for event in _events(self.job, queue):
@@ -291,7 +300,7 @@ class _ChatReply:
                 return
         yield protocol.sse("[DONE]")
 
-    async def whole(self, queue: asyncio.Queue, request: Request) -> dict:
+    async def whole(self, queue: limits.EventQueue, request: Request) -> dict:
         watcher = asyncio.create_task(_cancel_when_gone(request, self.job, queue))
         row = None
         try:
@@ -313,7 +322,7 @@ class _ChatReply:
                 "usage": _usage(row), "starqa": row}
 
 
-async def _cancel_when_gone(request: Request, job: Job, queue: asyncio.Queue) -> None:
+async def _cancel_when_gone(request: Request, job: Job, queue: limits.EventQueue) -> None:
     """Cancel the ask when its client disconnects while a whole (not streamed) answer is being made."""
     while (await request.receive())["type"] != "http.disconnect":
         pass

@@ -91,10 +91,12 @@ def _run(settings, store, path: Path, tcp: socket.socket | None, *, trust_remote
     unix = _listen_unix(path)
     inode = os.stat(path).st_ino
     try:
-        app = create_app(worker, api_key=api_key, log=_log, keys=KeyRing(store.root, log=_log))
+        held: dict = {}  # the server, once made: the app counts its open connections (max_connections)
+        app = create_app(worker, api_key=api_key, log=_log, keys=KeyRing(store.root, log=_log),
+                         open_connections=lambda: len(held["server"].server_state.connections))
         config = uvicorn.Config(app, http=PeerH11Protocol, lifespan="off",
                                 log_level="warning", access_log=False, timeout_graceful_shutdown=GRACE_S)
-        server = _Server(config, worker)
+        server = held["server"] = _Server(config, worker)
         where = f"{path}" + (f" and http://{_address(tcp)}" if tcp is not None else "")
         report.info(f"serving {engine.model_name} ({str(engine.dtype).removeprefix('torch.')}, {engine.device}) "
                     f"on {where}; KV memory up to {report.human_bytes(settings.max_kv_memory)}")
@@ -154,7 +156,10 @@ def _scoped_keys(settings) -> bool:
 
 
 def _log(message: str) -> None:
-    report.info(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}")
+    """One line of the server's log; what a client sent in it is escaped (a path with %0A forges no line)."""
+    from starqa.serve.limits import one_line
+
+    report.info(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {one_line(message)}")
 
 
 def _remove_stale_socket(path: Path) -> None:
