@@ -42,7 +42,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 ConfigOpt = typer.Option(None, "--config", help="YAML file layered over configs/default.yaml.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="Only answers and errors; no progress or tables.")
 DebugOpt = typer.Option(False, "--debug", help="Show the full traceback of an error.")
-ModelOpt = typer.Option(None, "--model", help="smollm2-135m, a local HF model dir, a .gguf file, or a cached HF id.")
+ModelOpt = typer.Option(None, "--model", help="A catalogue model (`starqa models`), a local HF model dir, a .gguf file, or "
+                        "a cached HF id.")
 DtypeOpt = typer.Option(None, "--dtype", help="Compute dtype: auto, float32, bfloat16 or float16 (auto: bfloat16 on CUDA "
                         "and on CPUs with native bfloat16 (AMX, AVX512-BF16), else float32; a stored document: its own).")
 KvDtypeOpt = typer.Option(None, "--kv-dtype", help="Precision of the stored KV: auto (the compute dtype), bfloat16, "
@@ -265,6 +266,10 @@ def ask(
         from starqa.distributed import broadcast_object
 
         asked = broadcast_object(asked, ranks)  # under a hand-launched torchrun only rank 0 read standard input
+    from starqa.governance import AuditedAsk
+
+    asking = AuditedAsk(asking, settings, questions=asked, docs=doc or [], attention=attention,
+                        speaker=ranks.is_speaker)  # its run() records the ask in the store's audit log
     code = asking.run(lambda model_name, dtype: _load_engine(settings, model_name, trust_remote_code, ranks, dtype),
                       settings, _store(settings), docs=doc or [], all_documents=all_documents, questions=asked,
                       attention=attention, name=name, emit=printer if ranks.is_speaker else ignore,
@@ -332,6 +337,33 @@ def list_documents(
         return
     for document in documents:
         print(document_line(document))
+
+
+@app.command("models")
+def list_models(
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per catalogue model."),
+    config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
+) -> None:
+    """List the model catalogue: installed or not, how to install, size, context window, KV per token, disk."""
+    from starqa.catalogue import model_rows
+
+    settings = _settings(config, quiet)
+    rows = model_rows(_store(settings).root / "models", settings.model)
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    for row in rows:
+        state = "installed" if row["installed"] else "not installed"
+        converted = f", converted: {', '.join(row['converted'])}" if row["converted"] else ""
+        print(f"{row['name']}{' (default)' if row['default'] else ''}: {row['title']}; {state}{converted}")
+        print(f"    {row['parameters'] / 1e9:.2f}B parameters, {row['context_window']:,}-token context, "
+              f"{row['kv_bytes_per_token']:,} bytes of bfloat16 KV per token, "
+              f"{report.human_bytes(row['disk_bytes'])} in the store; {row['note']}")
+        if not row["installed"]:
+            print(f"    install: {row['install']}")
+    if not any(row["name"] == settings.model for row in rows):
+        print(f"default model: {settings.model} (not a catalogue model)")
 
 
 @app.command()
@@ -423,6 +455,18 @@ def serve(
                                           "not show)."),
     max_request_bytes: Optional[str] = typer.Option(None, "--max-request-bytes", help="Largest request body "
                                                     "accepted (default: config, 1MiB)."),
+    max_questions_per_request: Optional[int] = typer.Option(None, "--max-questions-per-request", help="Most "
+                                                            "questions in one request (default: config, 64)."),
+    max_waiting_asks: Optional[int] = typer.Option(None, "--max-waiting-asks", help="Most asks waiting for the "
+                                                   "engine; more get HTTP 429 (default: config, 32)."),
+    max_connections: Optional[int] = typer.Option(None, "--max-connections", help="Most open connections; a "
+                                                  "request beyond gets HTTP 429 (default: config, 64)."),
+    max_queued_events: Optional[int] = typer.Option(None, "--max-queued-events", help="Events held for a client "
+                                                    "that reads slowly, beyond which its text is merged "
+                                                    "(default: config, 1024)."),
+    max_decode_memory: Optional[str] = typer.Option(None, "--max-decode-memory", help="Decode buffers of the asks "
+                                                    "decoded at once; an ask needing more gets HTTP 413 (default: "
+                                                    "config, 1GiB)."),
     model: Optional[str] = ModelOpt, dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
     nproc: Optional[str] = NprocOpt, trust_remote_code: bool = TrustOpt,
     config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
@@ -431,7 +475,10 @@ def serve(
     from starqa.serve.server import serve as run_server
 
     settings = _settings(config, quiet, model=model, dtype=dtype, device=device, nproc=nproc,
-                         max_kv_memory=max_kv_memory, max_request_bytes=max_request_bytes)
+                         max_kv_memory=max_kv_memory, max_request_bytes=max_request_bytes,
+                         max_questions_per_request=max_questions_per_request, max_waiting_asks=max_waiting_asks,
+                         max_connections=max_connections, max_queued_events=max_queued_events,
+                         max_decode_memory=max_decode_memory)
     code = run_server(settings, trust_remote_code=trust_remote_code, host=host, port=port,
                       api_key=api_key or os.environ.get("STARQA_API_KEY") or None, debug=debug)
     if code:
@@ -440,6 +487,9 @@ def serve(
 
 from starqa.eval.command import eval_command  # noqa: E402  (the eval command lives in its own package)
 app.command("eval")(eval_command)
+from starqa.governance import audit_app, keys_app  # noqa: E402  (audit log and scoped keys: docs/governance.md)
+app.add_typer(audit_app, name="audit")
+app.add_typer(keys_app, name="keys")
 
 
 _ARGV: list[str] | None = None  # the arguments main() runs, re-used to relaunch under torchrun

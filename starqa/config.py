@@ -6,6 +6,7 @@ Unknown keys and wrong types are usage errors that name the key, so a typo never
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Any
 import yaml
 
 from starqa.errors import UsageError
+
+MODEL_ENV = "STARQA_MODEL"  # the model when neither --model nor a --config file names one
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
@@ -37,6 +40,14 @@ class Settings:
     attention_backend: str
     max_kv_memory: int  # bytes (the config may say "4GiB")
     max_request_bytes: int  # bytes
+    # starqa serve's limits on what requests may make it hold (starqa.serve.limits)
+    max_questions_per_request: int
+    max_waiting_asks: int
+    max_connections: int
+    max_queued_events: int
+    max_decode_memory: int  # bytes
+    audit: str = "metadata"  # off | metadata | full (starqa.audit)
+    audit_retention_days: int | None = None  # `starqa audit prune` drops records older than this; None: keep all
 
     @property
     def effective_anchor_size(self) -> int:
@@ -62,9 +73,16 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "attention_backend": (str,),
     "max_kv_memory": (int, str),
     "max_request_bytes": (int, str),
+    "max_questions_per_request": (int,),
+    "max_waiting_asks": (int,),
+    "max_connections": (int,),
+    "max_queued_events": (int,),
+    "max_decode_memory": (int, str),
+    "audit": (str,),
+    "audit_retention_days": (int, type(None)),
 }
 # Settings given as a size: bytes, or a number with a unit ("512MiB", "4GiB", "1.5GB").
-_SIZE_KEYS = ("max_kv_memory", "max_request_bytes")
+_SIZE_KEYS = ("max_kv_memory", "max_request_bytes", "max_decode_memory")
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _CHOICES = {
@@ -72,6 +90,7 @@ _CHOICES = {
     "kv_dtype": {"auto", "float32", "bfloat16", "float16", "int8"},
     "device": None,  # "auto", "cpu", "cuda", "cuda:N": checked in validate()
     "attention_backend": {"auto", "torch", "triton"},
+    "audit": {"off", "metadata", "full"},
 }
 
 
@@ -101,6 +120,10 @@ def _check_keys_and_types(values: dict[str, Any], origin: str) -> None:
             known = ", ".join(sorted(_FIELD_TYPES))
             raise UsageError(f"unknown setting '{key}' in {origin}; known settings: {known}")
         allowed = _FIELD_TYPES[key]
+        if key == "audit" and isinstance(value, bool):  # YAML reads `audit: off` as false
+            if value:
+                raise UsageError(f"setting 'audit' in {origin} must be off, metadata or full, not {value!r}")
+            values[key] = value = "off"
         if isinstance(value, bool) or not isinstance(value, allowed):
             names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
             raise UsageError(f"setting '{key}' in {origin} must be {names}, not {value!r}")
@@ -153,18 +176,25 @@ def validate(settings: Settings) -> Settings:
         raise UsageError(f"nproc must be a positive number or 'auto', not {settings.nproc!r}")
     if isinstance(settings.nproc, int) and settings.nproc <= 0:
         raise UsageError(f"nproc must be a positive number or 'auto', not {settings.nproc}")
-    if settings.max_request_bytes <= 0:
-        raise UsageError(f"max_request_bytes must be positive, not {settings.max_request_bytes}")
+    if settings.audit_retention_days is not None and settings.audit_retention_days <= 0:
+        raise UsageError(f"audit_retention_days must be a positive number of days or null (keep every record), "
+                         f"not {settings.audit_retention_days}")
+    for key in ("max_request_bytes", "max_questions_per_request", "max_waiting_asks", "max_connections",
+                "max_queued_events", "max_decode_memory"):
+        if getattr(settings, key) <= 0:
+            raise UsageError(f"{key} must be positive, not {getattr(settings, key)}")
     return settings
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
-    """Defaults, then `config_file`, then every override that is not None."""
+    """Defaults, then $STARQA_MODEL (the model only), then `config_file`, then every override that is not None."""
     values = _read_yaml(DEFAULT_CONFIG_PATH)
     _check_keys_and_types(values, str(DEFAULT_CONFIG_PATH))
     missing = set(_FIELD_TYPES) - set(values)
     if missing:
         raise UsageError(f"{DEFAULT_CONFIG_PATH} lacks settings: {', '.join(sorted(missing))}")
+    if os.environ.get(MODEL_ENV):  # between the defaults and a config file: a session's or a test run's model
+        values["model"] = os.environ[MODEL_ENV]
     if config_file is not None:
         user_values = _read_yaml(Path(config_file))
         _check_keys_and_types(user_values, str(config_file))

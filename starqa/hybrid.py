@@ -73,6 +73,7 @@ def answer_batch(opened, questions: list[str], first: int, settings, *, ranks, e
     import time
 
     from starqa import ask, events
+    from starqa.audit import document_version
 
     engine, document = opened.engine, opened.document
     started = time.perf_counter()
@@ -97,7 +98,8 @@ def answer_batch(opened, questions: list[str], first: int, settings, *, ranks, e
             emit(events.note(document.name, first + row, note_line(again[row])))
         else:
             reply.answer = kept_answer(reply.answer)
-        ask.emit_replies(emit, document.name, first + row, [reply])
+        ask.emit_replies(emit, document.name, first + row, [reply],
+                         document_version(document, engine))  # the stored version that answered (audit)
     title, rows = ask.timing_table(stars, engine, opened.load_s if first == 0 else None, document.kv_dtype)
     rows += [("answered again (full attention)", f"{len(escalated)} of {len(questions)} (not grounded)"),
              ("Star pass / full pass", f"{star_s:.2f} s / {full_s:.2f} s")]

@@ -252,3 +252,21 @@ def test_eval_judges_grounded_against_the_users_question_not_the_suites_instruct
         judged, _, _ = runner_module._attribution(SimpleNamespace(tokenizer=None), case, [], 0, [],
                                                   SimpleNamespace(stacked=lambda: None), answer)
     assert judged.grounded and calls == [case.question, asked]
+
+
+def test_a_hybrid_ask_is_counted_for_the_larger_of_its_two_passes_decode_buffers():
+    import types
+
+    import torch
+
+    from starqa.config import load_settings
+    from starqa.serve import limits
+
+    engine = types.SimpleNamespace(num_layers=30, kv_heads=3, head_dim=64, dtype=torch.bfloat16)
+    settings = load_settings(None, max_new_tokens=100)
+    questions = tuple(f"Question number {n}?" for n in range(8))
+    star = limits.decode_bytes(engine, settings, questions, "star", 5000)
+    full = limits.decode_bytes(engine, settings, questions, "full", 5000)
+    assert limits.decode_bytes(engine, settings, questions, "hybrid", 5000) == max(star, full) == full
+    short_full = limits.decode_bytes(engine, settings, questions, "full", 10)  # a short document: 8 rows weigh more
+    assert limits.decode_bytes(engine, settings, questions, "hybrid", 10) == star > short_full
