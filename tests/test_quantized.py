@@ -69,6 +69,7 @@ def test_values_quantized_by_gguf_come_back_exactly(kind):
     assert np.array_equal(matrix.dequantize(), gguf.quants.dequantize(raw, qtype))
 
 
+@pytest.mark.slow
 def test_the_bundled_gguf_maps_onto_the_converted_models_weights(bundled_engine):
     """smollm2-135m's GGUF (Q4_1 projections, a Q8_0 embedding, llama-permuted attn_q/attn_k): each HF weight read
     from it equals, value for value, what the float32 conversion holds (transformers de-quantised and un-permuted
