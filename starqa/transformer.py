@@ -188,14 +188,28 @@ class Transformer:
         files = sorted(directory.glob("*.safetensors"))
         if not files:
             raise StarqaError(f"{directory} holds no .safetensors weights (starqa never unpickles .bin files)")
-        handles = [safe_open(str(path), framework="pt") for path in files]
-        where = {name: handle for handle in handles for name in handle.keys()}
+        where = {}
+        for path in files:
+            with safe_open(str(path), framework="pt") as handle:
+                where.update(dict.fromkeys(handle.keys(), path))
+        # One file mapped at a time: a mapped file's pages stay resident (and counted as the process's memory) until
+        # it is unmapped, so keeping every shard open while the weights are copied into their fused tensors would
+        # hold the model twice at the end of loading. Tensors are read in file order, so each file opens about once.
+        opened: dict[Path, object] = {}
 
         def tensor(name: str) -> torch.Tensor | None:
-            handle = where.get(name)
-            return None if handle is None else handle.get_tensor(name)
+            path = where.get(name)
+            if path is None:
+                return None
+            if path not in opened:
+                opened.clear()
+                opened[path] = safe_open(str(path), framework="pt")
+            return opened[path].get_tensor(name)
 
-        return cls._from_tensors(args, tensor, dtype=dtype, device=device)
+        try:
+            return cls._from_tensors(args, tensor, dtype=dtype, device=device)
+        finally:
+            opened.clear()
 
     @classmethod
     def from_hf_model(cls, model) -> "Transformer":

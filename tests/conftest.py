@@ -93,8 +93,15 @@ def bundled_heads(bundled_engine):
     return retrieval_heads(bundled_engine)
 
 
+# The suite runs on the tiny bundled model unless a test names another: the default catalogue model is a
+# 1.5B that takes a minute to convert and seconds per answer (tests/test_catalogue.py covers it).
+TEST_MODEL = "smollm2-135m"
+os.environ["STARQA_MODEL"] = TEST_MODEL  # at import: session-scoped fixtures (shared servers) start before autouse ones
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("STARQA_MODEL", TEST_MODEL)
     os.environ.pop("NO_COLOR", None)

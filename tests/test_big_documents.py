@@ -223,11 +223,14 @@ def test_info_says_why_tiktoken_is_not_used(capsys, home, tmp_path, prefix_space
 def test_converting_the_bundled_model_prints_only_its_status_line(tmp_path, capfd):
     # A new user's first command converts the GGUF: transformers' reader and its shard writer draw tqdm bars on
     # stderr, which must not reach the user (starqa already said what it is doing).
-    from starqa.models import _convert_gguf, bundled_gguf_path
+    import torch
+
+    from starqa.models import ensure_converted, resolve_model
 
     statuses = []
-    _convert_gguf(bundled_gguf_path("smollm2-135m"), tmp_path / "converted", statuses.append)
+    source = ensure_converted(resolve_model("smollm2-135m", tmp_path / "models", torch.bfloat16),
+                              on_status=statuses.append)
     captured = capfd.readouterr()
     assert (captured.out, captured.err) == ("", "")
     assert len(statuses) == 1 and statuses[0].startswith("converting ")
-    assert (tmp_path / "converted" / "config.json").is_file()
+    assert (source.directory / "config.json").is_file()

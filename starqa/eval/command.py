@@ -11,6 +11,8 @@ Wiring only: options -> settings and engine -> cases (tasks.py) -> runner.py -> 
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import signal
 import threading
@@ -89,8 +91,9 @@ def _load_engine(settings, model: str | None, trust_remote_code: bool):
     return StarEngine.from_settings(settings, model, trust_remote_code=trust_remote_code, on_status=report.info)
 
 
-def _document_text(doc: str, settings, password: str | None = None) -> tuple[str, str]:
-    """(name, text) of --doc: a stored document, or a file extracted the way `ingest` extracts it."""
+def _document_text(doc: str, settings, password: str | None = None) -> tuple[str, str, dict | None]:
+    """(name, text, manifest) of --doc: a stored document (with its manifest), or a file extracted the way `ingest`
+    extracts it (manifest None)."""
     from starqa.store import DocumentStore, validate_name
 
     store = DocumentStore(settings.store)
@@ -100,7 +103,8 @@ def _document_text(doc: str, settings, password: str | None = None) -> tuple[str
     except UsageError:
         stored = False
     if stored:
-        return doc, store.get(doc).text()
+        document = store.get(doc)
+        return doc, document.text(), document.manifest
     path = Path(doc)
     if not path.is_file():
         raise UsageError(f"--doc {doc!r} is neither a stored document (see `starqa list`) nor a file")
@@ -111,7 +115,7 @@ def _document_text(doc: str, settings, password: str | None = None) -> tuple[str
     extracted = extract_document(path, password=password)
     for warning in extracted.warnings:
         report.warn(warning)
-    return path.stem, extracted.text
+    return path.stem, extracted.text, None
 
 
 def eval_command(
@@ -129,8 +133,9 @@ def eval_command(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw accuracy and speed-up against length into this file (.png, .svg or .pdf)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="JSONL results log: each finished case is appended; cases already in it are skipped."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Answer budget (default: per task as in RULER; the config's for --doc)."),
-    model: Optional[str] = typer.Option(None, "--model", help="smollm2-135m, a local HF model dir, a .gguf file, or a cached HF id."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)."),
+    model: Optional[str] = typer.Option(None, "--model", help="A catalogue model (`starqa models`), a local HF model dir, a .gguf file, or a "
+                                         "cached HF id."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: auto, float32, bfloat16 or float16 (default: auto, from the config: bfloat16 on CUDA and on CPUs with native bfloat16 (AMX, AVX512-BF16), else float32)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Weights decoding reads: auto, bfloat16, int8 or int4 (see docs/quantized-decoding.md)."),
     password: Optional[str] = typer.Option(None, "--password", help="With --doc FILE: password of an encrypted PDF."),
@@ -179,9 +184,15 @@ def _eval(doc, qa, suite, lengths, samples, tasks, block_size, anchor_size, pair
         from starqa.eval.qa_file import load_qa_file
 
         pairs_asked = load_qa_file(qa)
-        name, text = _document_text(doc, settings, password)
+        name, text, manifest = _document_text(doc, settings, password)
         if not text.strip():
             raise UsageError(f"--doc {doc!r} has no text")
+        if manifest is not None:  # a stored document is evaluated with the model (and dtype) it was stored with
+            from starqa.ask import engine_for
+
+            model, stored_dtype = engine_for(manifest, settings, model)
+            if stored_dtype is not None:
+                settings = dataclasses.replace(settings, dtype=stored_dtype)
         engine = _load_engine(settings, model, trust_remote_code)
         cases = _document_cases(engine, name, text, pairs_asked, max_new_tokens or settings.max_new_tokens)
         origin = {"document": name, "suite": None}
