@@ -50,7 +50,7 @@ _QK_K = 256
 class QuantizedMatrix:
     """One [out, in] weight as integers q with float32 scales s (and zeros z) per group of `group` inputs."""
 
-    q: np.ndarray  # int16 [out, in]: 0..15 (4-bit types) or -128..127
+    q: np.ndarray  # int8 (or int16) [out, in]: 0..15 (4-bit types), else -128..127
     scales: np.ndarray  # float32 [out, in / group]
     zeros: np.ndarray | None  # float32 [out, in / group], or None (symmetric)
     group: int
@@ -133,8 +133,9 @@ def unpack_blocks(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray
     raise ValueError(f"no exact integer form for GGUF type {kind}")
 
 
-def gguf_matrix(tensor) -> QuantizedMatrix | np.ndarray:
-    """A gguf.ReaderTensor [out, in] as a QuantizedMatrix (exact) when its type has one, else float32 values."""
+def gguf_matrix(tensor, rows_per_chunk: int = 4096) -> QuantizedMatrix | np.ndarray:
+    """A gguf.ReaderTensor [out, in] as a QuantizedMatrix (exact; q held as int8) when its type has one, else float32
+    values; unpacked a few thousand rows at a time, so a vocabulary-sized matrix needs little more than its result."""
     import gguf
 
     kind = tensor.tensor_type.name
@@ -143,11 +144,52 @@ def gguf_matrix(tensor) -> QuantizedMatrix | np.ndarray:
         return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(out,
                                                                                                              features)
     block, type_size = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
-    blocks = np.asarray(tensor.data, dtype=np.uint8).reshape(-1, type_size)
-    q, s, z, group = unpack_blocks(kind, blocks)
-    groups = features // group
-    return QuantizedMatrix(q.reshape(out, features), s.reshape(out, groups),
-                           None if z is None else z.reshape(out, groups), group, kind)
+    blocks = np.asarray(tensor.data, dtype=np.uint8).reshape(out, -1, type_size)
+    q = np.empty((out, features), dtype=np.int8)
+    scales = zeros = None
+    group = 0
+    for start in range(0, out, rows_per_chunk):
+        chunk = blocks[start:start + rows_per_chunk]
+        rows = chunk.shape[0]
+        q_part, s_part, z_part, group = unpack_blocks(kind, chunk.reshape(-1, type_size))
+        if scales is None:
+            scales = np.empty((out, features // group), dtype=np.float32)
+            zeros = None if z_part is None else np.empty((out, features // group), dtype=np.float32)
+        q[start:start + rows] = q_part.reshape(rows, features)
+        scales[start:start + rows] = s_part.reshape(rows, -1)
+        if zeros is not None:
+            zeros[start:start + rows] = z_part.reshape(rows, -1)
+    return QuantizedMatrix(q, scales, zeros, group, kind)
+
+
+class GGUFWeights:
+    """HF weight name -> that weight read from the GGUF (exact integers or float32 values), on demand: one
+    projection's pieces are in memory at a time."""
+
+    def __init__(self, gguf_path: Path, args) -> None:
+        import gguf
+
+        self.path = Path(gguf_path)
+        self.args = args
+        reader = gguf.GGUFReader(str(gguf_path))
+        self.tensors = {tensor.name: tensor for tensor in reader.tensors}
+        field_ = reader.fields.get("general.architecture")
+        self.architecture = field_.contents() if field_ is not None else ""
+        self.has_output = "output.weight" in self.tensors
+        self.output_finer = self.has_output and _bits_per_weight(self.tensors["output.weight"]) > _bits_per_weight(
+            self.tensors["token_embd.weight"])
+
+    def __getitem__(self, name: str) -> QuantizedMatrix | np.ndarray:
+        args = self.args
+        source = gguf_name(name, tied=args.tie_word_embeddings, has_output=self.has_output,
+                           output_finer=self.output_finer)
+        if source not in self.tensors:
+            raise StarqaError(f"{self.path.name} has no tensor {source} (for {name})")
+        matrix = gguf_matrix(self.tensors[source])
+        if self.architecture == "llama" and (".q_proj." in name or ".k_proj." in name):
+            heads = args.num_heads if ".q_proj." in name else args.num_kv_heads
+            matrix = _permuted(matrix, hf_row_order(_rows(matrix), heads))
+        return matrix
 
 
 # ------------------------------------------------------------------------------------------------ quantizers
@@ -292,12 +334,13 @@ _GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self
                "mlp.down_proj": "ffn_down"}
 
 
-def gguf_name(hf_name: str, *, tied: bool, has_output: bool) -> str:
-    """The GGUF tensor an HF weight was converted from (llama.cpp's names)."""
-    if hf_name == "lm_head.weight":
-        return "output.weight" if has_output and not tied else "token_embd.weight"
-    if hf_name == "model.embed_tokens.weight":
-        return "token_embd.weight"
+def gguf_name(hf_name: str, *, tied: bool, has_output: bool, output_finer: bool = False) -> str:
+    """The GGUF tensor an HF weight was converted from (llama.cpp's names). The LM head: `output` when the model has
+    its own; a tied model's one matrix is the finer of token_embd and output (starqa.gguf_convert keeps that one),
+    else token_embd."""
+    if hf_name in ("lm_head.weight", "model.embed_tokens.weight"):
+        own_head = hf_name == "lm_head.weight" and not tied
+        return "output.weight" if has_output and (own_head or (tied and output_finer)) else "token_embd.weight"
     _, _, layer, rest = hf_name.split(".", 3)
     return f"blk.{layer}.{_GGUF_NAMES[rest.removesuffix('.weight')]}.weight"
 
@@ -316,27 +359,28 @@ def _permuted(matrix: QuantizedMatrix | np.ndarray, order: np.ndarray):
                            matrix.group, matrix.source)
 
 
-def gguf_matrices(gguf_path: Path, args) -> dict[str, QuantizedMatrix | np.ndarray]:
-    """name -> HF weight (exact integers or float32 values), read from the GGUF, for every projection's piece."""
+def gguf_matrices(gguf_path: Path, args) -> GGUFWeights:
+    """name -> HF weight (exact integers or float32 values) read from the GGUF, for every projection's piece."""
+    return GGUFWeights(gguf_path, args)
+
+
+def _bits_per_weight(tensor) -> float:
     import gguf
 
-    reader = gguf.GGUFReader(str(gguf_path))
-    tensors = {tensor.name: tensor for tensor in reader.tensors}
-    field_ = reader.fields.get("general.architecture")
-    architecture = field_.contents() if field_ is not None else ""
-    has_output = "output.weight" in tensors
-    out: dict[str, QuantizedMatrix | np.ndarray] = {}
-    for pieces in projection_names(args.num_layers).values():
-        for name in pieces:
-            source = gguf_name(name, tied=args.tie_word_embeddings, has_output=has_output)
-            if source not in tensors:
-                raise StarqaError(f"{gguf_path.name} has no tensor {source} (for {name})")
-            matrix = gguf_matrix(tensors[source])
-            if architecture == "llama" and (".q_proj." in name or ".k_proj." in name):
-                heads = args.num_heads if ".q_proj." in name else args.num_kv_heads
-                matrix = _permuted(matrix, hf_row_order(_rows(matrix), heads))
-            out[name] = matrix
-    return out
+    block, block_bytes = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
+    return 8 * block_bytes / block
+
+
+def _check_rows(name: str, matrix, weight: torch.Tensor) -> None:
+    """The GGUF's values, rounded as the conversion rounded them, must be the model's weights: a few rows of each
+    piece are compared (a wrong tensor, row order or layout would differ)."""
+    values = matrix.dequantize() if isinstance(matrix, QuantizedMatrix) else matrix
+    rows = sorted({0, 1, values.shape[0] - 1})
+    expected = weight[rows].float()
+    got = torch.from_numpy(np.ascontiguousarray(values[rows])).to(weight.dtype).float()
+    if got.shape != expected.shape or not torch.equal(got, expected):
+        raise StarqaError(f"the GGUF's {name} does not hold the converted model's values; its packed weights were "
+                          "not used (delete the model from the store's models/ folder to convert it again)")
 
 
 def _rows(matrix) -> int:
@@ -350,12 +394,17 @@ def build_packed(transformer, mode: str, gguf_path: Path | None) -> dict[str, li
     linears = dict(transformer.projections())
     packed: dict[str, list[PackedPart]] = {}
     if gguf_path is not None:
-        matrices = gguf_matrices(gguf_path, transformer.args)
+        weights = gguf_matrices(gguf_path, transformer.args)
         for key, pieces in names.items():
+            matrices = {name: weights[name] for name in pieces}
             counts = [_rows(matrices[name]) for name in pieces]
             if sum(counts) != linears[key].weight.shape[0]:
                 raise StarqaError(f"{gguf_path.name} does not match the converted model ({key}: {sum(counts)} rows, "
                                   f"the model has {linears[key].weight.shape[0]})")
+            start = 0
+            for name, count in zip(pieces, counts):
+                _check_rows(name, matrices[name], linears[key].weight[start:start + count])
+                start += count
             packed[key] = pack_parts([choose(matrices[name], mode) for name in pieces], counts,
                                      linears[key].weight.shape[1])
         return packed
