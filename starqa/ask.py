@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from starqa import events, report
 from starqa.answer import Answer
+from starqa.audit import document_version
 from starqa.distributed import Ranks, agree, block_plan, phase2_spread, share_outcome
 from starqa.context_kv import ContextKV
 from starqa.errors import StarqaError, UsageError
@@ -171,10 +172,11 @@ def timing_table(answers: Sequence[Answer], engine, load_s: float | None = None,
             rows)
 
 
-def emit_replies(emit: Emit, doc: str, first: int, replies: Sequence[Reply]) -> None:
-    """The answer events of a batch whose first question is the document's question number `first`."""
+def emit_replies(emit: Emit, doc: str, first: int, replies: Sequence[Reply], version: dict | None = None) -> None:
+    """The answer events of a batch whose first question is the document's question number `first`; `version`:
+    the stored version that answered (starqa.audit.document_version)."""
     for row, reply in enumerate(replies):
-        emit(events.answer(doc, first + row, reply.answer.to_row(), reply.text, answer_lines(reply.answer)))
+        emit(events.answer(doc, first + row, reply.answer.to_row(), reply.text, answer_lines(reply.answer), version))
 
 
 def timer() -> Callable[[], float]:
@@ -373,7 +375,7 @@ def answer_questions(opened: OpenDocument, questions: list[str], settings, *, at
             replies = [ask_full(engine, document, opened.context, asked[0], settings, stream=send)]
         else:
             continue  # one full-attention pass needs one process; the other ranks of a torchrun job only wait
-        emit_replies(emit, document.name, first, replies)
+        emit_replies(emit, document.name, first, replies, document_version(document, engine))
         emit(events.timings(*timing_table([reply.answer for reply in replies], engine,
                                           opened.load_s if first == 0 else None,
                                           document.kv_dtype if attention == "star" else None)))

@@ -267,6 +267,10 @@ def ask(
         from starqa.distributed import broadcast_object
 
         asked = broadcast_object(asked, ranks)  # under a hand-launched torchrun only rank 0 read standard input
+    from starqa.governance import AuditedAsk
+
+    asking = AuditedAsk(asking, settings, questions=asked, docs=doc or [], attention=attention,
+                        speaker=ranks.is_speaker)  # its run() records the ask in the store's audit log
     code = asking.run(lambda model_name, dtype: _load_engine(settings, model_name, trust_remote_code, ranks, dtype),
                       settings, _store(settings), docs=doc or [], all_documents=all_documents, questions=asked,
                       attention=attention, name=name, emit=printer if ranks.is_speaker else ignore,
@@ -452,6 +456,18 @@ def serve(
                                           "not show)."),
     max_request_bytes: Optional[str] = typer.Option(None, "--max-request-bytes", help="Largest request body "
                                                     "accepted (default: config, 1MiB)."),
+    max_questions_per_request: Optional[int] = typer.Option(None, "--max-questions-per-request", help="Most "
+                                                            "questions in one request (default: config, 64)."),
+    max_waiting_asks: Optional[int] = typer.Option(None, "--max-waiting-asks", help="Most asks waiting for the "
+                                                   "engine; more get HTTP 429 (default: config, 32)."),
+    max_connections: Optional[int] = typer.Option(None, "--max-connections", help="Most open connections; a "
+                                                  "request beyond gets HTTP 429 (default: config, 64)."),
+    max_queued_events: Optional[int] = typer.Option(None, "--max-queued-events", help="Events held for a client "
+                                                    "that reads slowly, beyond which its text is merged "
+                                                    "(default: config, 1024)."),
+    max_decode_memory: Optional[str] = typer.Option(None, "--max-decode-memory", help="Decode buffers of the asks "
+                                                    "decoded at once; an ask needing more gets HTTP 413 (default: "
+                                                    "config, 1GiB)."),
     model: Optional[str] = ModelOpt, dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
     nproc: Optional[str] = NprocOpt, trust_remote_code: bool = TrustOpt, weights: Optional[str] = WeightsOpt,
     config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
@@ -460,7 +476,10 @@ def serve(
     from starqa.serve.server import serve as run_server
 
     settings = _settings(config, quiet, model=model, dtype=dtype, device=device, nproc=nproc,
-                         max_kv_memory=max_kv_memory, max_request_bytes=max_request_bytes, weights=weights)
+                         max_kv_memory=max_kv_memory, max_request_bytes=max_request_bytes,
+                         max_questions_per_request=max_questions_per_request, max_waiting_asks=max_waiting_asks,
+                         max_connections=max_connections, max_queued_events=max_queued_events,
+                         max_decode_memory=max_decode_memory, weights=weights)
     code = run_server(settings, trust_remote_code=trust_remote_code, host=host, port=port,
                       api_key=api_key or os.environ.get("STARQA_API_KEY") or None, debug=debug)
     if code:
@@ -469,6 +488,9 @@ def serve(
 
 from starqa.eval.command import eval_command  # noqa: E402  (the eval command lives in its own package)
 app.command("eval")(eval_command)
+from starqa.governance import audit_app, keys_app  # noqa: E402  (audit log and scoped keys: docs/governance.md)
+app.add_typer(audit_app, name="audit")
+app.add_typer(keys_app, name="keys")
 
 
 _ARGV: list[str] | None = None  # the arguments main() runs, re-used to relaunch under torchrun

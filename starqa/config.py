@@ -41,6 +41,14 @@ class Settings:
     attention_backend: str
     max_kv_memory: int  # bytes (the config may say "4GiB")
     max_request_bytes: int  # bytes
+    # starqa serve's limits on what requests may make it hold (starqa.serve.limits)
+    max_questions_per_request: int
+    max_waiting_asks: int
+    max_connections: int
+    max_queued_events: int
+    max_decode_memory: int  # bytes
+    audit: str = "metadata"  # off | metadata | full (starqa.audit)
+    audit_retention_days: int | None = None  # `starqa audit prune` drops records older than this; None: keep all
 
     @property
     def effective_anchor_size(self) -> int:
@@ -67,9 +75,16 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "attention_backend": (str,),
     "max_kv_memory": (int, str),
     "max_request_bytes": (int, str),
+    "max_questions_per_request": (int,),
+    "max_waiting_asks": (int,),
+    "max_connections": (int,),
+    "max_queued_events": (int,),
+    "max_decode_memory": (int, str),
+    "audit": (str,),
+    "audit_retention_days": (int, type(None)),
 }
 # Settings given as a size: bytes, or a number with a unit ("512MiB", "4GiB", "1.5GB").
-_SIZE_KEYS = ("max_kv_memory", "max_request_bytes")
+_SIZE_KEYS = ("max_kv_memory", "max_request_bytes", "max_decode_memory")
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _CHOICES = {
@@ -78,6 +93,7 @@ _CHOICES = {
     "weights": {"auto", "bfloat16", "int8", "int4"},
     "device": None,  # "auto", "cpu", "cuda", "cuda:N": checked in validate()
     "attention_backend": {"auto", "torch", "triton"},
+    "audit": {"off", "metadata", "full"},
 }
 
 
@@ -107,6 +123,10 @@ def _check_keys_and_types(values: dict[str, Any], origin: str) -> None:
             known = ", ".join(sorted(_FIELD_TYPES))
             raise UsageError(f"unknown setting '{key}' in {origin}; known settings: {known}")
         allowed = _FIELD_TYPES[key]
+        if key == "audit" and isinstance(value, bool):  # YAML reads `audit: off` as false
+            if value:
+                raise UsageError(f"setting 'audit' in {origin} must be off, metadata or full, not {value!r}")
+            values[key] = value = "off"
         if isinstance(value, bool) or not isinstance(value, allowed):
             names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
             raise UsageError(f"setting '{key}' in {origin} must be {names}, not {value!r}")
@@ -159,8 +179,13 @@ def validate(settings: Settings) -> Settings:
         raise UsageError(f"nproc must be a positive number or 'auto', not {settings.nproc!r}")
     if isinstance(settings.nproc, int) and settings.nproc <= 0:
         raise UsageError(f"nproc must be a positive number or 'auto', not {settings.nproc}")
-    if settings.max_request_bytes <= 0:
-        raise UsageError(f"max_request_bytes must be positive, not {settings.max_request_bytes}")
+    if settings.audit_retention_days is not None and settings.audit_retention_days <= 0:
+        raise UsageError(f"audit_retention_days must be a positive number of days or null (keep every record), "
+                         f"not {settings.audit_retention_days}")
+    for key in ("max_request_bytes", "max_questions_per_request", "max_waiting_asks", "max_connections",
+                "max_queued_events", "max_decode_memory"):
+        if getattr(settings, key) <= 0:
+            raise UsageError(f"{key} must be positive, not {getattr(settings, key)}")
     return settings
 
 

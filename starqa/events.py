@@ -8,7 +8,8 @@ same bytes. torch-free.
 
     {"type": "document", "doc": "memo"}                       a document begins (when several are asked)
     {"type": "delta", "doc": "memo", "question": 0, "text": " The"}     answer text as it is decoded
-    {"type": "answer", "doc": "memo", "question": 0, "answer": {...}, "text": " The fee ...", "lines": [...]}
+    {"type": "answer", "doc": "memo", "question": 0, "answer": {...}, "text": " The fee ...", "lines": [...],
+     "version": {"object": "memo.3f2a...", "version": 2, "source_sha256": "...", "model": "...", ...}}
     {"type": "timings", "title": "...", "rows": [["time to first token", "0.210 s"], ...]}
     {"type": "error", "message": "memo: ..."}                 one document failed; the others are still answered
 
@@ -34,8 +35,12 @@ def delta(doc: str, question: int, text: str) -> dict:
     return {"type": "delta", "doc": doc, "question": question, "text": text}
 
 
-def answer(doc: str, question: int, row: dict, text: str, lines: list[str]) -> dict:
-    return {"type": "answer", "doc": doc, "question": question, "answer": row, "text": text, "lines": lines}
+def answer(doc: str, question: int, row: dict, text: str, lines: list[str], version: dict | None = None) -> dict:
+    """`version`: the stored version that answered (object, version, source SHA-256, model), for the audit log."""
+    event = {"type": "answer", "doc": doc, "question": question, "answer": row, "text": text, "lines": lines}
+    if version is not None:
+        event["version"] = version
+    return event
 
 
 def timings(title: str, rows: list[tuple[str, str]]) -> dict:

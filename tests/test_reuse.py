@@ -404,11 +404,20 @@ def test_two_cpu_ranks_take_blocks_over_and_encode_only_their_share_of_the_rest(
     first = manifest(home)
     inodes = {b["file"]: ((home / "documents" / "doc").resolve() / b["file"]).stat().st_ino for b in first["blocks"]}
     write(tmp_path, V3)
-    result = starqa("ingest", str(source), *flags, "--nproc", "2", "--update", home=home)
+    trace = tmp_path / "trace"  # each rank records the blocks it encodes (tests/rank_trace/sitecustomize.py)
+    trace.mkdir()
+    result = starqa("ingest", str(source), *flags, "--nproc", "2", "--update", home=home,
+                    env={"PYTHONPATH": str(Path(__file__).parent / "rank_trace"), "STARQA_TEST_RANK_TRACE": str(trace)})
     assert result.returncode == 0, result.stderr
     assert re.search(r"blocks reused / encoded\s*\S?\s*(\d+) / (\d+)", result.stderr), result.stderr
     version = manifest(home)
     assert version["nproc"] == 2 and version["blocks_reused"] > 0 and version["blocks_encoded"] >= 2
+    # Only their share: the ranks encoded disjoint sets of blocks, each some, together exactly the changed ones.
+    encoded = {rank: [index for line in (trace / f"rank-{rank}.jsonl").read_text().splitlines()
+                      for index in json.loads(line)] for rank in (0, 1)}
+    changed = [index for index, block in enumerate(version["blocks"]) if not block["reused"]]
+    assert encoded[0] and encoded[1] and not set(encoded[0]) & set(encoded[1]), encoded
+    assert sorted(encoded[0] + encoded[1]) == changed, (encoded, changed)
     for block in version["blocks"]:
         path = (home / "documents" / "doc").resolve() / block["file"]
         assert (path.stat().st_ino == inodes.get(block["file"])) == block["reused"]

@@ -7,8 +7,11 @@ ones do a layer's per-token steps (RMS norm, rotary embedding, SiLU gate) in one
 decoding step's dozens of tiny torch ops per layer cost more in dispatch than their arithmetic.
 
 The C file is compiled once per machine on first use with the machine's C compiler (`cc -O3 -march=native
--fopenmp`, about a second) into a cache folder, keyed by the source, the compiler and the CPU, and loaded with
-ctypes after torch, so that its OpenMP threads are torch's own. Where it cannot be built (no compiler, no AVX-512,
+-fopenmp`, about a second) into a cache folder, keyed by the source, the compiler (its file, not run) and the CPU,
+and loaded with ctypes after torch, so that its OpenMP threads are torch's own. Loading a library runs its code:
+the folder and the file must belong to this user and be writable by no one else, or the kernels are built afresh
+in a private temporary folder (with a warning); a library lacking a function is not used. The wrappers check
+their tensors' shapes and dtypes, so a wrong call raises instead of reading past a buffer. Where it cannot be built (no compiler, no AVX-512,
 not Linux/x86-64) or STARQA_KERNELS=off, `unavailable_reason()` says why and the callers use plain torch instead:
 same results within float32 rounding, slower decoding.
 """
@@ -21,12 +24,17 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
+import tempfile
 import threading
+import time
 import uuid
 from pathlib import Path
 
 import torch
+
+from starqa import report
 
 __all__ = ["available", "unavailable_reason", "linear_bf16", "rms_norm_bf16", "rope_bf16_", "silu_mul_bf16",
            "decode_attention", "read_bandwidth", "quantized_available", "linear_quantized",
@@ -46,12 +54,13 @@ _P = ctypes.c_void_p
 
 
 def cache_folder() -> Path:
-    """Where compiled kernels are kept: $STARQA_KERNEL_CACHE, else $XDG_CACHE_HOME/starqa-kernels, else
-    ~/.cache/starqa-kernels (not the document store: one build serves every store on the machine)."""
+    """Where compiled kernels are kept: $STARQA_KERNEL_CACHE (a relative path is taken from the current folder and
+    made absolute), else $XDG_CACHE_HOME/starqa-kernels, else ~/.cache/starqa-kernels (not the document store: one
+    build serves every store on the machine). Only used when it is ours (see `_trusted`)."""
     if os.environ.get(_CACHE_ENV):
-        return Path(os.environ[_CACHE_ENV]).expanduser()
+        return Path(os.path.abspath(Path(os.environ[_CACHE_ENV]).expanduser()))
     base = Path(os.environ["XDG_CACHE_HOME"]).expanduser() if os.environ.get("XDG_CACHE_HOME") else Path.home() / ".cache"
-    return base / "starqa-kernels"
+    return Path(os.path.abspath(base / "starqa-kernels"))
 
 
 def _cpu_identity() -> str:
@@ -71,6 +80,116 @@ def _compiler() -> str | None:
     return None
 
 
+def _compiler_identity(compiler: str) -> str:
+    """The compiler as the cache key sees it, without running it: its resolved path, size and modification time
+    (an upgraded compiler is another file, so another key): no process is started on every run."""
+    real = os.path.realpath(compiler)
+    info = os.stat(real)
+    return f"{real}:{info.st_size}:{info.st_mtime_ns}"
+
+
+def _cache_key(compiler: str) -> str:
+    """What the library built here depends on: the source, the compiler, the flags and the CPU."""
+    sources = b"".join(path.read_bytes() for path in _SOURCES)
+    return hashlib.sha256(sources + _compiler_identity(compiler).encode() + " ".join(_FLAGS).encode()
+                          + _cpu_identity().encode()).hexdigest()[:16]
+
+
+# Every function the Python side calls: a library lacking one (a damaged or foreign file) is not used.
+_SYMBOLS = ("starqa_kernels_available", "linear_bf16", "rms_norm_bf16", "rope_bf16", "silu_mul_bf16", "stream_read",
+            "decode_attention", "starqa_quant_available", "linear_q4", "linear_q8")
+_STALE_BUILD_S = 600  # a `.tmp-*.so` older than this is left by a killed build (a build takes seconds)
+
+
+def _trusted(info: os.stat_result) -> bool:
+    """Owned by this user and writable by no one else: nobody else can have put code there."""
+    return info.st_uid == os.geteuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _usable_folder(folder: Path) -> str | None:
+    """Why `folder` cannot hold kernels this process loads (None: it can; it is created, 0700, when missing)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        info = os.stat(folder)
+    except OSError as exc:
+        return f"cannot create it ({exc.strerror or exc})"
+    if not stat.S_ISDIR(info.st_mode):
+        return "it is not a folder"
+    if info.st_uid != os.geteuid():
+        return f"it belongs to another user (uid {info.st_uid})"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"others can write to it (mode {stat.S_IMODE(info.st_mode):o})"
+    return None
+
+
+def _untrusted_file(target: Path) -> str | None:
+    """Why the cached library `target` is not to be loaded (None: it is absent, or a file of ours)."""
+    try:
+        info = os.lstat(target)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        return f"{target.name} is not a regular file"
+    if info.st_uid != os.geteuid():
+        return f"{target.name} belongs to another user (uid {info.st_uid})"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"others can write to {target.name} (mode {stat.S_IMODE(info.st_mode):o})"
+    return None
+
+
+def _remove_stale_builds(folder: Path) -> None:
+    now = time.time()
+    for leftover in folder.glob(".tmp-*.so"):
+        try:
+            if now - leftover.lstat().st_mtime > _STALE_BUILD_S:
+                leftover.unlink()
+        except OSError:
+            pass
+
+
+def _build(compiler: str, folder: Path, key: str) -> Path | str:
+    """Compile cpu_decode.c into `folder` (atomically, as cpu_decode-<key>.so); the path, or why it failed."""
+    target = folder / f"cpu_decode-{key}.so"
+    staging = folder / f".tmp-{key}-{uuid.uuid4().hex[:8]}.so"
+    result = subprocess.run([compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(staging), "-lm"],
+                            capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        staging.unlink(missing_ok=True)
+        first = (result.stderr.strip().splitlines() or ["(no message)"])[0]
+        return f"the C compiler failed: {first[:200]}"
+    os.chmod(staging, 0o700)
+    os.replace(staging, target)  # atomic: a concurrent build of the same key writes the same file
+    return target
+
+
+def _open_trusted(target: Path) -> ctypes.CDLL | str:
+    """Load `target` only if it is a regular file of ours that no one else can write (checked on the open file,
+    and the file loaded checked to be that one: in a folder only we can write, nobody can swap it meanwhile)."""
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        return f"cannot open {target} ({exc.strerror or exc})"
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or not _trusted(info):
+            return f"{target} is not a file of this user that only it can write"
+        # (Not dlopen("/proc/self/fd/N"): the loader takes a name it has loaded before for the same library.)
+        library = ctypes.CDLL(str(target))
+        loaded = os.stat(target)
+        if (loaded.st_dev, loaded.st_ino) != (info.st_dev, info.st_ino):
+            return f"{target} changed while it was loaded"
+    except OSError as exc:
+        return f"cannot load {target.name}: {exc}"[:240]
+    finally:
+        os.close(fd)
+    return library
+
+
+def _missing_symbols(library: ctypes.CDLL, target: Path) -> str | None:
+    missing = [name for name in _SYMBOLS if not hasattr(library, name)]
+    return f"{target} lacks {', '.join(missing)} (remove it to rebuild)" if missing else None
+
+
 _state: dict[str, str] = {"reason": ""}
 
 
@@ -86,30 +205,42 @@ def _library() -> ctypes.CDLL | None:
     if compiler is None:
         _state["reason"] = "no C compiler found (install gcc, or set CC)"
         return None
+    private = None
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-        source = b"".join(path.read_bytes() for path in _SOURCES)
-        key = hashlib.sha256(source + version.encode() + " ".join(_FLAGS).encode()
-                             + _cpu_identity().encode()).hexdigest()[:16]
+        key = _cache_key(compiler)
         folder = cache_folder()
         target = folder / f"cpu_decode-{key}.so"
+        problem = _usable_folder(folder) or _untrusted_file(target)
+        if problem is not None:  # another user could have put a library there: build one of our own instead
+            private = Path(tempfile.mkdtemp(prefix="starqa-kernels-"))
+            report.warn(f"not using the kernel cache {folder}: {problem}; building the decode kernels in a private "
+                        f"folder for this run (set {_CACHE_ENV} to a folder of your own)")
+            folder, target = private, private / target.name
+        _remove_stale_builds(folder)
         if not target.is_file():
-            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-            staging = folder / f".tmp-{key}-{uuid.uuid4().hex[:8]}.so"
-            result = subprocess.run([compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(staging), "-lm"],
-                                    capture_output=True, text=True, timeout=300)
-            if result.returncode != 0:
-                staging.unlink(missing_ok=True)
-                first = (result.stderr.strip().splitlines() or ["(no message)"])[0]
-                _state["reason"] = f"the C compiler failed: {first[:200]}"
+            built = _build(compiler, folder, key)
+            if isinstance(built, str):
+                _state["reason"] = built
                 return None
-            os.replace(staging, target)  # atomic: a concurrent build of the same key writes the same file
-        library = ctypes.CDLL(str(target))
+        library = _open_trusted(target)
+        if isinstance(library, str):
+            _state["reason"] = library
+            return None
+        if not hasattr(library, "starqa_kernels_available"):
+            _state["reason"] = _missing_symbols(library, target)
+            return None
     except (OSError, subprocess.SubprocessError) as exc:
         _state["reason"] = f"cannot build or load the kernels: {exc.__class__.__name__}: {exc}"[:240]
         return None
+    finally:
+        if private is not None:  # loaded (or not): the mapped library needs no file
+            shutil.rmtree(private, ignore_errors=True)
     if not library.starqa_kernels_available():
         _state["reason"] = "this CPU has no AVX-512"
+        return None
+    missing = _missing_symbols(library, target)
+    if missing:
+        _state["reason"] = missing
         return None
     library.linear_bf16.restype = ctypes.c_int
     library.linear_bf16.argtypes = [_P, _P, _P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P]
@@ -157,6 +288,9 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | 
     out = weight.shape[0]
     if features % 32 or not weight.is_contiguous():
         raise ValueError(f"linear_bf16 needs a contiguous weight and in-features divisible by 32, got {tuple(weight.shape)}")
+    _check_bf16("linear_bf16", x, weight)
+    if weight.dim() != 2 or weight.shape[1] != features:
+        raise ValueError(f"linear_bf16: weight {tuple(weight.shape)} does not take x {tuple(x.shape)}")
     x = x.contiguous()
     if residual is not None:
         residual = residual.contiguous()
@@ -173,8 +307,11 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | 
 def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """LlamaRMSNorm of bfloat16 rows x [..., dim] (normalised in float32, rounded, times the bf16 weight)."""
     x = x.contiguous()
-    y = torch.empty_like(x)
     dim = x.shape[-1]
+    _check_bf16("rms_norm_bf16", x, weight)
+    if weight.shape != (dim,) or not weight.is_contiguous():
+        raise ValueError(f"rms_norm_bf16: weight {tuple(weight.shape)} for rows of {dim}")
+    y = torch.empty_like(x)
     code = _library().rms_norm_bf16(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // dim, dim, eps)
     if code != 0:
         raise RuntimeError(f"rms_norm_bf16 failed ({code}) for x {tuple(x.shape)}")
@@ -186,8 +323,11 @@ def rope_bf16_(qkv: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, 
     cos, sin: bf16 [rows, rotary_dim] (each row's position)."""
     rows = qkv.shape[0]
     cos, sin = cos.contiguous(), sin.contiguous()
-    if not qkv.is_contiguous() or cos.shape[0] != rows or qkv.shape[1] < heads * head_dim:
-        raise ValueError(f"rope_bf16_: qkv {tuple(qkv.shape)}, cos {tuple(cos.shape)}")
+    _check_bf16("rope_bf16_", qkv, cos, sin)
+    if (qkv.dim() != 2 or not qkv.is_contiguous() or cos.dim() != 2 or cos.shape[0] != rows
+            or sin.shape != cos.shape or cos.shape[1] > head_dim or qkv.shape[1] < heads * head_dim):
+        raise ValueError(f"rope_bf16_: qkv {tuple(qkv.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}, "
+                         f"{heads} heads of {head_dim}")
     code = _library().rope_bf16(qkv.data_ptr(), qkv.shape[1], rows, heads, head_dim, cos.shape[1], cos.data_ptr(),
                                 sin.data_ptr())
     if code != 0:
@@ -197,12 +337,44 @@ def rope_bf16_(qkv: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, 
 def silu_mul_bf16(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for bf16 rows [..., 2 * inter] holding [gate | up]; returns [..., inter]."""
     gate_up = gate_up.contiguous()
+    _check_bf16("silu_mul_bf16", gate_up)
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"silu_mul_bf16: rows of {gate_up.shape[-1]} do not hold [gate | up]")
     inter = gate_up.shape[-1] // 2
     out = torch.empty((*gate_up.shape[:-1], inter), dtype=torch.bfloat16)
     code = _library().silu_mul_bf16(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * inter), inter)
     if code != 0:
         raise RuntimeError(f"silu_mul_bf16 failed ({code})")
     return out
+
+
+def _check_bf16(name: str, *tensors: torch.Tensor) -> None:
+    for tensor in tensors:
+        if tensor.dtype != torch.bfloat16 or tensor.device.type != "cpu":
+            raise ValueError(f"{name} takes bfloat16 CPU tensors, not {tensor.dtype} on {tensor.device}")
+
+
+def _check_attention_inputs(q, keys, values, chunk_starts, key_scales, value_scales) -> None:
+    """decode_attention's tensors agree with each other (the C code trusts every size it is given)."""
+    hk, _, dim = q.shape
+    n = keys.shape[1]
+    if q.dtype not in (torch.float32, torch.bfloat16) or keys.dtype not in KV_FORMATS:
+        raise ValueError(f"decode_attention: q {q.dtype}, keys {keys.dtype}")
+    if keys.shape != (hk, n, dim) or values.shape != keys.shape or values.dtype != keys.dtype:
+        raise ValueError(f"decode_attention: keys {tuple(keys.shape)} {keys.dtype} and values {tuple(values.shape)} "
+                         f"{values.dtype} for q {tuple(q.shape)}")
+    if chunk_starts.dtype != torch.int32 or chunk_starts.dim() != 1 or not chunk_starts.is_contiguous():
+        raise ValueError(f"decode_attention: chunk_starts must be contiguous int32 [chunks + 1], not "
+                         f"{chunk_starts.dtype} {tuple(chunk_starts.shape)}")
+    chunks = chunk_starts.numel() - 1
+    if keys.dtype == torch.int8:
+        if key_scales is None or value_scales is None:
+            raise ValueError("decode_attention: int8 keys and values need key_scales and value_scales")
+        for name, scales, shape in (("key_scales", key_scales, (hk, chunks, dim)), ("value_scales", value_scales,
+                                                                                    (hk, n))):
+            if scales.shape != shape or scales.dtype != torch.float32 or not scales.is_contiguous():
+                raise ValueError(f"decode_attention: {name} {tuple(scales.shape)} {scales.dtype}, needs contiguous "
+                                 f"float32 {shape}")
 
 
 class _Segment(ctypes.Structure):
@@ -250,6 +422,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     if keys.stride(2) != 1 or keys.stride(1) != dim or values.stride() != keys.stride():
         raise ValueError("decode_attention needs keys and values laid out [hk, n, d] with token stride d")
     quantized = keys.dtype == torch.int8
+    _check_attention_inputs(q, keys, values, chunk_starts, key_scales if quantized else None,
+                            value_scales if quantized else None)
     scores = torch.empty((hk, rows, n), dtype=torch.float32) if want_scores else None
     prefix = _Segment(KV_FORMATS[keys.dtype], keys.data_ptr(), values.data_ptr(),
                       _pointer(key_scales) if quantized else None, _pointer(value_scales) if quantized else None,
@@ -259,6 +433,11 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     if local_keys is not None and local_keys.shape[1] > 0:
         if local_keys.stride(2) != 1 or local_keys.stride(1) != dim or local_values.stride() != local_keys.stride():
             raise ValueError("decode_attention needs the local keys and values laid out [hk, m, d]")
+        if (local_keys.shape != (hk, local_keys.shape[1], dim) or local_values.shape != local_keys.shape
+                or local_keys.dtype not in (torch.float32, torch.bfloat16, torch.float16)
+                or local_values.dtype != local_keys.dtype):
+            raise ValueError(f"decode_attention: local keys {tuple(local_keys.shape)} {local_keys.dtype}, values "
+                             f"{tuple(local_values.shape)} {local_values.dtype}, for q {tuple(q.shape)}")
         m = local_keys.shape[1]
         local = _Segment(KV_FORMATS[local_keys.dtype], local_keys.data_ptr(), local_values.data_ptr(), None, None,
                          local_keys.stride(0), None, -(-m // MAX_CHUNK), m, None)

@@ -251,7 +251,9 @@ static inline int chunk_bound(const Segment* s, int c) {
 }
 
 static int check_segment(const Segment* s) {
-    if (s->fmt < 0 || s->fmt > KV_I8 || s->n_chunks < 1 || (s->fmt == KV_I8 && (!s->kscale || !s->vscale))) return -1;
+    if (s->fmt < 0 || s->fmt > KV_I8 || s->n_chunks < 1 || s->n < 1 || s->head_stride < 0
+        || (s->fmt == KV_I8 && (!s->kscale || !s->vscale))) return -1;
+    if (s->chunk_start && s->chunk_start[0] != 0) return -2;  /* a first chunk before the keys' start */
     for (int c = 0; c < s->n_chunks; c++) {
         int len = chunk_bound(s, c + 1) - chunk_bound(s, c);
         if (len < 1 || len > MAX_CHUNK) return -2;

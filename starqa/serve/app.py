@@ -5,18 +5,22 @@ engine work happens in the worker (starqa.serve.worker). Every request is untrus
 
     GET  /health               the model, the queue, the KV held in memory
     GET  /v1/documents         the stored documents, one `starqa list --json` object per line
+    GET  /v1/documents/NAME    one of them
     GET  /v1/models            the stored documents as OpenAI models (a document's name is the model)
+    GET  /v1/models/NAME       one of them
     POST /v1/ask               the fields of `starqa ask`; newline-delimited JSON events (starqa.events)
     POST /v1/chat/completions  OpenAI-compatible: model = a document's name, the last user message the question
 
-Requests over TCP need `Authorization: Bearer <key>` (compared in constant time); over the store's Unix socket,
-which only the store's owner can open, they need none.
+Requests over TCP need `Authorization: Bearer <key>` (compared in constant time): the `--api-key` key (every
+document) or a scoped key of the store (`starqa keys add`: only the documents its globs match, see
+starqa.serve.access); over the store's Unix socket, which only the store's owner can open, they need none. Every
+answer is recorded in the store's audit log (starqa.audit) with who asked: the socket peer's uid, or the key's name.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import dataclasses
 import json
 import time
 import uuid
@@ -29,12 +33,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from starqa.serve import protocol
+from starqa.serve import limits, protocol
+from starqa.serve.access import IDENTITY, identify, identity_of, over_unix_socket, scoped_ask
 from starqa.serve.protocol import RequestError
 from starqa.serve.worker import Job, Worker
 
 
-def create_app(worker: Worker, *, api_key: str | None, log: Callable[[str], None]) -> Starlette:
+def create_app(worker: Worker, *, api_key: str | None, log: Callable[[str], None], keys=None,
+               open_connections: Callable[[], int] | None = None) -> Starlette:
+    """The app; with `open_connections` (uvicorn's count), requests beyond `max_connections` are refused."""
     settings = worker.settings
     limit = settings.max_request_bytes
 
@@ -43,35 +50,60 @@ def create_app(worker: Worker, *, api_key: str | None, log: Callable[[str], None
         return JSONResponse(error.body(), status_code=error.status)
 
     async def health(request: Request) -> Response:
-        return JSONResponse(worker.health())
+        health = worker.health()
+        if identity_of(request.scope).key is not None:  # a scoped key learns nothing of other documents
+            health = {key: health[key] for key in ("status", "model", "dtype", "device")}
+        return JSONResponse(health)
 
     async def documents(request: Request) -> Response:
-        rows = await run_in_threadpool(_document_rows, worker, log)
+        allows = identity_of(request.scope).allows
+        rows = await run_in_threadpool(_document_rows, worker, log, allows)
         return Response("".join(json.dumps(row) + "\n" for row in rows), media_type=protocol.NDJSON)
 
+    async def document(request: Request) -> Response:
+        name = request.path_params["name"]
+        rows = await run_in_threadpool(_document_rows, worker, log, lambda stored: stored == name
+                                       and identity_of(request.scope).allows(stored))
+        if not rows:
+            return refuse(request, _no_document(name))
+        return JSONResponse(rows[0])
+
     async def models(request: Request) -> Response:
+        allows = identity_of(request.scope).allows
         names = await run_in_threadpool(worker.store.names)
-        return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "created": 0,
-                                                         "owned_by": "starqa"} for name in names]})
+        return JSONResponse({"object": "list", "data": [_model(name) for name in names if allows(name)]})
+
+    async def model(request: Request) -> Response:
+        name = request.path_params["name"]
+        names = await run_in_threadpool(worker.store.names)
+        if name not in names or not identity_of(request.scope).allows(name):
+            return refuse(request, _no_document(name))
+        return JSONResponse(_model(name))
 
     async def ask(request: Request) -> Response:
         worker.counts["received"] += 1
+        ask_request = None
         try:
             ask_request = protocol.parse_ask(await _read_json(request, limit), settings, worker.trust_remote_code)
+            ask_request = scoped_ask(identity_of(request.scope), ask_request, worker.store.names)
             await run_in_threadpool(worker.prepare, ask_request)
+            job, queue = _submit(worker, ask_request, _peer(request.scope), request)
         except RequestError as error:
+            await run_in_threadpool(_record_refusal, worker, request, ask_request, error, log)
             return refuse(request, error)
-        job, queue = _submit(worker, ask_request, _peer(request.scope))
         return StreamingResponse(_ndjson(job, queue), media_type=protocol.NDJSON)
 
     async def chat_completions(request: Request) -> Response:
         worker.counts["received"] += 1
+        chat = None
         try:
             chat = protocol.parse_chat(await _read_json(request, limit), settings, worker.trust_remote_code)
+            chat = dataclasses.replace(chat, ask=scoped_ask(identity_of(request.scope), chat.ask, worker.store.names))
             await run_in_threadpool(worker.prepare, chat.ask)
+            job, queue = _submit(worker, chat.ask, _peer(request.scope), request)
         except RequestError as error:
+            await run_in_threadpool(_record_refusal, worker, request, chat.ask if chat else None, error, log)
             return refuse(request, error)
-        job, queue = _submit(worker, chat.ask, _peer(request.scope))
         reply = _ChatReply(chat, job)
         if chat.stream:
             return StreamingResponse(reply.chunks(queue), media_type="text/event-stream",
@@ -90,44 +122,45 @@ def create_app(worker: Worker, *, api_key: str | None, log: Callable[[str], None
         error = RequestError(500, f"internal error: {exc.__class__.__name__}: {exc}"[:300], "internal", 1)
         return refuse(request, error)
 
-    routes = [Route("/health", health), Route("/v1/documents", documents), Route("/v1/models", models),
+    routes = [Route("/health", health), Route("/v1/documents", documents),
+              Route("/v1/documents/{name:path}", document), Route("/v1/models", models),
+              Route("/v1/models/{name:path}", model),
               Route("/v1/ask", ask, methods=["POST"]), Route("/v1/chat/completions", chat_completions,
                                                              methods=["POST"])]
     app = Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: internal})
-    return _RequireKey(app, api_key, log)
+    if open_connections is not None:
+        app = limits.ConnectionLimit(app, settings.max_connections, open_connections, log)
+    return _RequireKey(app, api_key, log, keys)
 
 
 class _RequireKey:
-    """Requests that did not come through the Unix socket need `Authorization: Bearer <key>`."""
+    """Requests that did not come through the Unix socket need `Authorization: Bearer <key>`: the `--api-key` key
+    or a scoped key of the store (`keys`, a starqa.keys.KeyRing read again whenever its file changes). The request's
+    Identity (starqa.serve.access) goes into its scope."""
 
-    def __init__(self, app, api_key: str | None, log: Callable[[str], None]) -> None:
-        self.app, self.log = app, log
-        self.expected = ("Bearer " + api_key).encode() if api_key else None
+    def __init__(self, app, api_key: str | None, log: Callable[[str], None], keys=None) -> None:
+        self.app, self.log, self.keys = app, log, keys
+        self.expected = ("Bearer " + api_key).encode() if api_key else None  # None: no all-documents key
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and not _over_unix_socket(scope) and not self._authorized(scope):
-            self.log(f"{_peer(scope)} {scope.get('method')} {scope.get('path')} 401: missing or wrong API key")
-            body = protocol.error_body("missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                                       "unauthorized", 1)
+        if scope["type"] != "http":  # a websocket (no route takes one), or anything else: refused (fail closed)
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+            return
+        identity = identify(scope, self.expected, self.keys)
+        if isinstance(identity, str):
+            self.log(f"{_peer(scope)} {scope.get('method')} {scope.get('path')} 401: {identity}")
+            body = protocol.error_body(identity, "unauthorized", 1)
             response = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
             await response(scope, receive, send)
             return
+        scope[IDENTITY] = identity
         await self.app(scope, receive, send)
 
-    def _authorized(self, scope) -> bool:
-        if self.expected is None:  # no key: nothing but the Unix socket is served (fail closed)
-            return False
-        given = next((value for name, value in scope.get("headers", []) if name == b"authorization"), b"")
-        return hmac.compare_digest(given, self.expected)
-
-
-def _over_unix_socket(scope) -> bool:
-    server = scope.get("server")  # uvicorn: (path, None) on a Unix socket, (host, port) on TCP
-    return bool(server) and server[1] is None
 
 
 def _peer(scope) -> str:
-    if _over_unix_socket(scope):
+    if over_unix_socket(scope):
         return "unix"
     client = scope.get("client")
     return f"{client[0]}:{client[1]}" if client else "tcp"
@@ -186,16 +219,27 @@ def _untrusted_structure(data) -> str | None:
     return None
 
 
-def _submit(worker: Worker, request: protocol.AskRequest, peer: str) -> tuple[Job, asyncio.Queue]:
-    """Queue an ask; its events arrive in the returned queue (None ends them). The worker never waits for a
-    client: events wait in this queue, unbounded (an answer's events are small and finite)."""
-    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-    job = Job(request, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event), peer)
+def _submit(worker: Worker, request: protocol.AskRequest, peer: str,
+            http: Request | None = None) -> tuple[Job, limits.EventQueue]:
+    """Queue an ask (RequestError 429 when too many wait); its events arrive in the returned queue (None ends
+    them). The worker never waits for a client: events wait in this queue, up to `max_queued_events` of them,
+    and beyond that the answer text is merged into fewer events (limits.EventQueue). The ask is recorded in the
+    audit log (who: the identity of the `http` request) when it ends."""
+    from starqa import audit
+
+    queue = limits.EventQueue(asyncio.get_running_loop(), worker.settings.max_queued_events)
+    identity = identity_of(http.scope) if http is not None else None
+    recorder = audit.recorder(worker.settings, who=identity.who if identity else {"user": "unknown"},
+                              via=identity.via if identity else "unix", questions=request.questions,
+                              docs=request.docs, attention=request.attention,
+                              endpoint=http.url.path if http is not None else None)
+    job = Job(request, queue.put, peer, recorder)
+    job.events = queue
     worker.submit(job)
     return job, queue
 
 
-async def _events(job: Job, queue: asyncio.Queue) -> AsyncIterator[dict]:
+async def _events(job: Job, queue: limits.EventQueue) -> AsyncIterator[dict]:
     """The ask's events until it ends; a client that goes away (the response is cancelled) cancels the ask."""
     try:
         while True:
@@ -207,7 +251,7 @@ async def _events(job: Job, queue: asyncio.Queue) -> AsyncIterator[dict]:
         job.cancelled.set()  # no-op once answered: the worker is done with it
 
 
-async def _ndjson(job: Job, queue: asyncio.Queue) -> AsyncIterator[bytes]:
+async def _ndjson(job: Job, queue: limits.EventQueue) -> AsyncIterator[bytes]:
     async for event in _events(job, queue):
         if event["type"] == "delta" and not job.request.stream:
             continue
@@ -229,7 +273,7 @@ class _ChatReply:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.doc,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
 
-    async def chunks(self, queue: asyncio.Queue) -> AsyncIterator[bytes]:
+    async def chunks(self, queue: limits.EventQueue) -> AsyncIterator[bytes]:
         yield protocol.sse(self._chunk({"role": "assistant", "content": ""}))
         sent, held, started = "", "", False
         async for event in _events(self.job, queue):
@@ -256,7 +300,7 @@ class _ChatReply:
                 return
         yield protocol.sse("[DONE]")
 
-    async def whole(self, queue: asyncio.Queue, request: Request) -> dict:
+    async def whole(self, queue: limits.EventQueue, request: Request) -> dict:
         watcher = asyncio.create_task(_cancel_when_gone(request, self.job, queue))
         row = None
         try:
@@ -278,7 +322,7 @@ class _ChatReply:
                 "usage": _usage(row), "starqa": row}
 
 
-async def _cancel_when_gone(request: Request, job: Job, queue: asyncio.Queue) -> None:
+async def _cancel_when_gone(request: Request, job: Job, queue: limits.EventQueue) -> None:
     """Cancel the ask when its client disconnects while a whole (not streamed) answer is being made."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
@@ -296,12 +340,41 @@ def _usage(row: dict) -> dict:
             "total_tokens": prompt + row["answer_tokens"]}
 
 
-def _document_rows(worker: Worker, log: Callable[[str], None]) -> list[dict]:
+def _record_refusal(worker: Worker, http: Request, request: protocol.AskRequest | None, error: RequestError,
+                    log: Callable[[str], None]) -> None:
+    """An ask refused after it was understood (403 for a key's other documents, 404, 400) is recorded too; one
+    the CLI then answers itself (409) is recorded by the CLI."""
+    from starqa import audit
+
+    if request is None or error.status == 409:
+        return
+    identity = identity_of(http.scope)
+    recorder = audit.recorder(worker.settings, who=identity.who, via=identity.via, questions=request.questions,
+                              docs=request.docs or ("--all",), attention=request.attention, endpoint=http.url.path)
+    if recorder is not None:
+        try:
+            recorder.finish(error.exit_code, f"HTTP {error.status}: {error.message}")
+        except Exception as exc:  # noqa: BLE001 - the refusal is still sent; the log says it was not recorded
+            log(f"no audit record written: {exc.__class__.__name__}: {exc}")
+
+
+def _model(name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "starqa"}
+
+
+def _no_document(name: str) -> RequestError:
+    """Not stored, or not for this key: the same answer, so a key learns nothing of other documents."""
+    return RequestError(404, f"no document named '{name}'", "not_found")
+
+
+def _document_rows(worker: Worker, log: Callable[[str], None], allows=lambda name: True) -> list[dict]:
     from starqa.listing import document_row
     from starqa.store import DamagedDocument
 
     rows = []
     for name in worker.store.names():
+        if not allows(name):
+            continue
         try:
             rows.append(document_row(worker.store.get(name)))
         except DamagedDocument as exc:  # as `starqa list`: named in the log, the readable ones listed

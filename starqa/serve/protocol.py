@@ -95,6 +95,9 @@ def parse_ask(body: dict, base: Settings, trust_remote_code: bool) -> AskRequest
     questions = [body["question"]] if "question" in body else body["questions"]
     if not questions or not all(isinstance(question, str) and question.strip() for question in questions):
         raise RequestError(400, "every question must be a non-empty string")
+    if len(questions) > base.max_questions_per_request:
+        raise RequestError(413, f"the request asks {len(questions)} questions, over the server's limit of "
+                                f"{base.max_questions_per_request} (max_questions_per_request)", "too_large")
     attention = body.get("attention", "star")
     if attention not in ("star", "full"):
         raise RequestError(400, f"attention must be star or full, not {attention!r:.40}")

@@ -44,9 +44,10 @@ def serve(settings, *, trust_remote_code: bool, host: str | None, port: int | No
         if not 1 <= port <= 65535:
             raise UsageError(f"--port must be a TCP port from 1 to 65535, not {port}")
         host = host or "127.0.0.1"
-        if not api_key:
-            raise UsageError(f"listening on TCP ({host}:{port}) needs an API key: pass --api-key KEY or set "
-                             "STARQA_API_KEY (without --port the server listens on the store's Unix socket only)")
+        if not api_key and not _scoped_keys(settings):
+            raise UsageError(f"listening on TCP ({host}:{port}) needs an API key: pass --api-key KEY, set "
+                             "STARQA_API_KEY, or add a scoped key with `starqa keys add` (without --port the server "
+                             "listens on the store's Unix socket only)")
     from starqa.distributed import requested_nproc  # (torch: after the checks above, which are instant)
     from starqa.store import DocumentStore
 
@@ -79,6 +80,8 @@ def serve(settings, *, trust_remote_code: bool, host: str | None, port: int | No
 def _run(settings, store, path: Path, tcp: socket.socket | None, *, trust_remote_code: bool, api_key: str | None,
          debug: bool) -> int:
     from starqa.engine import StarEngine
+    from starqa.keys import KeyRing
+    from starqa.serve.access import PeerH11Protocol
     from starqa.serve.app import create_app
     from starqa.serve.worker import Worker
 
@@ -88,9 +91,12 @@ def _run(settings, store, path: Path, tcp: socket.socket | None, *, trust_remote
     unix = _listen_unix(path)
     inode = os.stat(path).st_ino
     try:
-        config = uvicorn.Config(create_app(worker, api_key=api_key, log=_log), http="h11", lifespan="off",
+        held: dict = {}  # the server, once made: the app counts its open connections (max_connections)
+        app = create_app(worker, api_key=api_key, log=_log, keys=KeyRing(store.root, log=_log),
+                         open_connections=lambda: len(held["server"].server_state.connections))
+        config = uvicorn.Config(app, http=PeerH11Protocol, lifespan="off",
                                 log_level="warning", access_log=False, timeout_graceful_shutdown=GRACE_S)
-        server = _Server(config, worker)
+        server = held["server"] = _Server(config, worker)
         where = f"{path}" + (f" and http://{_address(tcp)}" if tcp is not None else "")
         report.info(f"serving {engine.model_name} ({str(engine.dtype).removeprefix('torch.')}, {engine.device}) "
                     f"on {where}; KV memory up to {report.human_bytes(settings.max_kv_memory)}")
@@ -140,8 +146,20 @@ class _Server(uvicorn.Server):
                 signal.signal(signum, handler)
 
 
+def _scoped_keys(settings) -> bool:
+    """Whether the store has a scoped key that is not revoked (starqa.keys): TCP may then be served without
+    --api-key."""
+    from starqa.keys import read_keys
+    from starqa.store_root import store_root
+
+    return any(key.revoked is None for key in read_keys(store_root(settings.store)))
+
+
 def _log(message: str) -> None:
-    report.info(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}")
+    """One line of the server's log; what a client sent in it is escaped (a path with %0A forges no line)."""
+    from starqa.serve.limits import one_line
+
+    report.info(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {one_line(message)}")
 
 
 def _remove_stale_socket(path: Path) -> None:

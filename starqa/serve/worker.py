@@ -25,9 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from starqa import ask, events, report
+from starqa.audit import document_version
 from starqa.distributed import Ranks, requested_nproc
 from starqa.errors import StarqaError, UsageError, describe
-from starqa.serve import protocol
+from starqa.serve import limits, protocol
 from starqa.serve.kv_memory import KVMemory
 from starqa.serve.protocol import AskRequest, RequestError
 
@@ -42,23 +43,35 @@ class Job:
     """One queued ask. `deliver(event)` hands an event to the response that streams it (thread-safe, never
     blocks); `deliver(None)` ends it."""
 
-    def __init__(self, request: AskRequest, deliver: Callable[[dict | None], None], peer: str = "") -> None:
+    def __init__(self, request: AskRequest, deliver: Callable[[dict | None], None], peer: str = "",
+                 recorder=None) -> None:
         self.id = next(_ids)
         self.request = request
         self.peer = peer
+        self.recorder = recorder  # starqa.audit.AskRecorder: sees every event; records the ask when it closes
         self._deliver = deliver
         self.cancelled = threading.Event()
         self.queued_at = time.monotonic()
         self.closed = False
+        self.deltas = 0  # pieces of answer text emitted (the log says how far a cancelled ask got)
+        self.events = None  # the response's limits.EventQueue (its `merged` is counted when the ask ends)
 
     def emit(self, event: dict) -> None:
         """For an ask answered alone: its client gone, decoding stops (the exception unwinds the engine)."""
+        if self.recorder is not None:
+            self.recorder.observe(event)
         if self.cancelled.is_set():
             raise Cancelled()
-        self.offer(event)
+        self.deltas += event.get("type") == "delta"
+        self._offer(event)
 
     def offer(self, event: dict) -> None:
         """For an ask decoded with others: its client gone, its events are dropped and the others go on."""
+        if self.recorder is not None:
+            self.recorder.observe(event)
+        self._offer(event)
+
+    def _offer(self, event: dict) -> None:
         if not self.cancelled.is_set():
             try:
                 self._deliver(event)
@@ -68,6 +81,11 @@ class Job:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            if self.recorder is not None:
+                try:
+                    self.recorder.finish()
+                except Exception as exc:  # noqa: BLE001 - the answer was given; the log says it was not recorded
+                    report.warn(f"ask #{self.id}: no audit record written: {describe(exc)}")
             try:
                 self._deliver(None)
             except RuntimeError:
@@ -94,7 +112,8 @@ class Worker:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="starqa-engine", daemon=True)
-        self.counts = {"received": 0, "answered": 0, "decoded_together": 0, "cancelled": 0, "failed": 0, "unserved": 0}
+        self.counts = {"received": 0, "answered": 0, "decoded_together": 0, "cancelled": 0, "failed": 0, "unserved": 0,
+                       "refused_busy": 0, "events_merged": 0}
 
     # ------------------------------------------------------------------ the HTTP layer's side
 
@@ -128,6 +147,7 @@ class Worker:
             targets = ask.resolve_documents(self.store, request.docs, request.all_documents, files=False)
         except UsageError as exc:
             raise RequestError(400, str(exc)) from None
+        context_tokens = 0  # the longest document's, for full attention's decode buffer
         for target in targets:
             try:
                 document = self.store.get(target)
@@ -143,13 +163,27 @@ class Worker:
             if self.holds(model, dtype, settings) is False:
                 raise _unserved(f"document '{target}' is answered with {model} ({dtype or settings.dtype}); the "
                                 f"server holds {self.engine.model_name} ({_dtype_name(self.engine.dtype)})")
+            context_tokens = max(context_tokens, int(document.manifest.get("context_tokens", 0)))
+        needed = limits.decode_bytes(self.engine, settings, request.questions, request.attention, context_tokens)
+        if needed > self.settings.max_decode_memory:
+            raise limits.decode_refusal(needed, self.settings.max_decode_memory)
 
     def submit(self, job: Job) -> None:
+        """Queue `job`; RequestError 429 when `max_waiting_asks` asks wait already."""
         with self._cond:
             if self._stopping:
                 job.offer(protocol.unserved("the server is stopping"))
                 job.close()
                 return
+            gone = [queued for queued in self._waiting if queued.cancelled.is_set()]
+            for queued in gone:  # their clients went away: they hold their requests' memory for nothing
+                self._waiting.remove(queued)
+                self._finish_cancelled(queued)
+            waiting = len(self._waiting)
+            if waiting >= self.settings.max_waiting_asks:
+                self.counts["refused_busy"] += 1
+                raise RequestError(429, f"{waiting} ask(s) already waiting, the server's limit (max_waiting_asks): try "
+                                        "again later", "too_many_requests", 1)
             self._waiting.append(job)
             self._cond.notify()
 
@@ -181,7 +215,9 @@ class Worker:
                 "model": self.engine.model_name, "dtype": _dtype_name(self.engine.dtype),
                 "device": str(self.engine.device), "store": str(self.store.root),
                 "queue": {"waiting": len(waiting), "running": running, "asks": waiting, **self.counts},
-                "kv_memory": self.kv.snapshot(), "peak_rss_bytes": int(report.peak_rss_mb() * 2**20)}
+                "kv_memory": self.kv.snapshot(), "peak_rss_bytes": int(report.peak_rss_mb() * 2**20),
+                "limits": {**{key: getattr(self.settings, key) for key in limits.LIMIT_KEYS},
+                           "kv_bytes_per_token": limits.kv_bytes_per_token(self.engine)}}
 
     # ------------------------------------------------------------------ the worker thread
 
@@ -207,6 +243,7 @@ class Worker:
             finally:
                 for job in group:
                     job.close()
+                    self.counts["events_merged"] += getattr(job.events, "merged", 0)
                 with self._cond:
                     self._running = []
 
@@ -216,15 +253,18 @@ class Worker:
         if not _batchable(head):
             return []
         key, room = _batch_key(head), head.request.settings.batch_size - len(head.request.questions)
-        taken = []
+        questions, taken = head.request.questions, []
         for job in list(self._waiting):
             if room <= 0:
                 break
             if (not job.cancelled.is_set() and _batchable(job) and _batch_key(job) == key
-                    and len(job.request.questions) <= room):
+                    and len(job.request.questions) <= room
+                    and limits.decode_bytes(self.engine, head.request.settings, questions + job.request.questions,
+                                            "star", 0) <= self.settings.max_decode_memory):
                 self._waiting.remove(job)
                 taken.append(job)
                 room -= len(job.request.questions)
+                questions += job.request.questions
         return taken
 
     def _answer_alone(self, job: Job) -> None:
@@ -240,7 +280,8 @@ class Worker:
             outcome = f"answered (exit {code})"
         except Cancelled:
             self.counts["cancelled"] += 1
-            outcome = "cancelled: the client went away" if not self._stopping else "cancelled: the server is stopping"
+            outcome = ("cancelled: the client went away" if not self._stopping else "cancelled: the server is stopping")
+            outcome += f" (after {job.deltas} pieces of answer text)"
         except Exception as exc:  # noqa: BLE001 - the client hears of it; the server goes on
             outcome = self._failed([job], exc)
         self.log(f"ask #{job.id} {job.peer} {_what(request)}: {outcome} in {time.monotonic() - started:.2f} s")
@@ -270,7 +311,7 @@ class Worker:
             for job in group:
                 mine = replies[first:first + len(job.request.questions)]
                 first += len(mine)
-                ask.emit_replies(job.offer, name, 0, mine)
+                ask.emit_replies(job.offer, name, 0, mine, document_version(opened.document, opened.engine))
                 job.offer(events.timings(*ask.timing_table([reply.answer for reply in mine], opened.engine,
                                                            opened.load_s, opened.document.kv_dtype,
                                                            together=len(questions))))
