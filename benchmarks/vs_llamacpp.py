@@ -1,7 +1,9 @@
 """Benchmark (not a test): starqa beside llama.cpp on the same GGUF, same thread count, in one run.
 
-llama.cpp is what a user would pick instead: it runs the bundled GGUF as it is (4-bit Q4_1 weights, float16 KV).
-This prints one table:
+llama.cpp is what a user would pick instead: it runs a GGUF as it is (its own 4/8-bit weights, float16 KV). It runs
+in its own process (`--llama-worker`: two OpenMP runtimes in one process slowed both), and the output states its
+version and build (llama_print_system_info). starqa decodes with each of --weights (default bfloat16 and auto, the
+GGUF's own integers). This prints one table:
 
   - prefill of a whole document (llama.cpp) vs starqa's Phase 1 (block = anchor = 1024), at 2K/4K/8K/16K tokens;
   - a repeated question over that document: llama.cpp restores its saved state and evaluates the question;
@@ -13,14 +15,18 @@ It needs llama-cpp-python, an optional extra built from source (a few minutes):
 
     make bench-install                           # pip install -e ".[bench]" into the venv
     .venv/bin/python benchmarks/vs_llamacpp.py   # writes benchmarks/results/vs-llamacpp.txt too
+    .venv/bin/python benchmarks/vs_llamacpp.py --model qwen2.5-coder-1.5b --lengths 8192 --decode-lengths 8192
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,68 +45,118 @@ def _timed(function, repeat: int = 1) -> float:
     return statistics.median(times)
 
 
+def llama_worker(job_path: str) -> None:
+    """The llama.cpp side, in its own process (two OpenMP runtimes in one process slowed both): reads the job (GGUF,
+    threads, token ids), prints one JSON object with its timings and the build it ran."""
+    import llama_cpp
+    from llama_cpp import Llama
+
+    job = json.loads(Path(job_path).read_text(encoding="utf-8"))
+    threads, new_tokens, question = job["threads"], job["new_tokens"], job["question"]
+    longest = max(len(ids) for ids in job["prefill"] + job["decode"]) + 64 + new_tokens
+    llama = Llama(model_path=job["gguf"], n_ctx=longest, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                  verbose=False)
+    info = llama_cpp.llama_print_system_info()
+    result = {"version": llama_cpp.__version__,
+              "system_info": info.decode(errors="replace") if isinstance(info, bytes) else str(info),
+              "prefill": [], "decode": []}
+    for ids in job["prefill"]:
+        def prefill():
+            llama.reset()
+            llama.eval(ids)
+
+        seconds = _timed(prefill)
+        state = llama.save_state()
+
+        def repeat():
+            llama.load_state(state)
+            llama.eval(question)
+
+        result["prefill"].append({"tokens": len(ids), "prefill_s": seconds, "repeat_s": _timed(repeat, repeat=3),
+                                  "state_bytes": state.llama_state_size})
+    for ids in job["decode"]:
+        llama.reset()
+        llama.eval(ids)
+        started = time.perf_counter()
+        for token in job["decode_tokens"][:new_tokens]:
+            llama.eval([token])  # one token per step, as decoding does
+        result["decode"].append({"tokens": len(ids), "tokens_per_s": new_tokens / (time.perf_counter() - started)})
+    print(json.dumps(result))
+
+
+def run_llama(gguf: str, threads: int, new_tokens: int, question, prefill_ids, decode_ids, decode_tokens) -> dict:
+    with tempfile.TemporaryDirectory() as scratch:
+        job = Path(scratch) / "job.json"
+        job.write_text(json.dumps({"gguf": gguf, "threads": threads, "new_tokens": new_tokens, "question": question,
+                                   "prefill": prefill_ids, "decode": decode_ids, "decode_tokens": decode_tokens}))
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        done = subprocess.run([sys.executable, __file__, "--llama-worker", str(job)], capture_output=True, text=True,
+                              env=env)
+        if done.returncode != 0:
+            sys.exit(f"the llama.cpp worker failed: {done.stderr.strip()[-2000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="a GGUF file or a bundled/catalogue model name")
+    parser.add_argument("--weights", default="bfloat16,auto", help="starqa --weights to decode with (comma-separated)")
+    parser.add_argument("--store", default=None, help="STARQA_HOME holding the converted model")
     parser.add_argument("--lengths", default="2048,4096,8192,16384")
     parser.add_argument("--decode-lengths", default="512,8192")
     parser.add_argument("--new-tokens", type=int, default=33)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "vs-llamacpp.txt"))
+    parser.add_argument("--llama-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    try:
-        from llama_cpp import Llama
-    except ImportError:
+    if args.llama_worker:
+        llama_worker(args.llama_worker)
+        return
+    if importlib.util.find_spec("llama_cpp") is None:  # found, not imported: llama.cpp runs in its own process
         sys.exit("benchmarks/vs_llamacpp.py needs llama-cpp-python: run `make bench-install` (it builds llama.cpp "
                  "from source, a few minutes), then run this again")
 
     import torch
 
     from starqa.ask import load_context
-    from starqa.engine import StarEngine
-    from starqa.models import bundled_gguf_path
+    from starqa.engine import StarEngine, _attach_weights
+    from starqa.models import BUNDLED_MODELS, bundled_gguf_path
+    from starqa.quantized_weights import gguf_source
     from starqa.store import DocumentStore
 
     torch.set_num_threads(args.threads)
     lengths = [int(x) for x in args.lengths.split(",")]
     decode_lengths = [int(x) for x in args.decode_lengths.split(",")]
-    longest = max(lengths + decode_lengths) + 64 + args.new_tokens
-    engine = StarEngine.load("smollm2-135m", device="cpu", dtype="auto")
-    llama = Llama(model_path=str(bundled_gguf_path("smollm2-135m")), n_ctx=longest, n_threads=args.threads,
-                  n_threads_batch=args.threads, n_batch=512, verbose=False)
+    engine = StarEngine.load(args.model, device="cpu", dtype="auto", store_root=args.store, weights="bfloat16")
+    source = gguf_source(engine.model_dir)
+    gguf = (str(bundled_gguf_path(args.model)) if args.model in BUNDLED_MODELS
+            else str(source[0]) if source else args.model)
     rng = random.Random(0)
-    vocabulary = range(100, 40000)
+    vocabulary = range(100, 30000)
     question = [rng.choice(vocabulary) for _ in range(20)]
-    lines = [f"starqa ({engine.dtype}, decode kernels on CPU) vs llama.cpp (llama-cpp-python, same GGUF: Q4_1 weights, "
-             f"f16 KV), {args.threads} threads, one run"]
-
-    def llama_prefill(ids):
-        llama.reset()
-        llama.eval(ids)
-
-    def llama_decode_rate(ids) -> float:
-        llama.reset()
-        llama.eval(ids)
-        started = time.perf_counter()
-        for _ in range(args.new_tokens):
-            llama.eval([rng.choice(vocabulary)])  # one token per step, as decoding does
-        return args.new_tokens / (time.perf_counter() - started)
-
+    prefill_ids = [[rng.choice(vocabulary) for _ in range(n)] for n in lengths]
+    decode_ids = [[rng.choice(vocabulary) for _ in range(n)] for n in decode_lengths]
+    decode_tokens = [rng.choice(vocabulary) for _ in range(args.new_tokens)]
+    peer = run_llama(gguf, args.threads, args.new_tokens, question, prefill_ids, decode_ids, decode_tokens)
+    root = DocumentStore(args.store).root
+    packed, summaries = {}, {}
+    for mode in args.weights.split(","):
+        summaries[mode] = _attach_weights(engine.model, mode, engine.model_dir, root, print)
+        packed[mode] = {key: linear.packed for key, linear in engine.model.projections()}
+    lines = [f"starqa ({engine.dtype} compute, decode kernels on CPU) vs llama.cpp {peer['version']} "
+             f"(llama-cpp-python in its own process, same GGUF {Path(gguf).name}, its own weights, f16 KV), "
+             f"{args.threads} threads, one run; other processes may share this CPU",
+             f"llama.cpp build: {peer['system_info'].strip()}",
+             "starqa decoding weights: " + "; ".join(f"{m}: {summaries[m]}" for m in summaries)]
     lines.append("")
     lines.append(f"{'tokens':>7} {'llama.cpp prefill':>18} {'starqa Phase 1':>15} {'ratio':>6} "
                  f"{'repeat question: llama.cpp':>27} {'starqa':>8} {'ratio':>6}")
+    bytes_line = ""
     with tempfile.TemporaryDirectory() as scratch:
         store = DocumentStore(Path(scratch) / "store")
-        for n in lengths:
-            ids = [rng.choice(vocabulary) for _ in range(n)]
-            prefill = _timed(lambda: llama_prefill(ids))
-            state = llama.save_state()
+        for ids, theirs in zip(prefill_ids, peer["prefill"]):
+            n = len(ids)
             phase1 = _timed(lambda: engine.encode_context(ids, 1024, 1024))
-
-            def llama_repeat():
-                llama.load_state(state)
-                llama.eval(question)
-
-            repeat_llama = _timed(llama_repeat, repeat=3)
             document = _store_document(engine, store, ids)
 
             def starqa_repeat():
@@ -108,28 +164,29 @@ def main() -> None:
                 engine.generate(ctx, question, max_new_tokens=1)
 
             repeat_starqa = _timed(starqa_repeat, repeat=3)
-            lines.append(f"{n:>7,} {prefill:>17.2f}s {phase1:>14.2f}s {prefill / phase1:>5.2f}x "
-                         f"{repeat_llama:>26.3f}s {repeat_starqa:>7.3f}s {repeat_llama / repeat_starqa:>5.2f}x")
-            state_bytes_per_token = state.llama_state_size / n
+            lines.append(f"{n:>7,} {theirs['prefill_s']:>17.2f}s {phase1:>14.2f}s {theirs['prefill_s'] / phase1:>5.2f}x "
+                         f"{theirs['repeat_s']:>26.3f}s {repeat_starqa:>7.3f}s "
+                         f"{theirs['repeat_s'] / repeat_starqa:>5.2f}x")
             if n == max(lengths):
-                bytes_line = (f"bytes per token on disk at {n:,} tokens: llama.cpp state {state_bytes_per_token:,.0f}; "
-                              f"starqa KV bfloat16 {document.kv_bytes_per_token:,.0f}")
+                bytes_line = (f"bytes per token on disk at {n:,} tokens: llama.cpp state "
+                              f"{theirs['state_bytes'] / n:,.0f}; starqa KV bfloat16 {document.kv_bytes_per_token:,.0f}")
                 document_int8 = _store_document(engine, store, ids, kv_dtype="int8", name="doc-int8")
                 bytes_line += f", int8 {document_int8.kv_bytes_per_token:,.0f}"
     lines.append("")
     lines.append("decode tokens/s (one question, greedy):")
     engine.stop_ids = set()
-    for n in decode_lengths:
-        ids = [rng.choice(vocabulary) for _ in range(n)]
-        llama_rate = llama_decode_rate(ids)
+    for ids, theirs in zip(decode_ids, peer["decode"]):
         ctx = engine.encode_context(ids, 1024, 1024)
-        engine.generate(ctx, question[:3], max_new_tokens=args.new_tokens)
-        ours = engine.last_stats.decode_tokens_per_s
-        ctx8 = engine.encode_context(ids, 1024, 1024, kv_dtype="int8")
-        engine.generate(ctx8, question[:3], max_new_tokens=args.new_tokens)
-        ours8 = engine.last_stats.decode_tokens_per_s
-        lines.append(f"  {n:>6,} tokens: llama.cpp {llama_rate:.1f}; starqa {ours:.1f} ({ours / llama_rate:.2f}x), "
-                     f"with int8 KV {ours8:.1f} ({ours8 / llama_rate:.2f}x)")
+        parts = []
+        for mode in packed:
+            for key, linear in engine.model.projections():
+                linear.packed = packed[mode][key]
+            best = 0.0
+            for _ in range(2):
+                engine.generate(ctx, question[:3], max_new_tokens=args.new_tokens)
+                best = max(best, engine.last_stats.decode_tokens_per_s)
+            parts.append(f"starqa --weights {mode} {best:.1f} ({best / theirs['tokens_per_s']:.2f}x)")
+        lines.append(f"  {len(ids):>6,} tokens: llama.cpp {theirs['tokens_per_s']:.1f}; " + ", ".join(parts))
     lines.append("")
     lines.append(bytes_line)
     text = "\n".join(lines)
@@ -145,7 +202,7 @@ def _store_document(engine, store, ids, kv_dtype: str = "auto", name: str = "doc
     from starqa.tokens import plan_blocks
 
     kv = resolve_kv_dtype(kv_dtype, engine.dtype)
-    manifest = {"model": "smollm2-135m", "dtype": str(engine.dtype).removeprefix("torch."), "kv_dtype": kv,
+    manifest = {"model": engine.model_name, "dtype": str(engine.dtype).removeprefix("torch."), "kv_dtype": kv,
                 "kv_key_group": KEY_GROUP, "context_tokens": len(ids), "document_token_offset": 0, "block_size": 1024,
                 "anchor_size": 1024, "source": {"path": "-", "sha256": "", "kind": "text"}}
     with store.lock(name), store.writing(name, manifest) as writer:

@@ -49,6 +49,8 @@ DtypeOpt = typer.Option(None, "--dtype", help="Compute dtype: auto, float32, bfl
 KvDtypeOpt = typer.Option(None, "--kv-dtype", help="Precision of the stored KV: auto (the compute dtype), bfloat16, "
                           "float16 or int8.")
 DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N.")
+WeightsOpt = typer.Option(None, "--weights", help="Weights decoding reads: auto (a GGUF's own 4/8-bit values), "
+                          "bfloat16, int8 or int4 (see docs/quantized-decoding.md).")
 BlockOpt = typer.Option(None, "--block-size", help="Phase 1 block size in tokens.")
 AnchorOpt = typer.Option(None, "--anchor-size", help="Anchor size in tokens (default: the block size).")
 TrustOpt = typer.Option(False, "--trust-remote-code", help="Allow a model directory's own Python code to run.")
@@ -221,7 +223,7 @@ def ask(
     password: Optional[str] = typer.Option(None, "--password", help="With --doc FILE: password of an encrypted PDF."),
     model: Optional[str] = ModelOpt, dtype: Optional[str] = DtypeOpt, kv_dtype: Optional[str] = KvDtypeOpt,
     device: Optional[str] = DeviceOpt, block_size: Optional[int] = BlockOpt, anchor_size: Optional[int] = AnchorOpt,
-    nproc: Optional[str] = NprocOpt, trust_remote_code: bool = TrustOpt,
+    nproc: Optional[str] = NprocOpt, trust_remote_code: bool = TrustOpt, weights: Optional[str] = WeightsOpt,
     no_server: bool = typer.Option(False, "--no-server", help="Answer in this process even if `starqa serve` is "
                                    "running on this store."),
     config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
@@ -231,7 +233,8 @@ def ask(
 
     settings = _settings(config, quiet, model=model, dtype=dtype, kv_dtype=kv_dtype, device=device,
                          block_size=block_size, anchor_size=anchor_size, max_new_tokens=max_new_tokens,
-                         batch_size=batch_size, temperature=temperature, top_p=top_p, seed=seed, nproc=nproc)
+                         batch_size=batch_size, temperature=temperature, top_p=top_p, seed=seed, nproc=nproc,
+                         weights=weights)
     from starqa.hybrid import check_attention
 
     check_attention(attention)
@@ -468,7 +471,7 @@ def serve(
                                                     "decoded at once; an ask needing more gets HTTP 413 (default: "
                                                     "config, 1GiB)."),
     model: Optional[str] = ModelOpt, dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
-    nproc: Optional[str] = NprocOpt, trust_remote_code: bool = TrustOpt,
+    nproc: Optional[str] = NprocOpt, trust_remote_code: bool = TrustOpt, weights: Optional[str] = WeightsOpt,
     config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """Keep the model and recently used documents' KV in memory; answer `starqa ask` and HTTP on the store's socket."""
@@ -478,7 +481,7 @@ def serve(
                          max_kv_memory=max_kv_memory, max_request_bytes=max_request_bytes,
                          max_questions_per_request=max_questions_per_request, max_waiting_asks=max_waiting_asks,
                          max_connections=max_connections, max_queued_events=max_queued_events,
-                         max_decode_memory=max_decode_memory)
+                         max_decode_memory=max_decode_memory, weights=weights)
     code = run_server(settings, trust_remote_code=trust_remote_code, host=host, port=port,
                       api_key=api_key or os.environ.get("STARQA_API_KEY") or None, debug=debug)
     if code:

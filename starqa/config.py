@@ -26,6 +26,7 @@ class Settings:
     model: str
     dtype: str
     kv_dtype: str
+    weights: str
     device: str
     block_size: int
     anchor_size: int | None
@@ -59,6 +60,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "model": (str,),
     "dtype": (str,),
     "kv_dtype": (str,),
+    "weights": (str,),
     "device": (str,),
     "block_size": (int,),
     "anchor_size": (int, type(None)),
@@ -88,6 +90,7 @@ _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**1
 _CHOICES = {
     "dtype": {"auto", "float32", "bfloat16", "float16"},
     "kv_dtype": {"auto", "float32", "bfloat16", "float16", "int8"},
+    "weights": {"auto", "bfloat16", "int8", "int4"},
     "device": None,  # "auto", "cpu", "cuda", "cuda:N": checked in validate()
     "attention_backend": {"auto", "torch", "triton"},
     "audit": {"off", "metadata", "full"},

@@ -127,6 +127,7 @@ class StarEngine:
         self.phase1_blocks_encoded = 0  # counts real Phase 1 work (tests assert a cache hit skips it)
         self._fingerprints: dict[str, str] = {}
         self._text_encoder = None  # built on first use: ask does not need it
+        self.weights = "bfloat16"  # what decoding reads (starqa.quantized_weights.attach's summary)
 
     # ---------------------------------------------------------------- identity and tokenization
 
@@ -202,7 +203,8 @@ class StarEngine:
     @classmethod
     def load(cls, model: str = "smollm2-135m", *, device: str = "auto", dtype: str = "auto",
              store_root: Path | str | None = None, attention_backend: str = "auto",
-             trust_remote_code: bool = False, on_status: Callable[[str], None] | None = None) -> "StarEngine":
+             trust_remote_code: bool = False, on_status: Callable[[str], None] | None = None,
+             weights: str = "auto") -> "StarEngine":
         from starqa import models
         from starqa.light_tokenizer import PROFILE_FILE_NAME, LightTokenizer, read_profile, write_profile
         from starqa.store import default_store_root
@@ -223,13 +225,16 @@ class StarEngine:
         else:  # weights in PyTorch's own format: transformers reads them (safely), then we take them over
             transformer = Transformer.from_hf_model(_hf_model(source.directory, torch_dtype, trust_remote_code)
                                                     .to(torch_device))
+        weights_summary = _attach_weights(transformer, weights, source.directory, root, on_status)
         profile_path = record_path(root, source.directory, PROFILE_FILE_NAME)
         profile = read_profile(profile_path, source.directory)
         engine_args = dict(model_name=source.name, model_dir=source.directory, attention_backend=attention_backend,
                            store_root=root, trust_remote_code=trust_remote_code)
         if profile is not None and profile.get("light"):
-            return cls(transformer, LightTokenizer(source.directory, profile), tokenizer_profile=profile,
-                       **engine_args)
+            engine = cls(transformer, LightTokenizer(source.directory, profile), tokenizer_profile=profile,
+                         **engine_args)
+            engine.weights = weights_summary
+            return engine
         from transformers import AutoTokenizer
 
         import transformers
@@ -239,6 +244,7 @@ class StarEngine:
         hf_tokenizer = AutoTokenizer.from_pretrained(source.directory, local_files_only=True,
                                                      trust_remote_code=trust_remote_code)
         engine = cls(transformer, hf_tokenizer, **engine_args)
+        engine.weights = weights_summary
         if profile is None:  # first use of this tokenizer: record what asking needs, for the next processes
             engine.tokenizer_profile = write_profile(profile_path, source.directory, hf_tokenizer, engine.stop_ids)
         return engine
@@ -256,7 +262,7 @@ class StarEngine:
             on_status(f"loading model {name}")
         return cls.load(name, device=device or settings.device, dtype=settings.dtype,
                         store_root=DocumentStore(settings.store).root, attention_backend=settings.attention_backend,
-                        trust_remote_code=trust_remote_code, on_status=on_status)
+                        trust_remote_code=trust_remote_code, on_status=on_status, weights=settings.weights)
 
     def _stop_token_ids(self) -> set[int]:
         if self.tokenizer_profile is not None and "stop_ids" in self.tokenizer_profile:
@@ -543,6 +549,24 @@ def record_path(store_root: Path, model_dir: Path | None, file_name: str) -> Pat
     if model_dir is not None and Path(model_dir).resolve().parent == models_root.resolve():
         return Path(model_dir) / file_name
     return models_root / file_name
+
+
+def _attach_weights(transformer, mode: str, model_dir: Path, store_root: Path, on_status) -> str:
+    """Decoding's weights under --weights `mode` (starqa.quantized_weights), cached beside the model."""
+    from starqa import quantized_weights
+
+    if mode == "bfloat16":
+        return "bfloat16"
+    from starqa.models import model_fingerprint
+
+    key = model_fingerprint(model_dir)
+    # A folder, not *.safetensors beside the weights: those are the model (its fingerprint and its loading).
+    folder = record_path(store_root, model_dir, quantized_weights.CACHE_FOLDER)
+    if folder.parent != Path(model_dir):  # a user's model directory: one folder per model in models/
+        folder = folder.with_name(f"{quantized_weights.CACHE_FOLDER}-{key[:16]}")
+    cache = folder / f"{mode}.safetensors"
+    return quantized_weights.attach(transformer, mode, model_dir=model_dir, cache_path=cache, model_key=key,
+                                    on_status=on_status)
 
 
 def _hf_model(directory: Path, dtype: torch.dtype, trust_remote_code: bool):

@@ -119,14 +119,23 @@ def _config_for_rope(args: ModelArgs) -> dict:
 
 @dataclass
 class Linear:
-    """One (possibly fused) projection: weight [out, in] and optional bias [out], in the compute dtype."""
+    """One (possibly fused) projection: weight [out, in] and optional bias [out], in the compute dtype; `packed`:
+    the same rows in 4/8 bits for decoding (starqa.quantized_weights), read instead of `weight` by few-row calls."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
+    packed: list | None = None
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x @ weight.T (+ bias), and `residual + that` with a residual (rounded as torch rounds each op)."""
         rows = x.numel() // x.shape[-1]
+        if self.packed is not None and rows <= GEMV_MAX_ROWS and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            fused = residual if self.bias is None else None
+            y = kernels.linear_packed(x.reshape(rows, x.shape[-1]), self.packed, self.weight,
+                                      None if fused is None else fused.reshape(rows, -1)).view(*x.shape[:-1], -1)
+            if self.bias is not None:
+                y = y + self.bias
+            return y if residual is None or fused is not None else residual + y
         if (x.device.type == "cpu" and self.weight.dtype == torch.bfloat16 and rows <= GEMV_MAX_ROWS
                 and x.shape[-1] % 32 == 0 and kernels.available()):
             fused = residual if self.bias is None else None
@@ -246,6 +255,13 @@ class Transformer:
         embed = fused(["model.embed_tokens.weight"])
         lm_head = embed if args.tie_word_embeddings or tensor("lm_head.weight") is None else fused(["lm_head.weight"])
         return cls(args, embed, layers, fused(["model.norm.weight"]), lm_head)
+
+    def projections(self):
+        """(name, Linear) of every projection a decoding step multiplies: layers.N.qkv/o/gate_up/down, lm_head."""
+        for i, layer in enumerate(self.layers):
+            for name in ("qkv", "o", "gate_up", "down"):
+                yield f"layers.{i}.{name}", getattr(layer, name)
+        yield "lm_head", self.lm_head
 
     def parameters(self):
         yield self.embed

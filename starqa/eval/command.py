@@ -154,6 +154,7 @@ def eval_command(
                                          "cached HF id."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: auto, float32, bfloat16 or float16 (default: auto, from the config: bfloat16 on CUDA and on CPUs with native bfloat16 (AMX, AVX512-BF16), else float32)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Weights decoding reads: auto, bfloat16, int8 or int4 (see docs/quantized-decoding.md)."),
     password: Optional[str] = typer.Option(None, "--password", help="With --doc FILE: password of an encrypted PDF."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a model directory's own Python code to run."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file layered over configs/default.yaml."),
@@ -167,14 +168,15 @@ def eval_command(
 
 
 def _eval(doc, qa, suite, lengths, samples, tasks, block_size, anchor_size, pairs, seed, attention, models,
-          report_path, as_json, plot, resume, max_new_tokens, model, dtype, device, password, trust_remote_code,
-          config, quiet, debug) -> None:
+          report_path, as_json, plot, resume, max_new_tokens, model, dtype, device, weights, password,
+          trust_remote_code, config, quiet, debug) -> None:
     from starqa.config import load_settings
     from starqa.eval import summary
     from starqa.eval.runner import ResultLog
 
     report.set_quiet(quiet)
-    settings = load_settings(config, model=model, dtype=dtype, device=device, max_new_tokens=max_new_tokens)
+    settings = load_settings(config, model=model, dtype=dtype, device=device, max_new_tokens=max_new_tokens,
+                             weights=weights)
     modes = parse_attention(attention)
     if models is not None or report_path is not None:
         from starqa.eval import poc_report

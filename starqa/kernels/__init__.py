@@ -37,10 +37,12 @@ import torch
 from starqa import report
 
 __all__ = ["available", "unavailable_reason", "linear_bf16", "rms_norm_bf16", "rope_bf16_", "silu_mul_bf16",
-           "decode_attention", "read_bandwidth", "KV_FORMATS",
+           "decode_attention", "read_bandwidth", "quantized_available", "linear_quantized",
+           "linear_packed", "KV_FORMATS",
            "MAX_ROWS", "MAX_CHUNK", "cache_folder"]
 
 _SOURCE = Path(__file__).with_name("cpu_decode.c")
+_SOURCES = [_SOURCE, Path(__file__).with_name("cpu_quant.c")]  # compiled into one library
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 _OFF_ENV = "STARQA_KERNELS"  # "off": use plain torch everywhere (comparisons, or a machine where the build misbehaves)
 _CACHE_ENV = "STARQA_KERNEL_CACHE"
@@ -88,13 +90,14 @@ def _compiler_identity(compiler: str) -> str:
 
 def _cache_key(compiler: str) -> str:
     """What the library built here depends on: the source, the compiler, the flags and the CPU."""
-    return hashlib.sha256(_SOURCE.read_bytes() + _compiler_identity(compiler).encode() + " ".join(_FLAGS).encode()
+    sources = b"".join(path.read_bytes() for path in _SOURCES)
+    return hashlib.sha256(sources + _compiler_identity(compiler).encode() + " ".join(_FLAGS).encode()
                           + _cpu_identity().encode()).hexdigest()[:16]
 
 
 # Every function the Python side calls: a library lacking one (a damaged or foreign file) is not used.
 _SYMBOLS = ("starqa_kernels_available", "linear_bf16", "rms_norm_bf16", "rope_bf16", "silu_mul_bf16", "stream_read",
-            "decode_attention")
+            "decode_attention", "starqa_quant_available", "linear_q4", "linear_q8")
 _STALE_BUILD_S = 600  # a `.tmp-*.so` older than this is left by a killed build (a build takes seconds)
 
 
@@ -148,7 +151,7 @@ def _build(compiler: str, folder: Path, key: str) -> Path | str:
     """Compile cpu_decode.c into `folder` (atomically, as cpu_decode-<key>.so); the path, or why it failed."""
     target = folder / f"cpu_decode-{key}.so"
     staging = folder / f".tmp-{key}-{uuid.uuid4().hex[:8]}.so"
-    result = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(staging), "-lm"],
+    result = subprocess.run([compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(staging), "-lm"],
                             capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
         staging.unlink(missing_ok=True)
@@ -252,6 +255,13 @@ def _library() -> ctypes.CDLL | None:
     library.decode_attention.restype = ctypes.c_int
     library.decode_attention.argtypes = [_P, _P, ctypes.c_int, ctypes.c_int, _P, ctypes.c_int, ctypes.c_float,
                                          ctypes.c_int, _P, _P, _P]
+    library.starqa_quant_available.restype = ctypes.c_int
+    library.linear_q4.restype = ctypes.c_int
+    library.linear_q4.argtypes = [_P, _P, _P, _P, _P, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long, _P,
+                                  ctypes.c_long]
+    library.linear_q8.restype = ctypes.c_int
+    library.linear_q8.argtypes = [_P, _P, _P, _P, _P, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                  ctypes.c_int, ctypes.c_long, _P, ctypes.c_long]
     return library
 
 
@@ -442,6 +452,56 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     if code != 0:
         raise RuntimeError(f"decode_attention failed ({code}) for q {tuple(q.shape)}, keys {tuple(keys.shape)}")
     return out, lse, scores
+
+
+def quantized_available() -> bool:
+    """Whether the 4/8-bit decoding GEMVs (cpu_quant.c) are built here: they need AVX512-BF16."""
+    library = _library()
+    return library is not None and bool(library.starqa_quant_available())
+
+
+def linear_quantized(x: torch.Tensor, bits: int, weight: torch.Tensor, scales: torch.Tensor,
+                     zeros: torch.Tensor | None, group: int, y: torch.Tensor,
+                     residual: torch.Tensor | None = None, wide: bool = True) -> None:
+    """y[:, :out] = x [rows, in] @ W.T (+ residual) for W held in 4 or 8 bits (starqa.quantized_weights' format);
+    x bf16 contiguous, y bf16 [rows, >= out] with unit column stride (a column slice of a fused output is fine).
+
+    bits 4: weight uint8 [out, in / 2], scales/zeros float32 [out, in / 32]. bits 8: weight int8 [out, in], scales
+    (zeros optional) float32 [out, in / group]; `wide`: some q lies outside -64..63 (the kernel's slower exact path)."""
+    rows, features = x.shape
+    out = scales.shape[0]
+    if y.stride(1) != 1 or (residual is not None and residual.stride(1) != 1):
+        raise ValueError("linear_quantized needs unit column strides")
+    res_pointer, res_stride = (None, 0) if residual is None else (residual.data_ptr(), residual.stride(0))
+    library = _library()
+    if bits == 4:
+        code = library.linear_q4(weight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), x.data_ptr(), y.data_ptr(),
+                                 out, features, rows, y.stride(0), res_pointer, res_stride)
+    else:
+        code = library.linear_q8(weight.data_ptr(), scales.data_ptr(), _pointer(zeros), x.data_ptr(), y.data_ptr(),
+                                 out, features, group, int(wide), rows, y.stride(0), res_pointer, res_stride)
+    if code != 0:
+        raise RuntimeError(f"linear_q{bits} failed ({code}) for x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+
+
+def linear_packed(x: torch.Tensor, parts: list, weight: torch.Tensor,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x [rows, in] bf16 @ a projection held as row parts (starqa.quantized_weights.PackedPart: 4 or 8 bits, or 16:
+    that part's rows of the bf16 `weight`), each written into its columns of one output [rows, out]."""
+    x = x.contiguous()
+    rows = x.shape[0]
+    y = torch.empty((rows, weight.shape[0]), dtype=torch.bfloat16)
+    start = 0
+    for part in parts:
+        columns = y[:, start:start + part.rows]
+        part_residual = None if residual is None else residual[:, start:start + part.rows]
+        if part.bits == 16:
+            columns.copy_(linear_bf16(x, weight[start:start + part.rows], part_residual))
+        else:
+            linear_quantized(x, part.bits, part.weight, part.scales, part.zeros, part.group, columns, part_residual,
+                             wide=part.wide)
+        start += part.rows
+    return y
 
 
 def read_bandwidth(megabytes: int = 1024, repeat: int = 5) -> float:

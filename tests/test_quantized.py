@@ -1,0 +1,334 @@
+"""Decoding with 4- and 8-bit weights (starqa.quantized_weights, starqa/kernels/cpu_quant.c): a GGUF's integers are
+taken exactly as gguf de-quantises them, the kernels match a float64 reference of the same de-quantised weights
+(per projection and end to end), `auto` keeps a GGUF's own integers, and a stored document answers with each
+--weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, tiny_model
+from starqa import kernels, quantized_weights as qw
+
+needs_kernels = pytest.mark.skipif(not kernels.quantized_available(),
+                                   reason="the 4/8-bit kernels need AVX512-BF16 and a C compiler")
+
+# Where each GGUF block layout keeps its float16 scales (d, and dmin/m where it has them), in bytes.
+_HALF_OFFSETS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q4_K": [0, 2],
+                 "Q5_K": [0, 2], "Q6_K": [208]}
+
+
+def _random_blocks(kind: str, n: int, seed: int = 0) -> np.ndarray:
+    """Random bytes in the block layout of `kind`, with finite float16 scales: every such block is a valid one."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    _, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
+    raw = rng.integers(0, 256, size=(n, size), dtype=np.uint8)
+    for at in _HALF_OFFSETS[kind]:
+        raw[:, at:at + 2] = (rng.standard_normal(n) * 0.01).astype(np.float16).view(np.uint8).reshape(n, 2)
+    return raw
+
+
+@pytest.mark.parametrize("kind", sorted(qw.EXACT_TYPES))
+def test_gguf_blocks_give_exactly_the_values_gguf_dequantizes(kind):
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[kind]
+    block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    raw = _random_blocks(kind, 96)
+    expected = gguf.quants.dequantize(raw.reshape(-1), qtype).reshape(1, -1)
+    q, s, z, group = qw.unpack_blocks(kind, raw)
+    matrix = qw.QuantizedMatrix(q.reshape(1, -1), s.reshape(1, -1), None if z is None else z.reshape(1, -1), group,
+                                kind)
+    assert group == (16 if kind == "Q6_K" else 32)
+    assert np.array_equal(matrix.dequantize(), expected)  # value for value (a -0.0 equals 0.0)
+    assert q.min() >= -128 and q.max() <= 127
+    assert matrix.fits_int4 == (qw.EXACT_TYPES[kind] == 4)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+def test_values_quantized_by_gguf_come_back_exactly(kind):
+    """Synthetic weights quantized with gguf.quants.quantize (where gguf has a quantizer) and read back."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[kind]
+    values = np.random.default_rng(1).standard_normal((8, 256)).astype(np.float32)
+    raw = gguf.quants.quantize(values, qtype)
+    _, size = gguf.GGML_QUANT_SIZES[qtype]
+    q, s, z, group = qw.unpack_blocks(kind, raw.reshape(-1, size))
+    matrix = qw.QuantizedMatrix(q.reshape(8, 256), s.reshape(8, -1), None if z is None else z.reshape(8, -1),
+                                group, kind)
+    assert np.array_equal(matrix.dequantize(), gguf.quants.dequantize(raw, qtype))
+
+
+@pytest.mark.slow
+def test_the_bundled_gguf_maps_onto_the_converted_models_weights(bundled_engine):
+    """smollm2-135m's GGUF (Q4_1 projections, a Q8_0 embedding, llama-permuted attn_q/attn_k): each HF weight read
+    from it equals, value for value, what the float32 conversion holds (transformers de-quantised and un-permuted
+    the same file), so the packed rows follow the HF row order."""
+    import gguf
+
+    from starqa.models import bundled_gguf_path
+
+    path = bundled_gguf_path("smollm2-135m")
+    kinds = {tensor.name: tensor.tensor_type.name for tensor in gguf.GGUFReader(str(path)).tensors}
+    assert kinds["blk.0.attn_q.weight"] == "Q4_1" and kinds["token_embd.weight"] == "Q8_0"
+    matrices = qw.gguf_matrices(path, bundled_engine.args)
+    model = bundled_engine.model
+    layer = model.layers[0]
+    q_rows = bundled_engine.args.num_heads * bundled_engine.args.head_dim
+    k_rows = bundled_engine.args.num_kv_heads * bundled_engine.args.head_dim
+    pieces = {
+        "model.layers.0.self_attn.q_proj.weight": layer.qkv.weight[:q_rows],
+        "model.layers.0.self_attn.k_proj.weight": layer.qkv.weight[q_rows:q_rows + k_rows],
+        "model.layers.0.self_attn.v_proj.weight": layer.qkv.weight[q_rows + k_rows:],
+        "model.layers.0.mlp.down_proj.weight": layer.down.weight,
+        "lm_head.weight": model.lm_head.weight,  # tied: the embedding's Q8_0 values
+    }
+    for name, converted in pieces.items():
+        matrix = matrices[name]
+        assert isinstance(matrix, qw.QuantizedMatrix), name
+        assert np.array_equal(matrix.dequantize(), converted.float().numpy()), name
+    unpermuted = qw.gguf_matrix(next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "blk.0.attn_q.weight"))
+    assert not np.array_equal(unpermuted.dequantize(), pieces["model.layers.0.self_attn.q_proj.weight"].numpy())
+
+
+def _reference_bound(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """What a correct kernel may differ from the float64 product by: one bfloat16 rounding of the result (2^-8
+    relative, with margin) plus float32 accumulation over the terms."""
+    exact = x.double() @ values.T
+    return exact, exact.abs() * 2 ** -8 + 1e-5 * (x.double().abs() @ values.abs().T) + 1e-30
+
+
+def _matrices(out: int, features: int, seed: int = 0) -> dict[str, tuple[qw.QuantizedMatrix, int]]:
+    """One weight of each kind the kernels take: int4 g32 (Q4_K-like), int8 g16 narrow (Q6_K-like), int8 g32 with
+    zeros (a 4-bit type read as int8), int8 g32 wide (Q8_0-like), int8 per channel (quantized here)."""
+    rng = np.random.default_rng(seed)
+
+    def scales(group):
+        return (rng.random((out, features // group)) * 0.02 + 0.001).astype(np.float32)
+
+    def zeros(group):
+        return (rng.standard_normal((out, features // group)) * 0.05).astype(np.float32)
+
+    return {
+        "int4": (qw.QuantizedMatrix(rng.integers(0, 16, (out, features)).astype(np.int16), scales(32), zeros(32),
+                                    32, "Q4_K"), 4),
+        "int8-g16": (qw.QuantizedMatrix(rng.integers(-32, 32, (out, features)).astype(np.int16), scales(16), None,
+                                        16, "Q6_K"), 8),
+        "int8-zeros": (qw.QuantizedMatrix(rng.integers(0, 16, (out, features)).astype(np.int16), scales(32),
+                                          zeros(32), 32, "Q4_K"), 8),
+        "int8-wide": (qw.QuantizedMatrix(rng.integers(-128, 128, (out, features)).astype(np.int16), scales(32), None,
+                                         32, "Q8_0"), 8),
+        "int8-channel": (qw.quantize_int8_per_channel(rng.standard_normal((out, features)).astype(np.float32),
+                                                      "float32"), 8),
+    }
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("kind", ["int4", "int8-g16", "int8-zeros", "int8-wide", "int8-channel"])
+def test_quantized_linear_equals_a_float64_reference_of_the_same_weights(kind, rows):
+    out, features = 97, 640
+    choice = _matrices(out, features)[kind]
+    parts = qw.pack_parts([choice], [out], features)
+    assert parts[0].bits == choice[1] and parts[0].wide == (kind in ("int8-wide", "int8-channel"))
+    values = qw.part_values(parts[0])
+    assert torch.equal(values, torch.from_numpy(choice[0].dequantize()).double())
+    x = torch.randn(rows, features, generator=torch.Generator().manual_seed(rows)).bfloat16()
+    dummy = torch.zeros(out, features, dtype=torch.bfloat16)
+    got = kernels.linear_packed(x, parts, dummy)
+    exact, bound = _reference_bound(x, values)
+    assert bool(((got.double() - exact).abs() <= bound).all()), float((got.double() - exact).abs().max())
+    residual = torch.randn(rows, out).bfloat16()
+    with_residual = kernels.linear_packed(x, parts, dummy, residual)
+    assert torch.equal(with_residual, (got.float() + residual.float()).bfloat16())  # rounded twice, as torch does
+
+
+@needs_kernels
+def test_a_fused_projection_of_mixed_formats_writes_each_part_into_its_columns():
+    """q|k|v with q in int4, k in int8 groups of 16 and v left in bfloat16: one output, each part's columns."""
+    features = 256
+    kinds = _matrices(40, features, seed=3)
+    bf16_rows = torch.randn(24, features).bfloat16()
+    choices = [kinds["int4"], kinds["int8-g16"], None]
+    parts = qw.pack_parts(choices, [40, 40, 24], features)
+    assert [p.bits for p in parts] == [4, 8, 16]
+    weight = torch.cat([torch.zeros(80, features, dtype=torch.bfloat16), bf16_rows])
+    values = torch.cat([qw.part_values(parts[0]), qw.part_values(parts[1]), bf16_rows.double()])
+    x = torch.randn(2, features).bfloat16()
+    got = kernels.linear_packed(x, parts, weight)
+    exact, bound = _reference_bound(x, values)
+    assert bool(((got.double() - exact).abs() <= bound).all())
+
+
+def _float64_logits(engine, values_by_projection, ids, positions_from=0):
+    """The model's next-token logits computed in float64 with the given projection weights (the reference)."""
+    import copy
+
+    from starqa.star_cache import StarCache
+    from starqa.transformer import Linear, Transformer
+
+    model = engine.model
+    layers = []
+    for i, layer in enumerate(model.layers):
+        copied = copy.copy(layer)
+        for name in ("qkv", "o", "gate_up", "down"):
+            linear = getattr(layer, name)
+            setattr(copied, name, Linear(values_by_projection[f"layers.{i}.{name}"],
+                                         None if linear.bias is None else linear.bias.double()))
+        copied.input_norm, copied.post_norm = layer.input_norm.double(), layer.post_norm.double()
+        layers.append(copied)
+    reference = Transformer(model.args, model.embed.double(), layers, model.norm.double(),
+                            values_by_projection["lm_head"])
+
+    cache = StarCache(num_layers=engine.num_layers, batch=1, kv_heads=engine.kv_heads, head_dim=engine.head_dim,
+                      capacity=len(ids), dtype=torch.float64, device=torch.device("cpu"))
+    with torch.inference_mode():
+        ids_tensor = torch.tensor([ids])
+        positions = torch.arange(positions_from, positions_from + len(ids))[None]
+        return reference.forward(ids_tensor, positions, cache)[0]
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_decoding_logits_match_a_float64_reference_of_the_same_weights(mode):
+    """End to end on a tiny model: the logits of decoding steps with `mode` weights stay close to float64 logits of
+    the same de-quantised weights (int4: far closer to them than to float64 logits of the original weights)."""
+    from test_engine import _NoTokenizer
+
+    from starqa.engine import StarEngine
+
+    engine = StarEngine(tiny_model("llama", hidden_size=128, intermediate_size=256).to(torch.bfloat16),
+                        _NoTokenizer())
+    summary = qw.attach(engine.model, mode)
+    assert summary.startswith(mode) and all(linear.packed for _, linear in engine.model.projections())
+    quantized = {key: torch.cat([qw.part_values(p) for p in linear.packed])
+                 for key, linear in engine.model.projections()}
+    original = {key: linear.weight.double() for key, linear in engine.model.projections()}
+    ids = list(range(300, 306))
+    # The engine decodes one token at a time after a prefill: prefill in bfloat16 (more than 8 rows) ...
+    cache = engine._new_cache(batch=1, capacity=len(ids))
+    got = None
+    for position, token in enumerate(ids):  # ... here every step is one row: every projection reads `mode` weights
+        got = engine._step(cache, torch.tensor([[token]]), torch.tensor([[position]]))[0].double()
+    same = _float64_logits(engine, quantized, ids)
+    other = _float64_logits(engine, original, ids)
+    error, scale = float((got - same).abs().max()), float(same.abs().max())
+    assert error <= 0.05 * scale, (error, scale)  # bfloat16 activations round at every layer
+    assert int(got.argmax()) == int(same.argmax())
+    if mode == "int4":  # 4-bit groups move the logits far more than the rounding does: the reference tells them apart
+        assert float((same - other).abs().mean()) > 3 * float((got - same).abs().mean())
+
+
+def test_auto_keeps_an_hf_models_bfloat16_and_explicit_modes_quantize_it():
+    from test_engine import _NoTokenizer
+
+    from starqa.engine import StarEngine
+
+    engine = StarEngine(tiny_model("llama").to(torch.bfloat16), _NoTokenizer())
+    assert qw.attach(engine.model, "auto") == "bfloat16"
+    assert all(linear.packed is None for _, linear in engine.model.projections())
+    if kernels.quantized_available():
+        assert qw.attach(engine.model, "int8").startswith("int8 (bfloat16) 100%")
+        assert qw.attach(engine.model, "bfloat16") == "bfloat16"
+        assert all(linear.packed is None for _, linear in engine.model.projections())
+    with pytest.raises(Exception, match="--weights must be one of"):
+        qw.attach(engine.model, "int3")
+
+
+def test_explicit_quantized_weights_are_refused_where_the_kernels_cannot_run():
+    from test_engine import _NoTokenizer
+
+    from starqa.engine import StarEngine
+    from starqa.errors import UsageError
+
+    engine = StarEngine(tiny_model("llama"), _NoTokenizer())  # float32 compute
+    assert qw.attach(engine.model, "auto") == "bfloat16"
+    with pytest.raises(UsageError, match="bfloat16 compute dtype"):
+        qw.attach(engine.model, "int4")
+
+
+@needs_kernels
+@pytest.mark.slow
+def test_the_bundled_model_packs_its_gguf_integers_once_and_answers_planted_facts(shared_home, bundled_engine,
+                                                                                  monkeypatch):
+    """smollm2-135m in bfloat16 with --weights auto: its Q4_1 projections decode in int4 and its Q8_0 embedding (the
+    tied LM head) in int8, from a cache written once (0600, outside the weights the fingerprint covers); greedy
+    answers to planted facts hold the fact with every --weights."""
+    from starqa.engine import StarEngine
+    from starqa.tokens import context_ids_for, encode_document, prompt_template, query_ids_for
+
+    engines = {mode: StarEngine.load("smollm2-135m", device="cpu", dtype="bfloat16", store_root=shared_home,
+                                     weights=mode) for mode in ("bfloat16", "auto", "int8", "int4")}
+    assert engines["auto"].weights == "int4 (Q4_1) 71%, int8 (Q8_0) 29%"
+    assert engines["bfloat16"].weights == "bfloat16"
+    cache = engines["auto"].model_dir / qw.CACHE_FOLDER / "auto.safetensors"
+    assert cache.is_file() and (cache.stat().st_mode & 0o777) == 0o600
+    from starqa.models import model_fingerprint
+
+    with_cache = model_fingerprint(engines["auto"].model_dir)
+    aside = cache.parent.with_name("decode-weights-aside")
+    cache.parent.rename(aside)
+    try:
+        assert model_fingerprint(engines["auto"].model_dir) == with_cache  # the cache is not "the model"
+    finally:
+        aside.rename(cache.parent)
+    packed = engines["auto"].model.layers[0].qkv.packed
+    assert [p.bits for p in packed] == [4] and packed[0].sources == ["Q4_1"]
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("the packed weights were built again")
+
+    monkeypatch.setattr(qw, "build_packed", no_rebuild)
+    again = StarEngine.load("smollm2-135m", device="cpu", dtype="bfloat16", store_root=shared_home, weights="auto")
+    assert torch.equal(again.model.layers[0].qkv.packed[0].weight, packed[0].weight)
+
+    tokenizer = bundled_engine.hf_tokenizer
+    template = prompt_template(tokenizer)
+    filler = ("The committee reviewed the quarterly figures and agreed to meet again after the audit. "
+              "Minutes were circulated to every member of the board. ") * 6
+    for number, depth in ((48213, 0.2), (73519, 0.5), (90264, 0.8)):
+        cut = int(len(filler) * depth)
+        text = f"{filler[:cut]}The special magic number is {number}. {filler[cut:]}"
+        context = context_ids_for(tokenizer, template, encode_document(tokenizer, text))
+        query = query_ids_for(tokenizer, template, "What is the special magic number?")
+        for mode, engine in engines.items():
+            ctx = engine.encode_context(context, 128, 128)
+            answer = engine.tokenizer.decode(engine.generate(ctx, query, max_new_tokens=24))
+            assert str(number) in answer, (mode, answer)
+
+
+def _starqa(home, *args):
+    env = dict(os.environ, STARQA_HOME=str(home), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "starqa", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+@needs_kernels
+@pytest.mark.slow
+def test_one_stored_document_is_answered_with_each_weights(shared_home, bundled_engine, tmp_path):
+    document = tmp_path / "memo.txt"
+    document.write_text("Internal memo. The vault access code is 7310. Lunch is served at noon in the east hall. "
+                        * 3, encoding="utf-8")
+    ingested = _starqa(shared_home, "ingest", str(document), "--name", "memo-weights", "--model", "smollm2-135m",
+                       "--force", "--quiet")
+    assert ingested.returncode == 0, ingested.stderr
+    answers = {}
+    for mode in ("bfloat16", "int8", "int4", "auto"):
+        result = _starqa(shared_home, "ask", "--doc", "memo-weights", "What is the vault access code?", "--model",
+                         "smollm2-135m", "--weights", mode, "--json", "--no-server", "--max-new-tokens", "16")
+        assert result.returncode == 0, (mode, result.stderr)
+        answers[mode] = json.loads(result.stdout.splitlines()[-1])["answer"]
+        assert "7310" in answers[mode], (mode, answers[mode])
+    bad = _starqa(shared_home, "ask", "--doc", "memo-weights", "Code?", "--weights", "int3", "--no-server")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "weights" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
