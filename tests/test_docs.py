@@ -15,14 +15,6 @@ README_MAX_LINES = 250
 
 # Pages the README links to that other branches bring; a link to one of them is allowed only while it is missing.
 # The lead empties this list once they have all landed.
-PENDING_PAGES = {
-    "docs/hybrid.md",
-    "docs/governance.md",
-    "docs/security.md",
-    "docs/quantized-decoding.md",
-    "docs/fidelity.md",
-    "docs/serve-performance.md",
-}
 
 FENCE = re.compile(r"^\s*(```|~~~)")
 HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
@@ -99,8 +91,7 @@ def broken_links(path: Path, root: Path = REPO) -> list[str]:
             problems.append(f"{where} (outside the repository)")
             continue
         if not linked.exists():
-            if repo_path not in PENDING_PAGES:
-                problems.append(f"{where} (no such file: {repo_path})")
+            problems.append(f"{where} (no such file: {repo_path})")
             continue
         if anchor and (linked.suffix != ".md" or anchor not in anchors(linked)):
             problems.append(f"{where} (no heading #{anchor} in {repo_path})")
@@ -167,7 +158,7 @@ def test_every_readme_command_is_accepted_by_the_cli():
 
 def test_the_checks_catch_a_stale_flag_and_a_broken_link(tmp_path):
     """The checks themselves can fail: a flag or command the CLI does not have, a value of the wrong type, shell
-    syntax, a missing page and a missing heading; a pending page is excused only while it is missing."""
+    syntax, a missing page and a missing heading."""
     assert cli_rejects("starqa ask --doc contract 'What?' --max-new-tokens 8") is None
     assert "NoSuchOption" in cli_rejects("starqa ingest report.pdf --no-such-flag")
     assert cli_rejects("starqa ask --doc contract --batch-size many") is not None
@@ -182,7 +173,7 @@ def test_the_checks_catch_a_stale_flag_and_a_broken_link(tmp_path):
     readme.write_text("\n".join([
         "# Title", "",
         "[fine](docs/page.md) [anchor](docs/page.md#star-attention-as-implemented) [here](#title)",
-        "[pending](docs/hybrid.md) [web](https://example.org/x.md) `[in code](docs/nothing.md)`",
+        "[web](https://example.org/x.md) `[in code](docs/nothing.md)`",
         "```", "[in a code block](docs/nothing.md)", "```",
         "[missing page](docs/gone.md)",
         "![missing image](docs/gone.png)",
@@ -192,9 +183,6 @@ def test_the_checks_catch_a_stale_flag_and_a_broken_link(tmp_path):
     assert [problem.split(": ")[1] for problem in problems] == [
         "docs/gone.md (no such file", "docs/gone.png (no such file",
         "docs/page.md#no-such-heading (no heading #no-such-heading in docs/page.md)", "docs/also-gone.md (no such file"]
-    (tmp_path / "docs" / "hybrid.md").write_text("# Hybrid\n", encoding="utf-8")  # once it exists, it is checked
-    readme.write_text("[pending](docs/hybrid.md#nothing-here)\n", encoding="utf-8")
-    assert len(broken_links(readme, root=tmp_path)) == 1
 
     assert heading_anchor("Precision: bfloat16 compute and the stored KV's dtype") == \
         "precision-bfloat16-compute-and-the-stored-kvs-dtype"
