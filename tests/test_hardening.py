@@ -864,9 +864,20 @@ def test_off_a_terminal_every_message_is_one_plain_line(tmp_path, tiny_model_dir
 def test_every_command_has_quiet_and_debug():
     import typer
 
+    def leaves(name, command):  # a group's (audit, keys) subcommands are what runs
+        if hasattr(command, "commands"):
+            for sub_name, sub_command in command.commands.items():
+                yield from leaves(f"{name} {sub_name}", sub_command)
+        else:
+            yield name, command
+
+    checked = []
     for name, command in typer.main.get_command(cli.app).commands.items():
-        options = {option for parameter in command.params for option in getattr(parameter, "opts", [])}
-        assert {"--quiet", "--debug"} <= options, name
+        for leaf_name, leaf in leaves(name, command):
+            options = {option for parameter in leaf.params for option in getattr(parameter, "opts", [])}
+            assert {"--quiet", "--debug"} <= options, leaf_name
+            checked.append(leaf_name)
+    assert {"ask", "keys add", "audit verify"} <= set(checked)
 
 
 def test_quiet_leaves_stderr_empty(capsys, home, inputs, tiny_model_dir):

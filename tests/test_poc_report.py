@@ -4,6 +4,7 @@ model x mode in its own process, the report's rows and answers, --resume, and ba
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -31,12 +32,15 @@ def _eval(capsys, *args) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def test_each_run_reports_its_own_processs_peak_memory():
-    big = ["-c", "x = bytearray(300 * 2**20); x[::4096] = b'1' * len(x[::4096])"]
-    *_, big_peak = poc_report.run_process(big)
-    *_, small_peak = poc_report.run_process(["-c", "pass"])  # a shared or inherited high-water mark: 300+ MiB
+def test_each_run_reports_its_own_processs_peak_memory(tmp_path):
+    (tmp_path / "peak_big.py").write_text("x = bytearray(300 * 2**20)\nx[::4096] = b'1' * len(x[::4096])\n")
+    (tmp_path / "peak_small.py").write_text("")
+    (tmp_path / "peak_argv.py").write_text("import sys\nprint(sys.argv[1:])\nraise SystemExit(3)\n")
+    environment = dict(os.environ, PYTHONPATH=str(tmp_path))
+    *_, big_peak = poc_report.run_process(["-m", "peak_big"], environment)
+    *_, small_peak = poc_report.run_process(["-m", "peak_small"], environment)  # an inherited mark: 300+ MiB
     assert big_peak > 300 and small_peak < 100, (big_peak, small_peak)
-    code, out, _, _, _ = poc_report.run_process(["-c", "import sys; print(sys.argv[1:]); raise SystemExit(3)", "a"])
+    code, out, _, _, _ = poc_report.run_process(["-m", "peak_argv", "a"], environment)
     assert (code, out) == (3, "['a']\n")
 
 

@@ -159,11 +159,11 @@ def _starqa(args: list[str], settings, options: dict) -> tuple[int, str, str, fl
     return run_process(["-m", "starqa", *args], _child_environment(settings))
 
 
-# Runs `python -m MODULE ARGS` (or `python -c CODE ARGS`) and writes the process's own VmHWM (kB) to a file at exit.
+# Runs `python -m MODULE ARGS` and writes the process's own VmHWM (kB) to a file at exit.
 # A child's ru_maxrss (os.wait4) would not do: Linux carries the parent's resident size across fork and exec into it.
 _PEAK_WRAPPER = """import atexit, runpy, sys
-path, kind, target = sys.argv[1:4]
-sys.argv = [target, *sys.argv[4:]]
+path, target = sys.argv[1:3]
+sys.argv = [target, *sys.argv[3:]]
 def peak():
     with open('/proc/self/status') as status:
         for line in status:
@@ -171,24 +171,23 @@ def peak():
                 with open(path, 'w') as out:
                     out.write(line.split()[1])
 atexit.register(peak)
-if kind == '-m':
-    runpy.run_module(target, run_name='__main__', alter_sys=True)
-else:
-    exec(compile(target, '<string>', 'exec'), {'__name__': '__main__'})
+runpy.run_module(target, run_name='__main__', alter_sys=True)
 """
 
 
 def run_process(python_args: list[str], environment: dict | None = None) -> tuple[int, str, str, float, float]:
-    """(exit code, stdout, stderr, wall seconds, peak RSS MiB) of `python -m MODULE ...` or `python -c CODE ...` in
-    a process of its own: the peak is that process's own high-water mark (VmHWM, written by the process as it
-    exits), not one inherited from this process or shared with earlier children."""
+    """(exit code, stdout, stderr, wall seconds, peak RSS MiB) of `python -m MODULE ...` in a process of its own:
+    the peak is that process's own high-water mark (VmHWM, written by the process as it exits), not one inherited
+    from this process or shared with earlier children."""
     kind, target, *rest = python_args
+    if kind != "-m":
+        raise ValueError(f"run_process runs a module (-m MODULE ...), not {kind!r}")
     with tempfile.NamedTemporaryFile(prefix="starqa-peak-", delete=False) as peak_file:
         peak_path = Path(peak_file.name)
     try:
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             started = time.perf_counter()
-            process = subprocess.Popen([sys.executable, "-c", _PEAK_WRAPPER, str(peak_path), kind, target, *rest],
+            process = subprocess.Popen([sys.executable, "-c", _PEAK_WRAPPER, str(peak_path), target, *rest],
                                        stdout=out, stderr=err, env=environment)
             try:
                 _, status, usage = os.wait4(process.pid, 0)
