@@ -11,7 +11,7 @@ TORCH_INDEX ?=
 # The model `make install` installs besides the tests' smollm2-135m: configs/default.yaml's `model`.
 DEFAULT_MODEL ?= qwen2.5-coder-1.5b
 
-# The GPU check (tests/gpu_check.py; README, "Checking on a GPU"). A bare GPU machine reaches no package index:
+# The GPU check (tests/gpu_check.py; docs/gpu.md). A bare GPU machine reaches no package index:
 # `make gpu-wheels`, here, fills .whl/ with what its image lacks or has too old (Python 3.12; the image holds torch,
 # triton, tokenizers, huggingface_hub, ... but transformers 5.17, and no pypdf or gguf); `make gpu-check-device`,
 # there, installs them into GPU_SITE without an index and runs the check with the image's python3.
@@ -67,7 +67,7 @@ bench-install: install
 	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -q --no-cache-dir -e ".[bench]"
 
 # On a CUDA machine with network: the Triton kernels compiled (not interpreted) and the engine on the GPU against
-# their references, then the kernels' speed against torch SDPA; fails if CUDA is missing (see README).
+# their references, then the kernels' speed against torch SDPA; fails if CUDA is missing (see docs/gpu.md).
 gpu-check: install
 	env -u TRITON_INTERPRET $(PY) tests/gpu_check.py --out $(GPU_CHECK_OUT)
 

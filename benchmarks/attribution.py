@@ -1,6 +1,6 @@
 """Answer attribution on generated documents: does the first source hold the planted fact the question asks for?
 
-    python benchmarks/attribution.py --split heldout --lengths 1024,4096 --per-cell 5         # the README's figures
+    python benchmarks/attribution.py --split heldout --lengths 1024,4096 --per-cell 5         # docs/evidence.md's figures
     python benchmarks/attribution.py --split tune --lengths 1024,2048,4096,8192 --per-cell 2 --no-echoes --raw /tmp/raw
     python benchmarks/attribution.py --split tune --lengths 1024,2048,4096,8192 --per-cell 1 --first-round 2 \
         --echo-share 1 --grid                                                                 # tuning, round 2
@@ -273,7 +273,7 @@ def summarize(records: list[dict], method: str = "evidence") -> str:
 
 
 def markdown_table(records: list[dict]) -> str:
-    """The README's table: per format and length, the first source's hits over the correct answers at each depth,
+    """docs/evidence.md's table: per format and length, the first source's hits over the correct answers at each depth,
     for this method and the baseline."""
     right = [r for r in records if r["correct"]]
     depths = sorted({r["depth"] for r in records})

@@ -1,11 +1,12 @@
-"""RULER-style benchmark of Star Attention against full attention: the README's configuration, via `starqa eval`.
+"""RULER-style benchmark of Star Attention against full attention, via `starqa eval`: the configuration
+docs/performance.md reports.
 
-    python benchmarks/ruler.py                 # the README's run: hours on a CPU, minutes on a GPU
+    python benchmarks/ruler.py                 # docs/performance.md's run: hours on a CPU, minutes on a GPU
     python benchmarks/ruler.py --smoke         # a small version to check the set-up (a few minutes on a CPU)
     python benchmarks/ruler.py --dry-run       # print the command and exit
     python benchmarks/ruler.py -- --device cuda --model /models/Llama-3.1-8B-Instruct   # extra `starqa eval` flags
 
-The README's configuration: the bundled model (SmolLM2-135M-Instruct) at 2K, 4K and 8K tokens, 20 samples per task
+docs/performance.md's configuration: the bundled model (SmolLM2-135M-Instruct) at 2K, 4K and 8K tokens, 20 samples per task
 and length, all RULER-style tasks, Star Attention with block = anchor = 1/4 of the length (as in the paper) and with
 block 1024 / anchor 256. It runs the exact `starqa eval` command it prints (same code as users run), writing:
 
@@ -14,7 +15,7 @@ block 1024 / anchor 256. It runs the exact `starqa eval` command it prints (same
     benchmarks/results/ruler-cases.jsonl per-case results; rerunning continues an interrupted run (--resume)
 
 To stop a run and keep its report, interrupt or terminate the `starqa eval` process it started (Ctrl-C in a terminal,
-or `kill` / SIGTERM: a background job started from a script ignores SIGINT); the README's tables are then printed by
+or `kill` / SIGTERM: a background job started from a script ignores SIGINT); docs/performance.md's tables are then printed by
 `python benchmarks/ruler_tables.py benchmarks/results/ruler.json`.
 """
 

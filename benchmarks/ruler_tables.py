@@ -1,4 +1,4 @@
-"""The README's accuracy tables, as Markdown, from a `starqa eval --json` report of the RULER-style suite.
+"""docs/performance.md's accuracy tables, as Markdown, from a `starqa eval --json` report of the RULER-style suite.
 
     python benchmarks/ruler_tables.py                                  # benchmarks/results/ruler.json
     python benchmarks/ruler_tables.py report.json

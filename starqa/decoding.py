@@ -1,7 +1,7 @@
 """How the bytes of a text file become text: the encoding is read from the bytes, and bytes that do not decode to
 text (a binary file named .txt) are refused rather than stored as a document of replacement characters.
 
-The rule, in order (the README states it for users):
+The rule, in order (docs/ states it for users):
 
 1. A byte order mark names the encoding: UTF-8, UTF-16 or UTF-32, little- or big-endian.
 2. Without one, NUL bytes at every other position of the first 8 KiB (at least a quarter of them), and hardly any

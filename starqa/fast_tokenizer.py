@@ -422,7 +422,7 @@ def _record(path: Path, key: str, outcome: dict) -> None:
             records = _read_records(path)
             records[key] = outcome
             staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            # The store's files are private (README: what starqa guarantees): created 0600, never wider.
+            # The store's files are private (docs/store.md: what starqa guarantees): created 0600, never wider.
             fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(json.dumps(records, indent=2, sort_keys=True) + "\n")

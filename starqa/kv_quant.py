@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 KV_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
-KEY_GROUP = 128  # tokens per key-scale group: see README "Precision" for how this was chosen
+KEY_GROUP = 128  # tokens per key-scale group: see docs/performance.md, "Precision", for how this was chosen
 _INT8_MAX = 127.0
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
 

@@ -3,7 +3,7 @@
     python3 tests/gpu_check.py [--out DIR]     # DIR: $GPU_CHECK_OUT, else gpu-check-out/ (make gpu-check-device)
 
 It runs with whatever python3 it is given (on the bare GPU machine: the image's, with the carried wheels of .whl/ on
-PYTHONPATH; see README, "Checking on a GPU") and needs no network, no venv and no install of starqa (its processes
+PYTHONPATH; see docs/gpu.md) and needs no network, no venv and no install of starqa (its processes
 get the repository root on PYTHONPATH, and TRITON_INTERPRET removed). Steps, each with its own time budget:
 
 1. preflight (about 15 s): CUDA visible to torch, Triton installed, starqa's requirements met (torch, transformers,
@@ -173,7 +173,7 @@ def preflight(check: Check) -> bool:
     for row in facts["requirements"]:
         if not row["ok"] and row["name"] in REQUIRED:
             problems.append(f"{row['name']} {row['installed'] or 'missing'} does not meet {row['wants']!r}"
-                            + (" (the image's transformers is too old: carry .whl/, see README)"
+                            + (" (the image's transformers is too old: carry .whl/, see docs/gpu.md)"
                                if row["name"] == "transformers" else ""))
     facts["pytest_xdist"] = importlib.util.find_spec("xdist") is not None
     facts["pytest_timeout"] = importlib.util.find_spec("pytest_timeout") is not None

@@ -578,7 +578,7 @@ def test_plot_without_matplotlib_is_a_clear_error(monkeypatch):
 
 
 def test_readme_tables_from_a_report():
-    """benchmarks/ruler_tables.py renders the README's tables from a --json report."""
+    """benchmarks/ruler_tables.py renders docs/performance.md's tables from a --json report."""
     spec = importlib.util.spec_from_file_location(
         "ruler_tables", Path(__file__).resolve().parents[1] / "benchmarks" / "ruler_tables.py")
     tables = importlib.util.module_from_spec(spec)
