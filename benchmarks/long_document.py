@@ -22,7 +22,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
+from peak_process import PeakPopen  # noqa: E402
 from starqa.eval.haystack import essay_paragraphs  # noqa: E402
 
 FACT = "The combination of the archive safe in the east wing is 4817-2093."
@@ -30,21 +32,11 @@ QUESTION = "What is the combination of the archive safe in the east wing?"
 VALUE = "4817-2093"
 
 
-class _Popen(subprocess.Popen):
-    peak_rss = 0
-
-    def _try_wait(self, wait_flags):
-        pid, status, usage = os.wait4(self.pid, wait_flags)
-        if pid:
-            self.peak_rss = usage.ru_maxrss * 1024
-        return pid, status
-
-
 def run(home: Path, *args: str) -> tuple[float, int, str]:
     env = dict(os.environ, STARQA_HOME=str(home))
     env.pop("STARQA_MODEL", None)
     started = time.perf_counter()
-    process = _Popen([sys.executable, "-m", "starqa", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    process = PeakPopen([sys.executable, "-m", "starqa", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                      text=True, env=env, cwd=REPO)
     out, err = process.communicate()
     if process.returncode != 0:

@@ -25,7 +25,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
+from peak_process import PeakPopen  # noqa: E402
 from starqa.catalogue import CATALOGUE, installed  # noqa: E402
 
 QUESTION = "Which law governs this agreement?"
@@ -33,24 +35,12 @@ CONVERT = ("import sys, torch; from pathlib import Path; from starqa.models impo
            "print(ensure_converted(resolve_model(sys.argv[1], Path(sys.argv[2]), torch.bfloat16)).directory)")
 
 
-class _Popen(subprocess.Popen):
-    """Popen that keeps the finished child's peak RSS (wait4's rusage), which plain Popen throws away."""
-
-    peak_rss = 0
-
-    def _try_wait(self, wait_flags):
-        pid, status, usage = os.wait4(self.pid, wait_flags)
-        if pid:
-            self.peak_rss = usage.ru_maxrss * 1024
-        return pid, status
-
-
 def measured(args: list[str], home: Path) -> tuple[float, int, str, str]:
     """(wall s, peak RSS bytes, stdout, stderr) of one process; exits the benchmark if it fails."""
     env = dict(os.environ, STARQA_HOME=str(home))
     env.pop("STARQA_MODEL", None)
     started = time.perf_counter()
-    process = _Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    process = PeakPopen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
     out, err = process.communicate()
     wall = time.perf_counter() - started
     if process.returncode != 0:
