@@ -105,3 +105,18 @@ def _offline(monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("STARQA_MODEL", TEST_MODEL)
     os.environ.pop("NO_COLOR", None)
+
+
+def planted_number_prompts(tokenizer):
+    """(number, context ids, query ids) of three short documents, each with one planted "magic number" at 20, 50 and
+    80 % depth: the needles the precision tests (KV dtype, decode weights) ask the bundled model to find."""
+    from starqa.tokens import context_ids_for, encode_document, prompt_template, query_ids_for
+
+    template = prompt_template(tokenizer)
+    filler = ("The committee reviewed the quarterly figures and agreed to meet again after the audit. "
+              "Minutes were circulated to every member of the board. ") * 6
+    query = query_ids_for(tokenizer, template, "What is the special magic number?")
+    for number, depth in ((48213, 0.2), (73519, 0.5), (90264, 0.8)):
+        cut = int(len(filler) * depth)
+        text = f"{filler[:cut]}The special magic number is {number}. {filler[cut:]}"
+        yield number, context_ids_for(tokenizer, template, encode_document(tokenizer, text)), query

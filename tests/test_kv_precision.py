@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import planted_number_prompts, tiny_model
 from starqa import kernels
 from starqa.engine import StarEngine
 from starqa.kv_quant import dequantize_keys, dequantize_values, group_starts, quantize_keys, quantize_values
@@ -121,18 +121,9 @@ def test_needles_are_found_in_bfloat16_and_every_kv_precision_with_the_bundled_m
     """Short needle documents: the bundled model's answer holds the planted number in float32 with float32 KV, and
     still in bfloat16 compute with bfloat16, float16 and int8 KV (the same Phase 1 stored each way)."""
     from starqa.engine import quantize_block
-    from starqa.tokens import context_ids_for, encode_document, prompt_template, query_ids_for
 
     bf16 = StarEngine.load("smollm2-135m", device="cpu", dtype="bfloat16", store_root=shared_home)
-    tokenizer = bundled_engine.hf_tokenizer
-    template = prompt_template(tokenizer)
-    filler = ("The committee reviewed the quarterly figures and agreed to meet again after the audit. "
-              "Minutes were circulated to every member of the board. ") * 6
-    for number, depth in ((48213, 0.2), (73519, 0.5), (90264, 0.8)):
-        cut = int(len(filler) * depth)
-        text = f"{filler[:cut]}The special magic number is {number}. {filler[cut:]}"
-        context = context_ids_for(tokenizer, template, encode_document(tokenizer, text))
-        query = query_ids_for(tokenizer, template, "What is the special magic number?")
+    for number, context, query in planted_number_prompts(bundled_engine.hf_tokenizer):
         for engine, kv_dtypes in ((bundled_engine, ("float32",)), (bf16, ("bfloat16", "float16", "int8"))):
             blocks = list(engine.encode_blocks(context, 128, 128))
             spans = [(block.start, block.end) for block in blocks]

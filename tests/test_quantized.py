@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, tiny_model
+from conftest import REPO, planted_number_prompts, tiny_model
 from starqa import kernels, quantized_weights as qw
 
 needs_kernels = pytest.mark.skipif(not kernels.quantized_available(),
@@ -265,7 +265,6 @@ def test_the_bundled_model_packs_its_gguf_integers_once_and_answers_planted_fact
     tied LM head) in int8, from a cache written once (0600, outside the weights the fingerprint covers); greedy
     answers to planted facts hold the fact with every --weights."""
     from starqa.engine import StarEngine
-    from starqa.tokens import context_ids_for, encode_document, prompt_template, query_ids_for
 
     engines = {mode: StarEngine.load("smollm2-135m", device="cpu", dtype="bfloat16", store_root=shared_home,
                                      weights=mode) for mode in ("bfloat16", "auto", "int8", "int4")}
@@ -292,15 +291,7 @@ def test_the_bundled_model_packs_its_gguf_integers_once_and_answers_planted_fact
     again = StarEngine.load("smollm2-135m", device="cpu", dtype="bfloat16", store_root=shared_home, weights="auto")
     assert torch.equal(again.model.layers[0].qkv.packed[0].weight, packed[0].weight)
 
-    tokenizer = bundled_engine.hf_tokenizer
-    template = prompt_template(tokenizer)
-    filler = ("The committee reviewed the quarterly figures and agreed to meet again after the audit. "
-              "Minutes were circulated to every member of the board. ") * 6
-    for number, depth in ((48213, 0.2), (73519, 0.5), (90264, 0.8)):
-        cut = int(len(filler) * depth)
-        text = f"{filler[:cut]}The special magic number is {number}. {filler[cut:]}"
-        context = context_ids_for(tokenizer, template, encode_document(tokenizer, text))
-        query = query_ids_for(tokenizer, template, "What is the special magic number?")
+    for number, context, query in planted_number_prompts(bundled_engine.hf_tokenizer):
         for mode, engine in engines.items():
             ctx = engine.encode_context(context, 128, 128)
             answer = engine.tokenizer.decode(engine.generate(ctx, query, max_new_tokens=24))
