@@ -376,12 +376,19 @@ def needle_place(record: dict) -> str:
     return "later block"
 
 
-def table(records: list[dict], group_of, title: str) -> None:
+def paired_groups(records: list[dict], group_of) -> tuple[dict, dict[tuple, list[dict]]]:
+    """(full-attention record per (model, case), Star records with a full twin grouped by model, length, group and
+    Star configuration): what both tables pair."""
     full = {(r["model"], r["case_id"]): r for r in records if r["mode"] == "full"}
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for record in records:
         if record["mode"] == "star" and (record["model"], record["case_id"]) in full:
             groups[(record["model"], record["length"], group_of(record), config_label(record))].append(record)
+    return full, groups
+
+
+def table(records: list[dict], group_of, title: str) -> None:
+    full, groups = paired_groups(records, group_of)
     print(f"\n{title}")
     print(f"| model | length | group | Star b/a | cases | full | Star | retention | Star − full (95 %) | won/lost "
           f"| same answer | Phase 1 s |")
@@ -409,11 +416,7 @@ def _order(label: str) -> tuple:
 def tf_table(records: list[dict], group_of, title: str) -> None:
     """Teacher-forced records: value accuracy (every token of a value is the argmax given the gold answer so far),
     the answer's log-probability, KL(full || Star) per answer token."""
-    full = {(r["model"], r["case_id"]): r for r in records if r["mode"] == "full"}
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for record in records:
-        if record["mode"] == "star" and (record["model"], record["case_id"]) in full:
-            groups[(record["model"], record["length"], group_of(record), config_label(record))].append(record)
+    full, groups = paired_groups(records, group_of)
     print(f"\n{title}")
     print("| model | length | group | Star b/a | cases | full value acc. | Star value acc. | Star − full (95 %) "
           "| won/lost | Star − full answer log-prob (95 %) | KL(full‖Star) per token | Phase 1 s |")
