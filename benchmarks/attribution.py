@@ -79,7 +79,7 @@ def _scores(query: torch.Tensor, prefix_keys: torch.Tensor) -> torch.Tensor:
 
 
 class PeakShares:
-    """The method this replaces (the baseline, as it was in starqa.sources): per decoding step and layer, each block's
+    """The method this replaces (the baseline, as it was in starqa.evidence.observer): per decoding step and layer, each block's
     highest score and the document's log-sum-exp per head; a block's strength is its highest probability over
     heads, averaged over steps and layers (one process only)."""
 
@@ -118,7 +118,7 @@ class Tee:
         self.observe_scores(layer, _scores(query, prefix_keys))
 
     def observe_scores(self, layer: int, scores: torch.Tensor) -> None:
-        from starqa.sources import deliver
+        from starqa.evidence.observer import deliver
 
         for observer in self.observers:  # every head's scores: each observer gets the rows of its own heads
             deliver(observer, layer, scores)
@@ -139,11 +139,12 @@ GRID = [(a, q) for a in (0.0, 0.5, 1.0, 2.0) for q in (0.0, 0.5, 1.0)]
 
 
 def run_case(engine, case, folder: Path, raw: Path | None, max_new_tokens: int, grid: bool = False) -> dict:
-    from starqa import evidence as ev
+    from starqa.evidence import collect, quotes
     from starqa.ask import answer_text
     from starqa.documents import extract_document
-    from starqa.retrieval_heads import retrieval_heads
-    from starqa.sources import block_char_spans, block_pages, rank_sources
+    from starqa.evidence.heads import retrieval_heads
+    from starqa.evidence.quotes import rank_sources
+    from starqa.evidence.text_positions import block_char_spans, block_pages
     from starqa.tokens import context_ids_for, prompt_template, query_ids_for
 
     tokenizer = engine.tokenizer
@@ -165,7 +166,7 @@ def run_case(engine, case, folder: Path, raw: Path | None, max_new_tokens: int, 
 
     query = query_ids_for(tokenizer, template, case.question)
     baseline = PeakShares(ctx.spans, offset)
-    observer = ev.observer_for(engine, ctx.spans, offset, heads=retrieval_heads(engine))
+    observer = collect.observer_for(engine, ctx.spans, offset, heads=retrieval_heads(engine))
     recorder = Recorder(engine.num_layers, engine.args.num_heads, offset, ctx.n_tokens) if raw else None
     new_ids = engine.generate(ctx, query, max_new_tokens=max_new_tokens,
                               observe_prefix=Tee(baseline, observer, recorder))
@@ -175,8 +176,8 @@ def run_case(engine, case, folder: Path, raw: Path | None, max_new_tokens: int, 
     char_spans = block_char_spans(tokenizer, context, offset, ctx.spans, text)
     pages_per_block = block_pages(tokenizer, context, offset, ctx.spans, pages, text)
     old = rank_sources(baseline.shares(), pages_per_block)
-    document = ev.DocumentView(text, pages, context, offset, list(ctx.spans), pages_per_block, tokenizer)
-    found = ev.evidence_for_answer(document, [observer.stacked()], answer, case.question)
+    document = quotes.DocumentView(text, pages, context, offset, list(ctx.spans), pages_per_block, tokenizer)
+    found = collect.evidence_for_answer(document, [observer.stacked()], answer, case.question)
 
     def block_hit(sources) -> bool | None:
         if not sources:
@@ -197,12 +198,12 @@ def run_case(engine, case, folder: Path, raw: Path | None, max_new_tokens: int, 
                      "grounded": found.grounded, "sources": found.sources, "quotes": found.evidence},
     }
     if grid:
-        from starqa.sources import attended_tokens
+        from starqa.evidence.observer import attended_tokens
 
         weights = attended_tokens([observer.stacked()], len(context))
         record["grid"] = {}
         for match_weight, question_weight in GRID:
-            option = ev.evidence_from_weights(document, weights, answer, case.question, match_weight=match_weight,
+            option = quotes.evidence_from_weights(document, weights, answer, case.question, match_weight=match_weight,
                                               question_weight=question_weight)
             record["grid"][f"a{match_weight} q{question_weight}"] = {
                 "block_hit": block_hit(option.sources), "grounded": option.grounded,

@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE.parent))
 
 
 def load(raw: Path, records_path: Path, tokenizer) -> list[dict]:
-    from starqa import evidence as ev
+    from starqa.evidence import quotes, text_positions
 
     cases = []
     for line in records_path.read_text(encoding="utf-8").splitlines():
@@ -36,14 +36,14 @@ def load(raw: Path, records_path: Path, tokenizer) -> list[dict]:
         text = (raw / f"{record['case_id']}.txt").read_text(encoding="utf-8")
         pages = json.loads((raw / f"{record['case_id']}.pages.json").read_text(encoding="utf-8"))
         ids = arrays["document_ids"].tolist()
-        starts = np.array(ev.token_char_starts(tokenizer, ids, text))
+        starts = np.array(text_positions.token_char_starts(tokenizer, ids, text))
         offset = int(arrays["spans"][-1][1]) - len(ids)
         block_chars = []
         for start, end in arrays["spans"]:
             lo, hi = max(start, offset) - offset, end - offset
             block_chars.append((int(starts[lo]) if hi > lo else 0, int(starts[hi]) if hi > lo else 0))
         cases.append(dict(record=record, arrays=arrays, text=text, pages=pages, ids=ids, starts=starts,
-                          offset=offset, block_chars=block_chars, passages=ev.passages(text, pages)))
+                          offset=offset, block_chars=block_chars, passages=quotes.passages(text, pages)))
     return cases
 
 
@@ -55,18 +55,18 @@ def fact_tokens(case) -> np.ndarray:
 
 def answer_steps(case, tokenizer) -> tuple[list[int], list[int]]:
     """(steps whose generated token carries answer content not in the question, all steps before the stop)."""
-    from starqa import evidence as ev
+    from starqa.evidence import quotes
 
     ids = case["arrays"]["answer_ids"].tolist()
     record = case["record"]
-    terms = {term.text for term in ev.content_terms(record["answer"], record["question"])}
+    terms = {term.text for term in quotes.content_terms(record["answer"], record["question"])}
     content, steps = [], []
     for step, token in enumerate(ids):
         piece = tokenizer.decode([token], skip_special_tokens=True)
         if not piece.strip() and step == len(ids) - 1:
             break
         steps.append(step)
-        if ev.terms_in(piece) & terms or (piece.strip().isdigit() and any(t.isdigit() for t in terms)):
+        if quotes.terms_in(piece) & terms or (piece.strip().isdigit() and any(t.isdigit() for t in terms)):
             content.append(step)
     return content, steps
 
@@ -119,16 +119,16 @@ def top_weights(case, steps, heads: np.ndarray | None, k: int) -> np.ndarray:
 
 def match_weights(case, tokenizer) -> np.ndarray:
     """1 on the tokens of passages holding the answer's content terms, by the fraction of terms they hold."""
-    from starqa import evidence as ev
+    from starqa.evidence import quotes
 
     record = case["record"]
-    terms = ev.content_terms(record["answer"], record["question"])
+    terms = quotes.content_terms(record["answer"], record["question"])
     weights = np.zeros(len(case["ids"]))
     if not terms:
         return weights
     starts = case["starts"][:-1]
     for passage in case["passages"]:
-        found = ev.terms_in(case["text"][passage.start:passage.end])
+        found = quotes.terms_in(case["text"][passage.start:passage.end])
         share = sum(term.text in found for term in terms) / len(terms)
         if share:
             inside = np.nonzero((starts >= passage.start) & (starts < passage.end))[0]
@@ -166,14 +166,14 @@ def retrieval_heads(cases, tokenizer) -> np.ndarray:
 
 
 def view(case, tokenizer):
-    from starqa import evidence as ev
-    from starqa.sources import block_pages
+    from starqa.evidence import quotes
+    from starqa.evidence.text_positions import block_pages
 
     context = [0] * case["offset"] + case["ids"]
     spans = [tuple(int(v) for v in span) for span in case["arrays"]["spans"]]
     if "view" not in case:
         pages_per_block = block_pages(tokenizer, context, case["offset"], spans, case["pages"], case["text"])
-        case["view"] = ev.DocumentView(case["text"], case["pages"], context, case["offset"], spans, pages_per_block,
+        case["view"] = quotes.DocumentView(case["text"], case["pages"], context, case["offset"], spans, pages_per_block,
                                        tokenizer)
         case["view"]._starts = case["starts"].tolist()
         case["view"]._passages = case["passages"]
@@ -182,12 +182,12 @@ def view(case, tokenizer):
 
 def product_hits(case, tokenizer, weights: np.ndarray, match_weight: float, question_weight: float) -> dict:
     """The product's evidence_from_weights on these token weights: first source / first quote / grounded."""
-    from starqa import evidence as ev
+    from starqa.evidence import quotes
 
     document = view(case, tokenizer)
     context_weights = np.concatenate([np.zeros(case["offset"]), weights])
     record = case["record"]
-    found = ev.evidence_from_weights(document, context_weights, record["answer"], record["question"],
+    found = quotes.evidence_from_weights(document, context_weights, record["answer"], record["question"],
                                      match_weight=match_weight, question_weight=question_weight)
     fact = record["fact_span"]
     result = {"grounded": found.grounded, "quote": bool(found.evidence) and found.evidence[0]["start"] < fact[1]

@@ -2,8 +2,8 @@
 
     python benchmarks/sources_decode.py            # bundled model, 8K-token context, 24 decoded tokens, 7 rounds
 
-`ask` follows the model's retrieval heads while an answer is decoded (starqa.sources.AttentionShares, set up by
-starqa.evidence.observer_for). On a CPU with the decode kernels (starqa.kernels) the scores come out of the kernel
+`ask` follows the model's retrieval heads while an answer is decoded (starqa.evidence.observer.AttentionShares, set up by
+starqa.evidence.collect.observer_for). On a CPU with the decode kernels (starqa.kernels) the scores come out of the kernel
 pass that reads the stored keys for the attention, and only in the layers holding a retrieval head; elsewhere (a GPU,
 STARQA_KERNELS=off) the torch path scores the retrieval heads' rows only. The observer keeps a top-k and a
 log-sum-exp of those heads' rows. Each round decodes the same tokens without an observer, with the retrieval-head observer, and with the
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from starqa import evidence
+from starqa.evidence import collect, quotes
 from starqa.engine import StarEngine
-from starqa.retrieval_heads import retrieval_heads
-from starqa.sources import AttentionShares
+from starqa.evidence.heads import retrieval_heads
+from starqa.evidence.observer import AttentionShares
 
 
 def main() -> None:
@@ -54,7 +54,7 @@ def main() -> None:
         """(tokens/s by the wall clock, tokens per CPU second of this process, the observer)."""
         observer = None
         if kind == "retrieval heads":
-            observer = evidence.observer_for(engine, ctx.spans, offset, heads=heads)
+            observer = collect.observer_for(engine, ctx.spans, offset, heads=heads)
         elif kind == "every head":
             observer = AttentionShares(ctx.spans, offset, engine.head_dim ** -0.5)
         cpu = time.process_time()
@@ -92,14 +92,14 @@ def main() -> None:
     words = " ".join(f"word{rng.randrange(1000)}" + ("." if i % 12 == 11 else "") for i in range(args.tokens))
     document_ids = engine.encode_document_text(words)[: args.tokens - offset]
     text = engine.tokenizer.decode(document_ids)
-    view = evidence.DocumentView(text, [{"number": 1, "start": 0, "end": len(text)}],
+    view = quotes.DocumentView(text, [{"number": 1, "start": 0, "end": len(text)}],
                                  context[:offset] + document_ids, offset, list(ctx.spans), [[1]] * len(ctx.spans),
                                  engine.tokenizer)
     started = time.perf_counter()
     view.token_starts, view.passages  # noqa: B018 - worked out once per document version, kept for later questions
     prepared = time.perf_counter() - started
     started = time.perf_counter()
-    evidence.evidence_for_answer(view, [observer.stacked()], "The answer is word17.", "What is the answer?")
+    collect.evidence_for_answer(view, [observer.stacked()], "The answer is word17.", "What is the answer?")
     print(f"per document version: token positions and passages {prepared * 1000:.0f} ms; per answer: evidence "
           f"{(time.perf_counter() - started) * 1000:.0f} ms")
 

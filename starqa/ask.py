@@ -18,7 +18,8 @@ from starqa.audit import document_version
 from starqa.distributed import Ranks, agree, block_plan, phase2_spread, share_outcome
 from starqa.context_kv import ContextKV
 from starqa.errors import StarqaError, UsageError
-from starqa.evidence import answer_evidence, answer_trailer_lines, observer_for
+from starqa.evidence.collect import answer_evidence, observer_for
+from starqa.evidence.quotes import answer_trailer_lines
 from starqa.store import DocumentReplaced, DocumentStore, StoredDocument, reingest_hint
 from starqa.tokens import context_ids_for, prompt_template, query_ids_for
 

@@ -424,7 +424,7 @@ class StarEngine:
 
         Distributed: each rank passes its own blocks in `ctx`; `merge_across_ranks` combines the ranks' partial
         attention per layer; only the query host keeps the query's KV (`keep_local`); `sync_token` makes every
-        rank continue with the query host's tokens. `observe_prefix` (a starqa.sources.AttentionShares) sees every
+        rank continue with the query host's tokens. `observe_prefix` (a starqa.evidence.observer.AttentionShares) sees every
         step's scores over the context, for the answer's sources.
         """
         return self.generate_batch(
@@ -468,7 +468,7 @@ class StarEngine:
         The pass covers all prompt tokens but the last; those become the prefix that the last prompt token and the
         answer attend to, through the same decoding path as Star Attention (exact: one softmax over every earlier
         token, merged by log-sum-exp), so `observe_prefix` sees the same scores as in Phase 2, over the whole prompt
-        but its last token (a starqa.sources.AttentionShares keeps the context part: the tokens its spans name)."""
+        but its last token (a starqa.evidence.observer.AttentionShares keeps the context part: the tokens its spans name)."""
         prompt = list(prompt_ids)
         self._check_reach(len(prompt) + max_new_tokens)
         head = len(prompt) - 1

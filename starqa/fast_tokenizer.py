@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -41,6 +40,7 @@ from typing import Any
 
 import tiktoken
 
+from starqa.records import read_records, record
 from starqa.tokens import encode_document
 
 # Bump when the construction or the checks change: a verification recorded under an older key is stale.
@@ -391,44 +391,16 @@ def text_encoder_for(hf_tokenizer: Any, record_path: Path | None) -> TextEncoder
     if record_path is None:
         return TextEncoder.for_tokenizer(hf_tokenizer)
     key = verification_key(hf_tokenizer)
-    recorded = _read_records(record_path).get(key)
+    recorded = read_records(record_path).get(key)
     if isinstance(recorded, dict) and recorded.get("engine") == "tiktoken":
         return TextEncoder.for_tokenizer(hf_tokenizer, verified=True)
     if isinstance(recorded, dict) and recorded.get("engine") == "hf":
         return TextEncoder(hf_tokenizer, reason=str(recorded.get("reason") or "")
                            or "tiktoken was recorded as not identical to the HF tokenizer")
     encoder = TextEncoder.for_tokenizer(hf_tokenizer)
-    _record(record_path, key, {"engine": encoder.engine, "reason": encoder.reason,
+    record(record_path, key, {"engine": encoder.engine, "reason": encoder.reason,
                                "checked": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return encoder
-
-
-def _read_records(path: Path) -> dict:
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return records if isinstance(records, dict) else {}
-
-
-def _record(path: Path, key: str, outcome: dict) -> None:
-    """Add `key: outcome` to the JSON file at `path`: under a file lock (several processes may record), written
-    aside and renamed into place."""
-    from filelock import FileLock, Timeout
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with FileLock(str(path) + ".lock", timeout=30, mode=0o600):
-            records = _read_records(path)
-            records[key] = outcome
-            staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            # The store's files are private (docs/store.md: what starqa guarantees): created 0600, never wider.
-            fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(json.dumps(records, indent=2, sort_keys=True) + "\n")
-            os.replace(staging, path)
-    except (OSError, Timeout):
-        pass  # a cache: without it the check only runs again
 
 
 class TextEncoder:

@@ -27,7 +27,7 @@ from starqa.kv_quant import KEY_GROUP, resolve_kv_dtype
 from starqa.distributed import RankFailure, Ranks, agree, block_plan, broadcast_object, gather_objects, share_outcome
 from starqa.errors import StarqaError, UsageError
 from starqa.reuse import anchor_from_block_file, block_keys, reusable_blocks
-from starqa.sources import block_pages
+from starqa.evidence.text_positions import block_pages
 from starqa.store import (DamagedDocument, DocumentStore, StoredDocument, block_file_name, name_from_path,
                           reingest_hint, validate_name, write_block_file)
 from starqa.tokens import PROMPT_LAYOUT_VERSION, context_ids_for, plan_blocks, prompt_template

@@ -15,13 +15,13 @@ tokenizer's files, so an edited tokenizer gets a new check.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import time
 from pathlib import Path
 from typing import Any
 
-from starqa.fast_tokenizer import PROBE_TEXT, _read_records, _record
+from starqa.fast_tokenizer import PROBE_TEXT
+from starqa.records import read_records, record
 
 PROFILE_FILE_NAME = "tokenizer-profiles.json"
 PROFILE_VERSION = 1
@@ -46,7 +46,7 @@ def profile_key(model_dir: Path) -> str:
 
 
 def read_profile(record_path: Path, model_dir: Path) -> dict | None:
-    profile = _read_records(record_path).get(profile_key(model_dir))
+    profile = read_records(record_path).get(profile_key(model_dir))
     return profile if isinstance(profile, dict) and profile.get("version") == PROFILE_VERSION else None
 
 
@@ -70,7 +70,7 @@ def write_profile(record_path: Path | None, model_dir: Path, hf_tokenizer: Any, 
     profile["light"] = reason == ""
     profile["reason"] = reason
     if record_path is not None:
-        _record(record_path, profile_key(model_dir), profile)
+        record(record_path, profile_key(model_dir), profile)
     return profile
 
 

@@ -24,11 +24,17 @@ from starqa import kernels
 from starqa.attention import attention_with_lse, merge_attention
 from starqa.context_kv import ContextKV
 from starqa.errors import StarqaError
-from starqa.sources import layer_heads_of
 
 # Query rows per KV head (sequences x tokens x GQA group) up to which the CPU decode kernel reads the prefix; more
 # rows (a question's prefill) are a matrix problem, for the torch path's fused kernels.
 KERNEL_MAX_ROWS = 32
+
+
+def layer_heads_of(observer, layer: int) -> list[int] | None:
+    """The query heads whose scores `observer` wants at `layer`: None for all, [] for none (the engine computes no
+    scores for a layer no observer wants). An observer without `layer_heads` wants every head of every layer."""
+    wanted = getattr(observer, "layer_heads", None)
+    return None if wanted is None else wanted(layer)
 
 
 class StarCache:
@@ -176,7 +182,7 @@ class StarCache:
         """(the observers, the query heads to score for them) at `layer`; (None, []) when none wants this layer.
 
         An observer says which heads it follows with `layer_heads(layer)` (None: all, []: none; see
-        starqa.sources.AttentionShares); one without that method gets every head of every layer."""
+        starqa.evidence.observer.AttentionShares); one without that method gets every head of every layer."""
         if self.observers is None:
             return None, []
         wanted: set[int] = set()

@@ -88,7 +88,7 @@ def bundled_engine(shared_home):
 def bundled_heads(bundled_engine):
     """The bundled model's retrieval heads, calibrated once per session and recorded in the shared store (so that
     `starqa` processes using that store read the record instead of calibrating again)."""
-    from starqa.retrieval_heads import retrieval_heads
+    from starqa.evidence.heads import retrieval_heads
 
     return retrieval_heads(bundled_engine)
 

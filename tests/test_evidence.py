@@ -8,14 +8,14 @@ import re
 import pytest
 import torch
 
-from starqa import evidence as ev
+from starqa.evidence import quotes, text_positions
 from clihelp import json_lines, starqa
 
 
 def test_token_positions_are_exact_for_byte_level_tokens(bundled_tokenizer):
     text = "Prix : 4 200 € — délai 30 jours, 東京 😀 naïve.\n\n18.1 This Agreement is governed by English law. " * 3
     ids = bundled_tokenizer.encode(text, add_special_tokens=False)
-    starts = ev.token_char_starts(bundled_tokenizer, ids, text)
+    starts = text_positions.token_char_starts(bundled_tokenizer, ids, text)
     assert len(starts) == len(ids) + 1 and starts[0] == 0 and starts[-1] == len(text)
     assert starts == sorted(starts)
     for index in range(len(ids)):  # decoding the ids before a token gives the text before it (whole characters)
@@ -30,7 +30,7 @@ def test_token_positions_of_other_tokenizers_follow_their_decoding():
             return bytes(ids).decode("utf-8", errors="replace")
 
     text = "Fee: 4 200 € per month."
-    starts = ev.token_char_starts(ByteTokenizer(), list(text.encode("utf-8")), text)
+    starts = text_positions.token_char_starts(ByteTokenizer(), list(text.encode("utf-8")), text)
     euro = text.index("€")
     # One byte, one character; the euro sign's three bytes all start at it; then one byte, one character again.
     assert starts == [*range(euro), euro, euro, euro, *range(euro + 1, len(text)), len(text)]
@@ -41,14 +41,14 @@ def test_passages_are_sentences_within_paragraphs_and_pages():
             "to the courts of London.\n\n" + "A clause that runs on, " * 30 + "and ends here.\n\fNext page starts here.")
     pages = [{"number": 1, "start": 0, "end": text.index("\f") + 1},
              {"number": 2, "start": text.index("\f") + 1, "end": len(text)}]
-    found = ev.passages(text, pages)
+    found = quotes.passages(text, pages)
     quoted = [text[p.start:p.end] for p in found]
     assert quoted[0] == "15. GOVERNING LAW"
     assert "15.1 This Agreement is governed by the laws of England and Wales." in quoted
     assert "15.2 Disputes go to the courts of London." in quoted
     assert quoted[-1] == "Next page starts here."
     for passage, quote in zip(found, quoted):
-        assert len(quote) <= ev.MAX_QUOTE_CHARS and quote == quote.strip() and quote
+        assert len(quote) <= quotes.MAX_QUOTE_CHARS and quote == quote.strip() and quote
         assert "\n\n" not in quote and "\f" not in quote  # never across a paragraph or a page
     long_pieces = [quote for quote in quoted if quote.startswith("A clause") or quote.startswith("runs on")
                    or "ends here" in quote]
@@ -57,15 +57,15 @@ def test_passages_are_sentences_within_paragraphs_and_pages():
 
 
 def test_content_terms_leave_out_what_the_question_already_said():
-    terms = ev.content_terms("The total of invoice INV-3491 is 779,157 euros.", "What is the total of invoice INV-3491?")
+    terms = quotes.content_terms("The total of invoice INV-3491 is 779,157 euros.", "What is the total of invoice INV-3491?")
     assert [term.text for term in terms] == ["779157", "euro"]
-    assert ev.content_terms("Yes.", "Is it governed by English law?") == []
+    assert quotes.content_terms("Yes.", "Is it governed by English law?") == []
     # The words of "how many / how much / how long" ask; they are not what a passage must hold.
-    assert [t.text for t in ev.content_terms("How many days' notice ends the agreement?")] == ["day", "notice", "end",
+    assert [t.text for t in quotes.content_terms("How many days' notice ends the agreement?")] == ["day", "notice", "end",
                                                                                                "agreement"]
 
 
-@pytest.mark.parametrize("answer, quotes, grounded", [
+@pytest.mark.parametrize("answer, quoted, expected", [
     ("The alarm code is 2042710.", ["The alarm code for the Eastgate warehouse is 2042710."], True),
     ("The alarm code is 2,042,710.", ["The alarm code for the Eastgate warehouse is 2042710."], True),
     ("The alarm code is 5670620.", ["The alarm code for the Eastgate warehouse is 2042710."], False),
@@ -77,20 +77,20 @@ def test_content_terms_leave_out_what_the_question_already_said():
       "No transfer outside the European Economic Area without consent."], False),
     ("Nothing to check.", [], False),
 ])
-def test_grounded_needs_one_quote_holding_the_answer_and_what_was_asked(answer, quotes, grounded):
+def test_grounded_needs_one_quote_holding_the_answer_and_what_was_asked(answer, quoted, expected):
     question = "What is the alarm code for the Eastgate warehouse?" if "alarm" in answer else "Which law governs it?"
-    assert ev.grounded(ev.content_terms(answer, question), quotes, ev.content_terms(question)) is grounded
+    assert quotes.grounded(quotes.content_terms(answer, question), quoted, quotes.content_terms(question)) is expected
 
 
 def test_an_answer_copied_from_a_passage_about_another_key_is_not_grounded():
     question = "What is the alarm code for the Eastgate warehouse?"
     answer = "The alarm code is 3324784."
-    asked = ev.content_terms(question)
+    asked = quotes.content_terms(question)
     quote = ["The alarm code for the Fairview hangar is 3324784."]  # holds "alarm code", not what was asked about
     rare = {"eastgate": 3.0, "warehouse": 2.5, "alarm": 0.4, "code": 0.4}  # as rarity() weighs a document's words
-    assert ev.grounded(ev.content_terms(answer, question), quote, asked, rare) is False
+    assert quotes.grounded(quotes.content_terms(answer, question), quote, asked, rare) is False
     right = ["The alarm code for the Eastgate warehouse is 3324784."]
-    assert ev.grounded(ev.content_terms(answer, question), right, asked, rare) is True
+    assert quotes.grounded(quotes.content_terms(answer, question), right, asked, rare) is True
 
 
 class _WordTokenizer:
@@ -100,11 +100,11 @@ class _WordTokenizer:
         return "".join(chr(i) for i in ids)
 
 
-def _view(text: str, block_chars: int, offset: int = 3) -> ev.DocumentView:
+def _view(text: str, block_chars: int, offset: int = 3) -> quotes.DocumentView:
     context = [0] * offset + [ord(c) for c in text]
     spans = [(start, min(start + block_chars, len(context))) for start in range(0, len(context), block_chars)]
     pages = [{"number": 1, "start": 0, "end": len(text)}]
-    return ev.DocumentView(text, pages, context, offset, spans, [[1]] * len(spans), _WordTokenizer())
+    return quotes.DocumentView(text, pages, context, offset, spans, [[1]] * len(spans), _WordTokenizer())
 
 
 def test_the_most_attended_passage_is_the_first_quote_and_its_block_the_first_source():
@@ -114,31 +114,31 @@ def test_the_most_attended_passage_is_the_first_quote_and_its_block_the_first_so
     weights = torch.zeros(view.context_tokens, dtype=torch.float64)
     fact = text.index("The alarm code")
     weights[3 + fact + 5: 3 + fact + 12] = 1.0  # the retrieval heads looked at the fact
-    found = ev.evidence_from_weights(view, weights, "The alarm code is 4417.", "What is the alarm code for the depot?")
+    found = quotes.evidence_from_weights(view, weights, "The alarm code is 4417.", "What is the alarm code for the depot?")
     first = found.evidence[0]
     assert text[first["start"]:first["end"]] == first["text"] == "The alarm code for the depot is 4417."
     assert found.grounded and first["page"] == 1
     block = found.sources[0]["block"]
     assert view.spans[block][0] - 3 <= fact < view.spans[block][1] - 3
     # Without attention, the answer's content and the question decide: the poster repeats the number only.
-    found = ev.evidence_from_weights(view, torch.zeros_like(weights), "The alarm code is 4417.",
+    found = quotes.evidence_from_weights(view, torch.zeros_like(weights), "The alarm code is 4417.",
                                      "What is the alarm code for the depot?")
     assert found.evidence[0]["text"] == "The alarm code for the depot is 4417."
 
 
 def test_an_answer_with_nothing_attended_or_matched_has_no_evidence():
     view = _view("The canteen opens at eight. Visitors sign in at the desk.", block_chars=20)
-    found = ev.evidence_from_weights(view, torch.zeros(view.context_tokens, dtype=torch.float64), "I do not know.")
+    found = quotes.evidence_from_weights(view, torch.zeros(view.context_tokens, dtype=torch.float64), "I do not know.")
     assert found.evidence == [] and found.sources == [] and found.grounded is False
-    assert ev.format_evidence(found).startswith("Grounded: no")
+    assert quotes.format_evidence(found).startswith("Grounded: no")
 
 
 def test_format_evidence_quotes_each_passage_with_its_page():
-    found = ev.Evidence(sources=[], evidence=[
+    found = quotes.Evidence(sources=[], evidence=[
         {"page": 6, "text": "15.1 This Agreement is governed\nby the laws of England and Wales.", "start": 0,
          "end": 10, "score": 0.9},
         {"page": 7, "text": "15.3 The courts of England.", "start": 20, "end": 30, "score": 0.5}], grounded=True)
-    assert ev.format_evidence(found).splitlines() == [
+    assert quotes.format_evidence(found).splitlines() == [
         "Evidence: p. 6 \u201c15.1 This Agreement is governed by the laws of England and Wales.\u201d",
         "          p. 7 \u201c15.3 The courts of England.\u201d",
         "Grounded: yes (the answer's content is in the quoted passages)"]

@@ -274,7 +274,7 @@ def test_phase2_on_two_nccl_ranks_gives_the_tokens_and_logits_of_one_gpu(tmp_pat
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_source_scores_on_the_gpu_match_float64(dtype):
     # The sources observer's scores on a GPU: in the keys' dtype with float32 accumulation, no float32 key copy.
-    from starqa.sources import prefix_scores
+    from starqa.evidence.scores import prefix_scores
 
     generator = torch.Generator(device="cuda").manual_seed(0)
     query = torch.randn(1, 32, 1, 128, device="cuda", generator=generator).to(dtype)

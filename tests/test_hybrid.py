@@ -17,7 +17,7 @@ import pytest
 from clihelp import json_lines, starqa
 from starqa import ask as asking
 from starqa import cli
-from starqa.evidence import Evidence
+from starqa.evidence.quotes import Evidence
 from starqa.hybrid import compose_record, escalation_reason, with_hybrid
 
 DOCUMENT = ("Clause 1. The supplier delivers the reports every Tuesday.\n\n"
@@ -225,7 +225,7 @@ def test_through_the_server_ungrounded_answers_are_answered_again_as_in_process(
 def test_eval_judges_grounded_against_the_users_question_not_the_suites_instruction():
     from starqa.eval.runner import user_question
     from starqa.eval.tasks import generate_cases
-    from starqa.evidence import content_terms, grounded
+    from starqa.evidence.quotes import content_terms, grounded
 
     case = generate_cases("niah_single_1", 300, 1, 0, lambda context, question: (len(context) + len(question)) // 4)[0]
     asked = user_question(case)

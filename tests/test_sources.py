@@ -8,8 +8,10 @@ import random
 import pytest
 import torch
 
-from starqa.sources import (AttentionShares, attended_tokens, block_char_spans, deliver, format_sources,
-                            prefix_scores, rank_sources, shares_from_parts)
+from starqa.evidence.observer import AttentionShares, attended_tokens, deliver, shares_from_parts
+from starqa.evidence.quotes import format_sources, rank_sources
+from starqa.evidence.scores import prefix_scores
+from starqa.evidence.text_positions import block_char_spans
 from conftest import tiny_model
 
 
@@ -84,7 +86,7 @@ def test_prefix_scores_match_a_float64_reference():
 def test_scores_in_the_key_dtype_stay_close_to_float64_without_a_float32_copy_of_the_keys():
     # What the non-CPU path computes (bfloat16 keys, as a GPU holds them); here on the CPU, where torch has no
     # out_dtype for bmm and the product is rounded to bfloat16 before it becomes float32.
-    from starqa.sources import scores_in_key_dtype
+    from starqa.evidence.scores import scores_in_key_dtype
 
     generator = torch.Generator().manual_seed(4)
     keys = torch.randn(3, 200, 64, generator=generator).bfloat16()
@@ -259,10 +261,10 @@ def _unseen_case(rng: random.Random, depth: float, paragraphs_count: int = 6):
 
 @pytest.mark.slow
 def test_the_first_source_holds_the_planted_fact_on_unseen_documents(bundled_engine, bundled_heads, tmp_path):
-    from starqa import evidence
+    from starqa.evidence import collect, quotes
     from starqa.ask import answer_text
     from starqa.documents import extract_document
-    from starqa.sources import block_pages
+    from starqa.evidence.text_positions import block_pages
     from starqa.tokens import context_ids_for, prompt_template, query_ids_for
 
     engine, tokenizer, heads = bundled_engine, bundled_engine.tokenizer, bundled_heads
@@ -281,14 +283,14 @@ def test_the_first_source_holds_the_planted_fact_on_unseen_documents(bundled_eng
         context = context_ids_for(tokenizer, template, document_ids)
         offset = len(context) - len(document_ids)
         ctx = engine.encode_context(context, block_size=128)
-        observer = evidence.observer_for(engine, ctx.spans, offset, heads)
+        observer = collect.observer_for(engine, ctx.spans, offset, heads)
         new_ids = engine.generate(ctx, query_ids_for(tokenizer, template, question), max_new_tokens=24,
                                   observe_prefix=observer)
         answer = answer_text(engine, new_ids)
-        view = evidence.DocumentView(extracted.text, pages, context, offset, list(ctx.spans),
+        view = quotes.DocumentView(extracted.text, pages, context, offset, list(ctx.spans),
                                      block_pages(tokenizer, context, offset, ctx.spans, pages, extracted.text),
                                      tokenizer)
-        found = evidence.evidence_for_answer(view, [observer.stacked()], answer, question)
+        found = collect.evidence_for_answer(view, [observer.stacked()], answer, question)
         spans = block_char_spans(tokenizer, context, offset, ctx.spans, extracted.text)
         if value.lower() in answer.lower():
             correct += 1

@@ -28,8 +28,9 @@ from starqa.errors import UsageError
 from starqa.eval.prompts import PromptBuilder
 from starqa.eval.scoring import clean_prediction, score
 from starqa.eval.tasks import Case
-from starqa.evidence import DocumentView, evidence_for_answer, observer_for
-from starqa.sources import block_char_spans
+from starqa.evidence.collect import evidence_for_answer, observer_for
+from starqa.evidence.quotes import DocumentView
+from starqa.evidence.text_positions import block_char_spans
 from starqa.tokens import plan_blocks
 
 RecordKey = tuple  # (task, length, index, mode, block_size, anchor_size)
@@ -275,7 +276,7 @@ class EvalRunner:
     def _warm_up(self, context_ids: Sequence[int], query_ids: Sequence[int]) -> None:
         """One tiny run of each path first, so one-time start-up costs do not land on the first measured case
         (nor the model's first-use calibration of its retrieval heads, which the sources follow)."""
-        from starqa.retrieval_heads import retrieval_heads
+        from starqa.evidence.heads import retrieval_heads
 
         retrieval_heads(self.engine, on_status=report.info)
         head = list(context_ids[:32])

@@ -1,10 +1,8 @@
-"""Evidence for an answer: the passages of the stored text it drew on, quoted with their pages, and whether the
-answer's content is found in them (`grounded`).
-
-The text side of attribution: where each document token sits in the stored text (text.txt), the text cut into
-quotable passages (sentences or clauses of at most ~300 characters, never crossing a paragraph or page), the
-answer's content terms (numbers, names, words the question did not already hold), and the scoring that picks the
-passages. The attention side (which tokens the answer attended to) is starqa.sources.
+"""Evidence for an answer, the text side: the stored text cut into quotable passages (sentences or clauses of at most
+~300 characters, never crossing a paragraph or page), the answer's content terms (numbers, names, words the question
+did not already hold), the scoring that picks the passages from the answer's attention (starqa.evidence.observer)
+and its content, the sources (blocks and their pages), and whether the answer's content is found in the quotes
+(`grounded`).
 """
 
 from __future__ import annotations
@@ -14,60 +12,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
+
+from starqa.evidence.text_positions import block_pages, token_char_starts
+
 # A quote is at most about this many characters: a sentence or a clause of one.
 MAX_QUOTE_CHARS = 300
-
-
-# ---------------------------------------------------------------- token positions in the text
-
-
-def token_char_starts(tokenizer, document_ids: Sequence[int], text: str) -> list[int]:
-    """Where each document token starts in `text` (which the ids encode), plus len(text) at the end.
-
-    Byte-level BPE vocabularies (GPT-2 style) give every token's bytes exactly; a token that starts inside a
-    multi-byte character is placed at that character. Other tokenizers go through starqa.sources.block_char_spans
-    one token at a time (approximate where the tokenizer normalises the text).
-    """
-    starts = _byte_level_starts(tokenizer, document_ids, text)
-    if starts is not None:
-        return starts
-    from starqa.sources import block_char_spans
-
-    spans = [(i, i + 1) for i in range(len(document_ids))]
-    char_spans = block_char_spans(tokenizer, list(document_ids), 0, spans, text)
-    return [start for start, _ in char_spans] + [len(text)]
-
-
-def _byte_level_starts(tokenizer, document_ids: Sequence[int], text: str) -> list[int] | None:
-    from starqa.fast_tokenizer import gpt2_bytes_to_unicode
-
-    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
-    if convert is None:
-        return None
-    table = {character: byte for byte, character in gpt2_bytes_to_unicode().items()}
-    lengths = []
-    pieces = []
-    for token in convert(list(document_ids)):
-        if token is None:
-            return None
-        try:
-            piece = bytes(table[character] for character in token)
-        except KeyError:  # not a byte-level vocabulary
-            return None
-        pieces.append(piece)
-        lengths.append(len(piece))
-    encoded = text.encode("utf-8")
-    if b"".join(pieces) != encoded:
-        return None
-    # byte offset -> index of the character holding that byte
-    char_of_byte = []
-    for index, character in enumerate(text):
-        char_of_byte.extend([index] * len(character.encode("utf-8")))
-    starts, byte = [], 0
-    for length in lengths:
-        starts.append(char_of_byte[byte] if byte < len(char_of_byte) else len(text))
-        byte += length
-    return starts + [len(text)]
 
 
 # ---------------------------------------------------------------- passages
@@ -284,8 +234,6 @@ class DocumentView:
     @classmethod
     def from_stored(cls, document, tokenizer) -> "DocumentView":
         """From a starqa.store.StoredDocument (its text, ids and page map are read and checked once here)."""
-        from starqa.sources import block_pages
-
         text, pages, context_ids = document.text(), document.pages(), document.context_ids()
         offset = document.manifest["document_token_offset"]
         spans = [(block["start"], block["end"]) for block in document.blocks]
@@ -363,9 +311,7 @@ def passage_matches(document: DocumentView, terms: Sequence[Term], weights: dict
 def evidence_from_weights(document: DocumentView, weights, answer: str, question: str = "", *,
                           match_weight: float = MATCH_WEIGHT, question_weight: float = QUESTION_WEIGHT,
                           max_quotes: int = MAX_QUOTES, relative: float = RELATIVE) -> Evidence:
-    """Sources, quotes and grounded for `answer` from the attention per context token (starqa.sources.attended_tokens)."""
-    from starqa.sources import rank_sources
-
+    """Sources, quotes and grounded for `answer` from the attention per context token (starqa.evidence.observer.attended_tokens)."""
     attention = passage_attention(document, weights)
     best_attention = max(attention, default=0.0)
     terms = content_terms(answer, question)
@@ -385,8 +331,6 @@ def evidence_from_weights(document: DocumentView, weights, answer: str, question
                        "score": round(scores[i] / (1 + match_weight + question_weight), 3)})
     block_scores = _block_scores(document, scores)
     total = sum(block_scores)
-    import torch
-
     shares = torch.tensor([score / total if total > 0 else 0.0 for score in block_scores])
     sources = rank_sources(shares, document.pages_per_block, relative=relative)
     return Evidence(sources=sources, evidence=quotes, grounded=grounded(terms, [q["text"] for q in quotes], asked,
@@ -414,65 +358,33 @@ def _block_scores(document: DocumentView, scores: Sequence[float]) -> list[float
     return result
 
 
-def evidence_for_answer(document: DocumentView, parts, answer: str, question: str = "") -> Evidence:
-    """Sources, evidence quotes and `grounded` for an answer, from every rank's observed attention
-    (starqa.sources.AttentionShares.stacked(), gathered in any order) and the answer's text."""
-    from starqa.sources import attended_tokens
-
-    return evidence_from_weights(document, attended_tokens(parts, document.context_tokens), answer, question)
-
-
-def observer_for(engine, spans: Sequence[tuple[int, int]], document_offset: int, heads=None, *, ranks=None):
-    """The observer to hand the engine (`observe_prefix`, or one per row in `generate_batch(observers=...)`) for one
-    answer over the context blocks `spans` held by this process. It follows the model's retrieval heads: `heads`
-    (a starqa.retrieval_heads.RetrievalHeads), or else the model's (`model_heads`: calibrated on the model's first
-    use, then read from the store's record; call this before decoding, as a first calibration runs the engine
-    itself). A model without retrieval heads is followed on every head."""
-    from starqa.sources import AttentionShares
-
-    heads = model_heads(engine, ranks) if heads is None else heads
-    return AttentionShares(spans, document_offset, engine.head_dim ** -0.5, heads=heads if heads.heads else None)
+def rank_sources(shares: torch.Tensor, pages_per_block: Sequence[Sequence[int]], *, top: int = 3,
+                 relative: float = 0.5) -> list[dict]:
+    """The strongest blocks, strongest first: at most `top`, each at least `relative` times the strongest."""
+    sources: list[dict] = []
+    for block in torch.argsort(shares, descending=True).tolist():
+        share = float(shares[block])
+        if sources and (len(sources) >= top or share < relative * sources[0]["share"]):
+            break
+        if not pages_per_block[block] or share <= 0:
+            continue
+        sources.append({"pages": list(pages_per_block[block]), "block": block, "share": round(share, 3)})
+    return sources
 
 
-def model_heads(engine, ranks=None):
-    """The engine's retrieval heads (starqa.retrieval_heads), found by rank 0 alone under several processes and
-    given to the others (each rank keeps them for the engine's lifetime, so later calls are no collective)."""
-    from starqa import report
-    from starqa.distributed import share_outcome
-    from starqa.retrieval_heads import remember, retrieval_heads
-
-    if ranks is None or not ranks.distributed:
-        return retrieval_heads(engine, on_status=report.info)
-    return remember(engine, share_outcome(ranks, lambda: retrieval_heads(engine, on_status=report.info)))
-
-
-def answer_evidence(engine, document, observer, answer: str, question: str, ranks=None) -> Evidence:
-    """Sources, evidence quotes and `grounded` for one answer about a stored document (a
-    starqa.store.StoredDocument), from `observer` (this process's `observer_for`). Under several processes every
-    rank must call it (the ranks' observations are gathered); the ranks other than the speaker get an empty
-    Evidence."""
-    from starqa.distributed import gather_objects
-
-    parts = gather_objects(observer.stacked(), ranks) if ranks is not None else [observer.stacked()]
-    if ranks is not None and not ranks.is_speaker:
-        return Evidence()
-    return evidence_for_answer(document_view(document, engine.tokenizer), parts, answer, question)
-
-
-_VIEWS: dict = {}  # (stored version's folder, tokenizer) -> DocumentView: token positions are worked out once
-_VIEWS_KEPT = 4
-
-
-def document_view(document, tokenizer) -> DocumentView:
-    """The DocumentView of a starqa.store.StoredDocument version, kept for the next questions about it."""
-    key = (str(document.path), id(tokenizer))
-    view = _VIEWS.get(key)
-    if view is None:
-        view = DocumentView.from_stored(document, tokenizer)
-        while len(_VIEWS) >= _VIEWS_KEPT:
-            _VIEWS.pop(next(iter(_VIEWS)))
-        _VIEWS[key] = view
-    return view
+def format_sources(sources: Sequence[dict]) -> str:
+    """'Sources: pp. 4–5, 12' (strongest first; a block's pages joined with an en dash)."""
+    parts, seen = [], set()
+    for source in sources:
+        pages = [p for p in source["pages"] if p not in seen]
+        seen.update(pages)
+        if not pages:
+            continue
+        parts.append(str(pages[0]) if len(pages) == 1 else f"{pages[0]}\u2013{pages[-1]}")
+    if not parts:
+        return ""
+    single = len(parts) == 1 and "\u2013" not in parts[0]
+    return ("Sources: p. " if single else "Sources: pp. ") + ", ".join(parts)
 
 
 # ---------------------------------------------------------------- output
@@ -495,8 +407,6 @@ def format_evidence(found: Evidence) -> str:
 def answer_trailer_lines(answer) -> list[str]:
     """The lines printed under an answer's text (an object with `evidence`, `grounded` and `sources`, as
     starqa.ask.Answer): its quotes, whether it is grounded in them, then its pages ("Sources: ...")."""
-    from starqa.sources import format_sources
-
     lines = format_evidence(Evidence(sources=answer.sources, evidence=answer.evidence,
                                      grounded=answer.grounded)).splitlines()
     if answer.sources:

@@ -6,7 +6,7 @@ property of the model, so it is measured once, by a calibration on synthetic nee
 sentences with one planted "magic number" (a phrasing used nowhere else: not by the generated sets attribution is
 tuned or judged on), asked for and answered with Star Attention over one block. A head's retrieval score is the
 share of copied needle tokens at which its top-attended document token is that token's source. The heads scoring
-at least MIN_SCORE, at most MAX_HEADS of them, are the retrieval heads; starqa.sources follows only those while an
+at least MIN_SCORE, at most MAX_HEADS of them, are the retrieval heads; starqa.evidence.observer follows only those while an
 answer is decoded, which is both what makes the sources precise and what keeps that cheap.
 
 The outcome is recorded in the store's models/ folder (RECORD_FILE_NAME, keyed by model, tokenizer and this
@@ -23,6 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from starqa.evidence.scores import prefix_scores
+from starqa.evidence.text_positions import token_char_starts
+from starqa.records import read_records, record
 
 CALIBRATION_VERSION = 1
 RECORD_FILE_NAME = "retrieval-heads.json"
@@ -81,7 +85,7 @@ def select(scores: torch.Tensor, copies: int, *, min_score: float = MIN_SCORE,
 
 class _TopTokens:
     """Records, per decoding step and layer, each head's most attended document token (an observer, as
-    starqa.sources.AttentionShares is)."""
+    starqa.evidence.observer.AttentionShares is)."""
 
     def __init__(self, document_offset: int, layers: int) -> None:
         self.offset = document_offset
@@ -89,8 +93,6 @@ class _TopTokens:
         self.top: list[torch.Tensor] = []  # per observation [heads]
 
     def observe(self, layer: int, query: torch.Tensor, prefix_keys: torch.Tensor) -> None:
-        from starqa.sources import prefix_scores
-
         self.observe_scores(layer, prefix_scores(query, prefix_keys, query.shape[-1] ** -0.5))
 
     def observe_scores(self, layer: int, scores: torch.Tensor) -> None:
@@ -132,7 +134,6 @@ def calibration_documents(count: int = DOCUMENTS, words: int = DOCUMENT_WORDS) -
 def calibrate(engine, *, documents: Sequence[tuple[str, str, str]] | None = None, max_new_tokens: int = 24,
               min_score: float = MIN_SCORE, max_heads: int = MAX_HEADS) -> RetrievalHeads:
     """Run the calibration on `engine` (in this process) and select the retrieval heads."""
-    from starqa.evidence import token_char_starts
     from starqa.tokens import context_ids_for, prompt_template, query_ids_for
 
     tokenizer = engine.tokenizer
@@ -179,13 +180,11 @@ def retrieval_heads(engine, on_status: Callable[[str], None] | None = None) -> R
     cached = _FOUND.get(engine)
     if cached is not None:
         return cached
-    from starqa.fast_tokenizer import _read_records, _record
-
     path = record_path(engine)
     key = record_key(engine)
     found = None
     if path is not None:
-        recorded = _read_records(path).get(key)
+        recorded = read_records(path).get(key)
         if isinstance(recorded, dict) and recorded.get("version") == CALIBRATION_VERSION:
             try:
                 found = RetrievalHeads.from_record(recorded)
@@ -196,7 +195,7 @@ def retrieval_heads(engine, on_status: Callable[[str], None] | None = None) -> R
             on_status(f"finding the retrieval heads of {engine.model_name or 'the model'} (once per model)")
         found = calibrate(engine)
         if path is not None:
-            _record(path, key, {**found.to_record(), "calibrated": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+            record(path, key, {**found.to_record(), "calibrated": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                  time.gmtime())})
     _FOUND[engine] = found
     return found

@@ -2,9 +2,9 @@
 
 While the answer is decoded, every layer's scores over the context (the row that predicts the next answer token:
 the prompt's last row, then each generated token's) reach `AttentionShares.observe_scores`. For the few heads that
-copy from the context (starqa.retrieval_heads, found once per model) it keeps each step's most attended document
+copy from the context (starqa.evidence.heads, found once per model) it keeps each step's most attended document
 tokens with their scores and the log-sum-exp over the whole context; after decoding, `attended_tokens` turns them
-into attention probabilities per document token, summed over steps and heads. starqa.evidence makes passages,
+into attention probabilities per document token, summed over steps and heads. starqa.evidence.quotes makes passages,
 sources and quotes of them.
 
 Why retrieval heads and not every head: most heads' attention is diffuse and recency-biased, so summing it (the
@@ -25,101 +25,12 @@ from dataclasses import dataclass
 
 import torch
 
-from starqa.documents import Page, pages_of_span
-
-
-# At most this many characters at the end of a decoded piece may differ from the text: the replacement character(s)
-# a decoder writes for a character whose bytes continue in the next token.
-_PARTIAL_CHAR = 4
-
-
-def block_char_spans(tokenizer, context_ids: Sequence[int], document_offset: int,
-                     spans: Sequence[tuple[int, int]], text: str) -> list[tuple[int, int]]:
-    """Each block's [start, end) in the document `text` (which its document tokens encode).
-
-    A block may end inside a character (byte-level tokens split a multi-byte one): that character counts to the
-    next block, and the next piece is decoded from the last clean token boundary, so the split never shifts the
-    blocks after it. A tokenizer that does not give the text back exactly (it normalises) is followed by
-    decoded lengths instead: approximate, but the best it allows.
-    """
-    char_spans, position = [], 0
-    clean_token, clean_char = document_offset, 0  # ids[document_offset:clean_token] decode to text[:clean_char]
-    exact = True
-    for start, end in spans:
-        first = max(start, document_offset)
-        if end <= first:
-            char_spans.append((0, 0))
-            continue
-        if exact:
-            piece = tokenizer.decode(list(context_ids[clean_token:end]), skip_special_tokens=False)
-            expected = text[clean_char:clean_char + len(piece)]
-            common = _common_prefix(piece, expected)
-            if common == len(piece):
-                boundary = clean_char + common
-                clean_token, clean_char = end, boundary
-            elif common >= len(piece) - _PARTIAL_CHAR:
-                boundary = clean_char + common  # a split character: it starts the next block
-            else:
-                exact = False
-        if not exact:
-            length = len(tokenizer.decode(list(context_ids[first:end]), skip_special_tokens=False))
-            boundary = min(position + length, len(text))
-        char_spans.append((position, boundary))
-        position = boundary
-    return char_spans
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    return next(i for i in range(n) if a[i] != b[i])
-
-
-def block_pages(tokenizer, context_ids, document_offset, spans, pages: Sequence[dict],
-                text: str) -> list[list[int]]:
-    """The page numbers each block's document text lies on."""
-    page_map = [Page(number=p["number"], start=p["start"], end=p["end"]) for p in pages]
-    result = []
-    for char_start, char_end in block_char_spans(tokenizer, context_ids, document_offset, spans, text):
-        result.append(pages_of_span(page_map, char_start, char_end) if char_end > char_start else [])
-    return result
+from starqa.evidence.scores import prefix_scores
+from starqa.star_cache import layer_heads_of
 
 
 # Each step keeps this many most attended document tokens per followed head.
 TOP_TOKENS = 8
-
-
-def prefix_scores(query: torch.Tensor, prefix_keys: torch.Tensor, scale: float,
-                  heads: Sequence[int] | None = None) -> torch.Tensor:
-    """Scaled scores [len(heads) or q_heads, held_tokens] (float32) of the query's last row against the prefix keys.
-
-    query [1, q_heads, q_len, d], prefix_keys [1, kv_heads, held_tokens, d]. Only the key heads the wanted query
-    heads read are touched, in the keys' own dtype: on a GPU the product accumulates in float32 and is returned in
-    float32 where torch can (`out_dtype`), never through a float32 copy of the keys.
-    """
-    q_heads, kv_heads = query.shape[1], prefix_keys.shape[1]
-    group = q_heads // kv_heads
-    wanted = list(range(q_heads)) if heads is None else list(heads)
-    last = query[0, wanted, -1]  # [n, d]
-    kv_index = torch.tensor([h // group for h in wanted], device=prefix_keys.device)
-    keys = prefix_keys[0].index_select(0, kv_index)  # [n, held, d] (a gather of the wanted heads only)
-    if keys.device.type == "cpu" and keys.dtype == torch.float32:
-        return torch.bmm(keys, last.float()[:, :, None])[:, :, 0] * scale
-    return scores_in_key_dtype(keys, last, scale)
-
-
-def scores_in_key_dtype(keys: torch.Tensor, rows: torch.Tensor, scale: float) -> torch.Tensor:
-    """keys [n, held, d] . rows [n, d] * scale -> [n, held] float32, without a float32 copy of the keys: the
-    product runs in the keys' dtype with float32 accumulation, and comes back in float32 where this torch and device
-    can return it so (`out_dtype`), else rounded to the keys' dtype first."""
-    row = (rows * scale).to(keys.dtype)[:, :, None]  # [n, d, 1]
-    if keys.dtype != torch.float32:
-        try:
-            return torch.bmm(keys, row, out_dtype=torch.float32)[:, :, 0]
-        except (RuntimeError, TypeError, NotImplementedError):  # no out_dtype for this device or torch
-            pass
-    return torch.bmm(keys, row)[:, :, 0].float()
 
 
 @dataclass
@@ -134,13 +45,6 @@ class ObservedPart:
     top_positions: torch.Tensor  # [steps, heads, k] global context positions (-1: none)
 
 
-def layer_heads_of(observer, layer: int) -> list[int] | None:
-    """The query heads whose scores `observer` wants at `layer`: None for all, [] for none (the engine computes no
-    scores for a layer no observer wants). An observer without `layer_heads` wants every head of every layer."""
-    wanted = getattr(observer, "layer_heads", None)
-    return None if wanted is None else wanted(layer)
-
-
 def deliver(observer, layer: int, scores: torch.Tensor) -> None:
     """Hand `observer` its heads' rows of `scores` [q_heads, tokens] (every head's scores of one row)."""
     heads = layer_heads_of(observer, layer)
@@ -152,7 +56,7 @@ def deliver(observer, layer: int, scores: torch.Tensor) -> None:
 class AttentionShares:
     """The observer: for the followed heads, each step's top document tokens and the context's log-sum-exp.
 
-    `heads` are the retrieval heads (starqa.retrieval_heads.RetrievalHeads, or {layer: [head, ...]}); None follows
+    `heads` are the retrieval heads (starqa.evidence.heads.RetrievalHeads, or {layer: [head, ...]}); None follows
     every head of every layer (for a model whose calibration found none: costlier and less precise).
 
     The engine (starqa.star_cache) asks `layer_heads(layer)` and calls `observe_scores(layer, scores)` with the rows
@@ -275,32 +179,3 @@ def shares_from_parts(parts: Sequence[ObservedPart]) -> torch.Tensor:
     strength = torch.tensor([float(weights[start:end].sum()) for start, end in spans])
     total = strength.sum()
     return strength / total if total > 0 else strength
-
-
-def rank_sources(shares: torch.Tensor, pages_per_block: Sequence[Sequence[int]], *, top: int = 3,
-                 relative: float = 0.5) -> list[dict]:
-    """The strongest blocks, strongest first: at most `top`, each at least `relative` times the strongest."""
-    sources: list[dict] = []
-    for block in torch.argsort(shares, descending=True).tolist():
-        share = float(shares[block])
-        if sources and (len(sources) >= top or share < relative * sources[0]["share"]):
-            break
-        if not pages_per_block[block] or share <= 0:
-            continue
-        sources.append({"pages": list(pages_per_block[block]), "block": block, "share": round(share, 3)})
-    return sources
-
-
-def format_sources(sources: Sequence[dict]) -> str:
-    """'Sources: pp. 4–5, 12' (strongest first; a block's pages joined with an en dash)."""
-    parts, seen = [], set()
-    for source in sources:
-        pages = [p for p in source["pages"] if p not in seen]
-        seen.update(pages)
-        if not pages:
-            continue
-        parts.append(str(pages[0]) if len(pages) == 1 else f"{pages[0]}\u2013{pages[-1]}")
-    if not parts:
-        return ""
-    single = len(parts) == 1 and "\u2013" not in parts[0]
-    return ("Sources: p. " if single else "Sources: pp. ") + ", ".join(parts)
