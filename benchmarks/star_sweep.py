@@ -11,8 +11,8 @@ needles with other keys (distract_0 is niah_single_2's kind of case). Each case 
 and once per configuration BLOCK:ANCHOR[:f32] (sizes in tokens or L/N of the requested length; `:f32` runs Phase 1
 in float32 and stores its KV in bfloat16, so that only Phase 1's precision differs). Greedy decoding, each task's
 RULER answer budget, the compute dtype of --dtype (bfloat16 by default). An anchor larger than the block is run too
-(starqa's engine refuses it): blocks that start inside the anchor then see every token before them, the later ones
-the whole anchor; the anchor's KV is computed once, as the engine does. One JSON line per (case, mode) in --log;
+(starqa.engine: blocks that start inside the anchor see every token before them, the later ones the whole anchor;
+the anchor's KV is computed once). One JSON line per (case, mode) in --log;
 a rerun skips what the log holds; --budget-s stops starting new cases after that many seconds.
 
 report: per length, task and configuration: cases, full and Star accuracy, the paired difference in points with its
@@ -95,45 +95,8 @@ def needle_tokens(case, prompts, context_ids) -> list[int]:
 
 
 def phase1(engine, context_ids, block_size: int, anchor_size: int, batch: int = 4):
-    """The context KV in bfloat16 storage: engine.encode_context where the engine allows (anchor <= block), else the
-    same algorithm with the larger anchor (see the module docstring)."""
-    import torch
-
-    from starqa.context_kv import ContextKV, EncodedBlock
-    from starqa.engine import quantize_block
-    from starqa.tokens import plan_blocks
-
-    if anchor_size <= block_size:
-        return engine.encode_context(context_ids, block_size, anchor_size, batch=batch, kv_dtype="bfloat16")
-    spans = plan_blocks(len(context_ids), block_size)
-    ids = torch.tensor(list(context_ids), dtype=torch.long, device=engine.device)
-    anchor_len = min(anchor_size, len(context_ids))
-    anchor_cache = engine._encode(ids[None, :anchor_len], torch.arange(anchor_len, device=engine.device)[None])
-
-    def prefix(tokens: int) -> ContextKV:
-        return ContextKV(n_tokens=tokens, spans=[(0, tokens)], keys=[k[:1, :, :tokens] for k in anchor_cache.keys],
-                         values=[v[:1, :, :tokens] for v in anchor_cache.values])
-
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    blocks = {}
-    for index, (start, end) in enumerate(spans):
-        if end <= anchor_len:  # inside the anchor: the anchor's own causal pass already holds this block's KV
-            block = EncodedBlock(index, start, end, [k[0, :, start:end].clone() for k in anchor_cache.keys],
-                                 [v[0, :, start:end].clone() for v in anchor_cache.values])
-            blocks[index] = quantize_block(block, "bfloat16")
-        else:
-            groups[(min(anchor_len, start), end - start)].append(index)
-    for (seen, length), indices in groups.items():
-        for first in range(0, len(indices), batch):
-            group = indices[first : first + batch]
-            block_ids = torch.stack([ids[spans[i][0] : spans[i][1]] for i in group])
-            positions = (torch.tensor([spans[i][0] for i in group], device=engine.device)[:, None]
-                         + torch.arange(length, device=engine.device)[None])
-            cache = engine._encode(block_ids, positions, prefix=prefix(seen) if seen else None)
-            for row, index in enumerate(group):
-                blocks[index] = quantize_block(engine._block_from_cache(index, spans[index], cache, row), "bfloat16")
-    return engine.context_from_blocks((blocks[i] for i in range(len(spans))), len(context_ids), len(context_ids),
-                                      kv_dtype="bfloat16", spans=spans)
+    """The context KV in bfloat16 storage (an anchor larger than the block included: starqa.engine runs it)."""
+    return engine.encode_context(context_ids, block_size, anchor_size, batch=batch, kv_dtype="bfloat16")
 
 
 # ---------------------------------------------------------------- run

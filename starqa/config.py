@@ -154,11 +154,6 @@ def validate(settings: Settings) -> Settings:
     if settings.anchor_size is not None:
         if settings.anchor_size <= 0:
             raise UsageError(f"anchor size must be a positive number of tokens, not {settings.anchor_size}")
-        if settings.anchor_size > settings.block_size:
-            raise UsageError(
-                f"anchor size {settings.anchor_size} is larger than the block size {settings.block_size}; "
-                "use an anchor no larger than the block"
-            )
     if settings.phase1_batch <= 0:
         raise UsageError(f"phase1_batch must be positive, not {settings.phase1_batch}")
     if settings.max_new_tokens <= 0:

@@ -9,9 +9,12 @@ Phase 1: block 0 is encoded alone; block i > 0 is encoded after the anchor (the 
 its global positions, and only its own KV is kept. Because attention is causal, the anchor's KV does not depend on
 what follows it, so it is computed once (as the head of block 0, or alone on a process that does not hold block 0)
 and every later block attends to it as a prefix: exactly `[anchor, block]` encoded directly, without re-encoding the
-anchor per block. Phase 2: the query attends to all context KV and causally to itself (starqa.star_cache); several
-questions share the context KV (read once per step for all of them), each with its own row of the query buffer.
-The model is starqa.transformer's compact Llama-family decoder.
+anchor per block. An anchor larger than the block is allowed: a block that starts inside the anchor sees every token
+before it (the anchor less what the block holds itself), so the blocks that start inside the anchor (the *head*) are
+one causal pass over their tokens, which also gives the anchor's KV; only the blocks after them prepend the anchor.
+Phase 2: the query attends to all context KV and causally to itself (starqa.star_cache); several questions share
+the context KV (read once per step for all of them), each with its own row of the query buffer. The model is
+starqa.transformer's compact Llama-family decoder.
 """
 
 from __future__ import annotations
@@ -308,30 +311,36 @@ class StarEngine:
                       anchor: ContextKV | None = None) -> Iterator[EncodedBlock]:
         """Phase 1 for the given blocks (all by default), yielding each block's KV in index order.
 
-        `anchor`: the anchor's KV [1, kv_heads, anchor_len, head_dim] in the compute dtype, when it is at hand
-        without encoding block 0 here: the head of block 0's stored KV, which is what block 0's own pass gives
-        (a re-ingest that takes block 0 over, see starqa.ingest). Without it, a process that does not encode block 0
-        encodes the anchor alone."""
+        Block i keeps the KV of its tokens encoded at their global positions after the first min(anchor_size,
+        start_i) context tokens: block 0 alone, a block after the anchor as `[anchor, block]`. The head blocks (those
+        starting inside the anchor; block 0 alone when anchor_size <= block_size) are one causal pass over their
+        tokens, whose first anchor_size tokens are the anchor. `anchor`: the anchor's KV [1, kv_heads, anchor_len,
+        head_dim] in the compute dtype, when it is at hand without encoding the head here: the head blocks' stored
+        KV, which is what their own pass gives (a re-ingest that takes them over, see starqa.ingest). Without it, a
+        process that holds no head block encodes the anchor alone."""
         anchor_size = block_size if anchor_size is None else anchor_size
-        if block_size <= 0 or anchor_size <= 0 or anchor_size > block_size:
-            raise ValueError(f"need 0 < anchor_size ({anchor_size}) <= block_size ({block_size})")
+        if block_size <= 0 or anchor_size <= 0:
+            raise ValueError(f"need positive block_size ({block_size}) and anchor_size ({anchor_size})")
         if not context_ids:
             raise ValueError("the context is empty")
         spans = plan_blocks(len(context_ids), block_size)
         wanted = sorted(set(range(len(spans)) if block_indices is None else block_indices))
         ids = torch.tensor(list(context_ids), dtype=torch.long, device=self.device)
         anchor_len = min(anchor_size, len(context_ids))
+        head = head_blocks(spans, anchor_len)  # blocks 0..head-1 start inside the anchor
+        head_wanted = [index for index in wanted if index < head]
 
-        if anchor is not None and (0 in wanted or anchor.n_tokens != anchor_len):
-            raise ValueError("an anchor given must be the first anchor_size tokens' KV, for blocks other than block 0")
-        if 0 in wanted:
-            start, end = spans[0]
-            cache = self._encode(ids[None, start:end], torch.arange(start, end, device=self.device)[None])
-            self.phase1_blocks_encoded += 1
-            yield self._block_from_cache(0, spans[0], cache, row=0)
+        if anchor is not None and (head_wanted or anchor.n_tokens != anchor_len):
+            raise ValueError("an anchor given must be the first anchor_size tokens' KV, for blocks after the head")
+        if head_wanted:  # one causal pass over the head blocks' tokens: their KV, and the anchor's
+            end = spans[head - 1][1]
+            cache = self._encode(ids[None, :end], torch.arange(end, device=self.device)[None])
+            self.phase1_blocks_encoded += len(head_wanted)
+            for index in head_wanted:
+                yield self._block_from_cache(index, spans[index], cache, row=0, offset=spans[index][0])
             anchor = self._anchor_from(cache, anchor_len)
-        later = [index for index in wanted if index > 0]
-        if later and anchor is None:  # this process does not hold block 0: encode the anchor itself
+        later = [index for index in wanted if index >= head]
+        if later and anchor is None:  # this process holds no head block: encode the anchor itself
             cache = self._encode(ids[None, :anchor_len], torch.arange(anchor_len, device=self.device)[None])
             anchor = self._anchor_from(cache, anchor_len)
 
@@ -352,10 +361,14 @@ class StarEngine:
                          values=[v[:1, :, :anchor_len] for v in cache.values])
 
     @staticmethod
-    def _block_from_cache(index: int, span: tuple[int, int], cache: StarCache, row: int) -> EncodedBlock:
+    def _block_from_cache(index: int, span: tuple[int, int], cache: StarCache, row: int,
+                          offset: int = 0) -> EncodedBlock:
+        """The block's KV: row `row` of the cache, from its token `offset` on (a head block within the head pass)."""
+        length = span[1] - span[0]
         return EncodedBlock(
             index=index, start=span[0], end=span[1],
-            keys=[k[row].clone() for k in cache.keys], values=[v[row].clone() for v in cache.values],
+            keys=[k[row, :, offset : offset + length].clone() for k in cache.keys],
+            values=[v[row, :, offset : offset + length].clone() for v in cache.values],
         )
 
     def encode_context(self, context_ids: Sequence[int], block_size: int, anchor_size: int | None = None, *,
@@ -577,6 +590,12 @@ def _hf_model(directory: Path, dtype: torch.dtype, trust_remote_code: bool):
     transformers.utils.logging.set_verbosity_error()
     return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True,
                                                 trust_remote_code=trust_remote_code)
+
+
+def head_blocks(spans: Sequence[tuple[int, int]], anchor_len: int) -> int:
+    """How many blocks start inside the anchor's first `anchor_len` tokens (at least block 0): Phase 1 encodes them
+    in one causal pass, which also gives the anchor; every later block attends to the whole anchor."""
+    return max(1, sum(1 for start, _ in spans if start < anchor_len))
 
 
 def _equal_length_batches(indices: list[int], spans, batch: int) -> Iterator[list[int]]:

@@ -22,11 +22,11 @@ from pathlib import Path
 
 from starqa import __version__, report
 from starqa.config import Settings
-from starqa.engine import quantize_block
+from starqa.engine import head_blocks, quantize_block
 from starqa.kv_quant import KEY_GROUP, resolve_kv_dtype
 from starqa.distributed import RankFailure, Ranks, agree, block_plan, broadcast_object, gather_objects, share_outcome
 from starqa.errors import StarqaError, UsageError
-from starqa.reuse import anchor_from_block_file, block_keys, reusable_blocks
+from starqa.reuse import anchor_from_block_files, block_keys, reusable_blocks
 from starqa.evidence.text_positions import block_pages
 from starqa.store import (DamagedDocument, DocumentStore, StoredDocument, block_file_name, name_from_path,
                           reingest_hint, validate_name, write_block_file)
@@ -292,7 +292,7 @@ class _Phase1Plan:
 
     staging: str  # rank 0's staging folder, where every rank writes its block files
     to_encode: list[int]  # the blocks not taken over from the previous version, in order
-    anchor_file: str | None  # block 0's file (taken over, in the compute dtype): the anchor is its head
+    anchor_files: list[str] | None  # the head blocks' files (taken over, in the compute dtype): the anchor's KV
 
 
 def _store_as_speaker(prepared, settings, engine, store, spans, ranks, *, force, update):
@@ -320,7 +320,8 @@ def _store_as_speaker(prepared, settings, engine, store, spans, ranks, *, force,
                 writer.write_context_ids(prepared.context_ids)
                 reused = _take_over_blocks(store, previous, writer, keys, signature)
                 plan = _Phase1Plan(str(writer.staging), [i for i in range(len(spans)) if i not in reused],
-                                   _anchor_file(writer.staging, reused, signature))
+                                   _anchor_files(writer.staging, reused, signature,
+                                                 head_blocks(spans, settings.effective_anchor_size)))
                 broadcast_object(plan, ranks)
                 stage = "Phase 1"
                 phase1_s = _phase1(engine, prepared.context_ids, settings, spans, ranks, plan)
@@ -370,12 +371,13 @@ def _take_over_blocks(store: DocumentStore, previous: StoredDocument | None, wri
     return reused
 
 
-def _anchor_file(staging: Path, reused: dict[int, dict], signature: dict) -> str | None:
-    """Block 0's file when it was taken over in the compute dtype: the anchor is then the head of its KV, bit for
-    bit what block 0's own pass gives (otherwise it is encoded: a narrower stored KV is not the anchor's)."""
-    if 0 not in reused or signature["kv_dtype"] != signature["dtype"]:
+def _anchor_files(staging: Path, reused: dict[int, dict], signature: dict, head: int) -> list[str] | None:
+    """The head blocks' files (block 0, and with an anchor larger than the block every block that starts inside it)
+    when all were taken over in the compute dtype: the anchor is then the head of their KV, bit for bit what their
+    own pass gives (otherwise it is encoded: a narrower stored KV is not the anchor's)."""
+    if any(index not in reused for index in range(head)) or signature["kv_dtype"] != signature["dtype"]:
         return None
-    return str(staging / block_file_name(0))
+    return [str(staging / block_file_name(index)) for index in range(head)]
 
 
 def _stored_the_same(store: DocumentStore, prepared: _Prepared, signature: dict) -> bool:
@@ -412,9 +414,10 @@ def _phase1(engine, context_ids, settings: Settings, spans, ranks: Ranks, plan: 
                 raise RuntimeError("injected failure\n(STARQA_FAIL_PHASE1_RANK)")
             kv_dtype = resolve_kv_dtype(settings.kv_dtype, engine.dtype)
             anchor = None
-            if plan.anchor_file is not None and mine and 0 not in mine:
-                anchor = anchor_from_block_file(Path(plan.anchor_file),
-                                                min(settings.effective_anchor_size, len(context_ids)), engine.device)
+            anchor_len = min(settings.effective_anchor_size, len(context_ids))
+            if plan.anchor_files is not None and mine and min(mine) >= head_blocks(spans, anchor_len):
+                anchor = anchor_from_block_files([Path(path) for path in plan.anchor_files], anchor_len,
+                                                 engine.device)
             for block in engine.encode_blocks(context_ids, settings.block_size, settings.effective_anchor_size,
                                               block_indices=mine, batch=settings.phase1_batch, anchor=anchor):
                 write_block_file(staging, quantize_block(block, kv_dtype))

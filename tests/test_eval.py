@@ -254,13 +254,12 @@ def test_resumed_records_are_scored_again_from_their_prediction(tmp_path, prompt
 # ---------------------------------------------------------------- modes
 
 
-def test_modes_default_to_a_quarter_and_skip_large_anchors():
+def test_modes_default_to_a_quarter_and_run_anchors_larger_than_the_block():
     modes, skipped = modes_for(2048, [QUARTER])
     assert [(m.name, m.block_size, m.anchor_size) for m in modes] == [("full", None, None), ("star", 512, 512)]
     specs = [StarSpec(SizeSpec(1024), SizeSpec(256)), StarSpec(SizeSpec(1024), SizeSpec(2048))]
     modes, skipped = modes_for(8192, specs)
-    assert [m.label for m in modes] == ["full", "star 1024/256"]
-    assert len(skipped) == 1 and "anchor 2048 is larger than block 1024" in skipped[0]
+    assert [m.label for m in modes] == ["full", "star 1024/256", "star 1024/2048"] and skipped == []
 
 
 def test_star_specs_from_options():
@@ -392,10 +391,11 @@ def test_json_report_has_the_required_keys(cli_engine, capsys):
     output = _invoke([*SUITE, "--block-size", "64,128", "--anchor-size", "64,256", "--json"], capsys)
     report = json.loads(output.out)
     assert report["model"] == "tiny-llama" and report["interrupted"] is False
+    stars = {(64, 64), (64, 256), (128, 64), (128, 256)}  # anchors larger than the block run too
     assert {(row["mode"], row["block_size"], row["anchor_size"]) for row in report["results"]} == {
-        ("full", None, None), ("star", 64, 64), ("star", 128, 64),  # anchor 256 > both blocks: skipped
-        ("hybrid", 64, 64), ("hybrid", 128, 64)}  # one hybrid row per Star configuration (starqa.hybrid)
-    assert len(report["skipped"]) == 2
+        ("full", None, None), *(("star", *sizes) for sizes in stars),
+        *(("hybrid", *sizes) for sizes in stars)}  # one hybrid row per Star configuration (starqa.hybrid)
+    assert report["skipped"] == []
     assert {row["task"] for row in report["results"]} == {"niah_single_1", "cwe"}
     assert {row["task"] for row in report["overall"]} == {"overall"}
     for row in report["results"] + report["overall"]:

@@ -95,24 +95,29 @@ def reused_flags(version: dict) -> list[bool]:
 # ---------------------------------------------------------------------------------------------------- exactness
 
 
-def test_a_document_built_by_appending_and_editing_equals_one_ingest(capsys, monkeypatch, tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("anchor", [56, 160])
+def test_a_document_built_by_appending_and_editing_equals_one_ingest(capsys, monkeypatch, tmp_path, tiny_model_dir,
+                                                                     anchor):
     """v1 -> v2 (appended) -> v3 (a middle block edited) by `--update` has, at each step, the KV (bit for bit: one
     block per Phase 1 batch, so the batching is the same), the greedy answer and the sources of one ingest of that
-    version. Block 0 is taken over, so the anchor is the head of its stored KV, not encoded again."""
+    version. Block 0 is taken over, so the anchor is the head of its stored KV, not encoded again. With an anchor
+    of 160 over blocks of 64, the head is blocks 0-2 (block 2 ends past the anchor): all three are taken over."""
     config = write(tmp_path, "phase1_batch: 1\n", "batch1.yaml")
     model = tiny_model_dir
     updated, fresh = tmp_path / "updated", tmp_path / "fresh"
     monkeypatch.setenv("STARQA_HOME", str(updated))
     source = write(tmp_path, V1)
-    ingest(capsys, model, source, "--config", config)
+    flags = ("--config", config, "--anchor-size", str(anchor))  # after BLOCK: it wins
+    assert ingest(capsys, model, source, *flags)["anchor_size"] == anchor
     for step, text in (("appended", V2), ("edited", V3)):
         monkeypatch.setenv("STARQA_HOME", str(updated))
         write(tmp_path, text)
-        version = ingest(capsys, model, source, "--update", "--config", config)
+        version = ingest(capsys, model, source, "--update", *flags)
         assert 0 < version["blocks_reused"] < len(version["blocks"]), step
+        assert all(reused_flags(version)[:(anchor - 1) // 64 + 1]), step  # the head blocks
         kv, said = stored_kv(updated), answer(capsys, model)
         monkeypatch.setenv("STARQA_HOME", str(fresh / step))
-        one_go = ingest(capsys, model, source, "--config", config)
+        one_go = ingest(capsys, model, source, *flags)
         assert one_go["blocks_reused"] == 0
         assert [b["key"] for b in one_go["blocks"]] == [b["key"] for b in version["blocks"]]
         assert_same_kv(kv, stored_kv(fresh / step))
@@ -172,15 +177,44 @@ def test_a_block_key_changes_with_everything_its_kv_depends_on_and_nothing_else(
     assert [a == b for a, b in zip(block_keys(edited, spans, 56, signature), keys)] == [True, False, True, True]
 
 
+def test_with_an_anchor_larger_than_the_block_a_key_changes_with_every_anchor_token():
+    """Anchor 160 over blocks of 64: an edit inside the anchor, even past block 0, changes every block's key (the
+    later blocks attended to it, the head blocks lie in it); an edit past the anchor only its own block's."""
+    from starqa.reuse import block_keys
+
+    ids = list(range(100, 420))
+    spans = [(start, min(start + 64, 320)) for start in range(0, 320, 64)]
+    signature = {"model_fingerprint": "m", "tokenizer_fingerprint": "t", "prompt_layout_version": 1,
+                 "dtype": "float32", "kv_dtype": "float32"}
+    keys = block_keys(ids, spans, 160, signature)
+    assert len(set(keys)) == 5
+    for offset in (100, 150):  # in block 1 and in block 2, both inside the anchor
+        assert not set(block_keys(ids[:offset] + [7] + ids[offset + 1:], spans, 160, signature)) & set(keys)
+    past = ids[:200] + [7] + ids[201:]  # block 3, past the anchor
+    assert [a == b for a, b in zip(block_keys(past, spans, 160, signature), keys)] == [True, True, True, False, True]
+    for other in (64, 128, 192):  # another anchor: no block in common, block 0 included
+        assert not set(block_keys(ids, spans, other, signature)) & set(keys)
+
+
 @pytest.fixture
 def api(home, tiny_model_dir):
     """The ingest function with one engine whose Phase 1 work is counted: (ingest(path, **options), engine)."""
+    return counting_api(home, tiny_model_dir, anchor_size=56)
+
+
+@pytest.fixture
+def api_large_anchor(home, tiny_model_dir):
+    """As `api`, with an anchor of 160 tokens over blocks of 64: blocks 0-2 start inside it (block 2 ends past it)."""
+    return counting_api(home, tiny_model_dir, anchor_size=160)
+
+
+def counting_api(home: Path, tiny_model_dir: Path, *, anchor_size: int):
     from starqa.config import load_settings
     from starqa.engine import StarEngine
     from starqa.ingest import ingest as ingest_one
     from starqa.store import DocumentStore
 
-    settings = load_settings(None, model=str(tiny_model_dir), block_size=64, anchor_size=56, device="cpu")
+    settings = load_settings(None, model=str(tiny_model_dir), block_size=64, anchor_size=anchor_size, device="cpu")
     engine = StarEngine.load(str(tiny_model_dir), device="cpu", store_root=home)
     store = DocumentStore(home)
     encoded_tokens = []
@@ -263,6 +297,30 @@ def test_an_edit_in_the_anchor_encodes_every_block(api, tmp_path):
     new_ids = store.get("doc").context_ids()
     assert old_ids[56:] == new_ids[56:] and old_ids[:56] != new_ids[:56]  # every block but the first is unchanged
     assert result.blocks_reused == 0 and blocks == len(result.document.blocks) > 5
+
+
+def test_with_an_anchor_larger_than_the_block_appending_takes_the_head_over_and_an_edit_in_it_nothing(
+        api_large_anchor, tmp_path):
+    """Anchor 160 over blocks of 64. Appending takes every full block over, the head blocks (0-2) included, and the
+    anchor is read from their stored KV (only the encoded blocks' own tokens run). An edit inside the anchor past
+    block 0 (block 0's tokens unchanged) takes nothing over: no block computed with the old anchor is reused."""
+    ingest_file, store = api_large_anchor
+    source = write(tmp_path, V1)
+    ingest_file(source)
+    old_ids = store.get("doc").context_ids()
+    write(tmp_path, V2)
+    second, blocks, tokens = ingest_file(source, update=True)
+    new_ids = store.get("doc").context_ids()
+    same = unchanged_blocks(old_ids, new_ids, anchor=160)
+    assert same == list(range(len(old_ids) // 64)) and len(same) > 3
+    assert second.blocks_reused == len(same) and blocks == second.blocks_encoded
+    assert tokens == len(new_ids) - 64 * len(same)  # the anchor was not encoded again
+    edited = V2.replace("report 4 every", "the fourth report every", 1)
+    write(tmp_path, edited)
+    third, blocks, _ = ingest_file(source, update=True)
+    edited_ids = store.get("doc").context_ids()
+    assert edited_ids[:64] == new_ids[:64] and edited_ids[:160] != new_ids[:160]  # inside the anchor, past block 0
+    assert third.blocks_reused == 0 and blocks == len(third.document.blocks)
 
 
 def test_a_damaged_block_of_the_previous_version_is_encoded_again(api, tmp_path, capsys):
@@ -395,10 +453,14 @@ def test_sigkill_during_an_update_leaves_the_previous_version_whole_and_gc_clean
 
 
 @pytest.mark.slow
-def test_two_cpu_ranks_take_blocks_over_and_encode_only_their_share_of_the_rest(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("anchor", [(), ("--anchor-size", "160")], ids=["anchor-56", "anchor-160"])
+def test_two_cpu_ranks_take_blocks_over_and_encode_only_their_share_of_the_rest(tmp_path, tiny_model_dir, anchor):
+    """With an anchor larger than the block too: rank 1 then holds no head block and reads the anchor from the
+    head blocks' stored files (or encodes it, in the first ingest)."""
     source = write(tmp_path, V1)
     home, fresh = tmp_path / "home", tmp_path / "fresh"
-    flags = ("--name", "doc", *BLOCK, "--dtype", "float32", "--device", "cpu", "--model", str(tiny_model_dir))
+    flags = ("--name", "doc", *BLOCK, *anchor, "--dtype", "float32", "--device", "cpu", "--model",
+             str(tiny_model_dir))
     result = starqa("ingest", str(source), *flags, "--nproc", "2", home=home)
     assert result.returncode == 0, result.stderr
     first = manifest(home)

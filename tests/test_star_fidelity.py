@@ -6,6 +6,10 @@ The reference is tests/star_reference.py (float64, written from the math; checke
 run in float64). Errors are relative to each tensor's own scale (max |error| / max |reference|). Worst seen here:
 Phase 1 KV 3.5e-6 (float32) and 2.5e-2 (bfloat16); a block encoded at local positions is off by 1.2-2.0 and one
 encoded without the anchor by 0.85-1.7 (layer 1: layer 0's KV does not depend on other tokens).
+
+Anchors larger than the block are checked the same way: block i keeps the KV of its tokens after the first
+min(anchor, start_i) tokens, at global positions (a block that starts inside the anchor sees every token before it),
+whatever share of the blocks a rank holds.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 
 from conftest import tiny_model
 from star_reference import Float64Decoder, relative_error
+from starqa.context_kv import ContextKV
 from starqa.engine import StarEngine
 from starqa.tokens import plan_blocks
 
@@ -76,7 +81,10 @@ def test_the_float64_reference_is_transformers_qwen2_in_float64():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("block_size,anchor_size", [(48, 48), (48, 7), (64, 32)])
+@pytest.mark.parametrize("block_size,anchor_size", [(48, 48), (48, 7), (64, 32),
+                                                    # anchors larger than the block: a multiple of it, one that ends
+                                                    # inside block 2, and one longer than the whole context
+                                                    (32, 96), (48, 100), (32, 300)])
 def test_every_block_keeps_the_kv_of_anchor_plus_block_at_global_positions(dtype, block_size, anchor_size):
     engine, reference = _engine_and_reference(dtype)
     context = _random_ids(205, seed=1)  # no multiple of the block sizes: the last block is short
@@ -107,6 +115,58 @@ def test_the_kv_check_can_tell_a_wrong_phase1():
         alone_error = max(relative_error(v, e) for v, e in zip(alone_values, values))
         assert local_error > WRONG_KV_AT_LEAST >= 10 * KV_TOLERANCE[torch.bfloat16]
         assert alone_error > WRONG_KV_AT_LEAST
+
+
+@pytest.mark.parametrize("shares", [[[0], [1, 2], [3, 4, 5, 6]], [[2, 3], [5, 6]], [[1], [4]]],
+                         ids=["three-ranks", "no-block-0", "one-head-block"])
+def test_an_anchor_larger_than_the_block_gives_every_rank_the_same_blocks(shares):
+    """Anchor 100 over blocks of 48 (blocks 0-2 start inside it, block 2 ends past it): any share of the blocks a
+    rank may hold (with or without head blocks, as starqa.distributed.block_plan gives them, or a re-ingest's
+    remainder) keeps the KV of the float64 reference, and so does a rank given the anchor's KV as the head blocks'
+    stored KV (a re-ingest that took them over)."""
+    engine, reference = _engine_and_reference(torch.float32)
+    context = _random_ids(300, seed=3)
+    spans = plan_blocks(300, 48)
+    head_kv = list(engine.encode_blocks(context, 48, 100, block_indices=[0, 1, 2]))
+    stored_anchor = ContextKV(n_tokens=100, spans=[(0, 100)],
+                              keys=[torch.cat([b.keys[layer] for b in head_kv], 1)[None, :, :100]
+                                    for layer in range(engine.num_layers)],
+                              values=[torch.cat([b.values[layer] for b in head_kv], 1)[None, :, :100]
+                                      for layer in range(engine.num_layers)])
+    for share in shares:
+        runs = [engine.encode_blocks(context, 48, 100, block_indices=share)]
+        if min(share) >= 3:
+            runs.append(engine.encode_blocks(context, 48, 100, block_indices=share, anchor=stored_anchor))
+        for run in runs:
+            blocks = list(run)
+            assert [block.index for block in blocks] == share
+            for block in blocks:
+                assert (block.start, block.end) == spans[block.index]
+                keys, values = reference.star_block(context, spans[block.index], 100)
+                for layer in range(engine.num_layers):
+                    assert relative_error(block.keys[layer], keys[layer]) < KV_TOLERANCE[torch.float32]
+                    assert relative_error(block.values[layer], values[layer]) < KV_TOLERANCE[torch.float32]
+    with pytest.raises(ValueError):  # an anchor given where a head block is to be encoded: refused, not ignored
+        list(engine.encode_blocks(context, 48, 100, block_indices=[2, 3], anchor=stored_anchor))
+
+
+def test_the_kv_check_can_tell_a_wrong_phase1_with_an_anchor_larger_than_the_block():
+    """What the check rejects when the anchor (100 tokens) is larger than the block (48): a block inside the anchor
+    that sees only its own tokens, a later block after the first block only (an anchor cut to the block size), or
+    after the anchor at local positions."""
+    _, reference = _engine_and_reference(torch.float32)
+    context = _random_ids(205, seed=1)
+    spans = plan_blocks(205, 48)
+    for start, end in spans[1:]:
+        keys, values = reference.star_block(context, (start, end), 100)
+        if start < 100:  # a head block: it must see every token before it
+            own_keys, _, _ = reference.encode(context[start:end], list(range(start, end)))
+            assert max(relative_error(k, e) for k, e in zip(own_keys, keys)) > WRONG_KV_AT_LEAST
+            continue
+        cut_keys, _ = reference.star_block(context, (start, end), 48)
+        local_keys, _, _ = reference.encode(context[:100] + context[start:end], list(range(100 + end - start)))
+        assert max(relative_error(k, e) for k, e in zip(cut_keys, keys)) > WRONG_KV_AT_LEAST
+        assert max(relative_error(k[:, 100:], e) for k, e in zip(local_keys, keys)) > WRONG_KV_AT_LEAST
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
