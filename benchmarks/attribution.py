@@ -1,6 +1,7 @@
 """Answer attribution on generated documents: does the first source hold the planted fact the question asks for?
 
     python benchmarks/attribution.py --split heldout --lengths 1024,4096 --per-cell 5         # docs/evidence.md's figures
+    python benchmarks/attribution.py --model qwen2.5-coder-0.5b --per-cell 2 --store STORE    # docs/models.md's figures
     python benchmarks/attribution.py --split tune --lengths 1024,2048,4096,8192 --per-cell 2 --no-echoes --raw /tmp/raw
     python benchmarks/attribution.py --split tune --lengths 1024,2048,4096,8192 --per-cell 1 --first-round 2 \
         --echo-share 1 --grid                                                                 # tuning, round 2
@@ -38,6 +39,7 @@ sys.path.insert(0, str(HERE.parent))
 import attribution_set  # noqa: E402
 
 NEUTRAL_QUESTION = "What is this document about?"
+DEFAULT_MODEL = "smollm2-135m"  # the model docs/evidence.md's figures were measured on (records without "model")
 
 
 class Recorder:
@@ -242,12 +244,26 @@ def _rate(records, method: str, key: str) -> str:
     return f"{100 * sum(values) / len(values):5.1f} % ({sum(values)}/{len(values)})" if values else "–"
 
 
+def wilson_interval(hits: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion hits/n (stays inside [0, 1] at 0/n and n/n, unlike the normal one)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def summarize(records: list[dict], method: str = "evidence") -> str:
     """Hit rates over the correctly answered cases: overall, per format x length, per depth (and the baseline)."""
     lines = []
     right = [r for r in records if r["correct"]]
     lines.append(f"{len(records)} cases, {len(right)} answered correctly "
                  f"({100 * len(right) / max(1, len(records)):.0f} %); hit rates over the correct ones:")
+    hits = sum(bool(r[method]["block_hit"]) for r in right)
+    low, high = wilson_interval(hits, len(right))
+    lines.append(f"first source's block holds the fact: {hits}/{len(right)} "
+                 f"(95 % Wilson interval {100 * low:.1f}-{100 * high:.1f} %)")
     lines.append(f"{'group':<28} {'n':>4}  {'first source (block)':>22}  {'first source (page)':>22}  "
                  f"{'first quote':>22}  {'grounded':>22}  {'baseline block':>22}")
     groups: dict[str, list[dict]] = defaultdict(list)
@@ -334,6 +350,10 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="JSONL of case records (default: benchmarks/results/"
                                                  "attribution-SPLIT.jsonl); a rerun continues it.")
     parser.add_argument("--raw", type=Path, help="Also save raw attention per case here (for the study).")
+    parser.add_argument("--model", default="smollm2-135m", help="Catalogue name or model folder (default: "
+                                                                     "%(default)s); its retrieval heads are the "
+                                                                     "store's record, calibrated on first use.")
+    parser.add_argument("--weights", default="auto", help="Decode weights, as `ask --weights` (default: %(default)s).")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--store", type=Path, default=None, help="starqa store (models/ is used).")
     parser.add_argument("--max-new-tokens", type=int, default=40)
@@ -341,13 +361,15 @@ def main() -> int:
                                                                 "machine, 2 threads ran 7x slower than 1).")
     parser.add_argument("--summary-only", action="store_true", help="Print the summary of --out and exit.")
     args = parser.parse_args()
-    out = args.out or HERE / "results" / f"attribution-{args.split}.jsonl"
+    suffix = "" if args.model == DEFAULT_MODEL else f"-{Path(args.model).name}"
+    out = args.out or HERE / "results" / f"attribution-{args.split}{suffix}.jsonl"
     done = {}
     if out.exists():
         for line in out.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 record = json.loads(line)
-                done[record["case_id"]] = record
+                if record.get("model", DEFAULT_MODEL) == args.model:  # a file holds one model's records
+                    done[record["case_id"]] = record
     if args.summary_only:
         print(summarize(list(done.values())))
         print(markdown_table(list(done.values())))
@@ -358,7 +380,7 @@ def main() -> int:
     from starqa.engine import StarEngine
 
     torch.set_num_threads(args.threads)
-    engine = StarEngine.load("smollm2-135m", device="cpu", dtype=args.dtype, store_root=args.store)
+    engine = StarEngine.load(args.model, device="cpu", dtype=args.dtype, store_root=args.store, weights=args.weights)
     count = lambda text: len(engine.encode_document_text(text))  # noqa: E731
     lengths = [int(value) for value in args.lengths.split(",")]
     cases = attribution_set.generate_cases(args.split, lengths, args.per_cell, count, args.formats.split(","),
@@ -371,7 +393,7 @@ def main() -> int:
         if case.case_id in done:
             continue
         record = run_case(engine, case, folder, args.raw, args.max_new_tokens, args.grid)
-        record["dtype"] = args.dtype
+        record.update(dtype=args.dtype, model=args.model, weights=args.weights)
         with out.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
         done[case.case_id] = record
