@@ -268,7 +268,8 @@ def run(engine_loader, settings, store: DocumentStore, *, docs: Sequence[str], a
 
     options = dict(questions=questions, attention=attention, explicit_model=explicit_model,
                    explicit_sizes=explicit_sizes, ranks=ranks, emit=emit, stream=stream,
-                   ingest_options=ingest_options, files=files, load_kv=load_kv)
+                   ingest_options=ingest_options, files=files, load_kv=load_kv,
+                   escalation=_escalation(settings, attention, engine_loader, store))
     if len(targets) == 1:
         answer_document(load_engine, settings, store, doc=targets[0], name=name, **options)
         return 0
@@ -286,6 +287,16 @@ def run(engine_loader, settings, store: DocumentStore, *, docs: Sequence[str], a
     return 0
 
 
+def _escalation(settings, attention: str, engine_loader, store: DocumentStore):
+    """Hybrid's second pass when it goes to another model (settings.escalate_to, starqa.escalation), else None."""
+    if attention != "hybrid" or settings.escalate_to == "full":
+        return None
+    from starqa.escalation import FULL, Escalation, check_target
+
+    model = check_target(settings.escalate_to, settings, attention=attention, explicit=False)
+    return Escalation(None if model == FULL else model, engine_loader, store)
+
+
 @dataclass
 class OpenDocument:
     """A document ready to be asked: the engine for it, its stored version and its context (KV for star
@@ -297,12 +308,13 @@ class OpenDocument:
     cache_hit: bool  # Phase 1 did not run for this ask
     phase1_s: float
     load_s: float  # finding (or ingesting) the document, loading the model and the KV
+    escalation: object = None  # hybrid's second pass to another model (starqa.escalation.Escalation), or None
 
 
 def answer_document(load_engine, settings, store: DocumentStore, *, doc: str, questions: list[str], attention: str,
                     name: str | None, explicit_model: str | None, explicit_sizes: bool, ranks: Ranks, emit: Emit,
                     stream: bool = True, ingest_options: dict | None = None, files: bool = True,
-                    load_kv=None) -> None:
+                    load_kv=None, escalation=None) -> None:
     """Find (or first ingest) one document, load its KV, answer every question, release the KV.
 
     `ingest_options` (force, allow_long, password) apply when `doc` is a file to ingest first.
@@ -310,7 +322,10 @@ def answer_document(load_engine, settings, store: DocumentStore, *, doc: str, qu
     opened = open_document(load_engine, settings, store, doc=doc, attention=attention, name=name,
                            explicit_model=explicit_model, explicit_sizes=explicit_sizes, ranks=ranks,
                            ingest_options=ingest_options, files=files, load_kv=load_kv)
+    opened.escalation = escalation
     answer_questions(opened, questions, settings, attention=attention, ranks=ranks, emit=emit, stream=stream)
+    if escalation is not None:
+        escalation.release()
     # `opened` and its KV are released here, before the next document's KV is read
 
 

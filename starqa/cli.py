@@ -210,6 +210,9 @@ def ask(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per question on stdout."),
     attention: str = typer.Option("star", "--attention", help="star (stored KV), full (one pass, no cache) or hybrid "
                                   "(star; an answer not grounded is answered again with full attention)."),
+    escalate_to: Optional[str] = typer.Option(None, "--escalate-to", help="With --attention hybrid: full (full "
+                                              "attention, the default) or a larger MODEL that answers again what "
+                                              "is not grounded (docs/hybrid.md)."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Questions decoded together against the "
                                              "document's KV (--questions; default from the config: 8)."),
@@ -234,10 +237,12 @@ def ask(
     settings = _settings(config, quiet, model=model, dtype=dtype, kv_dtype=kv_dtype, device=device,
                          block_size=block_size, anchor_size=anchor_size, max_new_tokens=max_new_tokens,
                          batch_size=batch_size, temperature=temperature, top_p=top_p, seed=seed, nproc=nproc,
-                         weights=weights)
+                         weights=weights, escalate_to=escalate_to)
+    from starqa.escalation import check_target
     from starqa.hybrid import check_attention
 
     check_attention(attention)
+    check_target(settings.escalate_to, settings, attention=attention, explicit=escalate_to is not None)
     if not doc and not all_documents:
         raise UsageError("give --doc NAME (a stored document, a glob over stored names, or a file), or --all")
     if doc and all_documents:
@@ -482,6 +487,10 @@ def serve(
                          max_questions_per_request=max_questions_per_request, max_waiting_asks=max_waiting_asks,
                          max_connections=max_connections, max_queued_events=max_queued_events,
                          max_decode_memory=max_decode_memory, weights=weights)
+    if settings.escalate_to != "full":  # a server holds one model: its hybrid answers escalate to full attention
+        report.info(f"escalate_to {settings.escalate_to} applies to `starqa ask` in its own process; this server "
+                    "answers hybrid asks again with full attention")
+        settings = dataclasses.replace(settings, escalate_to="full")
     code = run_server(settings, trust_remote_code=trust_remote_code, host=host, port=port,
                       api_key=api_key or os.environ.get("STARQA_API_KEY") or None, debug=debug)
     if code:

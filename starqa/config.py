@@ -49,6 +49,7 @@ class Settings:
     max_decode_memory: int  # bytes
     audit: str = "metadata"  # off | metadata | full (starqa.audit)
     audit_retention_days: int | None = None  # `starqa audit prune` drops records older than this; None: keep all
+    escalate_to: str = "full"  # --attention hybrid's second pass: full attention, or a larger model (starqa.escalation)
 
     @property
     def effective_anchor_size(self) -> int:
@@ -82,6 +83,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "max_decode_memory": (int, str),
     "audit": (str,),
     "audit_retention_days": (int, type(None)),
+    "escalate_to": (str,),
 }
 # Settings given as a size: bytes, or a number with a unit ("512MiB", "4GiB", "1.5GB").
 _SIZE_KEYS = ("max_kv_memory", "max_request_bytes", "max_decode_memory")
@@ -177,6 +179,8 @@ def validate(settings: Settings) -> Settings:
     if settings.audit_retention_days is not None and settings.audit_retention_days <= 0:
         raise UsageError(f"audit_retention_days must be a positive number of days or null (keep every record), "
                          f"not {settings.audit_retention_days}")
+    if not settings.escalate_to.strip():
+        raise UsageError("escalate_to must be full or a model (a catalogue name, .gguf file or HF directory), not empty")
     for key in ("max_request_bytes", "max_questions_per_request", "max_waiting_asks", "max_connections",
                 "max_queued_events", "max_decode_memory"):
         if getattr(settings, key) <= 0:

@@ -24,9 +24,10 @@ def escalation_reason(grounded: bool, answer: str = "") -> str | None:
     return None
 
 
-def note_line(reason: str) -> str:
-    """The stderr line of text mode for an answer given again."""
-    return f"answered again with full attention: {reason}"
+def note_line(reason: str, model: str | None = None) -> str:
+    """The stderr line of text mode for an answer given again (by full attention, or by the escalation target
+    `model`)."""
+    return f"answered again with {model or 'full attention'}: {reason}"
 
 
 def check_attention(attention: str, flag: str = "--attention") -> str:
@@ -40,18 +41,25 @@ def check_attention(attention: str, flag: str = "--attention") -> str:
 # ---------------------------------------------------------------- asking (starqa.ask)
 
 
-def combined_answer(star, full, reason: str):
-    """The Answer a hybrid ask returns for an escalated question: full attention's, whose timings include both
-    passes (prefill: both prefills; time to first token: the whole Star answer, then full attention's first token)
-    and whose `hybrid` field holds the Star answer and why it was not kept."""
+def combined_answer(star, full, reason: str, target=None):
+    """The Answer a hybrid ask returns for an escalated question: the second pass's (full attention's, or the
+    escalation target's: `target`, starqa.escalation.Target), whose timings include both passes (prefill: both
+    prefills; time to first token: the whole Star answer, then the second pass's first token) and whose `hybrid`
+    field holds the Star answer, why it was not kept and what answered again (`escalated_to`: "full" or the
+    model; `full_s`: the second pass's seconds)."""
     import dataclasses
 
     star_s = star.ttft_s + _decode_s(star)
+    hybrid = {"escalated": True, "star_answer": star.answer, "reason": reason, "star_grounded": star.grounded,
+              "star_s": round(star_s, 4), "full_s": round(full.ttft_s + _decode_s(full), 4),
+              "escalated_to": "full" if target is None else target.model}
+    if target is not None:
+        hybrid.update(escalated_doc=target.document.name, escalated_attention=full.attention)
+        if target.phase1_s:
+            hybrid["escalated_phase1_s"] = round(target.phase1_s, 3)  # the copy was stored by this ask
     return dataclasses.replace(
-        full, cache_hit=star.cache_hit, phase1_s=star.phase1_s, prefill_s=star.prefill_s + full.prefill_s,
-        ttft_s=star_s + full.ttft_s,
-        hybrid={"escalated": True, "star_answer": star.answer, "reason": reason, "star_grounded": star.grounded,
-                "star_s": round(star_s, 4), "full_s": round(full.ttft_s + _decode_s(full), 4)})
+        full, doc=star.doc, cache_hit=star.cache_hit, phase1_s=star.phase1_s, prefill_s=star.prefill_s + full.prefill_s,
+        ttft_s=star_s + full.ttft_s, hybrid=hybrid)
 
 
 def kept_answer(star):
@@ -84,26 +92,44 @@ def answer_batch(opened, questions: list[str], first: int, settings, *, ranks, e
         return  # the full-attention pass runs in one process (the speaker's evidence decides it), as --attention full
     stars = [reply.answer for reply in replies]
     escalated = escalated_rows(stars)
-    full_s = 0.0
+    full_s, target = 0.0, None
     if escalated:
         started = time.perf_counter()
-        context_ids = full_context_ids(opened)
-        for row, reason in escalated:
-            full = ask.ask_full(engine, document, context_ids, questions[row], settings)
-            replies[row] = ask.Reply(combined_answer(stars[row], full.answer, reason), full.text)
+        escalation = getattr(opened, "escalation", None)  # --escalate-to MODEL (starqa.escalation), else None
+        target = escalation.target(opened, settings) if escalation is not None else None
+        if target is None:  # full attention with the document's own model, one question after another
+            context_ids = full_context_ids(opened)
+            for row, reason in escalated:
+                full = ask.ask_full(engine, document, context_ids, questions[row], settings)
+                replies[row] = ask.Reply(combined_answer(stars[row], full.answer, reason), full.text)
+        else:  # the larger model, every escalated question of the batch together
+            again = target.answer([questions[row] for row, _ in escalated], settings)
+            for (row, reason), reply in zip(escalated, again):
+                replies[row] = ask.Reply(combined_answer(stars[row], reply.answer, reason, target), reply.text)
         full_s = time.perf_counter() - started
     again = dict(escalated)
     for row, reply in enumerate(replies):
+        answered_by = (document, engine)
         if row in again:
-            emit(events.note(document.name, first + row, note_line(again[row])))
+            emit(events.note(document.name, first + row, note_line(again[row], target and target.model)))
+            if target is not None:
+                answered_by = (target.document, target.engine)
         else:
             reply.answer = kept_answer(reply.answer)
         ask.emit_replies(emit, document.name, first + row, [reply],
-                         document_version(document, engine))  # the stored version that answered (audit)
+                         document_version(*answered_by))  # the stored version that answered (audit)
     title, rows = ask.timing_table(stars, engine, opened.load_s if first == 0 else None, document.kv_dtype)
-    rows += [("answered again (full attention)", f"{len(escalated)} of {len(questions)} (not grounded)"),
-             ("Star pass / full pass", f"{star_s:.2f} s / {full_s:.2f} s")]
+    second = target.model if target is not None else _configured_target(getattr(opened, "escalation", None),
+                                                                         document)
+    rows += [(f"answered again ({second})", f"{len(escalated)} of {len(questions)} (not grounded)"),
+             ("Star pass / second pass", f"{star_s:.2f} s / {full_s:.2f} s")]
     emit(events.timings(title.replace("star attention", "hybrid attention", 1), rows))
+
+
+def _configured_target(escalation, document) -> str:
+    """What would answer again when no question of a batch was escalated: the target model, or full attention."""
+    model = getattr(escalation, "model", None)
+    return model if model and model != document.manifest.get("model") else "full attention"
 
 
 def full_context_ids(opened) -> list[int]:
@@ -133,13 +159,15 @@ def escalated_rows(answers: Sequence) -> list[tuple[int, str]]:
 # ---------------------------------------------------------------- eval (starqa.eval)
 
 
-def compose_record(star: dict, full: dict) -> dict:
+def compose_record(star: dict, full: dict, escalated_to: str = "full") -> dict:
     """The hybrid record of one eval case from its Star and full-attention records: Star's answer when grounded,
-    else full attention's; its seconds are Star's, plus full attention's when escalated."""
+    else full attention's; its seconds are Star's, plus full attention's when escalated. With `escalated_to` a
+    model, `full` is that model's record of the same case (starqa.escalation.with_escalation)."""
     reason = escalation_reason(bool(star.get("grounded")), star.get("prediction", ""))
     chosen = full if reason else star
-    record = dict(chosen, mode="hybrid", block_size=star["block_size"], anchor_size=star["anchor_size"],
-                  phase1_s=star["phase1_s"], escalated=reason is not None, reason=reason,
+    record = dict(chosen, task=star["task"], length=star["length"], index=star["index"],  # the case asked
+                  mode="hybrid", block_size=star["block_size"], anchor_size=star["anchor_size"],
+                  phase1_s=star["phase1_s"], escalated=reason is not None, reason=reason, escalated_to=escalated_to,
                   answer_s=answer_seconds(star) + (answer_seconds(full) if reason else 0.0),
                   peak_rss_mb=_max(star.get("peak_rss_mb"), full.get("peak_rss_mb") if reason else None),
                   peak_cuda_mb=_max(star.get("peak_cuda_mb"), full.get("peak_cuda_mb") if reason else None))

@@ -207,14 +207,24 @@ def _prepare(source, settings, engine, store, *, name, force, update, allow_long
         raise StarqaError(f"'{source}' changed while it was being read; nothing was stored: try again")
     if _nothing_to_do(stored, source, source_sha256, signature, force=force, update=update):
         return nothing
+    record = {"path": str(Path(source).resolve()) if source != "-" else "-", "sha256": source_sha256,
+              "kind": extracted.kind}
+    pages = [{"number": p.number, "start": p.start, "end": p.end} for p in extracted.pages]
+    return _prepared_text(name, record, extracted.text, pages, settings, engine, allow_long=allow_long,
+                          label=f"'{source}'")
 
+
+def _prepared_text(name: str, source: dict, text: str, pages: list[dict], settings, engine, *, allow_long: bool,
+                   label: str) -> _Prepared:
+    """The document to store from its extracted text and page map: its prompt's ids (checked against the model's
+    window) and manifest; `source` ({"path", "sha256", "kind"}) is what it was extracted from."""
     template = prompt_template(engine.tokenizer)
-    document_ids = engine.encode_document_text(extracted.text)
+    document_ids = engine.encode_document_text(text)
     context_ids = context_ids_for(engine.tokenizer, template, document_ids)
     window = engine.context_window
     if window and len(context_ids) > window and not allow_long:
         raise UsageError(
-            f"'{source}' is {len(context_ids):,} tokens with the prompt, but the model reads at most {window:,}; "
+            f"{label} is {len(context_ids):,} tokens with the prompt, but the model reads at most {window:,}; "
             "use a model with a longer context, or pass --allow-long to encode it anyway"
         )
     sliding = engine.sliding_window
@@ -222,13 +232,12 @@ def _prepare(source, settings, engine, store, *, name, force, update, allow_long
         # Within the window a sliding-window layer attends exactly like a full one; beyond it, Star Attention (which
         # attends to every stored token) would no longer compute what the model computes.
         raise UsageError(
-            f"'{source}' is {len(context_ids):,} tokens with the prompt, but {engine.model_name} attends to only the "
+            f"{label} is {len(context_ids):,} tokens with the prompt, but {engine.model_name} attends to only the "
             f"last {sliding:,} tokens in some layers (sliding-window attention), which starqa does not implement; "
             "use a model without a sliding window (e.g. Mistral v0.2 or later) or a shorter document"
         )
     manifest = {
-        "source": {"path": str(Path(source).resolve()) if source != "-" else "-", "sha256": source_sha256,
-                   "kind": extracted.kind},
+        "source": dict(source),
         "model": engine.model_name,
         **settings_signature(engine, settings),
         "tokenizer_engine": engine.tokenizer_engine,
@@ -237,11 +246,10 @@ def _prepare(source, settings, engine, store, *, name, force, update, allow_long
         "context_tokens": len(context_ids),
         "document_tokens": len(document_ids),
         "document_token_offset": len(context_ids) - len(document_ids),
-        "pages": len(extracted.pages),
+        "pages": len(pages),
         "starqa_version": __version__,
     }
-    pages = [{"number": p.number, "start": p.start, "end": p.end} for p in extracted.pages]
-    return _Prepared(name, context_ids, manifest, extracted.text, pages, stored=False)
+    return _Prepared(name, context_ids, manifest, text, pages, stored=False)
 
 
 def ingest(source: str, settings: Settings, engine, store: DocumentStore, *, name: str | None = None,
@@ -280,6 +288,21 @@ def ingest(source: str, settings: Settings, engine, store: DocumentStore, *, nam
         _summary(prepared, settings, phase1_s, document, peaks, engine.device)
     return IngestResult(name=prepared.name, document=document, phase1_ran=True, phase1_s=phase1_s,
                         blocks_reused=len(spans) - encoded, blocks_encoded=encoded)
+
+
+def ingest_text(name: str, text: str, pages: list[dict], source: dict, settings: Settings, engine,
+                store: DocumentStore) -> IngestResult:
+    """Store already extracted text with its page map as document `name` in this one process, replacing what the
+    name holds (blocks it already has are taken over): a stored document's copy for another model (starqa.escalation
+    stores it from the stored text, so its pages and evidence offsets are the original's)."""
+    validate_name(name)
+    prepared = _prepared_text(name, source, text, pages, settings, engine, allow_long=False, label=f"'{name}'")
+    spans = plan_blocks(len(prepared.context_ids), settings.block_size)
+    stored = _store_as_speaker(prepared, settings, engine, store, spans, Ranks(), force=True, update=False)
+    phase1_s, document = stored
+    return IngestResult(name=name, document=document, phase1_ran=True, phase1_s=phase1_s,
+                        blocks_reused=len(spans) - document.manifest["blocks_encoded"],
+                        blocks_encoded=document.manifest["blocks_encoded"])
 
 
 # What rank 0 broadcasts instead of its Phase 1 plan when the document turned out to be stored already.

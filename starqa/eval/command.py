@@ -144,6 +144,7 @@ def eval_command(
     pairs: Optional[str] = typer.Option(None, "--pairs", help="Explicit BLOCK:ANCHOR pairs, e.g. L/4:L/4,1024:256, instead of the grid."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the generated cases (default: the config's seed)."),
     attention: Optional[str] = typer.Option(None, "--attention", help="Modes reported, comma-separated: star, full, hybrid (default: all three; hybrid is Star, answered again with full attention where not grounded)."),
+    escalate_to: Optional[str] = typer.Option(None, "--escalate-to", help="Hybrid rows: full (default) or a MODEL whose answer to the same case replaces an ungrounded Star answer (docs/hybrid.md)."),
     models: Optional[str] = typer.Option(None, "--models", help="PoC report: several models, comma-separated, each mode of each in its own process (with --doc, --qa, --report)."),
     report_path: Optional[Path] = typer.Option(None, "--report", help="PoC report: write it to this .html or .md file (with --models or --model)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object on stdout."),
@@ -167,8 +168,8 @@ def eval_command(
         _eval(**options)
 
 
-def _eval(doc, qa, suite, lengths, samples, tasks, block_size, anchor_size, pairs, seed, attention, models,
-          report_path, as_json, plot, resume, max_new_tokens, model, dtype, device, weights, password,
+def _eval(doc, qa, suite, lengths, samples, tasks, block_size, anchor_size, pairs, seed, attention, escalate_to,
+          models, report_path, as_json, plot, resume, max_new_tokens, model, dtype, device, weights, password,
           trust_remote_code, config, quiet, debug) -> None:
     from starqa.config import load_settings
     from starqa.eval import summary
@@ -176,9 +177,16 @@ def _eval(doc, qa, suite, lengths, samples, tasks, block_size, anchor_size, pair
 
     report.set_quiet(quiet)
     settings = load_settings(config, model=model, dtype=dtype, device=device, max_new_tokens=max_new_tokens,
-                             weights=weights)
+                             weights=weights, escalate_to=escalate_to)
     modes = parse_attention(attention)
+    from starqa.escalation import FULL, check_target
+
+    target = check_target(settings.escalate_to, settings, attention="hybrid" if "hybrid" in modes else attention,
+                          explicit=escalate_to is not None)  # an unknown or missing model: before anything runs
     if models is not None or report_path is not None:
+        if target != FULL:
+            raise UsageError("--escalate-to MODEL is not part of the PoC report (--models/--report); run "
+                             "`starqa eval --doc FILE --qa QA --attention hybrid --escalate-to MODEL`")
         from starqa.eval import poc_report
 
         poc_report.run(settings, doc=doc, qa=qa, suite=suite, models=models, model=model, modes=modes,
@@ -223,7 +231,9 @@ def _eval(doc, qa, suite, lengths, samples, tasks, block_size, anchor_size, pair
             if stored_dtype is not None:
                 settings = dataclasses.replace(settings, dtype=stored_dtype)
         engine = _load_engine(settings, model, trust_remote_code)
-        cases = _document_cases(engine, name, text, pairs_asked, max_new_tokens or settings.max_new_tokens)
+        build_cases = lambda engine: _document_cases(engine, name, text, pairs_asked,  # noqa: E731
+                                                     max_new_tokens or settings.max_new_tokens)
+        cases = build_cases(engine)
         origin = {"document": name, "suite": None}
     else:
         task_names = parse_tasks(tasks)
@@ -232,13 +242,27 @@ def _eval(doc, qa, suite, lengths, samples, tasks, block_size, anchor_size, pair
         if qa_source is None:
             task_names = [task for task in task_names if task != "qa"]
         engine = _load_engine(settings, model, trust_remote_code)
-        cases = _suite_cases(engine, task_names, length_list, samples or DEFAULT_SAMPLES, seed, qa_source)
+        build_cases = lambda engine: _suite_cases(engine, task_names, length_list,  # noqa: E731
+                                                  samples or DEFAULT_SAMPLES, seed, qa_source)
+        cases = build_cases(engine)
         origin = {"document": None, "suite": "ruler", "tasks": task_names, "seed": seed}
 
+    if target != FULL and target == engine.model_name:
+        raise UsageError(f"--escalate-to {settings.escalate_to} is the model evaluated; drop it to escalate to "
+                         "full attention")
     stopped, skipped, runner = _run(engine, cases, specs, settings, max_new_tokens, log)
     interrupted = isinstance(stopped, KeyboardInterrupt)
     records = runner.records
-    if "hybrid" in modes:
+    if "hybrid" in modes and target != FULL and stopped is None:
+        # the escalation target answers the same cases (its own --resume log), and hybrid takes its answers
+        from starqa.escalation import target_log_path, target_modes, with_escalation
+
+        target_engine = _load_engine(settings, target, trust_remote_code)
+        target_log = ResultLog(target_log_path(resume, target)) if resume is not None else None
+        stopped, _, target_runner = _run(target_engine, build_cases(target_engine), specs, settings, max_new_tokens,
+                                         target_log, keep=target_modes)
+        records = with_escalation(records, target_runner.records, target)
+    elif "hybrid" in modes:
         from starqa.hybrid import with_hybrid
 
         records = with_hybrid(records)
@@ -319,14 +343,16 @@ def _document_cases(engine, name, text, pairs, max_new_tokens):
     return document_cases(name, text, pairs, context_tokens, max_new_tokens=max_new_tokens)
 
 
-def _run(engine, cases, specs, settings, max_new_tokens, log):
-    """Run every case in every mode. Ctrl-C, SIGTERM or a failure (out of memory, a full disk) stops the run and
-    keeps what was measured: returns (the exception that stopped it or None, skipped-mode notes, the runner)."""
+def _run(engine, cases, specs, settings, max_new_tokens, log, keep=None):
+    """Run every case in every mode (`keep(modes)`: those of them to run). Ctrl-C, SIGTERM or a failure (out of
+    memory, a full disk) stops the run and keeps what was measured: returns (the exception that stopped it or None,
+    skipped-mode notes, the runner)."""
     from starqa.eval.runner import EvalRunner, modes_for
 
     plan, skipped = [], []
     for case in cases:
         modes, notes = modes_for(case.length, specs)
+        modes = keep(modes) if keep is not None else modes
         plan.append((case, modes))
         skipped += [note for note in notes if note not in skipped]
     for note in skipped:

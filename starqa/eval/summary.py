@@ -15,6 +15,8 @@ A row is one (task, length, mode, block, anchor):
     answer_s             mean seconds per answer once the document is stored: prefill to last token (Phase 1 is
                          its own column); a hybrid row's includes the full-attention pass of the escalated cases
     escalated            hybrid rows: % of the cases answered again with full attention (starqa.hybrid)
+    escalated_to         hybrid rows: what answered them again, "full" or a model (eval --escalate-to MODEL; the
+                         row is labelled hybrid→MODEL and its delta still compares it with this model's full attention)
 Hybrid rows (mode "hybrid", one per Star configuration) are composed from the same cases' Star and full records
 (starqa.hybrid.compose_record); their delta, better and worse compare them with full attention like a Star row's.
     source_hit           % of the cases with a reference answer written once in the context whose first source
@@ -114,6 +116,8 @@ def summarize(records: Sequence[dict]) -> tuple[list[dict], list[dict]]:
             "answer_ratio": None,  # star and hybrid rows: answer_s / full attention's, on the paired samples
             "escalated": (100 * fmean(bool(case.get("escalated")) for case in cases.values())
                           if mode == "hybrid" else None),
+            # hybrid rows: what answered again, "full" (full attention) or a model (--escalate-to)
+            "escalated_to": (next(iter(cases.values())).get("escalated_to", "full") if mode == "hybrid" else None),
             # % of cases whose first source block / first evidence quote holds the answer (None where not applicable)
             "source_hit": _mean(100.0 * case["source_hit"] for case in cases.values()
                                 if case.get("source_hit") is not None),
@@ -170,6 +174,7 @@ def _overall(rows: Sequence[dict]) -> list[dict]:
             "answer_s": fmean(row["answer_s"] for row in group),
             "answer_ratio": None,
             "escalated": _mean(row["escalated"] for row in group),
+            "escalated_to": group[0].get("escalated_to"),
             "source_hit": _mean(row.get("source_hit") for row in group),
             "evidence_hit": _mean(row.get("evidence_hit") for row in group),
             **_NO_PAIRS,
@@ -209,7 +214,11 @@ def only_modes(rows: list[dict], modes) -> list[dict]:
 
 
 def mode_label(row: dict) -> str:
-    return "full" if row["mode"] == "full" else f"{row['mode']} {row['block_size']}/{row['anchor_size']}"
+    if row["mode"] == "full":
+        return "full"
+    target = row.get("escalated_to")
+    mode = f"hybrid→{target}" if row["mode"] == "hybrid" and target not in (None, "full") else row["mode"]
+    return f"{mode} {row['block_size']}/{row['anchor_size']}"
 
 
 # ---------------------------------------------------------------- output

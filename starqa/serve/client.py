@@ -4,7 +4,8 @@ nothing that is: the start-up an ask through a server saves is mostly torch's im
 
 An ask runs in this process instead (`ask` returns None) when nothing answers on the store's socket (none, or one
 left by a killed server), when the ask must: it ingests a file first (--doc FILE and its options change the store),
-or it runs as a rank under torchrun; and when the server says it cannot answer this ask as this process would
+or it runs as a rank under torchrun, or escalates hybrid answers to another model (--escalate-to MODEL: a server
+holds one model); and when the server says it cannot answer this ask as this process would
 (another model, dtype or device, several processes): the server decides, since only it knows what it holds.
 """
 
@@ -35,6 +36,9 @@ def ask(settings, printer, *, docs: list[str], all_documents: bool, questions: l
     root = store_root(settings.store)
     path = protocol.socket_path(root)
     if ingest_flags or _under_torchrun() or not _is_socket(path):
+        return None
+    if attention == "hybrid" and settings.escalate_to != "full":  # a server escalates only to full attention
+        report.info(f"answering here: starqa serve does not escalate to another model ({settings.escalate_to})")
         return None
     if any(Path(doc).exists() and not _stored(root, doc) for doc in docs):
         return None  # --doc FILE: ingested first, here (the server never reads a path it is sent)

@@ -32,13 +32,14 @@ ASK_FIELDS = {
     "question": ((str,), "one question"),
     "questions": ((list,), "several questions"),
     "attention": ((str,), "star (the stored KV, the default), full or hybrid"),
+    "escalate_to": ((str,), "hybrid's second pass: full (the only one a server runs)"),
     "stream": ((bool,), "send the answer text as it is decoded (default true)"),
     "model": ((str, type(None)), "answer with this model rather than the document's own"),
     "trust_remote_code": ((bool,), "as --trust-remote-code (default: the server's)"),
 }
 # OpenAI chat-completion fields: those that mean something here, and those accepted and ignored.
 CHAT_FIELDS = {"model", "messages", "stream", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed",
-               "n", "user", "stream_options", "attention"}  # attention: starqa's own (star, full or hybrid)
+               "n", "user", "stream_options", "attention", "escalate_to"}  # starqa's own: star, full or hybrid; full
 
 
 class RequestError(Exception):
@@ -110,6 +111,12 @@ def _attention(body: dict) -> str:
     attention = body.get("attention", "star")
     if attention not in ("star", "full", "hybrid"):
         raise RequestError(400, f"attention must be star, full or hybrid, not {attention!r:.40}")
+    escalate_to = body.get("escalate_to", "full")
+    if escalate_to != "full":
+        # A server holds one model (its memory limits count one); a larger model answers in a CLI's own process.
+        raise RequestError(400, f"escalate_to must be full on a starqa server, not {escalate_to!r:.60}: a server "
+                                "escalates hybrid answers only to full attention; to escalate to another model, "
+                                "run `starqa ask --no-server --attention hybrid --escalate-to MODEL`")
     return attention
 
 
