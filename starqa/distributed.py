@@ -14,7 +14,6 @@ torch is imported inside the functions that use it: every command's exit (`exit_
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
 import signal

@@ -18,7 +18,7 @@ from clihelp import json_lines
 from conftest import tiny_model
 from starqa import ask as asking
 from starqa import cli
-from starqa.evidence import Evidence
+from starqa.evidence.quotes import Evidence
 from test_hybrid import DOCUMENT, DTYPE, QUESTIONS, UNGROUNDED
 
 
