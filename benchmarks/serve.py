@@ -15,7 +15,8 @@ importing, loading the model and the KV (in its own process), or talking to the 
 in one run as ratios (server / in-process), so a busy machine slows both alike; the answers must be the same.
 
 The store is new and temporary unless --home names one; a new store converts the models first (minutes for the
-1.5B; once).
+1.5B; once). The server and every ask inherit this environment: `OMP_WAIT_POLICY=passive python benchmarks/serve.py`
+compares both with passive OpenMP waiting (see docs/serve.md, "Decoding speed").
 """
 
 from __future__ import annotations
