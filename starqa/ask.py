@@ -28,6 +28,7 @@ __all__ = ["Answer", "Reply", "answer_document", "answer_lines", "answer_text", 
 
 Emit = Callable[[dict], None]  # where events go: a printer, or a server's queue for one request
 Stream = Callable[[int, str], None]  # (row of the batch, text decoded since the last call)
+EachToken = Callable[[], None]  # called once per decoded token (a server's check that its client is still there)
 
 
 @dataclass
@@ -65,14 +66,18 @@ def load_context(engine, store: DocumentStore, document: StoredDocument,
 
 class _TextStream:
     """Each row's answer text as it is decoded: `stream(row, text since the last call)`. A row's text is held back
-    while it ends in an incomplete UTF-8 sequence; stop tokens are not text."""
+    while it ends in an incomplete UTF-8 sequence; stop tokens are not text. Without `stream` the text is decoded
+    once, at the end (`text`); `each_token()` runs for every token and may raise to stop decoding."""
 
-    def __init__(self, tokenizer, stop_ids, rows: int, stream: Stream | None) -> None:
-        self.tokenizer, self.stop_ids, self.stream = tokenizer, stop_ids, stream
+    def __init__(self, tokenizer, stop_ids, rows: int, stream: Stream | None,
+                 each_token: EachToken | None = None) -> None:
+        self.tokenizer, self.stop_ids, self.stream, self.each_token = tokenizer, stop_ids, stream, each_token
         self.ids: list[list[int]] = [[] for _ in range(rows)]
         self.sent = [0] * rows  # characters of each row's text already streamed
 
     def __call__(self, row: int, token: int) -> None:
+        if self.each_token is not None:
+            self.each_token()
         if token in self.stop_ids:
             return
         self.ids[row].append(token)
@@ -97,7 +102,7 @@ def answer_text(engine, new_ids: Sequence[int]) -> str:
 
 def ask_star(engine, ctx: ContextKV, document: StoredDocument, questions: Sequence[str], settings, *,
              cache_hit: bool, phase1_s: float, stream: Stream | None = None,
-             ranks: Ranks | None = None) -> list[Reply]:
+             ranks: Ranks | None = None, each_token: EachToken | None = None) -> list[Reply]:
     """Phase 2 for a batch of questions over the document's context KV (decoded together), replies in order;
     `stream(row, text)` receives each row's text as it is decoded."""
     ranks = ranks or Ranks()
@@ -105,7 +110,8 @@ def ask_star(engine, ctx: ContextKV, document: StoredDocument, questions: Sequen
     query_ids = [query_ids_for(engine.tokenizer, template, question) for question in questions]
     shares = [observer_for(engine, ctx.spans, document.manifest["document_token_offset"], ranks=ranks)
               for _ in questions]
-    texts = _TextStream(engine.tokenizer, engine.stop_ids, len(questions), stream if ranks.is_speaker else None)
+    texts = _TextStream(engine.tokenizer, engine.stop_ids, len(questions), stream if ranks.is_speaker else None,
+                        each_token)
     new_ids = engine.generate_batch(ctx, query_ids, max_new_tokens=settings.max_new_tokens,
                                     temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
                                     on_token=texts, observers=shares, **phase2_spread(ranks))
@@ -124,10 +130,10 @@ def ask_star(engine, ctx: ContextKV, document: StoredDocument, questions: Sequen
 
 
 def ask_full(engine, document: StoredDocument, context_ids: list[int], question: str, settings, *,
-             stream: Stream | None = None) -> Reply:
+             stream: Stream | None = None, each_token: EachToken | None = None) -> Reply:
     """Full attention for comparison: document and question in one causal pass, no stored KV used."""
     query_ids = query_ids_for(engine.tokenizer, prompt_template(engine.tokenizer), question)
-    texts = _TextStream(engine.tokenizer, engine.stop_ids, 1, stream)
+    texts = _TextStream(engine.tokenizer, engine.stop_ids, 1, stream, each_token)
     spans = [(block["start"], block["end"]) for block in document.blocks]  # the stored blocks name the sources
     observer = observer_for(engine, spans, document.manifest["document_token_offset"])
     new_ids = engine.generate_full(context_ids + query_ids, max_new_tokens=settings.max_new_tokens,
@@ -246,14 +252,15 @@ def engine_for(manifest: dict, settings, explicit_model: str | None) -> tuple[st
 def run(engine_loader, settings, store: DocumentStore, *, docs: Sequence[str], all_documents: bool = False,
         questions: list[str], attention: str, name: str | None, explicit_model: str | None, explicit_sizes: bool,
         ranks: Ranks, emit: Emit, stream: bool = True, ingest_options: dict | None = None, files: bool = True,
-        load_kv=None) -> int:
+        load_kv=None, each_token: EachToken | None = None) -> int:
     """The `ask` command over one or several documents: one model load (per model and dtype the documents were
     stored with); each document's KV is loaded, used for every question and released before the next one, so
     memory is bounded by the largest document. Returns the exit code: with several documents, one that fails
     (unknown, damaged) is reported on its own line and the others are still answered; 1 if any failed.
 
     Events go to `emit` (answer text as decoded only with `stream`). A server passes `files=False` (a --doc value
-    is never a file to ingest) and `load_kv(engine, store, document)`, its memory of documents' KV."""
+    is never a file to ingest), `load_kv(engine, store, document)`, its memory of documents' KV, and `each_token`,
+    its check (per decoded token) that the client is still there."""
     targets = share_outcome(ranks, lambda: resolve_documents(store, docs, all_documents, files=files))
     if name is not None and len(targets) > 1:
         raise UsageError("--name names one document; drop it to ask several")
@@ -268,7 +275,7 @@ def run(engine_loader, settings, store: DocumentStore, *, docs: Sequence[str], a
 
     options = dict(questions=questions, attention=attention, explicit_model=explicit_model,
                    explicit_sizes=explicit_sizes, ranks=ranks, emit=emit, stream=stream,
-                   ingest_options=ingest_options, files=files, load_kv=load_kv,
+                   ingest_options=ingest_options, files=files, load_kv=load_kv, each_token=each_token,
                    escalation=_escalation(settings, attention, engine_loader, store))
     if len(targets) == 1:
         answer_document(load_engine, settings, store, doc=targets[0], name=name, **options)
@@ -314,7 +321,7 @@ class OpenDocument:
 def answer_document(load_engine, settings, store: DocumentStore, *, doc: str, questions: list[str], attention: str,
                     name: str | None, explicit_model: str | None, explicit_sizes: bool, ranks: Ranks, emit: Emit,
                     stream: bool = True, ingest_options: dict | None = None, files: bool = True,
-                    load_kv=None, escalation=None) -> None:
+                    load_kv=None, each_token: EachToken | None = None, escalation=None) -> None:
     """Find (or first ingest) one document, load its KV, answer every question, release the KV.
 
     `ingest_options` (force, allow_long, password) apply when `doc` is a file to ingest first.
@@ -323,7 +330,8 @@ def answer_document(load_engine, settings, store: DocumentStore, *, doc: str, qu
                            explicit_model=explicit_model, explicit_sizes=explicit_sizes, ranks=ranks,
                            ingest_options=ingest_options, files=files, load_kv=load_kv)
     opened.escalation = escalation
-    answer_questions(opened, questions, settings, attention=attention, ranks=ranks, emit=emit, stream=stream)
+    answer_questions(opened, questions, settings, attention=attention, ranks=ranks, emit=emit, stream=stream,
+                     each_token=each_token)
     if escalation is not None:
         escalation.release()
     # `opened` and its KV are released here, before the next document's KV is read
@@ -377,7 +385,7 @@ def open_document(load_engine, settings, store: DocumentStore, *, doc: str, atte
 
 
 def answer_questions(opened: OpenDocument, questions: list[str], settings, *, attention: str, ranks: Ranks,
-                     emit: Emit, stream: bool = True) -> None:
+                     emit: Emit, stream: bool = True, each_token: EachToken | None = None) -> None:
     """Every question, in batches of the settings' batch size (star and hybrid attention; full attention: one at a
     time)."""
     engine, document = opened.engine, opened.document
@@ -392,9 +400,11 @@ def answer_questions(opened: OpenDocument, questions: list[str], settings, *, at
             continue
         if attention == "star":
             replies = ask_star(engine, opened.context, document, asked, settings, cache_hit=opened.cache_hit,
-                               phase1_s=opened.phase1_s if first == 0 else 0.0, stream=send, ranks=ranks)
+                               phase1_s=opened.phase1_s if first == 0 else 0.0, stream=send, ranks=ranks,
+                               each_token=each_token)
         elif ranks.is_speaker:
-            replies = [ask_full(engine, document, opened.context, asked[0], settings, stream=send)]
+            replies = [ask_full(engine, document, opened.context, asked[0], settings, stream=send,
+                                each_token=each_token)]
         else:
             continue  # one full-attention pass needs one process; the other ranks of a torchrun job only wait
         emit_replies(emit, document.name, first, replies, document_version(document, engine))

@@ -85,9 +85,13 @@ def _run(settings, store, path: Path, tcp: socket.socket | None, *, trust_remote
     from starqa.serve.app import create_app
     from starqa.serve.worker import Worker
 
-    engine = StarEngine.from_settings(settings, None, trust_remote_code=trust_remote_code, on_status=report.info)
-    worker = Worker(engine, settings, store, trust_remote_code=trust_remote_code, log=_log, debug=debug)
+    # The engine thread loads the model, then decodes with it: one thread runs the parallel work, as in `starqa
+    # ask`'s own process (see starqa.serve.worker).
+    worker = Worker(lambda: StarEngine.from_settings(settings, None, trust_remote_code=trust_remote_code,
+                                                     on_status=report.info),
+                    settings, store, trust_remote_code=trust_remote_code, log=_log, debug=debug)
     worker.start()
+    engine = worker.engine
     unix = _listen_unix(path)
     inode = os.stat(path).st_ino
     try:

@@ -7,6 +7,12 @@ Asks of one question or a few (no more than the batch size) about the same docum
 that wait at the same time are decoded together (engine.generate_batch): one read of the weights and of the KV per
 step serves them all, and each is answered as if asked alone.
 
+The engine thread also loads the model (`start`), so that one thread runs every parallel region, as in `starqa ask`'s
+own process: each thread that starts OpenMP work gets its own team of threads, and with a second team (the model
+loaded in the main thread) libgomp stops spinning between regions (its "throttled" mode, for more threads than
+cores): decoding then ran at a different speed than in a process, slower on a quiet machine. An ask that is not
+streamed (`stream: false`) is not decoded to text per token, and sends no event until its answer.
+
 `prepare` runs before an ask is queued, in the HTTP layer's threads: it refuses what cannot be answered (a bad or
 unknown name: 400/404) and says when this server cannot answer as `starqa ask` would in its own process (another
 model or dtype than the one held, another device, several processes: 409), so the CLI answers it itself.
@@ -60,10 +66,14 @@ class Job:
         """For an ask answered alone: its client gone, decoding stops (the exception unwinds the engine)."""
         if self.recorder is not None:
             self.recorder.observe(event)
-        if self.cancelled.is_set():
-            raise Cancelled()
+        self.check()
         self.deltas += event.get("type") == "delta"
         self._offer(event)
+
+    def check(self) -> None:
+        """Raise Cancelled when the client went away (called per event, and per decoded token)."""
+        if self.cancelled.is_set():
+            raise Cancelled()
 
     def offer(self, event: dict) -> None:
         """For an ask decoded with others: its client gone, its events are dropped and the others go on."""
@@ -98,9 +108,14 @@ class Job:
 
 
 class Worker:
-    def __init__(self, engine, settings, store, *, trust_remote_code: bool,
+    """`load_engine()` makes the engine; `start` calls it in the engine thread, which then answers every ask."""
+
+    def __init__(self, load_engine: Callable[[], object], settings, store, *, trust_remote_code: bool,
                  log: Callable[[str], None] = report.info, debug: bool = False) -> None:
-        self.engine = engine
+        self._load_engine = load_engine
+        self.engine = None  # set by start()
+        self._loaded = threading.Event()
+        self._load_error: BaseException | None = None
         self.settings = settings  # the server's own: a request's defaults
         self.store = store
         self.trust_remote_code = trust_remote_code
@@ -111,14 +126,19 @@ class Worker:
         self._running: list[Job] = []
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="starqa-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="starqa-engine", daemon=True)
         self.counts = {"received": 0, "answered": 0, "decoded_together": 0, "cancelled": 0, "failed": 0, "unserved": 0,
                        "refused_busy": 0, "events_merged": 0}
 
     # ------------------------------------------------------------------ the HTTP layer's side
 
     def start(self) -> None:
+        """Start the engine thread and wait until it has loaded the model (its error, if it failed, is raised
+        here)."""
         self._thread.start()
+        self._loaded.wait()
+        if self._load_error is not None:
+            raise self._load_error
 
     def prepare(self, request: AskRequest) -> None:
         """Refuse an ask that cannot be answered (RequestError 400/404), or that this server would answer
@@ -132,6 +152,8 @@ class Worker:
         elif settings.attention_backend != self.settings.attention_backend:
             why = (f"this ask uses the {settings.attention_backend} attention backend, the server "
                    f"{self.settings.attention_backend}")
+        elif settings.weights != self.settings.weights:  # what decoding reads: the answer may differ
+            why = f"this ask decodes with --weights {settings.weights}, the server with {self.settings.weights}"
         elif request.trust_remote_code != self.trust_remote_code:
             why = "this ask and the server differ in --trust-remote-code"
         elif settings.max_new_tokens > self.engine.context_window:  # each answer preallocates its KV for this many
@@ -221,6 +243,16 @@ class Worker:
 
     # ------------------------------------------------------------------ the worker thread
 
+    def _run(self) -> None:
+        try:
+            self.engine = self._load_engine()
+        except BaseException as exc:  # noqa: BLE001 - raised again by start(), in the thread that started the server
+            self._load_error = exc
+            return
+        finally:
+            self._loaded.set()
+        self._loop()
+
     def _loop(self) -> None:
         while True:
             with self._cond:
@@ -273,8 +305,8 @@ class Worker:
             code = ask.run(self._engine_loader(request), request.settings, self.store, docs=list(request.docs),
                            all_documents=request.all_documents, questions=list(request.questions),
                            attention=request.attention, name=None, explicit_model=request.explicit_model,
-                           explicit_sizes=request.explicit_sizes, ranks=Ranks(), emit=job.emit, stream=True,
-                           files=False, load_kv=self._load_kv)
+                           explicit_sizes=request.explicit_sizes, ranks=Ranks(), emit=job.emit,
+                           stream=request.stream, files=False, load_kv=self._load_kv, each_token=job.check)
             job.emit(protocol.done(code))
             self.counts["answered"] += 1
             outcome = f"answered (exit {code})"
@@ -300,13 +332,18 @@ class Worker:
 
             def stream(row: int, text: str) -> None:
                 job, number = owners[row]
-                job.offer(events.delta(name, number, text))
+                if job.request.stream:
+                    job.offer(events.delta(name, number, text))
+
+            def each_token() -> None:
                 if all(job.cancelled.is_set() for job in group):
                     raise Cancelled()
 
             questions = [question for job in group for question in job.request.questions]
+            streamed = any(job.request.stream for job in group)
             replies = ask.ask_star(opened.engine, opened.context, opened.document, questions, settings,
-                                   cache_hit=opened.cache_hit, phase1_s=opened.phase1_s, stream=stream)
+                                   cache_hit=opened.cache_hit, phase1_s=opened.phase1_s,
+                                   stream=stream if streamed else None, each_token=each_token)
             first = 0
             for job in group:
                 mine = replies[first:first + len(job.request.questions)]
