@@ -118,7 +118,7 @@ def main() -> None:
 
     import torch
 
-    from starqa.ask import load_context
+    from starqa.passes import load_context
     from starqa.engine import StarEngine, _attach_weights
     from starqa.models import BUNDLED_MODELS, bundled_gguf_path
     from starqa.quantized_weights import gguf_source

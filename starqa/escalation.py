@@ -80,12 +80,12 @@ class Target:
 
     def answer(self, questions: list[str], settings) -> list:
         """The larger model's replies (starqa.ask.Reply) to these questions, in order (Star: decoded together)."""
-        from starqa import ask
+        from starqa import passes
 
         if TARGET_ATTENTION == "star":
-            return ask.ask_star(self.engine, self.context, self.document, questions, settings, cache_hit=True,
-                                phase1_s=0.0)
-        return [ask.ask_full(self.engine, self.document, self.context, question, settings) for question in questions]
+            return passes.ask_star(self.engine, self.context, self.document, questions, settings, cache_hit=True,
+                                   phase1_s=0.0)
+        return [passes.ask_full(self.engine, self.document, self.context, question, settings) for question in questions]
 
 
 class Escalation:
@@ -120,7 +120,7 @@ class Escalation:
             return None  # the document's own model under another name: full attention
         document, phase1_s = stored_copy(self.store, opened.document, engine, settings)
         if TARGET_ATTENTION == "star":
-            from starqa.ask import load_context
+            from starqa.passes import load_context
 
             context = load_context(engine, self.store, document)
         else:

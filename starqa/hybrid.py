@@ -73,20 +73,21 @@ def _decode_s(answer) -> float:
     return tokens / answer.decode_tokens_per_s if answer.decode_tokens_per_s > 0 else 0.0
 
 
-def answer_batch(opened, questions: list[str], first: int, settings, *, ranks, emit) -> None:
+def answer_batch(opened, questions: list[str], first: int, settings, *, ranks, emit, each_token=None) -> None:
     """One batch of a hybrid ask (starqa.ask.answer_questions): every question answered with Star Attention, decoded
     together; then only those whose answer is not grounded are answered again with full attention over the stored
     text, one after another, in the same second pass; then the batch's answers in order, a note before each one
     given again, and one timing table holding both passes. Answer text is not streamed: it is known once decided."""
     import time
 
-    from starqa import ask, events
+    from starqa import events, passes
     from starqa.audit import document_version
 
     engine, document = opened.engine, opened.document
     started = time.perf_counter()
-    replies = ask.ask_star(engine, opened.context, document, questions, settings, cache_hit=opened.cache_hit,
-                           phase1_s=opened.phase1_s if first == 0 else 0.0, stream=None, ranks=ranks)
+    replies = passes.ask_star(engine, opened.context, document, questions, settings, cache_hit=opened.cache_hit,
+                              phase1_s=opened.phase1_s if first == 0 else 0.0, stream=None, ranks=ranks,
+                              each_token=each_token)
     star_s = time.perf_counter() - started
     if not ranks.is_speaker:
         return  # the full-attention pass runs in one process (the speaker's evidence decides it), as --attention full
@@ -100,12 +101,12 @@ def answer_batch(opened, questions: list[str], first: int, settings, *, ranks, e
         if target is None:  # full attention with the document's own model, one question after another
             context_ids = full_context_ids(opened)
             for row, reason in escalated:
-                full = ask.ask_full(engine, document, context_ids, questions[row], settings)
-                replies[row] = ask.Reply(combined_answer(stars[row], full.answer, reason), full.text)
+                full = passes.ask_full(engine, document, context_ids, questions[row], settings, each_token=each_token)
+                replies[row] = passes.Reply(combined_answer(stars[row], full.answer, reason), full.text)
         else:  # the larger model, every escalated question of the batch together
             again = target.answer([questions[row] for row, _ in escalated], settings)
             for (row, reason), reply in zip(escalated, again):
-                replies[row] = ask.Reply(combined_answer(stars[row], reply.answer, reason, target), reply.text)
+                replies[row] = passes.Reply(combined_answer(stars[row], reply.answer, reason, target), reply.text)
         full_s = time.perf_counter() - started
     again = dict(escalated)
     for row, reply in enumerate(replies):
@@ -116,9 +117,9 @@ def answer_batch(opened, questions: list[str], first: int, settings, *, ranks, e
                 answered_by = (target.document, target.engine)
         else:
             reply.answer = kept_answer(reply.answer)
-        ask.emit_replies(emit, document.name, first + row, [reply],
+        passes.emit_replies(emit, document.name, first + row, [reply],
                          document_version(*answered_by))  # the stored version that answered (audit)
-    title, rows = ask.timing_table(stars, engine, opened.load_s if first == 0 else None, document.kv_dtype)
+    title, rows = passes.timing_table(stars, engine, opened.load_s if first == 0 else None, document.kv_dtype)
     second = target.model if target is not None else _configured_target(getattr(opened, "escalation", None),
                                                                          document)
     rows += [(f"answered again ({second})", f"{len(escalated)} of {len(questions)} (not grounded)"),

@@ -4,7 +4,7 @@ names the model that answered (starqa.escalation).
 
 Two tiny random-weight models with the same tokenizer play the document's model and the "larger" one (another seed,
 one more layer). As in tests/test_hybrid.py, whether a Star answer is grounded is set by the test
-(starqa.ask.answer_evidence patched), and every Star batch and full-attention pass is logged with the model that ran
+(starqa.passes.answer_evidence patched), and every Star batch and full-attention pass is logged with the model that ran
 it."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 
 from clihelp import json_lines
 from conftest import tiny_model
-from starqa import ask as asking
+from starqa import passes
 from starqa import cli
 from starqa.evidence.quotes import Evidence
 from test_hybrid import DOCUMENT, DTYPE, QUESTIONS, UNGROUNDED
@@ -45,7 +45,7 @@ def stored(home, tmp_path, tiny_model_dir):
 def controlled(monkeypatch):
     """Grounded as UNGROUNDED says (for every model), and a log of (pass, model, questions)."""
     calls = []
-    real_star, real_full, real_evidence = asking.ask_star, asking.ask_full, asking.answer_evidence
+    real_star, real_full, real_evidence = passes.ask_star, passes.ask_full, passes.answer_evidence
 
     def evidence(engine, document, observer, answer, question, ranks=None):
         found = real_evidence(engine, document, observer, answer, question, ranks)
@@ -59,9 +59,9 @@ def controlled(monkeypatch):
         calls.append(("full", engine.model_name, [question]))
         return real_full(engine, document, context_ids, question, settings, **kwargs)
 
-    monkeypatch.setattr(asking, "answer_evidence", evidence)
-    monkeypatch.setattr(asking, "ask_star", star)
-    monkeypatch.setattr(asking, "ask_full", full)
+    monkeypatch.setattr(passes, "answer_evidence", evidence)
+    monkeypatch.setattr(passes, "ask_star", star)
+    monkeypatch.setattr(passes, "ask_full", full)
     return calls
 
 

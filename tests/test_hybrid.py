@@ -1,21 +1,19 @@
 """`--attention hybrid`: Star answers first; only the answers that are not grounded are answered again with full
 attention, together after the Star batch, and the output says which mode answered (starqa.hybrid).
 
-In one process the grounding signal is controlled (starqa.ask.answer_evidence patched: a question is grounded or not
+In one process the grounding signal is controlled (starqa.passes.answer_evidence patched: a question is grounded or not
 as the test says), with the tiny random-weight model; through a real server, the tiny model's answers are never
 grounded, so every one is answered again, and the server prints what `ask --no-server` prints."""
 
 from __future__ import annotations
 
-import json
-import os
 import socket
 
 import httpx
 import pytest
 
 from clihelp import json_lines, starqa
-from starqa import ask as asking
+from starqa import passes
 from starqa import cli
 from starqa.evidence.quotes import Evidence
 from starqa.hybrid import compose_record, escalation_reason, with_hybrid
@@ -43,7 +41,7 @@ def stored(home, tmp_path, tiny_model_dir):
 def controlled(monkeypatch):
     """Grounded as the test says (UNGROUNDED), and a log of the Star batches and full-attention passes run."""
     calls = []
-    real_star, real_full, real_evidence = asking.ask_star, asking.ask_full, asking.answer_evidence
+    real_star, real_full, real_evidence = passes.ask_star, passes.ask_full, passes.answer_evidence
 
     def evidence(engine, document, observer, answer, question, ranks=None):
         found = real_evidence(engine, document, observer, answer, question, ranks)
@@ -57,9 +55,9 @@ def controlled(monkeypatch):
         calls.append(("full", question))
         return real_full(engine, document, context_ids, question, settings, **kwargs)
 
-    monkeypatch.setattr(asking, "answer_evidence", evidence)
-    monkeypatch.setattr(asking, "ask_star", star)
-    monkeypatch.setattr(asking, "ask_full", full)
+    monkeypatch.setattr(passes, "answer_evidence", evidence)
+    monkeypatch.setattr(passes, "ask_star", star)
+    monkeypatch.setattr(passes, "ask_full", full)
     return calls
 
 

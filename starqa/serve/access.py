@@ -58,6 +58,14 @@ def over_unix_socket(scope) -> bool:
     return bool(server) and server[1] is None
 
 
+def peer(scope) -> str:
+    """Who is on the other end of a request, for log lines: "unix" or "host:port"."""
+    if over_unix_socket(scope):
+        return "unix"
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "tcp"
+
+
 def identify(scope, expected: bytes | None, ring: KeyRing | None) -> Identity | str:
     """The request's Identity, or why it is refused (401)."""
     if over_unix_socket(scope):

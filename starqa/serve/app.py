@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from starqa.serve import limits, protocol
-from starqa.serve.access import IDENTITY, identify, identity_of, over_unix_socket, scoped_ask
+from starqa.serve.access import IDENTITY, identify, identity_of, peer, scoped_ask
 from starqa.serve.protocol import RequestError
 from starqa.serve.worker import Job, Worker
 
@@ -46,7 +46,7 @@ def create_app(worker: Worker, *, api_key: str | None, log: Callable[[str], None
     limit = settings.max_request_bytes
 
     def refuse(request: Request, error: RequestError) -> JSONResponse:
-        log(f"{_peer(request.scope)} {request.method} {request.url.path} {error.status}: {error.message}")
+        log(f"{peer(request.scope)} {request.method} {request.url.path} {error.status}: {error.message}")
         return JSONResponse(error.body(), status_code=error.status)
 
     async def health(request: Request) -> Response:
@@ -87,7 +87,7 @@ def create_app(worker: Worker, *, api_key: str | None, log: Callable[[str], None
             ask_request = protocol.parse_ask(await _read_json(request, limit), settings, worker.trust_remote_code)
             ask_request = scoped_ask(identity_of(request.scope), ask_request, worker.store.names)
             await run_in_threadpool(worker.prepare, ask_request)
-            job, queue = _submit(worker, ask_request, _peer(request.scope), request)
+            job, queue = _submit(worker, ask_request, peer(request.scope), request)
         except RequestError as error:
             await run_in_threadpool(_record_refusal, worker, request, ask_request, error, log)
             return refuse(request, error)
@@ -100,7 +100,7 @@ def create_app(worker: Worker, *, api_key: str | None, log: Callable[[str], None
             chat = protocol.parse_chat(await _read_json(request, limit), settings, worker.trust_remote_code)
             chat = dataclasses.replace(chat, ask=scoped_ask(identity_of(request.scope), chat.ask, worker.store.names))
             await run_in_threadpool(worker.prepare, chat.ask)
-            job, queue = _submit(worker, chat.ask, _peer(request.scope), request)
+            job, queue = _submit(worker, chat.ask, peer(request.scope), request)
         except RequestError as error:
             await run_in_threadpool(_record_refusal, worker, request, chat.ask if chat else None, error, log)
             return refuse(request, error)
@@ -149,7 +149,7 @@ class _RequireKey:
             return
         identity = identify(scope, self.expected, self.keys)
         if isinstance(identity, str):
-            self.log(f"{_peer(scope)} {scope.get('method')} {scope.get('path')} 401: {identity}")
+            self.log(f"{peer(scope)} {scope.get('method')} {scope.get('path')} 401: {identity}")
             body = protocol.error_body(identity, "unauthorized", 1)
             response = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
             await response(scope, receive, send)
@@ -157,13 +157,6 @@ class _RequireKey:
         scope[IDENTITY] = identity
         await self.app(scope, receive, send)
 
-
-
-def _peer(scope) -> str:
-    if over_unix_socket(scope):
-        return "unix"
-    client = scope.get("client")
-    return f"{client[0]}:{client[1]}" if client else "tcp"
 
 
 async def _read_json(request: Request, limit: int) -> dict:

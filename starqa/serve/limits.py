@@ -129,11 +129,11 @@ class ConnectionLimit:
         if scope["type"] == "http" and self.open_connections() > self.limit:
             from starlette.responses import JSONResponse
 
-            from starqa.serve.app import _peer
+            from starqa.serve.access import peer
 
             message = (f"{self.open_connections()} connections are open, over the server's limit of {self.limit} "
                        "(max_connections): try again later")
-            self.log(f"{_peer(scope)} {scope.get('method')} {scope.get('path')} 429: {message}")
+            self.log(f"{peer(scope)} {scope.get('method')} {scope.get('path')} 429: {message}")
             response = JSONResponse(protocol.error_body(message, "too_many_requests", 1), status_code=429,
                                     headers={"Connection": "close", "Retry-After": "1"})
             await response(scope, receive, send)

@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from starqa import ask, events, report
+from starqa import ask, events, passes, report
 from starqa.audit import document_version
 from starqa.distributed import Ranks, requested_nproc
 from starqa.errors import StarqaError, UsageError, describe
@@ -341,15 +341,15 @@ class Worker:
 
             questions = [question for job in group for question in job.request.questions]
             streamed = any(job.request.stream for job in group)
-            replies = ask.ask_star(opened.engine, opened.context, opened.document, questions, settings,
-                                   cache_hit=opened.cache_hit, phase1_s=opened.phase1_s,
-                                   stream=stream if streamed else None, each_token=each_token)
+            replies = passes.ask_star(opened.engine, opened.context, opened.document, questions, settings,
+                                      cache_hit=opened.cache_hit, phase1_s=opened.phase1_s,
+                                      stream=stream if streamed else None, each_token=each_token)
             first = 0
             for job in group:
                 mine = replies[first:first + len(job.request.questions)]
                 first += len(mine)
-                ask.emit_replies(job.offer, name, 0, mine, document_version(opened.document, opened.engine))
-                job.offer(events.timings(*ask.timing_table([reply.answer for reply in mine], opened.engine,
+                passes.emit_replies(job.offer, name, 0, mine, document_version(opened.document, opened.engine))
+                job.offer(events.timings(*passes.timing_table([reply.answer for reply in mine], opened.engine,
                                                            opened.load_s, opened.document.kv_dtype,
                                                            together=len(questions))))
                 job.offer(protocol.done(0))
@@ -418,12 +418,12 @@ class Worker:
         file damaged since is refused here too, though the KV in memory is intact."""
         store.check_files(document, only=[block["file"] for block in document.blocks])
         if engine is not self.engine:
-            return ask.load_context(engine, store, document)
+            return passes.load_context(engine, store, document)
         key = (str(document.path), engine.model_name, str(engine.dtype), str(engine.device))
         context = self.kv.get(key)
         if context is None:
             self.kv.make_room(document.manifest.get("kv_bytes", 0))
-            context = ask.load_context(engine, store, document)
+            context = passes.load_context(engine, store, document)
             self.kv.put(key, document.name, context)
         return context
 
@@ -442,7 +442,7 @@ def _unserved(why: str) -> RequestError:
 def _batchable(job: Job) -> bool:
     request = job.request
     return (request.attention == "star" and not request.all_documents and len(request.docs) == 1
-            and not ask._is_glob(request.docs[0]) and len(request.questions) <= request.settings.batch_size)
+            and not ask.is_glob(request.docs[0]) and len(request.questions) <= request.settings.batch_size)
 
 
 def _batch_key(job: Job) -> tuple:
@@ -464,7 +464,7 @@ def _dtype_name(dtype) -> str:
 
 
 def _valid_name(name: str) -> bool:
-    return ask._is_valid_name(name)
+    return ask.is_valid_name(name)
 
 
 def _what(request: AskRequest) -> str:
