@@ -47,7 +47,7 @@ def main() -> None:
     from starqa.engine import StarEngine
     from starqa.governance import audited_ask
     from starqa.ingest import ingest
-    from starqa.store import DocumentStore
+    from starqa.store.document_store import DocumentStore
 
     with tempfile.TemporaryDirectory() as scratch:
         home = Path(args.store).expanduser() if args.store else Path(scratch) / "home"

@@ -64,7 +64,7 @@ def decode_weight_bytes(engine) -> int:
 
 def weights_table(models: list[str], length: int, new_tokens: int, store: str | None, bandwidth: float) -> None:
     from starqa.engine import _attach_weights
-    from starqa.store import DocumentStore
+    from starqa.store.document_store import DocumentStore
 
     print(f"\n(4) decoding with the weights in their stored precision: one question over a {length:,}-token context "
           f"(bfloat16 KV), {new_tokens} tokens, best of 2; ratios from this one run")
@@ -98,7 +98,7 @@ def kernels_table(models: list[str], store: str | None, repeat: int = 20) -> Non
     """(5): each kernel on the real projection shapes, GB/s of the bytes it reads, best of 3 x `repeat` calls."""
     from starqa.engine import _attach_weights
     from starqa.quantized_weights import part_bytes
-    from starqa.store import DocumentStore
+    from starqa.store.document_store import DocumentStore
 
     def timed(function) -> float:
         function()

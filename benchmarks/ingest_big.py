@@ -90,7 +90,7 @@ def main() -> None:
     from starqa.documents import extract_document
     from starqa.engine import StarEngine
     from starqa.ingest import ingest
-    from starqa.store import DocumentStore
+    from starqa.store.document_store import DocumentStore
     from starqa.tokens import context_ids_for, encode_document, prompt_template
 
     pdf = args.pdf

@@ -64,7 +64,7 @@ def main() -> None:
     from starqa.eval.qa_file import load_qa_file
     from starqa.eval.runner import prediction_text
     from starqa.eval.scoring import score
-    from starqa.store import DocumentStore
+    from starqa.store.document_store import DocumentStore
 
     report.set_quiet(True)
     engine = StarEngine.load(args.model, device="cpu", store_root=args.store, weights="bfloat16")

@@ -54,7 +54,7 @@ def main() -> None:
     from starqa import report
     from starqa.config import load_settings
     from starqa.engine import StarEngine
-    from starqa.store import DocumentStore
+    from starqa.store.document_store import DocumentStore
 
     home = args.home or Path(tempfile.mkdtemp(prefix="starqa-bench-reuse-"))
     settings = load_settings(None, block_size=args.block_size, store=str(home), device="cpu")

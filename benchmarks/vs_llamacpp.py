@@ -122,7 +122,7 @@ def main() -> None:
     from starqa.engine import StarEngine, _attach_weights
     from starqa.models import BUNDLED_MODELS, bundled_gguf_path
     from starqa.quantized_weights import gguf_source
-    from starqa.store import DocumentStore
+    from starqa.store.document_store import DocumentStore
 
     torch.set_num_threads(args.threads)
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -197,8 +197,8 @@ def main() -> None:
 def _store_document(engine, store, ids, kv_dtype: str = "auto", name: str = "doc"):
     """Store `ids` as a document the way ingest does (blocks in their stored precision), for the repeated question."""
     from starqa.engine import quantize_block
-    from starqa.kv_quant import KEY_GROUP, resolve_kv_dtype
-    from starqa.store import write_block_file
+    from starqa.store.kv_quant import KEY_GROUP, resolve_kv_dtype
+    from starqa.store.document_store import write_block_file
     from starqa.tokens import plan_blocks
 
     kv = resolve_kv_dtype(kv_dtype, engine.dtype)

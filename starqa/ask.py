@@ -18,7 +18,7 @@ from starqa.audit import document_version
 from starqa.distributed import Ranks, share_outcome
 from starqa.errors import StarqaError, UsageError
 from starqa.passes import EachToken, Emit, emit_replies, load_context_share, timer, timing_table
-from starqa.store import DocumentReplaced, DocumentStore, StoredDocument
+from starqa.store.document_store import DocumentReplaced, DocumentStore, StoredDocument
 from starqa.tokens import context_ids_for, prompt_template
 
 __all__ = ["answer_document", "open_document", "run"]
@@ -161,7 +161,7 @@ def open_document(load_engine, settings, store: DocumentStore, *, doc: str, atte
     """The engine for `doc` (a stored name, or with `files` a file ingested first), its current version checked
     against that engine, and its context, read again if another process replaced the document meanwhile."""
     from starqa.ingest import check_usable, ingest
-    from starqa.store import validate_name
+    from starqa.store.document_store import validate_name
 
     ingest_options = {key: value for key, value in (ingest_options or {}).items() if value}
     elapsed = timer()
@@ -232,7 +232,7 @@ def answer_questions(opened: OpenDocument, questions: list[str], settings, *, at
 
 
 def is_valid_name(doc: str) -> bool:
-    from starqa.store import validate_name
+    from starqa.store.document_store import validate_name
 
     try:
         validate_name(doc)

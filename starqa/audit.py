@@ -607,7 +607,7 @@ def recorder(settings, *, who: dict, via: str, questions: Sequence[str], docs: S
     """The recorder of one ask under `settings` (None with `audit: off`)."""
     if settings.audit == "off":
         return None
-    from starqa.store_root import store_root
+    from starqa.store.root import store_root
 
     return AskRecorder(store_root(settings.store), settings.audit, who=who, via=via, questions=questions, docs=docs,
                        attention=attention, endpoint=endpoint)

@@ -108,7 +108,7 @@ def _settings(config: Optional[Path], quiet: bool, **overrides):
 
 
 def _store(settings):
-    from starqa.store import DocumentStore
+    from starqa.store.document_store import DocumentStore
 
     return DocumentStore(settings.store)
 
@@ -178,7 +178,7 @@ def ingest(
 
 
 def _check_sources(files: list[str], name: str | None) -> None:
-    from starqa.store import validate_name
+    from starqa.store.document_store import validate_name
 
     if name is not None:
         validate_name(name)
@@ -190,7 +190,7 @@ def _check_sources(files: list[str], name: str | None) -> None:
             raise UsageError(f"'{path}' is a directory, not a file: give the path of a PDF or text file")
     if name is None and len(files) > 1:
         # Each file is stored under its stem: two files with one stem would replace one another (with --force).
-        from starqa.store import name_from_path
+        from starqa.store.document_store import name_from_path
 
         first: dict[str, str] = {}
         for source in files:
@@ -325,8 +325,8 @@ def list_documents(
     config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """List stored documents."""
-    from starqa.listing import document_line, document_row
-    from starqa.store import DamagedDocument
+    from starqa.store.listing import document_line, document_row
+    from starqa.store.document_store import DamagedDocument
 
     settings = _settings(config, quiet)
     store = _store(settings)

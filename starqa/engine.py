@@ -28,15 +28,15 @@ from pathlib import Path
 import torch
 
 from starqa.attention import backend_problem
-from starqa.context_kv import ContextKV, EncodedBlock, chunk_starts_for
+from starqa.store.context_kv import ContextKV, EncodedBlock, chunk_starts_for
 from starqa.errors import StarqaError, UsageError
-from starqa.kv_quant import KEY_GROUP, quantize_keys, quantize_values, resolve_kv_dtype, storage_dtype
+from starqa.store.kv_quant import KEY_GROUP, quantize_keys, quantize_values, resolve_kv_dtype, storage_dtype
 from starqa.star_cache import StarCache
 from starqa.tokens import plan_blocks
 
 
 def quantize_block(block: EncodedBlock, kv_dtype: str) -> EncodedBlock:
-    """The block's KV in the stored precision `kv_dtype` (float32, bfloat16, float16 or int8; see starqa.kv_quant)."""
+    """The block's KV in the stored precision `kv_dtype` (float32, bfloat16, float16 or int8; see starqa.store.kv_quant)."""
     if kv_dtype != "int8":
         dtype = storage_dtype(kv_dtype)
         return EncodedBlock(block.index, block.start, block.end, [k.to(dtype) for k in block.keys],
@@ -210,7 +210,7 @@ class StarEngine:
              weights: str = "auto") -> "StarEngine":
         from starqa import models
         from starqa.light_tokenizer import PROFILE_FILE_NAME, LightTokenizer, read_profile, write_profile
-        from starqa.store import default_store_root
+        from starqa.store.document_store import default_store_root
         from starqa.transformer import Transformer
 
         root = Path(store_root) if store_root is not None else default_store_root()
@@ -258,7 +258,7 @@ class StarEngine:
                       on_status: Callable[[str], None] | None = None) -> "StarEngine":
         """`load` as the commands do: model, dtype, device, store and backend from a starqa.config.Settings, where
         `model` and `device` (a rank's GPU) override the settings'."""
-        from starqa.store import DocumentStore
+        from starqa.store.document_store import DocumentStore
 
         name = model or settings.model
         if on_status is not None:

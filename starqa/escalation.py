@@ -42,7 +42,7 @@ def check_target(spec: str, settings, *, attention: str, explicit: bool) -> str:
     """Before any work: "full", or the target model's name as manifests record it (starqa.models.resolve_model).
     An unknown or not installed model is a usage error (one line, exit 2); so is an explicit --escalate-to with
     another mode than hybrid, or a model with several processes."""
-    from starqa.store_root import store_root
+    from starqa.store.root import store_root
 
     spec = spec.strip()
     if explicit and attention != "hybrid":
@@ -74,7 +74,7 @@ class Target:
 
     model: str
     engine: object
-    document: object  # starqa.store.StoredDocument: the copy
+    document: object  # starqa.store.document_store.StoredDocument: the copy
     context: object  # ContextKV (star) or the prompt's context ids (full)
     phase1_s: float  # Phase 1 of the copy when this ask stored it, else 0
 

@@ -40,7 +40,7 @@ from typing import Any
 
 import tiktoken
 
-from starqa.records import read_records, record
+from starqa.store.records import read_records, record
 from starqa.tokens import encode_document
 
 # Bump when the construction or the checks change: a verification recorded under an older key is stale.

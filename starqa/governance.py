@@ -30,7 +30,7 @@ keys_app = typer.Typer(no_args_is_help=True, add_completion=False,
 
 def _root(config: Optional[Path], quiet: bool = False):
     from starqa.config import load_settings
-    from starqa.store_root import store_root
+    from starqa.store.root import store_root
 
     report.set_quiet(quiet)
     settings = load_settings(config)

@@ -6,7 +6,7 @@ and owns the store; every rank encodes its contiguous run of blocks and writes t
 folder; the manifest is written and the document published only after all ranks have finished.
 
 A new version of a stored document (--force, --update) takes over every block the version it replaces holds with
-the same key (starqa.reuse) when both were made with the same settings; only the other blocks run Phase 1, spread
+the same key (starqa.store.reuse) when both were made with the same settings; only the other blocks run Phase 1, spread
 over the ranks as before.
 """
 
@@ -23,12 +23,12 @@ from pathlib import Path
 from starqa import __version__, report
 from starqa.config import Settings
 from starqa.engine import head_blocks, quantize_block
-from starqa.kv_quant import KEY_GROUP, resolve_kv_dtype
+from starqa.store.kv_quant import KEY_GROUP, resolve_kv_dtype
 from starqa.distributed import RankFailure, Ranks, agree, block_plan, broadcast_object, gather_objects, share_outcome
 from starqa.errors import StarqaError, UsageError
-from starqa.reuse import anchor_from_block_files, block_keys, reusable_blocks
+from starqa.store.reuse import anchor_from_block_files, block_keys, reusable_blocks
 from starqa.evidence.text_positions import block_pages
-from starqa.store import (DamagedDocument, DocumentStore, StoredDocument, block_file_name, name_from_path,
+from starqa.store.document_store import (DamagedDocument, DocumentStore, StoredDocument, block_file_name, name_from_path,
                           reingest_hint, validate_name, write_block_file)
 from starqa.tokens import PROMPT_LAYOUT_VERSION, context_ids_for, plan_blocks, prompt_template
 

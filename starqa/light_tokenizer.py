@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from starqa.fast_tokenizer import PROBE_TEXT
-from starqa.records import read_records, record
+from starqa.store.records import read_records, record
 
 PROFILE_FILE_NAME = "tokenizer-profiles.json"
 PROFILE_VERSION = 1

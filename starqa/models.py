@@ -159,7 +159,7 @@ def _convert_gguf(gguf_path: Path, source: ModelSource, reader, on_status) -> No
     import torch
 
     from starqa import gguf_convert
-    from starqa.store import sha256_file
+    from starqa.store.document_store import sha256_file
 
     target = source.directory
     if on_status:

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from starqa import events, report
 from starqa.answer import Answer
 from starqa.distributed import Ranks, agree, block_plan, phase2_spread
-from starqa.context_kv import ContextKV
+from starqa.store.context_kv import ContextKV
 from starqa.errors import StarqaError
 from starqa.evidence.collect import answer_evidence, observer_for
 from starqa.evidence.quotes import answer_trailer_lines
-from starqa.store import DocumentStore, StoredDocument, reingest_hint
+from starqa.store.document_store import DocumentStore, StoredDocument, reingest_hint
 from starqa.tokens import prompt_template, query_ids_for
 
 Emit = Callable[[dict], None]  # where events go: a printer, or a server's queue for one request
@@ -42,7 +42,7 @@ def answer_lines(answer: Answer) -> list[str]:
 def load_context(engine, store: DocumentStore, document: StoredDocument,
                  block_indices: Sequence[int] | None = None) -> ContextKV:
     """Read (and check) the stored blocks into one contiguous KV per layer, in their stored precision."""
-    from starqa.kv_quant import KEY_GROUP
+    from starqa.store.kv_quant import KEY_GROUP
 
     if document.kv_dtype == "int8" and document.manifest.get("kv_key_group") != KEY_GROUP:
         raise StarqaError(f"document '{document.name}' holds int8 KV quantized in groups of "

@@ -1,7 +1,7 @@
 """Star Attention's attention step: a read-only prefix KV plus a preallocated buffer, merged by their log-sum-exp.
 
 `StarCache` holds, for one forward pass or one generation, the *prefix* (Phase 1: the anchor's KV; Phase 2: the
-document's stored blocks, see starqa.context_kv) and a buffer for the tokens being encoded, written in place.
+document's stored blocks, see starqa.store.context_kv) and a buffer for the tokens being encoded, written in place.
 `attend` computes, per layer, the attention of the new queries to the prefix (no mask: it precedes them all) and,
 causally, to the buffer, and merges the two exactly with their log-sum-exp; under torch.distributed each rank's
 partial result is then merged with the other ranks' the same way (only the query host keeps a buffer).
@@ -22,7 +22,7 @@ import torch
 
 from starqa import kernels
 from starqa.attention import attention_with_lse, merge_attention
-from starqa.context_kv import ContextKV
+from starqa.store.context_kv import ContextKV
 from starqa.errors import StarqaError
 
 # Query rows per KV head (sequences x tokens x GQA group) up to which the CPU decode kernel reads the prefix; more

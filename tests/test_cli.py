@@ -126,7 +126,7 @@ def test_kv_read_back_from_the_store_equals_phase1_in_memory(tmp_path, home, tin
     from starqa import cli
     from starqa.passes import load_context
     from starqa.engine import StarEngine
-    from starqa.store import DocumentStore
+    from starqa.store.document_store import DocumentStore
 
     source = tmp_path / "terms.txt"
     source.write_text("Clause 1. The supplier delivers the reports every Tuesday.\n\n" * 12, encoding="utf-8")

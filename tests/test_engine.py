@@ -196,7 +196,7 @@ def test_phase2_past_a_sliding_window_is_an_error_not_a_silent_difference():
 def test_a_ranks_partial_attention_reaches_the_cross_rank_merge_in_float32():
     """bf16 models: each rank's result is merged again across ranks, so it must not be rounded to bf16 first."""
     from starqa.attention import merge_attention
-    from starqa.context_kv import ContextKV
+    from starqa.store.context_kv import ContextKV
     from starqa.star_cache import StarCache
 
     generator = torch.Generator().manual_seed(0)

@@ -146,7 +146,7 @@ def test_format_evidence_quotes_each_passage_with_its_page():
 
 @pytest.mark.slow
 def test_evidence_offsets_point_into_the_stored_text_of_that_version(tmp_path, tiny_model_dir):
-    from starqa.store import DocumentStore
+    from starqa.store.document_store import DocumentStore
 
     home = tmp_path / "home"
     pages = ["Page one speaks of the canteen. It opens at eight and closes at six.",

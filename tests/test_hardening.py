@@ -300,7 +300,7 @@ def test_an_identical_ingest_finished_while_this_one_waited_is_kept(capsys, monk
     """Two batch jobs `ask --doc notes.txt` on a new file: the second finds it stored when it gets the lock."""
     from contextlib import contextmanager
 
-    from starqa.store import DocumentStore
+    from starqa.store.document_store import DocumentStore
 
     real_lock, others = DocumentStore.lock, []
 
@@ -541,7 +541,7 @@ def test_ask_passes_ingest_options_for_a_file(capsys, home, inputs, tiny_model_d
 
 
 def test_a_store_path_with_a_link_or_tilde_is_resolved(tmp_path, monkeypatch):
-    from starqa.store import DocumentStore
+    from starqa.store.document_store import DocumentStore
 
     real = tmp_path / "real"
     real.mkdir()
@@ -552,7 +552,7 @@ def test_a_store_path_with_a_link_or_tilde_is_resolved(tmp_path, monkeypatch):
 
 
 def test_a_document_replaced_while_read_is_not_called_damaged(capsys, home, inputs, tiny_model_dir):
-    from starqa.store import DocumentStore
+    from starqa.store.document_store import DocumentStore
 
     _ingest(capsys, inputs / "terms.txt", tiny_model_dir)
     store = DocumentStore(home)
@@ -565,7 +565,7 @@ def test_a_document_replaced_while_read_is_not_called_damaged(capsys, home, inpu
 @pytest.mark.parametrize("attention", ["star", "full"])
 def test_ask_reads_the_new_version_when_the_name_is_replaced_while_it_reads(capsys, monkeypatch, home, inputs,
                                                                           tiny_model_dir, attention):
-    from starqa.store import DocumentStore, StoredDocument
+    from starqa.store.document_store import DocumentStore, StoredDocument
 
     _ingest(capsys, inputs / "terms.txt", tiny_model_dir)
     _ingest(capsys, inputs / "v2.txt", tiny_model_dir, "--name", "v2")
@@ -591,7 +591,7 @@ def test_ask_reads_the_new_version_when_the_name_is_replaced_while_it_reads(caps
 
 def test_ask_gives_up_with_one_line_when_the_name_keeps_being_replaced(capsys, monkeypatch, home, inputs,
                                                                        tiny_model_dir):
-    from starqa.store import DocumentStore
+    from starqa.store.document_store import DocumentStore
 
     _ingest(capsys, inputs / "terms.txt", tiny_model_dir)
     read, replacements = DocumentStore.load_blocks, []
@@ -625,11 +625,11 @@ def test_an_unexpected_error_in_one_process_keeps_its_own_type():
 ], ids=["OSError", "SafetensorError"])
 def test_a_full_disk_fails_cleanly_and_leaves_the_store_unchanged(capsys, monkeypatch, home, inputs,
                                                                   tiny_model_dir, failure):
-    import starqa.store
+    import starqa.store.document_store
 
     _ingest(capsys, inputs / "terms.txt", tiny_model_dir)
     before = tree_snapshot(home)
-    real_save_file, calls = starqa.store.save_file, []
+    real_save_file, calls = starqa.store.document_store.save_file, []
 
     def save_file(tensors, path, *args, **kwargs):
         calls.append(path)
@@ -639,7 +639,7 @@ def test_a_full_disk_fails_cleanly_and_leaves_the_store_unchanged(capsys, monkey
             raise failure()
         return real_save_file(tensors, path, *args, **kwargs)
 
-    monkeypatch.setattr(starqa.store, "save_file", save_file)
+    monkeypatch.setattr(starqa.store.document_store, "save_file", save_file)
     code, out, err = run(capsys, "ingest", inputs / "v2.txt", "--name", "terms", "--force", "--block-size", "48",
                          "--model", tiny_model_dir)
     assert code == 1 and out == "" and "Traceback" not in err

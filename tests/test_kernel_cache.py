@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from starqa import kernels
-from starqa.context_kv import chunk_starts_for
+from starqa.store.context_kv import chunk_starts_for
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None or not kernels.available(),
                                 reason=f"no decode kernels here: {kernels.unavailable_reason()}")

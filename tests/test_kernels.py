@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from starqa import kernels
-from starqa.context_kv import chunk_starts_for
-from starqa.kv_quant import KEY_GROUP, dequantize_keys, dequantize_values, quantize_keys, quantize_values
+from starqa.store.context_kv import chunk_starts_for
+from starqa.store.kv_quant import KEY_GROUP, dequantize_keys, dequantize_values, quantize_keys, quantize_values
 
 
 def _cpu_has_avx512() -> bool:

@@ -11,7 +11,7 @@ import torch
 from conftest import planted_number_prompts, tiny_model
 from starqa import kernels
 from starqa.engine import StarEngine
-from starqa.kv_quant import dequantize_keys, dequantize_values, group_starts, quantize_keys, quantize_values
+from starqa.store.kv_quant import dequantize_keys, dequantize_values, group_starts, quantize_keys, quantize_values
 
 
 def _reference_keys(keys: torch.Tensor, group: int):

@@ -57,7 +57,7 @@ def manifest(home: Path, name: str = "doc") -> dict:
 
 def stored_kv(home: Path, name: str = "doc") -> dict[int, list[torch.Tensor]]:
     """Every block's tensors (keys, values, and scales where int8), by block index."""
-    from starqa.store import read_block_file
+    from starqa.store.document_store import read_block_file
 
     folder = (home / "documents" / name).resolve()
     return {block["index"]: [t for part in read_block_file(folder / block["file"]) for t in part]
@@ -141,7 +141,7 @@ def test_with_batched_phase1_and_int8_kv_a_new_version_still_equals_one_ingest(c
         ingest(capsys, tiny_model_dir, source, "--dtype", "float32", "--kv-dtype", kv_dtype)
         fresh = stored_kv(tmp_path / kv_dtype / "fresh")
         if kv_dtype == "int8":  # compare what decoding reads: the dequantized KV
-            from starqa.kv_quant import dequantize_keys, dequantize_values, group_starts
+            from starqa.store.kv_quant import dequantize_keys, dequantize_values, group_starts
             for store in (kv, fresh):
                 for index, (keys_and_values) in store.items():
                     n = len(keys_and_values) // 4
@@ -158,7 +158,7 @@ def test_with_batched_phase1_and_int8_kv_a_new_version_still_equals_one_ingest(c
 
 
 def test_a_block_key_changes_with_everything_its_kv_depends_on_and_nothing_else():
-    from starqa.reuse import block_keys
+    from starqa.store.reuse import block_keys
 
     repeated = list(range(500, 564))
     ids = list(range(100, 164)) + repeated + repeated + list(range(900, 908))  # blocks 1 and 2: the same ids
@@ -180,7 +180,7 @@ def test_a_block_key_changes_with_everything_its_kv_depends_on_and_nothing_else(
 def test_with_an_anchor_larger_than_the_block_a_key_changes_with_every_anchor_token():
     """Anchor 160 over blocks of 64: an edit inside the anchor, even past block 0, changes every block's key (the
     later blocks attended to it, the head blocks lie in it); an edit past the anchor only its own block's."""
-    from starqa.reuse import block_keys
+    from starqa.store.reuse import block_keys
 
     ids = list(range(100, 420))
     spans = [(start, min(start + 64, 320)) for start in range(0, 320, 64)]
@@ -212,7 +212,7 @@ def counting_api(home: Path, tiny_model_dir: Path, *, anchor_size: int):
     from starqa.config import load_settings
     from starqa.engine import StarEngine
     from starqa.ingest import ingest as ingest_one
-    from starqa.store import DocumentStore
+    from starqa.store.document_store import DocumentStore
 
     settings = load_settings(None, model=str(tiny_model_dir), block_size=64, anchor_size=anchor_size, device="cpu")
     engine = StarEngine.load(str(tiny_model_dir), device="cpu", store_root=home)

@@ -13,7 +13,7 @@ from starqa.engine import StarEngine
 from starqa.ingest import ingest
 from starqa.serve import protocol
 from starqa.serve.worker import Job, Worker
-from starqa.store import DocumentStore
+from starqa.store.document_store import DocumentStore
 
 DOCUMENT = ("Clause 1. The supplier delivers the reports every Tuesday.\n\n"
             "Clause 2. The fee is 4,200 euros per month, payable within thirty days.\n\n") * 3

@@ -21,7 +21,7 @@ import torch
 
 from conftest import tiny_model
 from star_reference import Float64Decoder, relative_error
-from starqa.context_kv import ContextKV
+from starqa.store.context_kv import ContextKV
 from starqa.engine import StarEngine
 from starqa.tokens import plan_blocks
 

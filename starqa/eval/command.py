@@ -108,7 +108,7 @@ def _load_engine(settings, model: str | None, trust_remote_code: bool):
 def _document_text(doc: str, settings, password: str | None = None) -> tuple[str, str, dict | None]:
     """(name, text, manifest) of --doc: a stored document (with its manifest), or a file extracted the way `ingest`
     extracts it (manifest None)."""
-    from starqa.store import DocumentStore, validate_name
+    from starqa.store.document_store import DocumentStore, validate_name
 
     store = DocumentStore(settings.store)
     try:

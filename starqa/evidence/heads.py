@@ -26,7 +26,7 @@ import torch
 
 from starqa.evidence.scores import prefix_scores
 from starqa.evidence.text_positions import token_char_starts
-from starqa.records import read_records, record
+from starqa.store.records import read_records, record
 
 CALIBRATION_VERSION = 1
 RECORD_FILE_NAME = "retrieval-heads.json"

@@ -233,7 +233,7 @@ class DocumentView:
 
     @classmethod
     def from_stored(cls, document, tokenizer) -> "DocumentView":
-        """From a starqa.store.StoredDocument (its text, ids and page map are read and checked once here)."""
+        """From a starqa.store.document_store.StoredDocument (its text, ids and page map are read and checked once here)."""
         text, pages, context_ids = document.text(), document.pages(), document.context_ids()
         offset = document.manifest["document_token_offset"]
         spans = [(block["start"], block["end"]) for block in document.blocks]

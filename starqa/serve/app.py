@@ -361,8 +361,8 @@ def _no_document(name: str) -> RequestError:
 
 
 def _document_rows(worker: Worker, log: Callable[[str], None], allows=lambda name: True) -> list[dict]:
-    from starqa.listing import document_row
-    from starqa.store import DamagedDocument
+    from starqa.store.listing import document_row
+    from starqa.store.document_store import DamagedDocument
 
     rows = []
     for name in worker.store.names():

@@ -18,7 +18,7 @@ from pathlib import Path
 from starqa import report
 from starqa.errors import StarqaError
 from starqa.serve import protocol
-from starqa.store_root import store_root
+from starqa.store.root import store_root
 
 
 class ServerFailure(StarqaError):

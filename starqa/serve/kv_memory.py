@@ -17,7 +17,7 @@ from pathlib import Path
 @dataclass
 class _Entry:
     name: str
-    context: object  # a starqa.context_kv.ContextKV
+    context: object  # a starqa.store.context_kv.ContextKV
     nbytes: int
     last_used: float
 

@@ -49,7 +49,7 @@ def serve(settings, *, trust_remote_code: bool, host: str | None, port: int | No
                              "STARQA_API_KEY, or add a scoped key with `starqa keys add` (without --port the server "
                              "listens on the store's Unix socket only)")
     from starqa.distributed import requested_nproc  # (torch: after the checks above, which are instant)
-    from starqa.store import DocumentStore
+    from starqa.store.document_store import DocumentStore
 
     nproc = requested_nproc(settings.nproc, settings.device)
     if nproc > 1:
@@ -154,7 +154,7 @@ def _scoped_keys(settings) -> bool:
     """Whether the store has a scoped key that is not revoked (starqa.keys): TCP may then be served without
     --api-key."""
     from starqa.keys import read_keys
-    from starqa.store_root import store_root
+    from starqa.store.root import store_root
 
     return any(key.revoked is None for key in read_keys(store_root(settings.store)))
 

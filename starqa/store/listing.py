@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 def document_row(document) -> dict:
-    """`starqa list --json`'s object for a starqa.store.StoredDocument."""
+    """`starqa list --json`'s object for a starqa.store.document_store.StoredDocument."""
     m = document.manifest
     return {"name": document.name, "context_tokens": m["context_tokens"], "blocks": len(m["blocks"]),
             "model": m["model"], "dtype": m["dtype"], "kv_dtype": document.kv_dtype, "kv_bytes": m["kv_bytes"],

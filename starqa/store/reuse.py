@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from starqa.kv_quant import KEY_GROUP
+from starqa.store.kv_quant import KEY_GROUP
 
 # Bump when a block file's layout (tensor names, scales) or Phase 1's arithmetic changes: keys made before then
 # must no longer match, so old blocks are encoded again rather than mixed with new ones.
@@ -60,8 +60,8 @@ def anchor_from_block_files(paths: Sequence[Path], anchor_len: int, device):
     per layer."""
     import torch
 
-    from starqa.context_kv import ContextKV
-    from starqa.store import read_block_file
+    from starqa.store.context_kv import ContextKV
+    from starqa.store.document_store import read_block_file
 
     parts = []
     for path in paths:

@@ -44,10 +44,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 
-from starqa.context_kv import EncodedBlock
+from starqa.store.context_kv import EncodedBlock
 from starqa.errors import StarqaError, UsageError, one_line
-from starqa.kv_quant import storage_dtype
-from starqa.store_root import default_store_root, store_root  # noqa: F401  (default_store_root: re-exported)
+from starqa.store.kv_quant import storage_dtype
+from starqa.store.root import default_store_root, store_root  # noqa: F401  (default_store_root: re-exported)
 
 MANIFEST_FORMAT = 1
 HISTORY_LENGTH = 5  # versions of a document whose sizes and reuse counts its manifest keeps ("history")
@@ -247,7 +247,7 @@ def read_block_file(path: Path, device: torch.device | str = "cpu") -> tuple[lis
 
 
 def write_block_file(staging: Path, block: EncodedBlock) -> None:
-    """One block's KV for every layer, in its stored precision (int8 with its scales, see starqa.kv_quant); any rank
+    """One block's KV for every layer, in its stored precision (int8 with its scales, see starqa.store.kv_quant); any rank
     may write its blocks into the staging folder of rank 0's writer."""
     tensors = {}
     for layer, (key, value) in enumerate(zip(block.keys, block.values)):

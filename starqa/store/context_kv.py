@@ -1,7 +1,7 @@
 """The context KV a process holds for Phase 2 (its stored blocks, contiguous per layer), or Phase 1's anchor.
 
 The KV stays in its stored precision (the compute dtype, bfloat16/float16, or int8 with scales, see
-starqa.kv_quant): the CPU decode kernel reads it as it is, so a step reads each stored byte once; the torch path
+starqa.store.kv_quant): the CPU decode kernel reads it as it is, so a step reads each stored byte once; the torch path
 (prefill rows, GPUs, a CPU without the kernels) takes a dense copy of one layer at a time (`dense`).
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from starqa.kv_quant import dequantize_keys, dequantize_values, group_starts
+from starqa.store.kv_quant import dequantize_keys, dequantize_values, group_starts
 
 @dataclass
 class EncodedBlock:
