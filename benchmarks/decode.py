@@ -51,7 +51,7 @@ def weight_bytes(engine) -> int:
 def decode_weight_bytes(engine) -> int:
     """Bytes a decoding step reads of the projections in the precision decoding reads them (4/8-bit parts with
     their scales, else bfloat16), plus the norms; one embedding row is negligible."""
-    from starqa.quantized_weights import part_bytes
+    from starqa.model.quantized_weights import part_bytes
 
     total = 0
     for _, linear in engine.model.projections():
@@ -97,7 +97,7 @@ def weights_table(models: list[str], length: int, new_tokens: int, store: str | 
 def kernels_table(models: list[str], store: str | None, repeat: int = 20) -> None:
     """(5): each kernel on the real projection shapes, GB/s of the bytes it reads, best of 3 x `repeat` calls."""
     from starqa.engine import _attach_weights
-    from starqa.quantized_weights import part_bytes
+    from starqa.model.quantized_weights import part_bytes
     from starqa.store.document_store import DocumentStore
 
     def timed(function) -> float:

@@ -28,10 +28,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from peak_process import PeakPopen  # noqa: E402
-from starqa.catalogue import CATALOGUE, installed  # noqa: E402
+from starqa.model.catalogue import CATALOGUE, installed  # noqa: E402
 
 QUESTION = "Which law governs this agreement?"
-CONVERT = ("import sys, torch; from pathlib import Path; from starqa.models import ensure_converted, resolve_model; "
+CONVERT = ("import sys, torch; from pathlib import Path; from starqa.model.resolve import ensure_converted, resolve_model; "
            "print(ensure_converted(resolve_model(sys.argv[1], Path(sys.argv[2]), torch.bfloat16)).directory)")
 
 

@@ -2,7 +2,7 @@
 
 Every case is encoded once (Phase 1 and the query's prefill compute in bfloat16 whatever --weights says, so the
 context KV is the same bytes for every precision); then the same engine answers it greedily once per precision,
-swapping only the weights its decoding GEMVs read (starqa.quantized_weights.attach). The cases and their scoring
+swapping only the weights its decoding GEMVs read (starqa.model.quantized_weights.attach). The cases and their scoring
 are `starqa eval`'s: the RULER-style suite (--suite) and the sample contract's QA (--contract), Star Attention with
 block = anchor = L/4 for the suite and the config's 1024 for the contract, as eval and ingest use them.
 
@@ -57,7 +57,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/quantized-accuracy.jsonl")
     args = parser.parse_args()
 
-    from starqa import quantized_weights, report
+    from starqa import report
+    from starqa.model import quantized_weights
     from starqa.engine import StarEngine, _attach_weights
     from starqa.eval.command import _document_cases, _suite_cases, _suite_qa_source, parse_lengths, parse_tasks
     from starqa.eval.prompts import PromptBuilder

@@ -186,7 +186,7 @@ def gold_answer(case) -> str:
 
 
 def all_logits(engine, ids, positions, cache):
-    """starqa.transformer.Transformer.forward's torch path, returning the logits of every position (it returns the
+    """starqa.model.transformer.Transformer.forward's torch path, returning the logits of every position (it returns the
     last one's only): [batch, tokens, vocab] float32."""
     import torch.nn.functional as F
 

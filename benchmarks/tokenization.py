@@ -97,7 +97,7 @@ def load_tokenizer(directory: str | None):
 
     if directory:
         return AutoTokenizer.from_pretrained(directory)
-    from starqa.models import bundled_gguf_path
+    from starqa.model.resolve import bundled_gguf_path
 
     path = bundled_gguf_path("smollm2-135m")
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

@@ -120,8 +120,8 @@ def main() -> None:
 
     from starqa.passes import load_context
     from starqa.engine import StarEngine, _attach_weights
-    from starqa.models import BUNDLED_MODELS, bundled_gguf_path
-    from starqa.quantized_weights import gguf_source
+    from starqa.model.resolve import BUNDLED_MODELS, bundled_gguf_path
+    from starqa.model.quantized_weights import gguf_source
     from starqa.store.document_store import DocumentStore
 
     torch.set_num_threads(args.threads)

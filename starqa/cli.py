@@ -353,7 +353,7 @@ def list_models(
     config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """List the model catalogue: installed or not, how to install, size, context window, KV per token, disk."""
-    from starqa.catalogue import model_rows
+    from starqa.model.catalogue import model_rows
 
     settings = _settings(config, quiet)
     rows = model_rows(_store(settings).root / "models", settings.model)

@@ -14,7 +14,7 @@ before it (the anchor less what the block holds itself), so the blocks that star
 one causal pass over their tokens, which also gives the anchor's KV; only the blocks after them prepend the anchor.
 Phase 2: the query attends to all context KV and causally to itself (starqa.star_cache); several questions share
 the context KV (read once per step for all of them), each with its own row of the query buffer. The model is
-starqa.transformer's compact Llama-family decoder.
+starqa.model.transformer's compact Llama-family decoder.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class _Ignored:
 class StarEngine:
     """A causal LM with Star Attention on its forward path; see the module docstring.
 
-    `model` is a starqa.transformer.Transformer, or a transformers model object (converted: tests, and models
+    `model` is a starqa.model.transformer.Transformer, or a transformers model object (converted: tests, and models
     whose weights are not in safetensors files). `tokenizer` answers prompt and answer text (an HF tokenizer or a
     starqa.light_tokenizer.LightTokenizer); `hf_tokenizer` is loaded on demand where document text is tokenized.
     """
@@ -106,7 +106,7 @@ class StarEngine:
     def __init__(self, model, tokenizer, *, model_name: str = "", model_dir: Path | None = None,
                  attention_backend: str = "auto", store_root: Path | None = None,
                  tokenizer_profile: dict | None = None, trust_remote_code: bool = False) -> None:
-        from starqa.transformer import Transformer
+        from starqa.model.transformer import Transformer
 
         if not isinstance(model, Transformer):
             model = Transformer.from_hf_model(model)
@@ -130,7 +130,7 @@ class StarEngine:
         self.phase1_blocks_encoded = 0  # counts real Phase 1 work (tests assert a cache hit skips it)
         self._fingerprints: dict[str, str] = {}
         self._text_encoder = None  # built on first use: ask does not need it
-        self.weights = "bfloat16"  # what decoding reads (starqa.quantized_weights.attach's summary)
+        self.weights = "bfloat16"  # what decoding reads (starqa.model.quantized_weights.attach's summary)
 
     # ---------------------------------------------------------------- identity and tokenization
 
@@ -147,7 +147,7 @@ class StarEngine:
     @property
     def model_fingerprint(self) -> str:
         if "model" not in self._fingerprints:
-            from starqa.models import model_fingerprint, parameters_fingerprint
+            from starqa.model.resolve import model_fingerprint, parameters_fingerprint
 
             self._fingerprints["model"] = (model_fingerprint(self.model_dir) if self.model_dir is not None
                                            else parameters_fingerprint(self.model))
@@ -156,7 +156,7 @@ class StarEngine:
     @property
     def tokenizer_fingerprint(self) -> str:
         if "tokenizer" not in self._fingerprints:
-            from starqa.models import tokenizer_fingerprint
+            from starqa.model.resolve import tokenizer_fingerprint
 
             profile = self.tokenizer_profile
             self._fingerprints["tokenizer"] = (profile["fingerprint"] if profile is not None
@@ -208,10 +208,10 @@ class StarEngine:
              store_root: Path | str | None = None, attention_backend: str = "auto",
              trust_remote_code: bool = False, on_status: Callable[[str], None] | None = None,
              weights: str = "auto") -> "StarEngine":
-        from starqa import models
+        from starqa.model import resolve as models
         from starqa.light_tokenizer import PROFILE_FILE_NAME, LightTokenizer, read_profile, write_profile
         from starqa.store.document_store import default_store_root
-        from starqa.transformer import Transformer
+        from starqa.model.transformer import Transformer
 
         root = Path(store_root) if store_root is not None else default_store_root()
         torch_device = resolve_device(device)
@@ -565,12 +565,12 @@ def record_path(store_root: Path, model_dir: Path | None, file_name: str) -> Pat
 
 
 def _attach_weights(transformer, mode: str, model_dir: Path, store_root: Path, on_status) -> str:
-    """Decoding's weights under --weights `mode` (starqa.quantized_weights), cached beside the model."""
-    from starqa import quantized_weights
+    """Decoding's weights under --weights `mode` (starqa.model.quantized_weights), cached beside the model."""
+    from starqa.model import quantized_weights
 
     if mode == "bfloat16":
         return "bfloat16"
-    from starqa.models import model_fingerprint
+    from starqa.model.resolve import model_fingerprint
 
     key = model_fingerprint(model_dir)
     # A folder, not *.safetensors beside the weights: those are the model (its fingerprint and its loading).

@@ -39,7 +39,7 @@ COPY_SEPARATOR = "@"
 
 
 def check_target(spec: str, settings, *, attention: str, explicit: bool) -> str:
-    """Before any work: "full", or the target model's name as manifests record it (starqa.models.resolve_model).
+    """Before any work: "full", or the target model's name as manifests record it (starqa.model.resolve.resolve_model).
     An unknown or not installed model is a usage error (one line, exit 2); so is an explicit --escalate-to with
     another mode than hybrid, or a model with several processes."""
     from starqa.store.root import store_root
@@ -51,7 +51,7 @@ def check_target(spec: str, settings, *, attention: str, explicit: bool) -> str:
         return FULL
     if str(settings.nproc) not in ("1", "auto"):
         raise UsageError("--escalate-to MODEL answers in one process; drop --nproc (or escalate to full)")
-    from starqa.models import resolve_model
+    from starqa.model.resolve import resolve_model
 
     return resolve_model(spec, store_root(settings.store) / "models").name
 

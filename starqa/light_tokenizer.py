@@ -52,7 +52,7 @@ def read_profile(record_path: Path, model_dir: Path) -> dict | None:
 
 def write_profile(record_path: Path | None, model_dir: Path, hf_tokenizer: Any, stop_ids: set[int]) -> dict:
     """Build (and record, with a record path) the profile of `hf_tokenizer`, checking the light tokenizer on probes."""
-    from starqa.models import tokenizer_fingerprint
+    from starqa.model.resolve import tokenizer_fingerprint
     from starqa.tokens import context_head_text, prompt_template, query_text
 
     template = prompt_template(hf_tokenizer)

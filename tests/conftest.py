@@ -48,7 +48,7 @@ def tiny_model(architecture: str = "llama", seed: int = 0, **changes):
 def bundled_tokenizer():
     from transformers import AutoTokenizer
 
-    from starqa.models import bundled_gguf_path
+    from starqa.model.resolve import bundled_gguf_path
 
     path = bundled_gguf_path("smollm2-135m")
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

@@ -225,7 +225,7 @@ def test_converting_the_bundled_model_prints_only_its_status_line(tmp_path, capf
     # stderr, which must not reach the user (starqa already said what it is doing).
     import torch
 
-    from starqa.models import ensure_converted, resolve_model
+    from starqa.model.resolve import ensure_converted, resolve_model
 
     statuses = []
     source = ensure_converted(resolve_model("smollm2-135m", tmp_path / "models", torch.bfloat16),

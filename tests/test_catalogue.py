@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from clihelp import REPO, json_lines, starqa
-from starqa import catalogue
-from starqa.catalogue import CATALOGUE
+from starqa.model import catalogue
+from starqa.model.catalogue import CATALOGUE
 from starqa.errors import StarqaError, UsageError
 
 
@@ -152,7 +152,7 @@ def hf_from_gguf():
 def test_conversion_holds_transformers_weights_in_the_compute_dtype(tmp_path, hf_from_gguf, dtype):
     from safetensors import safe_open
 
-    from starqa.gguf_convert import convert
+    from starqa.model.gguf_convert import convert
 
     path = catalogue.part_paths(CATALOGUE["smollm2-135m"])[0]
     convert(path, tmp_path, dtype, tied=True)
@@ -173,8 +173,8 @@ def test_conversion_holds_transformers_weights_in_the_compute_dtype(tmp_path, hf
 def test_bfloat16_conversion_gives_transformers_logits(tmp_path, hf_from_gguf):
     """The converted copy, loaded by starqa's decoder in bfloat16, against transformers on the same GGUF."""
     from starqa.engine import StarEngine
-    from starqa.models import ensure_converted, resolve_model
-    from starqa.transformer import Transformer
+    from starqa.model.resolve import ensure_converted, resolve_model
+    from starqa.model.transformer import Transformer
 
     source = ensure_converted(resolve_model("smollm2-135m", tmp_path / "models", torch.bfloat16))
     assert source.directory.name.endswith("-bfloat16")
@@ -223,7 +223,7 @@ def test_an_unknown_model_lists_the_catalogue(tmp_path):
 
 
 def test_a_model_that_is_not_installed_says_how_to_install_it(tmp_path, monkeypatch):
-    from starqa.models import resolve_model
+    from starqa.model.resolve import resolve_model
 
     missing = dataclasses.replace(CATALOGUE["qwen2.5-coder-0.5b"], module="starqa_no_such_part{part}")
     monkeypatch.setitem(CATALOGUE, "qwen2.5-coder-0.5b", missing)

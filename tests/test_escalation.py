@@ -213,7 +213,7 @@ def test_bad_escalation_targets_are_one_line_and_exit_2_before_any_work(stored, 
 
 def test_a_catalogue_model_that_is_not_installed_is_one_line_and_exit_2(stored, capsys, tiny_model_dir,
                                                                        monkeypatch):
-    from starqa import catalogue
+    from starqa.model import catalogue
     from starqa.errors import UsageError
 
     def missing(model):

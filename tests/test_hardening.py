@@ -899,7 +899,7 @@ def test_no_color_is_honoured_even_on_a_terminal(tmp_path, inputs, tiny_model_di
 def test_a_sliding_window_model_is_refused_beyond_its_window(capsys, home, inputs, tmp_path, bundled_tokenizer):
     # Within the window a sliding-window layer attends like a full one; beyond it Star Attention would not compute
     # what the model computes, so such a document is refused before Phase 1.
-    from starqa.models import model_sliding_window
+    from starqa.model.resolve import model_sliding_window
 
     directory = tmp_path / "tiny-mistral-window"
     tiny_model("mistral", sliding_window=64).save_pretrained(directory)

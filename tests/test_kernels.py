@@ -141,8 +141,8 @@ def test_weights_far_below_the_largest_are_zero_not_denormal_and_change_nothing(
 
 def test_per_token_layer_kernels_round_as_torch_does():
     """RMS norm, rotary embedding, SiLU gate and the residual add: the same bfloat16 bits as the torch ops they
-    replace (the roundings of starqa.transformer's torch path)."""
-    from starqa.transformer import Transformer
+    replace (the roundings of starqa.model.transformer's torch path)."""
+    from starqa.model.transformer import Transformer
 
     generator = torch.Generator().manual_seed(1)
     x = (torch.randn(3, 576, generator=generator) * 4).to(torch.bfloat16)
@@ -178,7 +178,7 @@ def test_decoding_with_the_per_token_kernels_equals_the_torch_path(monkeypatch):
     from test_engine import _NoTokenizer
 
     from starqa.engine import StarEngine
-    from starqa.transformer import Transformer
+    from starqa.model.transformer import Transformer
 
     engine = StarEngine(tiny_model("llama").to(torch.bfloat16), _NoTokenizer())
     engine.stop_ids = set()

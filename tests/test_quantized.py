@@ -1,4 +1,4 @@
-"""Decoding with 4- and 8-bit weights (starqa.quantized_weights, starqa/kernels/cpu_quant.c): a GGUF's integers are
+"""Decoding with 4- and 8-bit weights (starqa.model.quantized_weights, starqa/kernels/cpu_quant.c): a GGUF's integers are
 taken exactly as gguf de-quantises them, the kernels match a float64 reference of the same de-quantised weights
 (per projection and end to end), `auto` keeps a GGUF's own integers, and a stored document answers with each
 --weights."""
@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from conftest import REPO, planted_number_prompts, tiny_model
-from starqa import kernels, quantized_weights as qw
+from starqa import kernels
+from starqa.model import quantized_weights as qw
 
 needs_kernels = pytest.mark.skipif(not kernels.quantized_available(),
                                    reason="the 4/8-bit kernels need AVX512-BF16 and a C compiler")
@@ -76,7 +77,7 @@ def test_the_bundled_gguf_maps_onto_the_converted_models_weights(bundled_engine)
     the same file), so the packed rows follow the HF row order."""
     import gguf
 
-    from starqa.models import bundled_gguf_path
+    from starqa.model.resolve import bundled_gguf_path
 
     path = bundled_gguf_path("smollm2-135m")
     kinds = {tensor.name: tensor.tensor_type.name for tensor in gguf.GGUFReader(str(path)).tensors}
@@ -175,7 +176,7 @@ def _float64_logits(engine, values_by_projection, ids, positions_from=0):
     import copy
 
     from starqa.star_cache import StarCache
-    from starqa.transformer import Linear, Transformer
+    from starqa.model.transformer import Linear, Transformer
 
     model = engine.model
     layers = []
@@ -272,7 +273,7 @@ def test_the_bundled_model_packs_its_gguf_integers_once_and_answers_planted_fact
     assert engines["bfloat16"].weights == "bfloat16"
     cache = engines["auto"].model_dir / qw.CACHE_FOLDER / "auto.safetensors"
     assert cache.is_file() and (cache.stat().st_mode & 0o777) == 0o600
-    from starqa.models import model_fingerprint
+    from starqa.model.resolve import model_fingerprint
 
     with_cache = model_fingerprint(engines["auto"].model_dir)
     aside = cache.parent.with_name("decode-weights-aside")

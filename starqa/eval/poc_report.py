@@ -103,8 +103,8 @@ def _model_list(models: str | None, model: str | None, settings) -> list[str]:
 
 
 def _check_installed(names: list[str], settings) -> None:
-    """Every model must resolve here without downloading (starqa.models.resolve_model), before anything runs."""
-    from starqa.models import resolve_model
+    """Every model must resolve here without downloading (starqa.model.resolve.resolve_model), before anything runs."""
+    from starqa.model.resolve import resolve_model
     from starqa.store.root import store_root
 
     root = store_root(settings.store) / "models"

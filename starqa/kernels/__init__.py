@@ -463,7 +463,7 @@ def quantized_available() -> bool:
 def linear_quantized(x: torch.Tensor, bits: int, weight: torch.Tensor, scales: torch.Tensor,
                      zeros: torch.Tensor | None, group: int, y: torch.Tensor,
                      residual: torch.Tensor | None = None, wide: bool = True) -> None:
-    """y[:, :out] = x [rows, in] @ W.T (+ residual) for W held in 4 or 8 bits (starqa.quantized_weights' format);
+    """y[:, :out] = x [rows, in] @ W.T (+ residual) for W held in 4 or 8 bits (starqa.model.quantized_weights' format);
     x bf16 contiguous, y bf16 [rows, >= out] with unit column stride (a column slice of a fused output is fine).
 
     bits 4: weight uint8 [out, in / 2], scales/zeros float32 [out, in / 32]. bits 8: weight int8 [out, in], scales
@@ -486,7 +486,7 @@ def linear_quantized(x: torch.Tensor, bits: int, weight: torch.Tensor, scales: t
 
 def linear_packed(x: torch.Tensor, parts: list, weight: torch.Tensor,
                   residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x [rows, in] bf16 @ a projection held as row parts (starqa.quantized_weights.PackedPart: 4 or 8 bits, or 16:
+    """x [rows, in] bf16 @ a projection held as row parts (starqa.model.quantized_weights.PackedPart: 4 or 8 bits, or 16:
     that part's rows of the bf16 `weight`), each written into its columns of one output [rows, out]."""
     x = x.contiguous()
     rows = x.shape[0]

@@ -388,7 +388,7 @@ class Worker:
         """Whether the engine held is the one `starqa ask` would load for (model, dtype); None when `model` is not
         a model at all (the ask then fails as it would in its own process)."""
         from starqa.engine import resolve_dtype
-        from starqa.models import resolve_model
+        from starqa.model.resolve import resolve_model
 
         try:
             name = resolve_model(model or settings.model, Path(self.store.root) / "models").name

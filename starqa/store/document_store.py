@@ -628,7 +628,7 @@ class DocumentStore:
                     lock.release()
         models = self.root / "models"
         for path in models.glob(".tmp-*") if models.is_dir() else ():
-            # An interrupted GGUF conversion (starqa.models): its lock is held while a conversion runs.
+            # An interrupted GGUF conversion (starqa.model.resolve): its lock is held while a conversion runs.
             lock = FileLock(str(models / f"{path.name[len('.tmp-'):].rsplit('-', 1)[0]}.lock"), mode=_FILE_MODE)
             try:
                 lock.acquire(timeout=0)

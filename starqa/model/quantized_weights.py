@@ -317,7 +317,7 @@ def part_values(part: PackedPart, bf16_rows: torch.Tensor | None = None) -> torc
 # ------------------------------------------------------------------------------------------------ the model's projections
 
 def projection_names(num_layers: int) -> dict[str, list[str]]:
-    """Each (fused) projection of starqa.transformer and the HF weights its rows concatenate, in order."""
+    """Each (fused) projection of starqa.model.transformer and the HF weights its rows concatenate, in order."""
     names: dict[str, list[str]] = {}
     for i in range(num_layers):
         attention, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
@@ -336,7 +336,7 @@ _GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self
 
 def gguf_name(hf_name: str, *, tied: bool, has_output: bool, output_finer: bool = False) -> str:
     """The GGUF tensor an HF weight was converted from (llama.cpp's names). The LM head: `output` when the model has
-    its own; a tied model's one matrix is the finer of token_embd and output (starqa.gguf_convert keeps that one),
+    its own; a tied model's one matrix is the finer of token_embd and output (starqa.model.gguf_convert keeps that one),
     else token_embd."""
     if hf_name in ("lm_head.weight", "model.embed_tokens.weight"):
         own_head = hf_name == "lm_head.weight" and not tied

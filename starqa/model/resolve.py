@@ -1,8 +1,8 @@
-"""Model resolution and loading: catalogue models (starqa.catalogue), local HF directories, GGUF files and cached
+"""Model resolution and loading: catalogue models (starqa.model.catalogue), local HF directories, GGUF files and cached
 HF ids.
 
 Nothing here downloads: HF ids are looked up in the local HF cache only. A GGUF is de-quantised once, to the
-compute dtype, and kept as a safetensors copy under the store's `models/` folder (starqa.gguf_convert), so later
+compute dtype, and kept as a safetensors copy under the store's `models/` folder (starqa.model.gguf_convert), so later
 loads memory-map it in about a second.
 """
 
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-from starqa import catalogue
-from starqa.catalogue import CATALOGUE, CatalogueModel
+from starqa.model import catalogue
+from starqa.model.catalogue import CATALOGUE, CatalogueModel
 from starqa.errors import StarqaError, UsageError, one_line
 
 # Llama-family architectures whose attention layers call `cache.update` and then the registered attention
@@ -158,7 +158,7 @@ def _gguf_reader(gguf_path: Path):
 def _convert_gguf(gguf_path: Path, source: ModelSource, reader, on_status) -> None:
     import torch
 
-    from starqa import gguf_convert
+    from starqa.model import gguf_convert
     from starqa.store.document_store import sha256_file
 
     target = source.directory
@@ -205,7 +205,7 @@ def model_fingerprint(directory: Path) -> str:
 
 
 def parameters_fingerprint(transformer) -> str:
-    """For a model built in memory (tests): its shape and a sample of every weight (a starqa.transformer.Transformer)."""
+    """For a model built in memory (tests): its shape and a sample of every weight (a starqa.model.transformer.Transformer)."""
     digest = hashlib.sha256(repr(transformer.args).encode())
     for parameter in transformer.parameters():
         digest.update(str(tuple(parameter.shape)).encode())
