@@ -8,7 +8,7 @@
 
 Cases come from benchmarks/attribution_set.py (one fact per document, distractors of the same shape, text and PDF,
 block sizes 256-2048, the fact at depths 0, 1/4, 1/2, 3/4, 1). Each case goes the way `starqa ingest` + `ask` take
-it: the file is written (text with form-feed pages, or a PDF), extracted with starqa.documents, tokenized with the
+it: the file is written (text with form-feed pages, or a PDF), extracted with starqa.documents.extraction, tokenized with the
 prompt template, encoded by Phase 1 in blocks and answered by Phase 2 with the sources observer attached. A case
 record (one JSON line, written as soon as it is measured; rerunning continues a stopped run) holds the answer,
 whether it is correct (the planted value in it), and for the current method (starqa.evidence) and the old
@@ -143,11 +143,11 @@ GRID = [(a, q) for a in (0.0, 0.5, 1.0, 2.0) for q in (0.0, 0.5, 1.0)]
 def run_case(engine, case, folder: Path, raw: Path | None, max_new_tokens: int, grid: bool = False) -> dict:
     from starqa.evidence import collect, quotes
     from starqa.passes import answer_text
-    from starqa.documents import extract_document
+    from starqa.documents.extraction import extract_document
     from starqa.evidence.heads import retrieval_heads
     from starqa.evidence.quotes import rank_sources
-    from starqa.evidence.text_positions import block_char_spans, block_pages
-    from starqa.tokens import context_ids_for, prompt_template, query_ids_for
+    from starqa.documents.text_positions import block_char_spans, block_pages
+    from starqa.documents.tokens import context_ids_for, prompt_template, query_ids_for
 
     tokenizer = engine.tokenizer
     template = prompt_template(tokenizer)

@@ -24,7 +24,8 @@ sys.path.insert(0, str(HERE.parent))
 
 
 def load(raw: Path, records_path: Path, tokenizer) -> list[dict]:
-    from starqa.evidence import quotes, text_positions
+    from starqa.evidence import quotes
+    from starqa.documents import text_positions
 
     cases = []
     for line in records_path.read_text(encoding="utf-8").splitlines():
@@ -167,7 +168,7 @@ def retrieval_heads(cases, tokenizer) -> np.ndarray:
 
 def view(case, tokenizer):
     from starqa.evidence import quotes
-    from starqa.evidence.text_positions import block_pages
+    from starqa.documents.text_positions import block_pages
 
     context = [0] * case["offset"] + case["ids"]
     spans = [tuple(int(v) for v in span) for span in case["arrays"]["spans"]]

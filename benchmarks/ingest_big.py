@@ -87,11 +87,11 @@ def main() -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     from starqa import report
     from starqa.config import load_settings
-    from starqa.documents import extract_document
+    from starqa.documents.extraction import extract_document
     from starqa.engine import StarEngine
     from starqa.ingest import ingest
     from starqa.store.document_store import DocumentStore
-    from starqa.tokens import context_ids_for, encode_document, prompt_template
+    from starqa.documents.tokens import context_ids_for, encode_document, prompt_template
 
     pdf = args.pdf
     if pdf is None:

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from starqa.engine import StarEngine  # noqa: E402
-from starqa.tokens import context_ids_for, encode_document, prompt_template, query_ids_for  # noqa: E402
+from starqa.documents.tokens import context_ids_for, encode_document, prompt_template, query_ids_for  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "contract.txt"
 QUESTION = "How many days of written notice are needed to terminate for convenience?"

@@ -7,8 +7,8 @@
 
 The text is samples/contract.txt repeated (when it is there) interleaved with seeded synthetic prose, numbers,
 code and non-Latin paragraphs; nothing is downloaded. Rows: `hf` is `tokenizer.encode(text,
-add_special_tokens=False, split_special_tokens=True)`, i.e. `starqa.tokens.encode_document`, how starqa tokenizes
-documents with the HF tokenizer; `TextEncoder` is starqa.fast_tokenizer with its added-token split, chunking and
+add_special_tokens=False, split_special_tokens=True)`, i.e. `starqa.documents.tokens.encode_document`, how starqa tokenizes
+documents with the HF tokenizer; `TextEncoder` is starqa.documents.fast_tokenizer with its added-token split, chunking and
 checks; `tiktoken (raw)` is the bare `encode_ordinary` call, for the wrapper's overhead. Seconds are the best of
 --repeat runs; the ratio is tokens/s over the HF row's. The ids of every engine are checked identical.
 """
@@ -30,8 +30,8 @@ from pathlib import Path  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from starqa.fast_tokenizer import TextEncoder  # noqa: E402
-from starqa.tokens import encode_document  # noqa: E402
+from starqa.documents.fast_tokenizer import TextEncoder  # noqa: E402
+from starqa.documents.tokens import encode_document  # noqa: E402
 
 WORDS = (
     "the party shall give written notice of termination for convenience within ninety days and pay all fees "

@@ -199,7 +199,7 @@ def _store_document(engine, store, ids, kv_dtype: str = "auto", name: str = "doc
     from starqa.engine import quantize_block
     from starqa.store.kv_quant import KEY_GROUP, resolve_kv_dtype
     from starqa.store.document_store import write_block_file
-    from starqa.tokens import plan_blocks
+    from starqa.documents.tokens import plan_blocks
 
     kv = resolve_kv_dtype(kv_dtype, engine.dtype)
     manifest = {"model": engine.model_name, "dtype": str(engine.dtype).removeprefix("torch."), "kv_dtype": kv,

@@ -19,7 +19,7 @@ from starqa.distributed import Ranks, share_outcome
 from starqa.errors import StarqaError, UsageError
 from starqa.passes import EachToken, Emit, emit_replies, load_context_share, timer, timing_table
 from starqa.store.document_store import DocumentReplaced, DocumentStore, StoredDocument
-from starqa.tokens import context_ids_for, prompt_template
+from starqa.documents.tokens import context_ids_for, prompt_template
 
 __all__ = ["answer_document", "open_document", "run"]
 

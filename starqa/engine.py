@@ -32,7 +32,7 @@ from starqa.store.context_kv import ContextKV, EncodedBlock, chunk_starts_for
 from starqa.errors import StarqaError, UsageError
 from starqa.store.kv_quant import KEY_GROUP, quantize_keys, quantize_values, resolve_kv_dtype, storage_dtype
 from starqa.star_cache import StarCache
-from starqa.tokens import plan_blocks
+from starqa.documents.tokens import plan_blocks
 
 
 def quantize_block(block: EncodedBlock, kv_dtype: str) -> EncodedBlock:
@@ -100,7 +100,7 @@ class StarEngine:
 
     `model` is a starqa.model.transformer.Transformer, or a transformers model object (converted: tests, and models
     whose weights are not in safetensors files). `tokenizer` answers prompt and answer text (an HF tokenizer or a
-    starqa.light_tokenizer.LightTokenizer); `hf_tokenizer` is loaded on demand where document text is tokenized.
+    starqa.documents.light_tokenizer.LightTokenizer); `hf_tokenizer` is loaded on demand where document text is tokenized.
     """
 
     def __init__(self, model, tokenizer, *, model_name: str = "", model_dir: Path | None = None,
@@ -177,7 +177,7 @@ class StarEngine:
 
         The check runs on the model's first use and its outcome is recorded (see `_record_path`)."""
         if self._text_encoder is None:
-            from starqa.fast_tokenizer import RECORD_FILE_NAME, text_encoder_for
+            from starqa.documents.fast_tokenizer import RECORD_FILE_NAME, text_encoder_for
 
             self._text_encoder = text_encoder_for(self.hf_tokenizer, self._record_path(RECORD_FILE_NAME))
         return self._text_encoder
@@ -200,7 +200,7 @@ class StarEngine:
         return self.text_encoder.reason
 
     def encode_document_text(self, text: str) -> list[int]:
-        """Ids of document text: exactly `starqa.tokens.encode_document` (special-token strings are plain text)."""
+        """Ids of document text: exactly `starqa.documents.tokens.encode_document` (special-token strings are plain text)."""
         return self.text_encoder.encode(text)
 
     @classmethod
@@ -209,7 +209,7 @@ class StarEngine:
              trust_remote_code: bool = False, on_status: Callable[[str], None] | None = None,
              weights: str = "auto") -> "StarEngine":
         from starqa.model import resolve as models
-        from starqa.light_tokenizer import PROFILE_FILE_NAME, LightTokenizer, read_profile, write_profile
+        from starqa.documents.light_tokenizer import PROFILE_FILE_NAME, LightTokenizer, read_profile, write_profile
         from starqa.store.document_store import default_store_root
         from starqa.model.transformer import Transformer
 

@@ -124,7 +124,7 @@ class Escalation:
 
             context = load_context(engine, self.store, document)
         else:
-            from starqa.tokens import context_ids_for, prompt_template
+            from starqa.documents.tokens import context_ids_for, prompt_template
 
             context = context_ids_for(engine.tokenizer, prompt_template(engine.tokenizer),
                                       engine.encode_document_text(document.text()))

@@ -138,7 +138,7 @@ def full_context_ids(opened) -> list[int]:
     worked out on the first escalation of a document and kept for its next batches."""
     ids = getattr(opened, "full_context_ids", None)
     if ids is None:
-        from starqa.tokens import context_ids_for, prompt_template
+        from starqa.documents.tokens import context_ids_for, prompt_template
 
         engine = opened.engine
         ids = context_ids_for(engine.tokenizer, prompt_template(engine.tokenizer),

@@ -27,10 +27,10 @@ from starqa.store.kv_quant import KEY_GROUP, resolve_kv_dtype
 from starqa.distributed import RankFailure, Ranks, agree, block_plan, broadcast_object, gather_objects, share_outcome
 from starqa.errors import StarqaError, UsageError
 from starqa.store.reuse import anchor_from_block_files, block_keys, reusable_blocks
-from starqa.evidence.text_positions import block_pages
+from starqa.documents.text_positions import block_pages
 from starqa.store.document_store import (DamagedDocument, DocumentStore, StoredDocument, block_file_name, name_from_path,
                           reingest_hint, validate_name, write_block_file)
-from starqa.tokens import PROMPT_LAYOUT_VERSION, context_ids_for, plan_blocks, prompt_template
+from starqa.documents.tokens import PROMPT_LAYOUT_VERSION, context_ids_for, plan_blocks, prompt_template
 
 # Test hook: STARQA_FAIL_PHASE1_RANK=N makes rank N raise during Phase 1 (how the fault tests stage a failure).
 _FAIL_RANK_ENV = "STARQA_FAIL_PHASE1_RANK"
@@ -182,7 +182,7 @@ def _nothing_to_do(stored: StoredDocument | None, source: str, source_sha256: st
 
 
 def _prepare(source, settings, engine, store, *, name, force, update, allow_long, password) -> _Prepared:
-    from starqa.documents import extract_document
+    from starqa.documents.extraction import extract_document
 
     name = validate_name(name if name is not None else name_from_path(source))
     signature = chosen_signature(settings_signature(engine, settings), settings)

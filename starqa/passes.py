@@ -18,7 +18,7 @@ from starqa.errors import StarqaError
 from starqa.evidence.collect import answer_evidence, observer_for
 from starqa.evidence.quotes import answer_trailer_lines
 from starqa.store.document_store import DocumentStore, StoredDocument, reingest_hint
-from starqa.tokens import prompt_template, query_ids_for
+from starqa.documents.tokens import prompt_template, query_ids_for
 
 Emit = Callable[[dict], None]  # where events go: a printer, or a server's queue for one request
 Stream = Callable[[int, str], None]  # (row of the batch, text decoded since the last call)

@@ -110,7 +110,7 @@ def _offline(monkeypatch):
 def planted_number_prompts(tokenizer):
     """(number, context ids, query ids) of three short documents, each with one planted "magic number" at 20, 50 and
     80 % depth: the needles the precision tests (KV dtype, decode weights) ask the bundled model to find."""
-    from starqa.tokens import context_ids_for, encode_document, prompt_template, query_ids_for
+    from starqa.documents.tokens import context_ids_for, encode_document, prompt_template, query_ids_for
 
     template = prompt_template(tokenizer)
     filler = ("The committee reviewed the quarterly figures and agreed to meet again after the audit. "

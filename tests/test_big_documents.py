@@ -17,9 +17,9 @@ import pytest
 from conftest import tiny_model
 from starqa import cli
 from starqa.engine import StarEngine
-from starqa.fast_tokenizer import PROBE_TEXT, RECORD_FILE_NAME, TextEncoder, verification_key
+from starqa.documents.fast_tokenizer import PROBE_TEXT, RECORD_FILE_NAME, TextEncoder, verification_key
 from starqa.ingest import expand_sources
-from starqa.tokens import encode_document
+from starqa.documents.tokens import encode_document
 from test_fast_tokenizer import random_text, synthetic_document, variant_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -127,7 +127,7 @@ def test_hf_fallback_gives_the_same_ids_and_says_why(prefix_space_model_dir, tmp
 def test_a_long_pdf_streams_page_by_page(tmp_path):
     import pypdf
 
-    from starqa.documents import extract_document
+    from starqa.documents.extraction import extract_document
 
     pdf = make_big_pdf(tmp_path / "big.pdf", 70)
     total = len(pypdf.PdfReader(str(pdf)).pages)

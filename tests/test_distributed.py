@@ -16,7 +16,7 @@ from conftest import tiny_model
 from starqa.attention import attention_with_lse
 from starqa.distributed import DEFAULT_TIMEOUT_S, Ranks, block_plan, merge_across_ranks, phase2_spread
 from starqa.engine import StarEngine
-from starqa.tokens import plan_blocks
+from starqa.documents.tokens import plan_blocks
 from test_engine import _NoTokenizer, _random_ids
 
 

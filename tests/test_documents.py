@@ -1,4 +1,4 @@
-"""Tests of starqa.documents: PDF/text extraction, normalisation, the page map, and the errors users see.
+"""Tests of starqa.documents.extraction: PDF/text extraction, normalisation, the page map, and the errors users see.
 
 The sample contract (samples/contract.pdf) is laid out like a word processor's output: justified, hard-wrapped
 lines, words hyphenated at line ends, a running header and a "Page N of M" footer. Its normalised text must equal
@@ -17,7 +17,7 @@ from pathlib import Path
 import pypdf
 import pytest
 
-from starqa.documents import ExtractedDocument, Page, extract_document, page_of_offset, pages_of_span
+from starqa.documents.extraction import ExtractedDocument, Page, extract_document, page_of_offset, pages_of_span
 from starqa.errors import StarqaError, UsageError
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"

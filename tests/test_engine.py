@@ -10,7 +10,7 @@ from transformers import DynamicCache
 
 from conftest import tiny_model
 from starqa.engine import StarEngine
-from starqa.tokens import plan_blocks
+from starqa.documents.tokens import plan_blocks
 
 
 class _NoTokenizer:
@@ -163,7 +163,7 @@ def test_sampling_is_reproducible_with_a_seed():
 def test_bundled_model_one_block_equals_hf_greedy(bundled_engine):
     from transformers import AutoModelForCausalLM
 
-    from starqa.tokens import context_ids_for, encode_document, prompt_template, query_ids_for
+    from starqa.documents.tokens import context_ids_for, encode_document, prompt_template, query_ids_for
 
     tokenizer = bundled_engine.hf_tokenizer
     template = prompt_template(tokenizer)

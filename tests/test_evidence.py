@@ -8,7 +8,8 @@ import re
 import pytest
 import torch
 
-from starqa.evidence import quotes, text_positions
+from starqa.evidence import quotes
+from starqa.documents import text_positions
 from clihelp import json_lines, starqa
 
 

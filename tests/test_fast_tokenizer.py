@@ -1,6 +1,6 @@
 """The tiktoken engine gives exactly the HF tokenizer's document ids, and falls back to HF where it cannot.
 
-The reference is `starqa.tokens.encode_document` (HF with split_special_tokens=True: special token strings in a
+The reference is `starqa.documents.tokens.encode_document` (HF with split_special_tokens=True: special token strings in a
 document are plain text). The bundled SmolLM2 tokenizer is the main case; variants of it (other pre-tokenizers, a
 normalizer, ids out of merge order, non-special added tokens) are rebuilt from its JSON, so Llama 3 / Qwen2 style
 set-ups are checked without downloads.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from starqa.fast_tokenizer import (
+from starqa.documents.fast_tokenizer import (
     GPT2_INDIVIDUAL_DIGITS_PATTERN,
     LONG_WHITESPACE_RUN_CHARS,
     PROBE_TEXT,
@@ -26,7 +26,7 @@ from starqa.fast_tokenizer import (
     text_encoder_for,
     verification_key,
 )
-from starqa.tokens import encode_document
+from starqa.documents.tokens import encode_document
 
 REPO = Path(__file__).resolve().parent.parent
 LLAMA3_PATTERN = (

@@ -254,11 +254,11 @@ def test_list_does_not_show_a_writers_temporary_link(capsys, home, inputs, tiny_
 
 def test_a_file_saved_again_while_it_is_extracted_is_not_stored(capsys, monkeypatch, home, inputs, tiny_model_dir,
                                                                tmp_path):
-    import starqa.documents
+    import starqa.documents.extraction
 
     source = tmp_path / "draft.txt"
     source.write_text(DOCUMENT, encoding="utf-8")
-    extract = starqa.documents.extract_document
+    extract = starqa.documents.extraction.extract_document
 
     def extract_then_save(path, **kwargs):
         extracted = extract(path, **kwargs)
@@ -266,7 +266,7 @@ def test_a_file_saved_again_while_it_is_extracted_is_not_stored(capsys, monkeypa
         source.write_text(NEW_VERSION, encoding="utf-8")  # the editor saves while starqa reads
         return extracted
 
-    monkeypatch.setattr(starqa.documents, "extract_document", extract_then_save)
+    monkeypatch.setattr(starqa.documents.extraction, "extract_document", extract_then_save)
     code, out, err = run(capsys, "ingest", source, "--block-size", "48", "--model", tiny_model_dir)
     assert code == 1 and error_lines(err) == [
         f"starqa: error: '{source}' changed while it was being read; nothing was stored: try again"]

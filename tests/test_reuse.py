@@ -264,7 +264,7 @@ def test_appending_encodes_only_the_last_partial_block_and_the_new_ones(api, tmp
 
 def test_an_unchanged_file_is_skipped_without_extraction_and_force_takes_every_block_over(api, tmp_path,
                                                                                           monkeypatch, capsys):
-    import starqa.documents
+    import starqa.documents.extraction
 
     ingest_file, store = api
     source = write(tmp_path, V1)
@@ -275,7 +275,7 @@ def test_an_unchanged_file_is_skipped_without_extraction_and_force_takes_every_b
     def no_extraction(*args, **kwargs):
         raise AssertionError("an unchanged file was extracted")
 
-    monkeypatch.setattr(starqa.documents, "extract_document", no_extraction)
+    monkeypatch.setattr(starqa.documents.extraction, "extract_document", no_extraction)
     result, blocks, tokens = ingest_file(source, update=True)
     assert (result.phase1_ran, blocks, tokens) == (False, 0, 0)
     assert [line for line in capsys.readouterr().err.splitlines() if line.strip()] == [

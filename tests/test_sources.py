@@ -11,7 +11,7 @@ import torch
 from starqa.evidence.observer import AttentionShares, attended_tokens, deliver, shares_from_parts
 from starqa.evidence.quotes import format_sources, rank_sources
 from starqa.evidence.scores import prefix_scores
-from starqa.evidence.text_positions import block_char_spans
+from starqa.documents.text_positions import block_char_spans
 from conftest import tiny_model
 
 
@@ -263,9 +263,9 @@ def _unseen_case(rng: random.Random, depth: float, paragraphs_count: int = 6):
 def test_the_first_source_holds_the_planted_fact_on_unseen_documents(bundled_engine, bundled_heads, tmp_path):
     from starqa.evidence import collect, quotes
     from starqa.passes import answer_text
-    from starqa.documents import extract_document
-    from starqa.evidence.text_positions import block_pages
-    from starqa.tokens import context_ids_for, prompt_template, query_ids_for
+    from starqa.documents.extraction import extract_document
+    from starqa.documents.text_positions import block_pages
+    from starqa.documents.tokens import context_ids_for, prompt_template, query_ids_for
 
     engine, tokenizer, heads = bundled_engine, bundled_engine.tokenizer, bundled_heads
     template = prompt_template(tokenizer)

@@ -23,7 +23,7 @@ from conftest import tiny_model
 from star_reference import Float64Decoder, relative_error
 from starqa.store.context_kv import ContextKV
 from starqa.engine import StarEngine
-from starqa.tokens import plan_blocks
+from starqa.documents.tokens import plan_blocks
 
 # max |engine - float64| / max |float64| per layer's keys or values, and for Phase 2's logits
 KV_TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 5e-2}

@@ -5,7 +5,7 @@
     prose.py     the essay prose shipped for the real-text haystack
     words.py     word lists for needle keys and common-words lists
     qa_file.py   question/answer JSONL files and the bundled sample document
-    prompts.py   a case -> context ids + query ids, through starqa.tokens (the same layout `ask` uses)
+    prompts.py   a case -> context ids + query ids, through starqa.documents.tokens (the same layout `ask` uses)
     scoring.py   RULER's string_match_all / string_match_part
     runner.py    runs cases over the attention modes with a StarEngine: timing, peak memory, resume file
     summary.py   per-case records -> per-task and overall rows; Rich table, JSON document, plot

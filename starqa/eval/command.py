@@ -123,9 +123,9 @@ def _document_text(doc: str, settings, password: str | None = None) -> tuple[str
     if not path.is_file():
         raise UsageError(f"--doc {doc!r} is neither a stored document (see `starqa list`) nor a file")
     try:
-        from starqa.documents import extract_document
+        from starqa.documents.extraction import extract_document
     except ImportError:
-        raise StarqaError("document extraction (starqa.documents) is not available in this installation") from None
+        raise StarqaError("document extraction (starqa.documents.extraction) is not available in this installation") from None
     extracted = extract_document(path, password=password)
     for warning in extracted.warnings:
         report.warn(warning)

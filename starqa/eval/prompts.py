@@ -1,4 +1,4 @@
-"""A case's prompt in starqa's layout (starqa.tokens): the context part and the query part, tokenized separately.
+"""A case's prompt in starqa's layout (starqa.documents.tokens): the context part and the query part, tokenized separately.
 
     prompts = PromptBuilder(engine.tokenizer)
     context_ids, query_ids = prompts.context_ids(case.context_text), prompts.query_ids(case.question)
@@ -9,7 +9,7 @@ This is exactly what `starqa ingest` / `starqa ask` build, so an eval measures t
 
 from __future__ import annotations
 
-from starqa.tokens import context_ids_for, encode_document, prompt_template, query_ids_for
+from starqa.documents.tokens import context_ids_for, encode_document, prompt_template, query_ids_for
 
 
 class PromptBuilder:

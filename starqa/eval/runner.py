@@ -30,8 +30,8 @@ from starqa.eval.scoring import clean_prediction, score
 from starqa.eval.tasks import Case
 from starqa.evidence.collect import evidence_for_answer, observer_for
 from starqa.evidence.quotes import DocumentView
-from starqa.evidence.text_positions import block_char_spans
-from starqa.tokens import plan_blocks
+from starqa.documents.text_positions import block_char_spans
+from starqa.documents.tokens import plan_blocks
 
 RecordKey = tuple  # (task, length, index, mode, block_size, anchor_size)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from starqa.evidence.scores import prefix_scores
-from starqa.evidence.text_positions import token_char_starts
+from starqa.documents.text_positions import token_char_starts
 from starqa.store.records import read_records, record
 
 CALIBRATION_VERSION = 1
@@ -134,7 +134,7 @@ def calibration_documents(count: int = DOCUMENTS, words: int = DOCUMENT_WORDS) -
 def calibrate(engine, *, documents: Sequence[tuple[str, str, str]] | None = None, max_new_tokens: int = 24,
               min_score: float = MIN_SCORE, max_heads: int = MAX_HEADS) -> RetrievalHeads:
     """Run the calibration on `engine` (in this process) and select the retrieval heads."""
-    from starqa.tokens import context_ids_for, prompt_template, query_ids_for
+    from starqa.documents.tokens import context_ids_for, prompt_template, query_ids_for
 
     tokenizer = engine.tokenizer
     template = prompt_template(tokenizer)

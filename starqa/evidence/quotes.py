@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from starqa.evidence.text_positions import block_pages, token_char_starts
+from starqa.documents.text_positions import block_pages, token_char_starts
 
 # A quote is at most about this many characters: a sentence or a clause of one.
 MAX_QUOTE_CHARS = 300
@@ -267,7 +267,7 @@ class DocumentView:
         return self._passage_terms
 
     def page_of(self, char: int) -> int:
-        from starqa.documents import Page, page_of_offset
+        from starqa.documents.extraction import Page, page_of_offset
 
         return page_of_offset([Page(p["number"], p["start"], p["end"]) for p in self.pages], char)
 

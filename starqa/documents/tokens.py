@@ -31,7 +31,7 @@ class PromptTemplate:
 
 def prompt_template(tokenizer) -> PromptTemplate:
     """Render the model's chat template around a sentinel user message to find prefix and suffix (or take the one
-    a starqa.light_tokenizer.LightTokenizer recorded)."""
+    a starqa.documents.light_tokenizer.LightTokenizer recorded)."""
     recorded = getattr(tokenizer, "recorded_template", None)
     if recorded is not None:
         return recorded

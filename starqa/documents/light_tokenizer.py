@@ -6,7 +6,7 @@ tokens parsed, the answer decoded, the stop tokens and the tokenizer's fingerpri
 with the HF tokenizer at hand, `write_profile` records these, and checks on probe texts and ids that the bare
 `tokenizers.Tokenizer` encodes and decodes exactly as the HF tokenizer does; only then (`profile["light"]`) do
 later processes use `LightTokenizer` instead of the HF one. Document text (ingest) still goes through
-starqa.fast_tokenizer, which needs the HF tokenizer.
+starqa.documents.fast_tokenizer, which needs the HF tokenizer.
 
 The profile lives beside the tokenizer check record (the store's models/ folder), keyed by a hash of the
 tokenizer's files, so an edited tokenizer gets a new check.
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from starqa.fast_tokenizer import PROBE_TEXT
+from starqa.documents.fast_tokenizer import PROBE_TEXT
 from starqa.store.records import read_records, record
 
 PROFILE_FILE_NAME = "tokenizer-profiles.json"
@@ -53,7 +53,7 @@ def read_profile(record_path: Path, model_dir: Path) -> dict | None:
 def write_profile(record_path: Path | None, model_dir: Path, hf_tokenizer: Any, stop_ids: set[int]) -> dict:
     """Build (and record, with a record path) the profile of `hf_tokenizer`, checking the light tokenizer on probes."""
     from starqa.model.resolve import tokenizer_fingerprint
-    from starqa.tokens import context_head_text, prompt_template, query_text
+    from starqa.documents.tokens import context_head_text, prompt_template, query_text
 
     template = prompt_template(hf_tokenizer)
     profile = {
@@ -110,7 +110,7 @@ class LightTokenizer:
 
     @property
     def recorded_template(self):
-        from starqa.tokens import PromptTemplate
+        from starqa.documents.tokens import PromptTemplate
 
         t = self.profile["template"]
         return PromptTemplate(prefix=t["prefix"], suffix=t["suffix"], bos_id=t["bos_id"])

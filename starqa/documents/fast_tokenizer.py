@@ -9,7 +9,7 @@ cuts); otherwise, and for any tokenizer we cannot express (WordPiece, Unigram, M
 it encodes with the HF tokenizer and says why in `reason`. `text_encoder_for` records the outcome of that check
 in a small JSON file, so it runs once per tokenizer.
 
-What is reproduced is how starqa tokenizes document text, `starqa.tokens.encode_document`:
+What is reproduced is how starqa tokenizes document text, `starqa.documents.tokens.encode_document`:
 `hf_tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)`. How the tiktoken path gets the
 same ids:
 
@@ -41,7 +41,7 @@ from typing import Any
 import tiktoken
 
 from starqa.store.records import read_records, record
-from starqa.tokens import encode_document
+from starqa.documents.tokens import encode_document
 
 # Bump when the construction or the checks change: a verification recorded under an older key is stale.
 FAST_TOKENIZER_VERSION = 2
@@ -474,7 +474,7 @@ class TextEncoder:
         return ""
 
     def encode(self, text: str) -> list[int]:
-        """Ids of document `text`, exactly `starqa.tokens.encode_document(hf_tokenizer, text)`: no BOS; special
+        """Ids of document `text`, exactly `starqa.documents.tokens.encode_document(hf_tokenizer, text)`: no BOS; special
         token strings inside the text ("<|im_end|>") are plain text; non-special added tokens become their ids."""
         if self._built is None:
             return encode_document(self.hf_tokenizer, text)

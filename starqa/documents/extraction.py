@@ -5,7 +5,7 @@ wrapped inside a paragraph are joined and words hyphenated at line ends are rejo
 far worse from hard-wrapped text. PDF pages stream through: each is extracted, its lines spilled to a temporary
 file and only its first and last lines (where running headers are) kept, so the memory a long PDF takes is about
 its text, not its pages (~30 MiB at the peak for 1,000 pages). How a text file's bytes are decoded, and when they
-are refused as binary, is `starqa.decoding`'s rule.
+are refused as binary, is `starqa.documents.decoding`'s rule.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from starqa.decoding import decode_text
+from starqa.documents.decoding import decode_text
 from starqa.errors import StarqaError, UsageError, one_line
 
 __all__ = ["Page", "ExtractedDocument", "extract_document", "page_of_offset", "pages_of_span"]
@@ -53,7 +53,7 @@ def extract_document(source: str | Path, *, password: str | None = None,
 
     A file whose bytes start with "%PDF-" is read as a PDF whatever its name (so is a PDF piped to stdin: kind
     "pdf"); a ".pdf" file that does not is reported as damaged; anything else is read as text (its encoding found by
-    `starqa.decoding`, which refuses binary files), one page per form-feed-separated part. `on_page(done, total)`
+    `starqa.documents.decoding`, which refuses binary files), one page per form-feed-separated part. `on_page(done, total)`
     is called after each PDF page is extracted.
     """
     if str(source) == "-":

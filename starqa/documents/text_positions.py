@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from starqa.documents import Page, pages_of_span
+from starqa.documents.extraction import Page, pages_of_span
 
 
 # At most this many characters at the end of a decoded piece may differ from the text: the replacement character(s)
@@ -84,7 +84,7 @@ def token_char_starts(tokenizer, document_ids: Sequence[int], text: str) -> list
 
 
 def _byte_level_starts(tokenizer, document_ids: Sequence[int], text: str) -> list[int] | None:
-    from starqa.fast_tokenizer import gpt2_bytes_to_unicode
+    from starqa.documents.fast_tokenizer import gpt2_bytes_to_unicode
 
     convert = getattr(tokenizer, "convert_ids_to_tokens", None)
     if convert is None:
