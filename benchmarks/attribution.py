@@ -377,7 +377,7 @@ def main() -> int:
             print(summarize_grid(list(done.values())))
         return 0
 
-    from starqa.engine import StarEngine
+    from starqa.engine.star_engine import StarEngine
 
     torch.set_num_threads(args.threads)
     engine = StarEngine.load(args.model, device="cpu", dtype=args.dtype, store_root=args.store, weights=args.weights)

@@ -43,10 +43,10 @@ def main() -> None:
     from starqa import ask as asking
     from starqa import audit
     from starqa.config import load_settings
-    from starqa.distributed import Ranks
-    from starqa.engine import StarEngine
+    from starqa.engine.distributed import Ranks
+    from starqa.engine.star_engine import StarEngine
     from starqa.governance import audited_ask
-    from starqa.ingest import ingest
+    from starqa.engine.ingest import ingest
     from starqa.store.document_store import DocumentStore
 
     with tempfile.TemporaryDirectory() as scratch:

@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from starqa import kernels  # noqa: E402
-from starqa.engine import StarEngine  # noqa: E402
+from starqa.engine.star_engine import StarEngine  # noqa: E402
 
 LLAMA_CPP_8K = 26.7  # tokens/s, llama.cpp on the same GGUF at 8K depth, 2 threads (issue #14; vs_llamacpp.py measures it)
 
@@ -63,7 +63,7 @@ def decode_weight_bytes(engine) -> int:
 
 
 def weights_table(models: list[str], length: int, new_tokens: int, store: str | None, bandwidth: float) -> None:
-    from starqa.engine import _attach_weights
+    from starqa.engine.star_engine import _attach_weights
     from starqa.store.document_store import DocumentStore
 
     print(f"\n(4) decoding with the weights in their stored precision: one question over a {length:,}-token context "
@@ -96,7 +96,7 @@ def weights_table(models: list[str], length: int, new_tokens: int, store: str | 
 
 def kernels_table(models: list[str], store: str | None, repeat: int = 20) -> None:
     """(5): each kernel on the real projection shapes, GB/s of the bytes it reads, best of 3 x `repeat` calls."""
-    from starqa.engine import _attach_weights
+    from starqa.engine.star_engine import _attach_weights
     from starqa.model.quantized_weights import part_bytes
     from starqa.store.document_store import DocumentStore
 

@@ -9,7 +9,7 @@ Stages, each timed and with its own peak RSS (Linux: the peak is reset before ea
 1. extraction: `documents.extract_document` on the PDF (pypdf, page by page, then the reading normalisation);
 2. tokenization: `engine.encode_document_text` on the whole text (the tiktoken engine when it is verified for the
    model; `--compare-hf` also times the HF tokenizer on the same text and checks the ids are identical);
-3. ingest: the real `starqa.ingest.ingest` (extract, tokenize, Phase 1 writing each block to disk, publish) with
+3. ingest: the real `starqa.engine.ingest.ingest` (extract, tokenize, Phase 1 writing each block to disk, publish) with
    --allow-long, into a temporary store. The bundled model runs Phase 1 at a few hundred tokens/s on a CPU, so by
    default it ingests a text file holding the document's first --max-tokens tokens; --max-tokens 0 ingests the PDF.
 
@@ -88,8 +88,8 @@ def main() -> None:
     from starqa import report
     from starqa.config import load_settings
     from starqa.documents.extraction import extract_document
-    from starqa.engine import StarEngine
-    from starqa.ingest import ingest
+    from starqa.engine.star_engine import StarEngine
+    from starqa.engine.ingest import ingest
     from starqa.store.document_store import DocumentStore
     from starqa.documents.tokens import context_ids_for, encode_document, prompt_template
 

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from starqa.engine import StarEngine  # noqa: E402
+from starqa.engine.star_engine import StarEngine  # noqa: E402
 from starqa.documents.tokens import context_ids_for, encode_document, prompt_template, query_ids_for  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "contract.txt"

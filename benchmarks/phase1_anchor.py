@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from phase1 import context_of  # noqa: E402
-from starqa.engine import StarEngine  # noqa: E402
+from starqa.engine.star_engine import StarEngine  # noqa: E402
 
 
 def size(text: str, length: int) -> int:

@@ -8,7 +8,7 @@ compute: runs `starqa eval --suite ruler --dtype bfloat16` (full attention and S
 then pairs every record with the float32 record of the same case and mode in benchmarks/results/ruler-cases.jsonl
 (the 20-sample float32 run: same seed, so the same generated cases).
 kv: for each case of the same suite, Phase 1 runs once in bfloat16 (Star L/4) and its blocks are stored in each KV
-precision in turn (starqa.engine.quantize_block, as `ingest --kv-dtype` stores them), so every precision answers
+precision in turn (starqa.engine.star_engine.quantize_block, as `ingest --kv-dtype` stores them), so every precision answers
 from the same encoding; scored as the eval scores. Both write JSONL logs under benchmarks/results/ and continue a
 stopped run. Paired differences are in points with their 95 % interval (normal approximation, over all tasks'
 samples of a length).
@@ -60,7 +60,7 @@ def run_compute(lengths: str, samples: int) -> None:
 def run_kv(lengths: list[int], samples: int, seed: int) -> None:
     import torch
 
-    from starqa.engine import StarEngine, quantize_block
+    from starqa.engine.star_engine import StarEngine, quantize_block
     from starqa.eval.command import _suite_cases, _suite_qa_source
     from starqa.eval.runner import prediction_text
     from starqa.eval.scoring import clean_prediction, score

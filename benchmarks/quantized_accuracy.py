@@ -59,7 +59,7 @@ def main() -> None:
 
     from starqa import report
     from starqa.model import quantized_weights
-    from starqa.engine import StarEngine, _attach_weights
+    from starqa.engine.star_engine import StarEngine, _attach_weights
     from starqa.eval.command import _document_cases, _suite_cases, _suite_qa_source, parse_lengths, parse_tasks
     from starqa.eval.prompts import PromptBuilder
     from starqa.eval.qa_file import load_qa_file

@@ -4,7 +4,7 @@ A ~5K-token document (the sample contract's words) is stored; ~20 % more text is
 stored two ways per round: fresh (under a name with no earlier version: every block runs Phase 1) and by
 `--update` over the stored first version (only the last, partial block and the new ones run Phase 1). The order
 alternates between rounds, and the ratios come from the medians, since a shared machine is noisy. Both run in this
-one process through `starqa.ingest.ingest` (what `starqa ingest` calls) with one loaded engine, so neither pays
+one process through `starqa.engine.ingest.ingest` (what `starqa ingest` calls) with one loaded engine, so neither pays
 starting Python or loading the model, and the first forward pass (slow in a new process) is spent on a warm-up.
 Phase 1 is timed twice: wall seconds (the manifest's phase1_s) and this process's CPU seconds, which other
 programs on the machine disturb less. torch runs one thread by default (--threads): on a shared 2-core machine,
@@ -50,10 +50,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
 
-    import starqa.ingest
+    import starqa.engine.ingest
     from starqa import report
     from starqa.config import load_settings
-    from starqa.engine import StarEngine
+    from starqa.engine.star_engine import StarEngine
     from starqa.store.document_store import DocumentStore
 
     home = args.home or Path(tempfile.mkdtemp(prefix="starqa-bench-reuse-"))
@@ -65,7 +65,7 @@ def main() -> None:
         if store.exists(name):
             store.remove(name)
     phase1_cpu: list[float] = []
-    phase1 = starqa.ingest._phase1
+    phase1 = starqa.engine.ingest._phase1
 
     def phase1_with_cpu_time(*positional, **named):  # the same Phase 1, its CPU seconds noted
         started = time.process_time()
@@ -74,11 +74,11 @@ def main() -> None:
         finally:
             phase1_cpu.append(time.process_time() - started)
 
-    starqa.ingest._phase1 = phase1_with_cpu_time
+    starqa.engine.ingest._phase1 = phase1_with_cpu_time
 
     def ingest(path: Path, name: str, **options):
         phase1_cpu.clear()
-        result = starqa.ingest.ingest(str(path), settings, engine, store, name=name, **options)
+        result = starqa.engine.ingest.ingest(str(path), settings, engine, store, name=name, **options)
         return result, sum(phase1_cpu)
 
     folder = Path(tempfile.mkdtemp(prefix="starqa-bench-reuse-docs-"))

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from starqa.evidence import collect, quotes
-from starqa.engine import StarEngine
+from starqa.engine.star_engine import StarEngine
 from starqa.evidence.heads import retrieval_heads
 from starqa.evidence.observer import AttentionShares
 

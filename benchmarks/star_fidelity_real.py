@@ -37,7 +37,7 @@ def main() -> int:
     from safetensors import safe_open
 
     from star_reference import Float64Decoder, relative_error
-    from starqa.engine import StarEngine
+    from starqa.engine.star_engine import StarEngine
     from starqa.eval.prompts import PromptBuilder
     from starqa.eval.tasks import generate_cases
 

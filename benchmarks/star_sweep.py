@@ -11,7 +11,7 @@ needles with other keys (distract_0 is niah_single_2's kind of case). Each case 
 and once per configuration BLOCK:ANCHOR[:f32] (sizes in tokens or L/N of the requested length; `:f32` runs Phase 1
 in float32 and stores its KV in bfloat16, so that only Phase 1's precision differs). Greedy decoding, each task's
 RULER answer budget, the compute dtype of --dtype (bfloat16 by default). An anchor larger than the block is run too
-(starqa.engine: blocks that start inside the anchor see every token before them, the later ones the whole anchor;
+(starqa.engine.star_engine: blocks that start inside the anchor see every token before them, the later ones the whole anchor;
 the anchor's KV is computed once). One JSON line per (case, mode) in --log;
 a rerun skips what the log holds; --budget-s stops starting new cases after that many seconds.
 
@@ -95,7 +95,7 @@ def needle_tokens(case, prompts, context_ids) -> list[int]:
 
 
 def phase1(engine, context_ids, block_size: int, anchor_size: int, batch: int = 4):
-    """The context KV in bfloat16 storage (an anchor larger than the block included: starqa.engine runs it)."""
+    """The context KV in bfloat16 storage (an anchor larger than the block included: starqa.engine.star_engine runs it)."""
     return engine.encode_context(context_ids, block_size, anchor_size, batch=batch, kv_dtype="bfloat16")
 
 
@@ -116,7 +116,7 @@ def record_key(record: dict) -> tuple:
 def run(args) -> int:
     import torch
 
-    from starqa.engine import StarEngine
+    from starqa.engine.star_engine import StarEngine
     from starqa.eval.runner import prediction_text
     from starqa.eval.scoring import clean_prediction, score
 
@@ -243,7 +243,7 @@ def teacher_forced(engine, ctx, query_ids, answer_ids):
 def tf_run(args) -> int:
     import torch
 
-    from starqa.engine import StarEngine
+    from starqa.engine.star_engine import StarEngine
 
     started = time.perf_counter()
     store = os.environ.get("STARQA_HOME")

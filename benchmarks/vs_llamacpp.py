@@ -119,7 +119,7 @@ def main() -> None:
     import torch
 
     from starqa.passes import load_context
-    from starqa.engine import StarEngine, _attach_weights
+    from starqa.engine.star_engine import StarEngine, _attach_weights
     from starqa.model.resolve import BUNDLED_MODELS, bundled_gguf_path
     from starqa.model.quantized_weights import gguf_source
     from starqa.store.document_store import DocumentStore
@@ -196,7 +196,7 @@ def main() -> None:
 
 def _store_document(engine, store, ids, kv_dtype: str = "auto", name: str = "doc"):
     """Store `ids` as a document the way ingest does (blocks in their stored precision), for the repeated question."""
-    from starqa.engine import quantize_block
+    from starqa.engine.star_engine import quantize_block
     from starqa.store.kv_quant import KEY_GROUP, resolve_kv_dtype
     from starqa.store.document_store import write_block_file
     from starqa.documents.tokens import plan_blocks

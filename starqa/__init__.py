@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # Lazy: `starqa list` and `--help` should not pay for importing torch and transformers.
     if name == "StarEngine":
-        from starqa.engine import StarEngine
+        from starqa.engine.star_engine import StarEngine
 
         return StarEngine
     raise AttributeError(name)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from starqa import events, passes
 from starqa.audit import document_version
-from starqa.distributed import Ranks, share_outcome
+from starqa.engine.distributed import Ranks, share_outcome
 from starqa.errors import StarqaError, UsageError
 from starqa.passes import EachToken, Emit, emit_replies, load_context_share, timer, timing_table
 from starqa.store.document_store import DocumentReplaced, DocumentStore, StoredDocument
@@ -160,7 +160,7 @@ def open_document(load_engine, settings, store: DocumentStore, *, doc: str, atte
                   files: bool = True, load_kv=None) -> OpenDocument:
     """The engine for `doc` (a stored name, or with `files` a file ingested first), its current version checked
     against that engine, and its context, read again if another process replaced the document meanwhile."""
-    from starqa.ingest import check_usable, ingest
+    from starqa.engine.ingest import check_usable, ingest
     from starqa.store.document_store import validate_name
 
     ingest_options = {key: value for key, value in (ingest_options or {}).items() if value}

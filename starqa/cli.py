@@ -70,7 +70,7 @@ _QUESTIONS_ENV = "STARQA_STDIN_QUESTIONS"
 
 def _launch_if_asked(settings, stdin_questions: list[str] | None = None) -> None:
     """Relaunch this command under torchrun when more than one process is asked for (and we are not under it)."""
-    from starqa import distributed
+    from starqa.engine import distributed
 
     nproc = distributed.requested_nproc(settings.nproc, settings.device)
     if nproc <= 1 or distributed.under_torchrun():
@@ -91,7 +91,7 @@ def _launch_if_asked(settings, stdin_questions: list[str] | None = None) -> None
 
 
 def _ranks(settings):
-    from starqa import distributed
+    from starqa.engine import distributed
 
     ranks = distributed.setup(settings.device)
     _RANKS[0] = ranks
@@ -115,7 +115,7 @@ def _store(settings):
 
 def _load_engine(settings, model: str | None = None, trust_remote_code: bool = False, ranks=None,
                  dtype: str | None = None):
-    from starqa.engine import StarEngine
+    from starqa.engine.star_engine import StarEngine
 
     if dtype is not None:  # a stored document's own compute dtype
         settings = dataclasses.replace(settings, dtype=dtype)
@@ -140,8 +140,8 @@ def ingest(
     config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """Extract documents, run Phase 1 and store their KV caches (one document per file)."""
-    from starqa.ingest import expand_sources
-    from starqa.ingest import ingest as ingest_one
+    from starqa.engine.ingest import expand_sources
+    from starqa.engine.ingest import ingest as ingest_one
 
     settings = _settings(config, quiet, model=model, dtype=dtype, kv_dtype=kv_dtype, device=device,
                          block_size=block_size, anchor_size=anchor_size, nproc=nproc)
@@ -271,7 +271,7 @@ def ask(
     _launch_if_asked(settings, asked if from_stdin else None)
     ranks = _ranks(settings)
     if from_stdin and ranks.distributed:
-        from starqa.distributed import broadcast_object
+        from starqa.engine.distributed import broadcast_object
 
         asked = broadcast_object(asked, ranks)  # under a hand-launched torchrun only rank 0 read standard input
     from starqa.governance import AuditedAsk
@@ -290,7 +290,7 @@ def ask(
 
 
 def _torchrun_follower() -> bool:
-    from starqa import distributed
+    from starqa.engine import distributed
 
     return distributed.under_torchrun() and os.environ.get("RANK", "0") != "0"
 
@@ -509,7 +509,7 @@ _RANKS: list = [None]  # this process's Ranks once a command has set them up
 
 
 def _report_failure(message: str, exc: BaseException) -> None:
-    from starqa import distributed
+    from starqa.engine import distributed
 
     ranks = _RANKS[0]
     if ranks is not None and ranks.distributed:
@@ -523,7 +523,7 @@ def _report_failure(message: str, exc: BaseException) -> None:
 
 
 def _report_interrupt() -> None:
-    from starqa import distributed
+    from starqa.engine import distributed
 
     if not distributed.launched_rank():  # under `--nproc` the launcher says it once for every rank
         report.error("interrupted")
@@ -580,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         if _RANKS[0] is not None:
-            from starqa import distributed
+            from starqa.engine import distributed
 
             distributed.shutdown(_RANKS[0])
             _RANKS[0] = None
@@ -588,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """The `starqa` command and `python -m starqa` (what torchrun starts on every rank)."""
-    from starqa import distributed
+    from starqa.engine import distributed
 
     code = main()
     distributed.exit_rank(code)

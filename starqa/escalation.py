@@ -135,7 +135,7 @@ def stored_copy(store, document, engine, settings):
     """(the document's stored copy for `engine`'s model, Phase 1 seconds spent storing it now or 0.0): the copy
     kept when it holds the document's current text and pages and suits the engine, else stored (again) from the
     document's stored text, with the document's block and anchor sizes."""
-    from starqa.ingest import check_usable, ingest_text
+    from starqa.engine.ingest import check_usable, ingest_text
 
     name = copy_name(document.name, engine.model_name)
     manifest = document.manifest

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from starqa import events, report
 from starqa.answer import Answer
-from starqa.distributed import Ranks, agree, block_plan, phase2_spread
+from starqa.engine.distributed import Ranks, agree, block_plan, phase2_spread
 from starqa.store.context_kv import ContextKV
 from starqa.errors import StarqaError
 from starqa.evidence.collect import answer_evidence, observer_for

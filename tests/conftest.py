@@ -79,7 +79,7 @@ def home(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(scope="session")
 def bundled_engine(shared_home):
-    from starqa.engine import StarEngine
+    from starqa.engine.star_engine import StarEngine
 
     return StarEngine.load("smollm2-135m", device="cpu", dtype="float32", store_root=shared_home)
 

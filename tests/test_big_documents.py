@@ -16,9 +16,9 @@ import pytest
 
 from conftest import tiny_model
 from starqa import cli
-from starqa.engine import StarEngine
+from starqa.engine.star_engine import StarEngine
 from starqa.documents.fast_tokenizer import PROBE_TEXT, RECORD_FILE_NAME, TextEncoder, verification_key
-from starqa.ingest import expand_sources
+from starqa.engine.ingest import expand_sources
 from starqa.documents.tokens import encode_document
 from test_fast_tokenizer import random_text, synthetic_document, variant_tokenizer
 

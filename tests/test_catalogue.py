@@ -172,7 +172,7 @@ def test_conversion_holds_transformers_weights_in_the_compute_dtype(tmp_path, hf
 
 def test_bfloat16_conversion_gives_transformers_logits(tmp_path, hf_from_gguf):
     """The converted copy, loaded by starqa's decoder in bfloat16, against transformers on the same GGUF."""
-    from starqa.engine import StarEngine
+    from starqa.engine.star_engine import StarEngine
     from starqa.model.resolve import ensure_converted, resolve_model
     from starqa.model.transformer import Transformer
 

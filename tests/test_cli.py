@@ -125,7 +125,7 @@ def test_kv_read_back_from_the_store_equals_phase1_in_memory(tmp_path, home, tin
     values, int8 scales, positions in order)."""
     from starqa import cli
     from starqa.passes import load_context
-    from starqa.engine import StarEngine
+    from starqa.engine.star_engine import StarEngine
     from starqa.store.document_store import DocumentStore
 
     source = tmp_path / "terms.txt"

@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 from clihelp import REPO, json_lines, starqa, tree_snapshot
 from conftest import tiny_model
 from starqa.attention import attention_with_lse
-from starqa.distributed import DEFAULT_TIMEOUT_S, Ranks, block_plan, merge_across_ranks, phase2_spread
-from starqa.engine import StarEngine
+from starqa.engine.distributed import DEFAULT_TIMEOUT_S, Ranks, block_plan, merge_across_ranks, phase2_spread
+from starqa.engine.star_engine import StarEngine
 from starqa.documents.tokens import plan_blocks
 from test_engine import _NoTokenizer, _random_ids
 
@@ -255,7 +255,7 @@ def _fake_launcher(monkeypatch, outcome):
 def test_ctrl_c_or_sigterm_to_the_launcher_is_one_line_and_exit_130(monkeypatch, capsys):
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
-    from starqa.distributed import launch
+    from starqa.engine.distributed import launch
 
     _fake_launcher(monkeypatch, SignalException("Process 1 got signal: 2", sigval=2))
     assert launch(2, ["ingest", "x.txt"], "cpu") == 130
@@ -263,7 +263,7 @@ def test_ctrl_c_or_sigterm_to_the_launcher_is_one_line_and_exit_130(monkeypatch,
 
 
 def test_cpu_ranks_are_not_limited_by_the_visible_gpus(monkeypatch):
-    from starqa.distributed import launch
+    from starqa.engine.distributed import launch
     from starqa.errors import UsageError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -280,7 +280,7 @@ def test_cpu_ranks_are_not_limited_by_the_visible_gpus(monkeypatch):
 ])
 def test_nproc_auto_follows_the_device(monkeypatch, cuda, device, nproc, expected):
     """`auto` means one rank per GPU only where the work runs on the GPUs (`--device cpu` gave 4 CPU ranks)."""
-    from starqa.distributed import requested_nproc
+    from starqa.engine.distributed import requested_nproc
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4 if cuda else 0)

@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from conftest import tiny_model
-from starqa.engine import StarEngine
+from starqa.engine.star_engine import StarEngine
 from starqa.documents.tokens import plan_blocks
 
 
@@ -197,7 +197,7 @@ def test_a_ranks_partial_attention_reaches_the_cross_rank_merge_in_float32():
     """bf16 models: each rank's result is merged again across ranks, so it must not be rounded to bf16 first."""
     from starqa.attention import merge_attention
     from starqa.store.context_kv import ContextKV
-    from starqa.star_cache import StarCache
+    from starqa.engine.star_cache import StarCache
 
     generator = torch.Generator().manual_seed(0)
 

@@ -201,7 +201,7 @@ def test_escalating_to_the_documents_own_model_is_full_attention(stored, control
 ])
 def test_bad_escalation_targets_are_one_line_and_exit_2_before_any_work(stored, capsys, tiny_model_dir, args,
                                                                         words, monkeypatch):
-    from starqa import engine as engine_module
+    from starqa.engine import star_engine as engine_module
 
     def no_load(*a, **k):
         raise AssertionError("a model was loaded")
@@ -339,7 +339,7 @@ def test_eval_escalate_to_is_checked_before_anything_runs(home, capsys, tmp_path
 
 def test_eval_escalate_to_runs_the_target_on_the_same_cases_and_reports_a_hybrid_row_naming_it(
         home, capsys, tmp_path, monkeypatch, bundled_tokenizer, larger_model_dir):
-    from starqa.engine import StarEngine
+    from starqa.engine.star_engine import StarEngine
     from starqa.escalation import TARGET_ATTENTION
     from starqa.eval import command
 

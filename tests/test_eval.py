@@ -13,7 +13,7 @@ import torch
 import typer
 
 from conftest import tiny_model
-from starqa.engine import StarEngine
+from starqa.engine.star_engine import StarEngine
 from starqa.errors import UsageError
 from starqa import cli
 from starqa.eval import command as eval_cli

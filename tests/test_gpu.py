@@ -208,7 +208,7 @@ def _cuda_engines(architecture: str = "llama", dtype: torch.dtype = torch.float3
     import copy
 
     from conftest import tiny_model
-    from starqa.engine import StarEngine
+    from starqa.engine.star_engine import StarEngine
     from test_engine import _NoTokenizer
 
     model = tiny_model(architecture).to("cuda", dtype)
@@ -256,7 +256,7 @@ def test_phase2_on_two_nccl_ranks_gives_the_tokens_and_logits_of_one_gpu(tmp_pat
     import torch.multiprocessing as mp
 
     from conftest import tiny_model
-    from starqa.engine import StarEngine
+    from starqa.engine.star_engine import StarEngine
     from test_distributed import _CONTEXT, _phase2_logits, _phase2_worker
     from test_engine import _NoTokenizer
 

@@ -231,7 +231,7 @@ def test_no_arguments_print_the_help_without_an_error_line(capsys):
 
 
 def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch, home, inputs, tiny_model_dir):
-    from starqa import ingest
+    from starqa.engine import ingest
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -612,7 +612,7 @@ def test_ask_gives_up_with_one_line_when_the_name_keeps_being_replaced(capsys, m
 
 
 def test_an_unexpected_error_in_one_process_keeps_its_own_type():
-    from starqa.distributed import Ranks, share_outcome
+    from starqa.engine.distributed import Ranks, share_outcome
 
     with pytest.raises(ZeroDivisionError):
         share_outcome(Ranks(), lambda: 1 / 0)

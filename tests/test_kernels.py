@@ -177,7 +177,7 @@ def test_decoding_with_the_per_token_kernels_equals_the_torch_path(monkeypatch):
     from conftest import tiny_model
     from test_engine import _NoTokenizer
 
-    from starqa.engine import StarEngine
+    from starqa.engine.star_engine import StarEngine
     from starqa.model.transformer import Transformer
 
     engine = StarEngine(tiny_model("llama").to(torch.bfloat16), _NoTokenizer())

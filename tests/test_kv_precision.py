@@ -10,7 +10,7 @@ import torch
 
 from conftest import planted_number_prompts, tiny_model
 from starqa import kernels
-from starqa.engine import StarEngine
+from starqa.engine.star_engine import StarEngine
 from starqa.store.kv_quant import dequantize_keys, dequantize_values, group_starts, quantize_keys, quantize_values
 
 
@@ -120,7 +120,7 @@ def test_bfloat16_compute_equals_hf_in_bfloat16():
 def test_needles_are_found_in_bfloat16_and_every_kv_precision_with_the_bundled_model(bundled_engine, shared_home):
     """Short needle documents: the bundled model's answer holds the planted number in float32 with float32 KV, and
     still in bfloat16 compute with bfloat16, float16 and int8 KV (the same Phase 1 stored each way)."""
-    from starqa.engine import quantize_block
+    from starqa.engine.star_engine import quantize_block
 
     bf16 = StarEngine.load("smollm2-135m", device="cpu", dtype="bfloat16", store_root=shared_home)
     for number, context, query in planted_number_prompts(bundled_engine.hf_tokenizer):

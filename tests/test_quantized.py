@@ -175,7 +175,7 @@ def _float64_logits(engine, values_by_projection, ids, positions_from=0):
     """The model's next-token logits computed in float64 with the given projection weights (the reference)."""
     import copy
 
-    from starqa.star_cache import StarCache
+    from starqa.engine.star_cache import StarCache
     from starqa.model.transformer import Linear, Transformer
 
     model = engine.model
@@ -206,7 +206,7 @@ def test_decoding_logits_match_a_float64_reference_of_the_same_weights(mode):
     the same de-quantised weights (int4: far closer to them than to float64 logits of the original weights)."""
     from test_engine import _NoTokenizer
 
-    from starqa.engine import StarEngine
+    from starqa.engine.star_engine import StarEngine
 
     engine = StarEngine(tiny_model("llama", hidden_size=128, intermediate_size=256).to(torch.bfloat16),
                         _NoTokenizer())
@@ -233,7 +233,7 @@ def test_decoding_logits_match_a_float64_reference_of_the_same_weights(mode):
 def test_auto_keeps_an_hf_models_bfloat16_and_explicit_modes_quantize_it():
     from test_engine import _NoTokenizer
 
-    from starqa.engine import StarEngine
+    from starqa.engine.star_engine import StarEngine
 
     engine = StarEngine(tiny_model("llama").to(torch.bfloat16), _NoTokenizer())
     assert qw.attach(engine.model, "auto") == "bfloat16"
@@ -249,7 +249,7 @@ def test_auto_keeps_an_hf_models_bfloat16_and_explicit_modes_quantize_it():
 def test_explicit_quantized_weights_are_refused_where_the_kernels_cannot_run():
     from test_engine import _NoTokenizer
 
-    from starqa.engine import StarEngine
+    from starqa.engine.star_engine import StarEngine
     from starqa.errors import UsageError
 
     engine = StarEngine(tiny_model("llama"), _NoTokenizer())  # float32 compute
@@ -265,7 +265,7 @@ def test_the_bundled_model_packs_its_gguf_integers_once_and_answers_planted_fact
     """smollm2-135m in bfloat16 with --weights auto: its Q4_1 projections decode in int4 and its Q8_0 embedding (the
     tied LM head) in int8, from a cache written once (0600, outside the weights the fingerprint covers); greedy
     answers to planted facts hold the fact with every --weights."""
-    from starqa.engine import StarEngine
+    from starqa.engine.star_engine import StarEngine
 
     engines = {mode: StarEngine.load("smollm2-135m", device="cpu", dtype="bfloat16", store_root=shared_home,
                                      weights=mode) for mode in ("bfloat16", "auto", "int8", "int4")}

@@ -210,8 +210,8 @@ def api_large_anchor(home, tiny_model_dir):
 
 def counting_api(home: Path, tiny_model_dir: Path, *, anchor_size: int):
     from starqa.config import load_settings
-    from starqa.engine import StarEngine
-    from starqa.ingest import ingest as ingest_one
+    from starqa.engine.star_engine import StarEngine
+    from starqa.engine.ingest import ingest as ingest_one
     from starqa.store.document_store import DocumentStore
 
     settings = load_settings(None, model=str(tiny_model_dir), block_size=64, anchor_size=anchor_size, device="cpu")

@@ -9,8 +9,8 @@ import threading
 import pytest
 
 from starqa.config import load_settings
-from starqa.engine import StarEngine
-from starqa.ingest import ingest
+from starqa.engine.star_engine import StarEngine
+from starqa.engine.ingest import ingest
 from starqa.serve import protocol
 from starqa.serve.worker import Job, Worker
 from starqa.store.document_store import DocumentStore

@@ -159,7 +159,7 @@ class _NoTokenizer:
 
 
 def _tiny_engine():
-    from starqa.engine import StarEngine
+    from starqa.engine.star_engine import StarEngine
 
     engine = StarEngine(tiny_model("llama"), _NoTokenizer())
     engine.stop_ids = set()

@@ -22,7 +22,7 @@ import torch
 from conftest import tiny_model
 from star_reference import Float64Decoder, relative_error
 from starqa.store.context_kv import ContextKV
-from starqa.engine import StarEngine
+from starqa.engine.star_engine import StarEngine
 from starqa.documents.tokens import plan_blocks
 
 # max |engine - float64| / max |float64| per layer's keys or values, and for Phase 2's logits
@@ -121,7 +121,7 @@ def test_the_kv_check_can_tell_a_wrong_phase1():
                          ids=["three-ranks", "no-block-0", "one-head-block"])
 def test_an_anchor_larger_than_the_block_gives_every_rank_the_same_blocks(shares):
     """Anchor 100 over blocks of 48 (blocks 0-2 start inside it, block 2 ends past it): any share of the blocks a
-    rank may hold (with or without head blocks, as starqa.distributed.block_plan gives them, or a re-ingest's
+    rank may hold (with or without head blocks, as starqa.engine.distributed.block_plan gives them, or a re-ingest's
     remainder) keeps the KV of the float64 reference, and so does a rank given the anchor's KV as the head blocks'
     stored KV (a re-ingest that took them over)."""
     engine, reference = _engine_and_reference(torch.float32)

@@ -100,7 +100,7 @@ def parse_star_specs(block_size: str | None, anchor_size: str | None, pairs: str
 
 
 def _load_engine(settings, model: str | None, trust_remote_code: bool):
-    from starqa.engine import StarEngine  # torch is imported only once the input has been checked
+    from starqa.engine.star_engine import StarEngine  # torch is imported only once the input has been checked
 
     return StarEngine.from_settings(settings, model, trust_remote_code=trust_remote_code, on_status=report.info)
 

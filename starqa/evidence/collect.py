@@ -32,7 +32,7 @@ def model_heads(engine, ranks=None):
     """The engine's retrieval heads (starqa.evidence.heads), found by rank 0 alone under several processes and
     given to the others (each rank keeps them for the engine's lifetime, so later calls are no collective)."""
     from starqa import report
-    from starqa.distributed import share_outcome
+    from starqa.engine.distributed import share_outcome
 
     if ranks is None or not ranks.distributed:
         return retrieval_heads(engine, on_status=report.info)
@@ -44,7 +44,7 @@ def answer_evidence(engine, document, observer, answer: str, question: str, rank
     starqa.store.document_store.StoredDocument), from `observer` (this process's `observer_for`). Under several processes every
     rank must call it (the ranks' observations are gathered); the ranks other than the speaker get an empty
     Evidence."""
-    from starqa.distributed import gather_objects
+    from starqa.engine.distributed import gather_objects
 
     parts = gather_objects(observer.stacked(), ranks) if ranks is not None else [observer.stacked()]
     if ranks is not None and not ranks.is_speaker:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from starqa.evidence.scores import prefix_scores
-from starqa.star_cache import layer_heads_of
+from starqa.engine.star_cache import layer_heads_of
 
 
 # Each step keeps this many most attended document tokens per followed head.
@@ -59,7 +59,7 @@ class AttentionShares:
     `heads` are the retrieval heads (starqa.evidence.heads.RetrievalHeads, or {layer: [head, ...]}); None follows
     every head of every layer (for a model whose calibration found none: costlier and less precise).
 
-    The engine (starqa.star_cache) asks `layer_heads(layer)` and calls `observe_scores(layer, scores)` with the rows
+    The engine (starqa.engine.star_cache) asks `layer_heads(layer)` and calls `observe_scores(layer, scores)` with the rows
     of exactly those heads, in that order, over the keys before the row: the held context first (under full
     attention the prompt's question tokens follow it, and are left out here).
     """

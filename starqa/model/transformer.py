@@ -1,7 +1,7 @@
 """A compact Llama-family decoder in plain torch (Llama 2/3, SmolLM, Mistral, Qwen2), gpt-fast style.
 
 One model definition serves Phase 1, Phase 2 and full attention: `Transformer.forward` runs the decoder over token
-ids at the position ids it is given and hands each layer's attention to a cache object (starqa.star_cache.StarCache)
+ids at the position ids it is given and hands each layer's attention to a cache object (starqa.engine.star_cache.StarCache)
 that holds the stored prefix KV and the buffer being written. It computes what transformers' LlamaForCausalLM
 computes, step for step and in the same dtypes (the tests compare logits, KV and greedy tokens with HF on the same
 ids), but it loads weights by memory-mapping safetensors files, so answering a question never imports

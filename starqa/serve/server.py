@@ -48,7 +48,7 @@ def serve(settings, *, trust_remote_code: bool, host: str | None, port: int | No
             raise UsageError(f"listening on TCP ({host}:{port}) needs an API key: pass --api-key KEY, set "
                              "STARQA_API_KEY, or add a scoped key with `starqa keys add` (without --port the server "
                              "listens on the store's Unix socket only)")
-    from starqa.distributed import requested_nproc  # (torch: after the checks above, which are instant)
+    from starqa.engine.distributed import requested_nproc  # (torch: after the checks above, which are instant)
     from starqa.store.document_store import DocumentStore
 
     nproc = requested_nproc(settings.nproc, settings.device)
@@ -79,7 +79,7 @@ def serve(settings, *, trust_remote_code: bool, host: str | None, port: int | No
 
 def _run(settings, store, path: Path, tcp: socket.socket | None, *, trust_remote_code: bool, api_key: str | None,
          debug: bool) -> int:
-    from starqa.engine import StarEngine
+    from starqa.engine.star_engine import StarEngine
     from starqa.keys import KeyRing
     from starqa.serve.access import PeerH11Protocol
     from starqa.serve.app import create_app

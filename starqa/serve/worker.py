@@ -32,7 +32,7 @@ from pathlib import Path
 
 from starqa import ask, events, passes, report
 from starqa.audit import document_version
-from starqa.distributed import Ranks, requested_nproc
+from starqa.engine.distributed import Ranks, requested_nproc
 from starqa.errors import StarqaError, UsageError, describe
 from starqa.serve import limits, protocol
 from starqa.serve.kv_memory import KVMemory
@@ -387,7 +387,7 @@ class Worker:
     def holds(self, model: str | None, dtype: str | None, settings) -> bool | None:
         """Whether the engine held is the one `starqa ask` would load for (model, dtype); None when `model` is not
         a model at all (the ask then fails as it would in its own process)."""
-        from starqa.engine import resolve_dtype
+        from starqa.engine.star_engine import resolve_dtype
         from starqa.model.resolve import resolve_model
 
         try:
@@ -404,7 +404,7 @@ class Worker:
             # `prepare` found this ask's documents stored for the engine held; a document replaced meanwhile by
             # a version for another model (or a model that does not exist) is answered, or refused, as `starqa
             # ask` would: with that model, loaded for this ask only.
-            from starqa.engine import StarEngine
+            from starqa.engine.star_engine import StarEngine
 
             settings = request.settings if dtype is None else dataclasses.replace(request.settings, dtype=dtype)
             return StarEngine.from_settings(settings, model, trust_remote_code=request.trust_remote_code,
@@ -453,7 +453,7 @@ def _batch_key(job: Job) -> tuple:
 
 
 def _same_device(asked: str, held) -> bool:
-    from starqa.engine import resolve_device
+    from starqa.engine.star_engine import resolve_device
 
     device = resolve_device(asked)
     return device.type == held.type and (device.index is None or held.index is None or device.index == held.index)

@@ -1,7 +1,7 @@
 """Block reuse on re-ingest: each block is keyed by what its KV is a pure function of, and a new version of a
 document takes over every block the version it replaces already holds, instead of encoding it again.
 
-Block i is encoded at global positions after the first min(anchor_size, start_i) tokens (starqa.engine): block 0
+Block i is encoded at global positions after the first min(anchor_size, start_i) tokens (starqa.engine.star_engine): block 0
 alone, a later block as [anchor, block i]; with an anchor larger than the block, the blocks that start inside the
 anchor see every token before them. So a block's KV depends only on the model, the tokenizer, the compute dtype, the
 KV precision (and int8's key group), the anchor's token ids (which hold every token a head block saw before its
@@ -27,7 +27,7 @@ BLOCK_KEY_FORMAT = 1
 
 def block_keys(context_ids: Sequence[int], spans: Sequence[tuple[int, int]], anchor_size: int,
                signature: dict) -> list[str]:
-    """SHA-256 keys of the blocks `spans` of `context_ids`; `signature` is starqa.ingest.settings_signature's
+    """SHA-256 keys of the blocks `spans` of `context_ids`; `signature` is starqa.engine.ingest.settings_signature's
     (only its model, tokenizer, prompt layout, dtype and KV dtype enter a key: block and anchor size act through
     the ids and starts)."""
     anchor_ids = list(context_ids[:min(anchor_size, len(context_ids))])

@@ -2,7 +2,7 @@
 there for one `ingest --nproc 2`): in a torchrun rank, it records the block indices that rank asks Phase 1 to encode,
 one JSON list per call, in $STARQA_TEST_RANK_TRACE/rank-<RANK>.jsonl. Nothing else changes.
 
-starqa.engine is patched when the rank imports it, not here: at start-up the working folder (the checkout under
+starqa.engine.star_engine is patched when the rank imports it, not here: at start-up the working folder (the checkout under
 test) is not on sys.path yet, and importing starqa now could pick another installed copy."""
 
 import importlib.util
@@ -26,7 +26,7 @@ def _patch(engine) -> None:
 
 class _PatchOnImport:
     def find_spec(self, name, path, target=None):
-        if name != "starqa.engine":
+        if name != "starqa.engine.star_engine":
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)

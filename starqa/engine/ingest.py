@@ -22,9 +22,9 @@ from pathlib import Path
 
 from starqa import __version__, report
 from starqa.config import Settings
-from starqa.engine import head_blocks, quantize_block
+from starqa.engine.star_engine import head_blocks, quantize_block
 from starqa.store.kv_quant import KEY_GROUP, resolve_kv_dtype
-from starqa.distributed import RankFailure, Ranks, agree, block_plan, broadcast_object, gather_objects, share_outcome
+from starqa.engine.distributed import RankFailure, Ranks, agree, block_plan, broadcast_object, gather_objects, share_outcome
 from starqa.errors import StarqaError, UsageError
 from starqa.store.reuse import anchor_from_block_files, block_keys, reusable_blocks
 from starqa.documents.text_positions import block_pages

@@ -12,7 +12,7 @@ and every later block attends to it as a prefix: exactly `[anchor, block]` encod
 anchor per block. An anchor larger than the block is allowed: a block that starts inside the anchor sees every token
 before it (the anchor less what the block holds itself), so the blocks that start inside the anchor (the *head*) are
 one causal pass over their tokens, which also gives the anchor's KV; only the blocks after them prepend the anchor.
-Phase 2: the query attends to all context KV and causally to itself (starqa.star_cache); several questions share
+Phase 2: the query attends to all context KV and causally to itself (starqa.engine.star_cache); several questions share
 the context KV (read once per step for all of them), each with its own row of the query buffer. The model is
 starqa.model.transformer's compact Llama-family decoder.
 """
@@ -31,7 +31,7 @@ from starqa.attention import backend_problem
 from starqa.store.context_kv import ContextKV, EncodedBlock, chunk_starts_for
 from starqa.errors import StarqaError, UsageError
 from starqa.store.kv_quant import KEY_GROUP, quantize_keys, quantize_values, resolve_kv_dtype, storage_dtype
-from starqa.star_cache import StarCache
+from starqa.engine.star_cache import StarCache
 from starqa.documents.tokens import plan_blocks
 
 
@@ -316,7 +316,7 @@ class StarEngine:
         starting inside the anchor; block 0 alone when anchor_size <= block_size) are one causal pass over their
         tokens, whose first anchor_size tokens are the anchor. `anchor`: the anchor's KV [1, kv_heads, anchor_len,
         head_dim] in the compute dtype, when it is at hand without encoding the head here: the head blocks' stored
-        KV, which is what their own pass gives (a re-ingest that takes them over, see starqa.ingest). Without it, a
+        KV, which is what their own pass gives (a re-ingest that takes them over, see starqa.engine.ingest). Without it, a
         process that holds no head block encodes the anchor alone."""
         anchor_size = block_size if anchor_size is None else anchor_size
         if block_size <= 0 or anchor_size <= 0:
