@@ -142,7 +142,7 @@ GRID = [(a, q) for a in (0.0, 0.5, 1.0, 2.0) for q in (0.0, 0.5, 1.0)]
 
 def run_case(engine, case, folder: Path, raw: Path | None, max_new_tokens: int, grid: bool = False) -> dict:
     from starqa.evidence import collect, quotes
-    from starqa.passes import answer_text
+    from starqa.answer.passes import answer_text
     from starqa.documents.extraction import extract_document
     from starqa.evidence.heads import retrieval_heads
     from starqa.evidence.quotes import rank_sources

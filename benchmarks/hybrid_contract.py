@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from starqa.eval.poc_report import _answer_seconds, _half_width, run_process  # noqa: E402
 from starqa.eval.qa_file import load_qa_file  # noqa: E402
 from starqa.eval.scoring import score  # noqa: E402
-from starqa.hybrid import escalation_reason  # noqa: E402
+from starqa.answer.hybrid import escalation_reason  # noqa: E402
 
 
 def ask(mode: str, args, questions_file: Path) -> list[dict]:

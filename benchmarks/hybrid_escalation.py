@@ -5,7 +5,7 @@
 
 Each file is one `ask --json` run (answers joined to the QA file by question; a run may hold only some questions,
 e.g. the larger model's full attention only on the escalated ones). Composes, from the small model's Star answers
-and their `grounded` flag (starqa.hybrid.escalation_reason): hybrid→full (the small model's full attention answers
+and their `grounded` flag (starqa.answer.hybrid.escalation_reason): hybrid→full (the small model's full attention answers
 again), hybrid→LARGE star and hybrid→LARGE full (the larger model answers again with Star Attention from its stored
 copy, or with full attention). `--hybrid` adds the rows of a real `ask --attention hybrid --escalate-to` run.
 Prints one Markdown table: accuracy, the paired difference (±95 %) from each model's full attention on the
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from starqa.eval.poc_report import _answer_seconds, _half_width  # noqa: E402
 from starqa.eval.qa_file import load_qa_file  # noqa: E402
 from starqa.eval.scoring import score  # noqa: E402
-from starqa.hybrid import escalation_reason  # noqa: E402
+from starqa.answer.hybrid import escalation_reason  # noqa: E402
 
 
 def _load(path: Path | None) -> dict[str, dict]:

@@ -118,7 +118,7 @@ def main() -> None:
 
     import torch
 
-    from starqa.passes import load_context
+    from starqa.answer.passes import load_context
     from starqa.engine.star_engine import StarEngine, _attach_weights
     from starqa.model.resolve import BUNDLED_MODELS, bundled_gguf_path
     from starqa.model.quantized_weights import gguf_source

@@ -496,7 +496,7 @@ def document_version(document, engine) -> dict:
 
 
 class AskRecorder:
-    """Watches one ask's events (starqa.events and a server's failed/done/unserved) and, when the ask ends,
+    """Watches one ask's events (starqa.answer.events and a server's failed/done/unserved) and, when the ask ends,
     appends its records: one per answer, and one per question of a document (or of the whole ask) that failed."""
 
     def __init__(self, root: Path | str, level: str, *, who: dict, via: str, questions: Sequence[str],

@@ -232,14 +232,14 @@ def ask(
     config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """Answer questions about a document from its stored KV cache (Phase 2 only); through `starqa serve` if it runs."""
-    from starqa.events import EventPrinter, ignore
+    from starqa.answer.events import EventPrinter, ignore
 
     settings = _settings(config, quiet, model=model, dtype=dtype, kv_dtype=kv_dtype, device=device,
                          block_size=block_size, anchor_size=anchor_size, max_new_tokens=max_new_tokens,
                          batch_size=batch_size, temperature=temperature, top_p=top_p, seed=seed, nproc=nproc,
                          weights=weights, escalate_to=escalate_to)
-    from starqa.escalation import check_target
-    from starqa.hybrid import check_attention
+    from starqa.answer.escalation import check_target
+    from starqa.answer.hybrid import check_attention
 
     check_attention(attention)
     check_target(settings.escalate_to, settings, attention=attention, explicit=escalate_to is not None)
@@ -261,7 +261,7 @@ def ask(
             if code:
                 raise typer.Exit(code)
             return
-    from starqa import ask as asking
+    from starqa.answer import ask as asking
 
     from_stdin = questions is not None and str(questions) == "-"
     if attention == "full" and str(settings.nproc) != "1":

@@ -40,8 +40,8 @@ def _root(config: Optional[Path], quiet: bool = False):
 # ------------------------------------------------------------------------------------------- the ask's hook
 
 class AuditedAsk:
-    """starqa.ask as `starqa ask` uses it in its own process, with the audit hook: `run(...)` answers as
-    starqa.ask.run does, its events watched by an audit recorder (starqa.audit.AskRecorder), and appends the ask's
+    """starqa.answer.ask as `starqa ask` uses it in its own process, with the audit hook: `run(...)` answers as
+    starqa.answer.ask.run does, its events watched by an audit recorder (starqa.audit.AskRecorder), and appends the ask's
     records when it ends, whatever the outcome. A record that cannot be written is a warning: the answers were
     given. Only the speaking rank of several processes records."""
 

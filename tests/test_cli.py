@@ -124,7 +124,7 @@ def test_kv_read_back_from_the_store_equals_phase1_in_memory(tmp_path, home, tin
     """What ask loads from disk is bit for bit what Phase 1 computed and stored in its precision (layers, keys and
     values, int8 scales, positions in order)."""
     from starqa import cli
-    from starqa.passes import load_context
+    from starqa.answer.passes import load_context
     from starqa.engine.star_engine import StarEngine
     from starqa.store.document_store import DocumentStore
 

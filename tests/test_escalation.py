@@ -1,10 +1,10 @@
 """`--escalate-to MODEL`: hybrid answering's second pass goes to another (larger) model, which answers from its own
 stored copy of the document (`NAME@MODEL`, stored on first need from the primary's stored text), and the output
-names the model that answered (starqa.escalation).
+names the model that answered (starqa.answer.escalation).
 
 Two tiny random-weight models with the same tokenizer play the document's model and the "larger" one (another seed,
 one more layer). As in tests/test_hybrid.py, whether a Star answer is grounded is set by the test
-(starqa.passes.answer_evidence patched), and every Star batch and full-attention pass is logged with the model that ran
+(starqa.answer.passes.answer_evidence patched), and every Star batch and full-attention pass is logged with the model that ran
 it."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 
 from clihelp import json_lines
 from conftest import tiny_model
-from starqa import passes
+from starqa.answer import passes
 from starqa import cli
 from starqa.evidence.quotes import Evidence
 from test_hybrid import DOCUMENT, DTYPE, QUESTIONS, UNGROUNDED
@@ -79,7 +79,7 @@ def _copy_name(home, model) -> str:
 
 def test_ungrounded_answers_are_answered_again_by_the_larger_model_from_its_own_stored_copy(
         stored, controlled, capsys, home, tiny_model_dir, larger_model_dir):
-    from starqa.escalation import TARGET_ATTENTION
+    from starqa.answer.escalation import TARGET_ATTENTION
 
     primary = (home / "documents" / "terms").resolve()
     primary_files = {path.name: path.read_bytes() for path in primary.rglob("*") if path.is_file()}
@@ -171,7 +171,7 @@ def test_a_grounded_answer_loads_no_second_model_and_stores_no_copy(stored, cont
 
 def test_batches_escalate_their_own_ungrounded_answers_to_the_larger_model(stored, controlled, capsys,
                                                                           tiny_model_dir, larger_model_dir):
-    from starqa.escalation import TARGET_ATTENTION
+    from starqa.answer.escalation import TARGET_ATTENTION
 
     code, out, err = _ask(capsys, tiny_model_dir, "--questions", str(stored / "questions.txt"), "--attention",
                           "hybrid", "--json", "--batch-size", "2", "--escalate-to", str(larger_model_dir))
@@ -298,7 +298,7 @@ def _record(mode, model, score, index=0, grounded=None, **extra):
 
 
 def test_eval_hybrid_rows_take_the_target_models_answer_of_the_same_case_and_name_it():
-    from starqa.escalation import TARGET_ATTENTION, with_escalation
+    from starqa.answer.escalation import TARGET_ATTENTION, with_escalation
     from starqa.eval import summary
 
     records, target = [], []
@@ -340,7 +340,7 @@ def test_eval_escalate_to_is_checked_before_anything_runs(home, capsys, tmp_path
 def test_eval_escalate_to_runs_the_target_on_the_same_cases_and_reports_a_hybrid_row_naming_it(
         home, capsys, tmp_path, monkeypatch, bundled_tokenizer, larger_model_dir):
     from starqa.engine.star_engine import StarEngine
-    from starqa.escalation import TARGET_ATTENTION
+    from starqa.answer.escalation import TARGET_ATTENTION
     from starqa.eval import command
 
     large = str(larger_model_dir.resolve())

@@ -394,7 +394,7 @@ def test_json_report_has_the_required_keys(cli_engine, capsys):
     stars = {(64, 64), (64, 256), (128, 64), (128, 256)}  # anchors larger than the block run too
     assert {(row["mode"], row["block_size"], row["anchor_size"]) for row in report["results"]} == {
         ("full", None, None), *(("star", *sizes) for sizes in stars),
-        *(("hybrid", *sizes) for sizes in stars)}  # one hybrid row per Star configuration (starqa.hybrid)
+        *(("hybrid", *sizes) for sizes in stars)}  # one hybrid row per Star configuration (starqa.answer.hybrid)
     assert report["skipped"] == []
     assert {row["task"] for row in report["results"]} == {"niah_single_1", "cwe"}
     assert {row["task"] for row in report["overall"]} == {"overall"}

@@ -1,7 +1,7 @@
 """`--attention hybrid`: Star answers first; only the answers that are not grounded are answered again with full
-attention, together after the Star batch, and the output says which mode answered (starqa.hybrid).
+attention, together after the Star batch, and the output says which mode answered (starqa.answer.hybrid).
 
-In one process the grounding signal is controlled (starqa.passes.answer_evidence patched: a question is grounded or not
+In one process the grounding signal is controlled (starqa.answer.passes.answer_evidence patched: a question is grounded or not
 as the test says), with the tiny random-weight model; through a real server, the tiny model's answers are never
 grounded, so every one is answered again, and the server prints what `ask --no-server` prints."""
 
@@ -13,10 +13,10 @@ import httpx
 import pytest
 
 from clihelp import json_lines, starqa
-from starqa import passes
+from starqa.answer import passes
 from starqa import cli
 from starqa.evidence.quotes import Evidence
-from starqa.hybrid import compose_record, escalation_reason, with_hybrid
+from starqa.answer.hybrid import compose_record, escalation_reason, with_hybrid
 
 DOCUMENT = ("Clause 1. The supplier delivers the reports every Tuesday.\n\n"
             "Clause 2. Either party may end this agreement with ninety days of written notice.\n\n"

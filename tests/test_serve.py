@@ -223,7 +223,7 @@ def test_the_client_imports_neither_torch_nor_transformers(served, tiny_model_di
              f"code = cli.main(['ask', '--doc', 'terms', {QUESTION!r}, '--json', '--max-new-tokens', '3', '--model', "
              f"{str(tiny_model_dir)!r}])\n"
              "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'safetensors', "
-             "'numpy', 'tokenizers', 'tiktoken', 'triton') or m in ('starqa.store.document_store', 'starqa.engine.star_engine', 'starqa.ask'))\n"
+             "'numpy', 'tokenizers', 'tiktoken', 'triton') or m in ('starqa.store.document_store', 'starqa.engine.star_engine', 'starqa.answer.ask'))\n"
              "print(repr((code, heavy)), file=sys.stderr)\n")
     received = served.health()["queue"]["received"]
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120,

@@ -262,7 +262,7 @@ def _unseen_case(rng: random.Random, depth: float, paragraphs_count: int = 6):
 @pytest.mark.slow
 def test_the_first_source_holds_the_planted_fact_on_unseen_documents(bundled_engine, bundled_heads, tmp_path):
     from starqa.evidence import collect, quotes
-    from starqa.passes import answer_text
+    from starqa.answer.passes import answer_text
     from starqa.documents.extraction import extract_document
     from starqa.documents.text_positions import block_pages
     from starqa.documents.tokens import context_ids_for, prompt_template, query_ids_for

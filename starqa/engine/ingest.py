@@ -293,7 +293,7 @@ def ingest(source: str, settings: Settings, engine, store: DocumentStore, *, nam
 def ingest_text(name: str, text: str, pages: list[dict], source: dict, settings: Settings, engine,
                 store: DocumentStore) -> IngestResult:
     """Store already extracted text with its page map as document `name` in this one process, replacing what the
-    name holds (blocks it already has are taken over): a stored document's copy for another model (starqa.escalation
+    name holds (blocks it already has are taken over): a stored document's copy for another model (starqa.answer.escalation
     stores it from the stored text, so its pages and evidence offsets are the original's)."""
     validate_name(name)
     prepared = _prepared_text(name, source, text, pages, settings, engine, allow_long=False, label=f"'{name}'")

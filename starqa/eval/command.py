@@ -49,7 +49,7 @@ def parse_lengths(text: str | None) -> list[int]:
 def parse_attention(text: str | None) -> list[str]:
     """--attention: the modes to report, in the order star, full, hybrid (each measured case runs star and full;
     hybrid is composed from them)."""
-    from starqa.hybrid import ATTENTION_MODES
+    from starqa.answer.hybrid import ATTENTION_MODES
 
     if text is None:
         return list(ATTENTION_MODES)
@@ -179,7 +179,7 @@ def _eval(doc, qa, suite, lengths, samples, tasks, block_size, anchor_size, pair
     settings = load_settings(config, model=model, dtype=dtype, device=device, max_new_tokens=max_new_tokens,
                              weights=weights, escalate_to=escalate_to)
     modes = parse_attention(attention)
-    from starqa.escalation import FULL, check_target
+    from starqa.answer.escalation import FULL, check_target
 
     target = check_target(settings.escalate_to, settings, attention="hybrid" if "hybrid" in modes else attention,
                           explicit=escalate_to is not None)  # an unknown or missing model: before anything runs
@@ -225,7 +225,7 @@ def _eval(doc, qa, suite, lengths, samples, tasks, block_size, anchor_size, pair
         if not text.strip():
             raise UsageError(f"--doc {doc!r} has no text")
         if manifest is not None:  # a stored document is evaluated with the model (and dtype) it was stored with
-            from starqa.ask import engine_for
+            from starqa.answer.ask import engine_for
 
             model, stored_dtype = engine_for(manifest, settings, model)
             if stored_dtype is not None:
@@ -255,7 +255,7 @@ def _eval(doc, qa, suite, lengths, samples, tasks, block_size, anchor_size, pair
     records = runner.records
     if "hybrid" in modes and target != FULL and stopped is None:
         # the escalation target answers the same cases (its own --resume log), and hybrid takes its answers
-        from starqa.escalation import target_log_path, target_modes, with_escalation
+        from starqa.answer.escalation import target_log_path, target_modes, with_escalation
 
         target_engine = _load_engine(settings, target, trust_remote_code)
         target_log = ResultLog(target_log_path(resume, target)) if resume is not None else None
@@ -263,7 +263,7 @@ def _eval(doc, qa, suite, lengths, samples, tasks, block_size, anchor_size, pair
                                          target_log, keep=target_modes)
         records = with_escalation(records, target_runner.records, target)
     elif "hybrid" in modes:
-        from starqa.hybrid import with_hybrid
+        from starqa.answer.hybrid import with_hybrid
 
         records = with_hybrid(records)
     rows, overall = summary.summarize(records)

@@ -325,7 +325,7 @@ class EvalRunner:
             "new_tokens": stats.new_tokens, "decode_tokens_per_s": stats.decode_tokens_per_s,
             "peak_rss_mb": report.peak_rss_mb(), "peak_cuda_mb": cuda_peak, "max_new_tokens": budget,
             "source_hit": source_hit, "evidence_hit": evidence_hit,
-            # the signals hybrid answering may escalate on (starqa.hybrid): grounded, the best quote's score
+            # the signals hybrid answering may escalate on (starqa.answer.hybrid): grounded, the best quote's score
             "grounded": found.grounded, "evidence_score": found.evidence[0]["score"] if found.evidence else 0.0,
         }
 

@@ -14,11 +14,11 @@ A row is one (task, length, mode, block, anchor):
     better, worse        star rows: how many paired samples Star scored higher / lower on than full attention
     answer_s             mean seconds per answer once the document is stored: prefill to last token (Phase 1 is
                          its own column); a hybrid row's includes the full-attention pass of the escalated cases
-    escalated            hybrid rows: % of the cases answered again with full attention (starqa.hybrid)
+    escalated            hybrid rows: % of the cases answered again with full attention (starqa.answer.hybrid)
     escalated_to         hybrid rows: what answered them again, "full" or a model (eval --escalate-to MODEL; the
                          row is labelled hybrid→MODEL and its delta still compares it with this model's full attention)
 Hybrid rows (mode "hybrid", one per Star configuration) are composed from the same cases' Star and full records
-(starqa.hybrid.compose_record); their delta, better and worse compare them with full attention like a Star row's.
+(starqa.answer.hybrid.compose_record); their delta, better and worse compare them with full attention like a Star row's.
     source_hit           % of the cases with a reference answer written once in the context whose first source
                          block (starqa.evidence) holds it; evidence_hit likewise for the first evidence quote
 Overall rows (task "overall") average each mode's per-task rows at one length, over the tasks that mode ran; their
@@ -60,7 +60,7 @@ def _mode_order(key: tuple) -> tuple:
 
 
 def _answer_s(record: dict) -> float:
-    from starqa.hybrid import answer_seconds
+    from starqa.answer.hybrid import answer_seconds
 
     return answer_seconds(record)
 

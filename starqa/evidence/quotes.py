@@ -406,7 +406,7 @@ def format_evidence(found: Evidence) -> str:
 
 def answer_trailer_lines(answer) -> list[str]:
     """The lines printed under an answer's text (an object with `evidence`, `grounded` and `sources`, as
-    starqa.ask.Answer): its quotes, whether it is grounded in them, then its pages ("Sources: ...")."""
+    starqa.answer.ask.Answer): its quotes, whether it is grounded in them, then its pages ("Sources: ...")."""
     lines = format_evidence(Evidence(sources=answer.sources, evidence=answer.evidence,
                                      grounded=answer.grounded)).splitlines()
     if answer.sources:

@@ -8,7 +8,7 @@ engine work happens in the worker (starqa.serve.worker). Every request is untrus
     GET  /v1/documents/NAME    one of them
     GET  /v1/models            the stored documents as OpenAI models (a document's name is the model)
     GET  /v1/models/NAME       one of them
-    POST /v1/ask               the fields of `starqa ask`; newline-delimited JSON events (starqa.events)
+    POST /v1/ask               the fields of `starqa ask`; newline-delimited JSON events (starqa.answer.events)
     POST /v1/chat/completions  OpenAI-compatible: model = a document's name, the last user message the question
 
 Requests over TCP need `Authorization: Bearer <key>` (compared in constant time): the `--api-key` key (every

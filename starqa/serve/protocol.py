@@ -1,5 +1,5 @@
 """What crosses the server's socket: the request bodies of `POST /v1/ask` and `POST /v1/chat/completions`, checked
-as untrusted input; the events a request streams back (starqa.events, plus `failed`, `done` and `unserved`); error
+as untrusted input; the events a request streams back (starqa.answer.events, plus `failed`, `done` and `unserved`); error
 bodies; and where a store's socket is. torch-free: the CLI client imports this.
 
 A request's settings are checked exactly as a config file's (starqa.config): unknown fields and wrong types are
@@ -60,7 +60,7 @@ def error_body(message: str, kind: str, exit_code: int = 1) -> dict:
 
 @dataclass(frozen=True)
 class AskRequest:
-    """One `ask`, as the server's worker answers it (what starqa.ask.run takes)."""
+    """One `ask`, as the server's worker answers it (what starqa.answer.ask.run takes)."""
 
     docs: tuple[str, ...]
     all_documents: bool

@@ -1,7 +1,7 @@
 """The engine worker of `starqa serve`: one thread owns the model and the documents' KV kept in memory; asks wait
 in one FIFO queue and are answered in turn, each sending its events to its own queue, so a client that reads
 slowly (or not at all) never holds the worker up. An ask is answered by the code `starqa ask` runs in its own
-process (starqa.ask), so it gets the same events.
+process (starqa.answer.ask), so it gets the same events.
 
 Asks of one question or a few (no more than the batch size) about the same document, with the same settings,
 that wait at the same time are decoded together (engine.generate_batch): one read of the weights and of the KV per
@@ -30,7 +30,10 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from starqa import ask, events, passes, report
+from starqa import report
+from starqa.answer import ask
+from starqa.answer import events
+from starqa.answer import passes
 from starqa.audit import document_version
 from starqa.engine.distributed import Ranks, requested_nproc
 from starqa.errors import StarqaError, UsageError, describe

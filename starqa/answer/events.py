@@ -1,6 +1,6 @@
 """What answering produces, as events; and `EventPrinter`, which prints them the way `starqa ask` does.
 
-Answering a request (starqa.ask) emits plain JSON-able dicts, in this order per batch of questions: the answer
+Answering a request (starqa.answer.ask) emits plain JSON-able dicts, in this order per batch of questions: the answer
 text as it is decoded, then each question's Answer with its text and the lines printed under it (evidence quotes,
 grounded, sources), then the batch's timing table. `starqa ask` prints them in its own process; `starqa serve` sends
 the same dicts to a client (`POST /v1/ask`, one per line), which prints them with the same printer, so both print the
@@ -14,7 +14,7 @@ same bytes. torch-free.
     {"type": "error", "message": "memo: ..."}                 one document failed; the others are still answered
     {"type": "note", "doc": "memo", "question": 0, "message": "answered again with full attention: not grounded"}
 
-`answer` is the `ask --json` object (starqa.answer.Answer.to_row); `text` is the decoded answer as streamed (not
+`answer` is the `ask --json` object (starqa.answer.record.Answer.to_row); `text` is the decoded answer as streamed (not
 stripped); `question` counts the questions asked of that document from 0. A server adds `failed` (the request
 failed as a whole: one error line and an exit code), `done` (the exit code) and `unserved` (nothing was done: the
 client answers in its own process), see starqa.serve.protocol.
@@ -25,7 +25,7 @@ from __future__ import annotations
 import sys
 
 from starqa import report
-from starqa.answer import row_json
+from starqa.answer.record import row_json
 
 
 def document(doc: str) -> dict:

@@ -1,10 +1,10 @@
 """Ask: Phase 2 over a stored document's KV (or, for comparison, full attention over document + question): which
 documents, opened (or first ingested) one after another, their questions in batches, each batch a pass of
-starqa.passes, or hybrid answering's two passes (starqa.hybrid).
+starqa.answer.passes, or hybrid answering's two passes (starqa.answer.hybrid).
 
-Data flows one way: store -> engine (Phase 2) -> answer. Answering emits events (starqa.events): the answer text as
+Data flows one way: store -> engine (Phase 2) -> answer. Answering emits events (starqa.answer.events): the answer text as
 it is decoded, each question's Answer with its text and the lines printed under it, one timing table per batch, a
-line per document that failed. `starqa ask` prints them in its own process (starqa.events.EventPrinter);
+line per document that failed. `starqa ask` prints them in its own process (starqa.answer.events.EventPrinter);
 `starqa serve` runs this same code and sends the same events to the client, which prints them the same way.
 """
 
@@ -13,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from starqa import events, passes
+from starqa.answer import events
+from starqa.answer import passes
 from starqa.audit import document_version
 from starqa.engine.distributed import Ranks, share_outcome
 from starqa.errors import StarqaError, UsageError
-from starqa.passes import EachToken, Emit, emit_replies, load_context_share, timer, timing_table
+from starqa.answer.passes import EachToken, Emit, emit_replies, load_context_share, timer, timing_table
 from starqa.store.document_store import DocumentReplaced, DocumentStore, StoredDocument
 from starqa.documents.tokens import context_ids_for, prompt_template
 
@@ -113,10 +114,10 @@ def run(engine_loader, settings, store: DocumentStore, *, docs: Sequence[str], a
 
 
 def _escalation(settings, attention: str, engine_loader, store: DocumentStore):
-    """Hybrid's second pass when it goes to another model (settings.escalate_to, starqa.escalation), else None."""
+    """Hybrid's second pass when it goes to another model (settings.escalate_to, starqa.answer.escalation), else None."""
     if attention != "hybrid" or settings.escalate_to == "full":
         return None
-    from starqa.escalation import FULL, Escalation, check_target
+    from starqa.answer.escalation import FULL, Escalation, check_target
 
     model = check_target(settings.escalate_to, settings, attention=attention, explicit=False)
     return Escalation(None if model == FULL else model, engine_loader, store)
@@ -133,7 +134,7 @@ class OpenDocument:
     cache_hit: bool  # Phase 1 did not run for this ask
     phase1_s: float
     load_s: float  # finding (or ingesting) the document, loading the model and the KV
-    escalation: object = None  # hybrid's second pass to another model (starqa.escalation.Escalation), or None
+    escalation: object = None  # hybrid's second pass to another model (starqa.answer.escalation.Escalation), or None
 
 
 def answer_document(load_engine, settings, store: DocumentStore, *, doc: str, questions: list[str], attention: str,
@@ -188,7 +189,7 @@ def open_document(load_engine, settings, store: DocumentStore, *, doc: str, atte
         document = share_outcome(ranks, lambda: store.get(stored_name))
         check_usable(document, engine, settings, explicit_sizes=explicit_sizes)
         try:
-            if attention in ("star", "hybrid") and load_kv is not None:  # hybrid: Star first (starqa.hybrid)
+            if attention in ("star", "hybrid") and load_kv is not None:  # hybrid: Star first (starqa.answer.hybrid)
                 context = load_kv(engine, store, document)
             elif attention in ("star", "hybrid"):
                 context = load_context_share(engine, store, document, ranks, len(document.blocks))
@@ -211,8 +212,8 @@ def answer_questions(opened: OpenDocument, questions: list[str], settings, *, at
     for first in range(0, len(questions), batch):
         asked = questions[first:first + batch]
         send = (lambda row, text, first=first: emit(events.delta(document.name, first + row, text))) if stream else None
-        if attention == "hybrid":  # Star, then full attention for the answers not grounded (starqa.hybrid)
-            from starqa import hybrid
+        if attention == "hybrid":  # Star, then full attention for the answers not grounded (starqa.answer.hybrid)
+            from starqa.answer import hybrid
 
             hybrid.answer_batch(opened, asked, first, settings, ranks=ranks, emit=emit, each_token=each_token)
             continue

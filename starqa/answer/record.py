@@ -28,7 +28,7 @@ class Answer:
     sources: list = field(default_factory=list)  # [{"pages": [4, 5], "block": 3, "share": 0.41}, ...]
     evidence: list = field(default_factory=list)  # [{"page", "text", "start", "end", "score"}, ...] (text.txt)
     grounded: bool = False  # the answer's content is in one evidence quote (starqa.evidence)
-    hybrid: dict | None = None  # --attention hybrid: {"escalated", "star_answer", "reason", ...} (starqa.hybrid)
+    hybrid: dict | None = None  # --attention hybrid: {"escalated", "star_answer", "reason", ...} (starqa.answer.hybrid)
 
     def to_row(self) -> dict:
         """The JSON object (timings rounded), as plain data: a server sends it, a client prints it unchanged."""

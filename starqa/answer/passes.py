@@ -1,7 +1,7 @@
 """One pass of answers over one stored document: Star Attention over its stored KV (a batch of questions decoded
 together) or, for comparison, full attention over its text and one question; each answer with its evidence, the
-events that print it, and the timing table of the pass. `starqa ask` (starqa.ask), hybrid answering
-(starqa.hybrid), the escalation to a larger model (starqa.escalation) and the server's worker run these.
+events that print it, and the timing table of the pass. `starqa ask` (starqa.answer.ask), hybrid answering
+(starqa.answer.hybrid), the escalation to a larger model (starqa.answer.escalation) and the server's worker run these.
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from starqa import events, report
-from starqa.answer import Answer
+from starqa import report
+from starqa.answer import events
+from starqa.answer.record import Answer
 from starqa.engine.distributed import Ranks, agree, block_plan, phase2_spread
 from starqa.store.context_kv import ContextKV
 from starqa.errors import StarqaError

@@ -38,12 +38,12 @@ def check_attention(attention: str, flag: str = "--attention") -> str:
     return attention
 
 
-# ---------------------------------------------------------------- asking (starqa.ask)
+# ---------------------------------------------------------------- asking (starqa.answer.ask)
 
 
 def combined_answer(star, full, reason: str, target=None):
     """The Answer a hybrid ask returns for an escalated question: the second pass's (full attention's, or the
-    escalation target's: `target`, starqa.escalation.Target), whose timings include both passes (prefill: both
+    escalation target's: `target`, starqa.answer.escalation.Target), whose timings include both passes (prefill: both
     prefills; time to first token: the whole Star answer, then the second pass's first token) and whose `hybrid`
     field holds the Star answer, why it was not kept and what answered again (`escalated_to`: "full" or the
     model; `full_s`: the second pass's seconds)."""
@@ -74,13 +74,14 @@ def _decode_s(answer) -> float:
 
 
 def answer_batch(opened, questions: list[str], first: int, settings, *, ranks, emit, each_token=None) -> None:
-    """One batch of a hybrid ask (starqa.ask.answer_questions): every question answered with Star Attention, decoded
+    """One batch of a hybrid ask (starqa.answer.ask.answer_questions): every question answered with Star Attention, decoded
     together; then only those whose answer is not grounded are answered again with full attention over the stored
     text, one after another, in the same second pass; then the batch's answers in order, a note before each one
     given again, and one timing table holding both passes. Answer text is not streamed: it is known once decided."""
     import time
 
-    from starqa import events, passes
+    from starqa.answer import events
+    from starqa.answer import passes
     from starqa.audit import document_version
 
     engine, document = opened.engine, opened.document
@@ -96,7 +97,7 @@ def answer_batch(opened, questions: list[str], first: int, settings, *, ranks, e
     full_s, target = 0.0, None
     if escalated:
         started = time.perf_counter()
-        escalation = getattr(opened, "escalation", None)  # --escalate-to MODEL (starqa.escalation), else None
+        escalation = getattr(opened, "escalation", None)  # --escalate-to MODEL (starqa.answer.escalation), else None
         target = escalation.target(opened, settings) if escalation is not None else None
         if target is None:  # full attention with the document's own model, one question after another
             context_ids = full_context_ids(opened)
@@ -163,7 +164,7 @@ def escalated_rows(answers: Sequence) -> list[tuple[int, str]]:
 def compose_record(star: dict, full: dict, escalated_to: str = "full") -> dict:
     """The hybrid record of one eval case from its Star and full-attention records: Star's answer when grounded,
     else full attention's; its seconds are Star's, plus full attention's when escalated. With `escalated_to` a
-    model, `full` is that model's record of the same case (starqa.escalation.with_escalation)."""
+    model, `full` is that model's record of the same case (starqa.answer.escalation.with_escalation)."""
     reason = escalation_reason(bool(star.get("grounded")), star.get("prediction", ""))
     chosen = full if reason else star
     record = dict(chosen, task=star["task"], length=star["length"], index=star["index"],  # the case asked

@@ -1,6 +1,6 @@
 """Where hybrid answering sends an answer that is not grounded (`--escalate-to full|MODEL`, config `escalate_to`).
 
-`full` (the default) answers it again with full attention on the document's own model (starqa.hybrid). A MODEL (a
+`full` (the default) answers it again with full attention on the document's own model (starqa.answer.hybrid). A MODEL (a
 catalogue name, a .gguf file, an HF directory: what `--model` takes) answers it again with that model, a
 FrugalGPT-style cascade: the small model answers every question, the larger one only those the small one could not
 ground. The larger model answers from its own stored copy of the document:
@@ -79,8 +79,8 @@ class Target:
     phase1_s: float  # Phase 1 of the copy when this ask stored it, else 0
 
     def answer(self, questions: list[str], settings) -> list:
-        """The larger model's replies (starqa.ask.Reply) to these questions, in order (Star: decoded together)."""
-        from starqa import passes
+        """The larger model's replies (starqa.answer.ask.Reply) to these questions, in order (Star: decoded together)."""
+        from starqa.answer import passes
 
         if TARGET_ATTENTION == "star":
             return passes.ask_star(self.engine, self.context, self.document, questions, settings, cache_hit=True,
@@ -120,7 +120,7 @@ class Escalation:
             return None  # the document's own model under another name: full attention
         document, phase1_s = stored_copy(self.store, opened.document, engine, settings)
         if TARGET_ATTENTION == "star":
-            from starqa.passes import load_context
+            from starqa.answer.passes import load_context
 
             context = load_context(engine, self.store, document)
         else:
@@ -177,8 +177,8 @@ def target_modes(modes: list) -> list:
 def with_escalation(records: list[dict], target_records: list[dict], model: str) -> list[dict]:
     """`records` plus one hybrid record per case and Star configuration: the Star answer when grounded, else the
     target model's answer to the same case (its record in TARGET_ATTENTION, the same Star configuration where it
-    has one) with both passes' seconds (starqa.hybrid.compose_record)."""
-    from starqa.hybrid import compose_record
+    has one) with both passes' seconds (starqa.answer.hybrid.compose_record)."""
+    from starqa.answer.hybrid import compose_record
 
     by_case: dict[tuple, list[dict]] = {}
     by_question: dict[tuple, list[dict]] = {}  # a document's cases: their length is each tokenizer's own count
