@@ -2,7 +2,7 @@
 
 One process loads the model once, ingests samples/contract.txt into a temporary store, then answers the same
 question --repeat times in each mode, alternating (off, metadata, metadata, off, ...), through the code `starqa ask`
-runs (starqa.answer.ask.run with the audit hook of starqa.governance). Each ask is timed around the whole call, the audit
+runs (starqa.answer.ask.run with the audit hook of starqa.governance.commands). Each ask is timed around the whole call, the audit
 record's append and fsync included; the process start-up of a CLI ask (several seconds) is left out, which makes
 the share reported larger than a user's. Prints:
 
@@ -41,11 +41,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from starqa.answer import ask as asking
-    from starqa import audit
+    from starqa.governance import audit
     from starqa.config import load_settings
     from starqa.engine.distributed import Ranks
     from starqa.engine.star_engine import StarEngine
-    from starqa.governance import audited_ask
+    from starqa.governance.commands import audited_ask
     from starqa.engine.ingest import ingest
     from starqa.store.document_store import DocumentStore
 

@@ -274,7 +274,7 @@ def ask(
         from starqa.engine.distributed import broadcast_object
 
         asked = broadcast_object(asked, ranks)  # under a hand-launched torchrun only rank 0 read standard input
-    from starqa.governance import AuditedAsk
+    from starqa.governance.commands import AuditedAsk
 
     asking = AuditedAsk(asking, settings, questions=asked, docs=doc or [], attention=attention,
                         speaker=ranks.is_speaker)  # its run() records the ask in the store's audit log
@@ -499,7 +499,7 @@ def serve(
 
 from starqa.eval.command import eval_command  # noqa: E402  (the eval command lives in its own package)
 app.command("eval")(eval_command)
-from starqa.governance import audit_app, keys_app  # noqa: E402  (audit log and scoped keys: docs/governance.md)
+from starqa.governance.commands import audit_app, keys_app  # noqa: E402  (audit log and scoped keys: docs/governance.md)
 app.add_typer(audit_app, name="audit")
 app.add_typer(keys_app, name="keys")
 

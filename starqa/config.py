@@ -47,7 +47,7 @@ class Settings:
     max_connections: int
     max_queued_events: int
     max_decode_memory: int  # bytes
-    audit: str = "metadata"  # off | metadata | full (starqa.audit)
+    audit: str = "metadata"  # off | metadata | full (starqa.governance.audit)
     audit_retention_days: int | None = None  # `starqa audit prune` drops records older than this; None: keep all
     escalate_to: str = "full"  # --attention hybrid's second pass: full attention, or a larger model (starqa.answer.escalation)
 

@@ -1,4 +1,4 @@
-"""The audit log (starqa.audit): a hash chain of JSON lines under the store, one file per month. Writers are tested
+"""The audit log (starqa.governance.audit): a hash chain of JSON lines under the store, one file per month. Writers are tested
 in processes without a model (8 concurrent writers, a writer SIGKILLed mid-append); `verify` must name an edited, a
 removed and a reordered record; prune keeps what remains verifiable; one real CLI ask per level records the exact
 document version that answered, and `eval` records nothing."""
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from clihelp import REPO, json_lines, starqa
-from starqa import audit
+from starqa.governance import audit
 
 DEC = 1796633153.0  # 2026-12-07 08:45:53 UTC
 NOV = DEC - 30 * 86400  # 2026-11-07
@@ -99,7 +99,7 @@ def test_an_unreadable_line_and_a_reordered_month_are_breaks_too(tmp_path):
 
 _WRITER = """
 import sys, random
-from starqa import audit
+from starqa.governance import audit
 root, writer, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 for n in range(count):
     pad = "x" * random.randint(0, 3000)  # records of different lengths: a torn or mixed line would show

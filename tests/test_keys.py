@@ -1,4 +1,4 @@
-"""Scoped API keys (starqa.keys) and what `starqa serve` does with them: a key sees and asks only the documents its
+"""Scoped API keys (starqa.governance.keys) and what `starqa serve` does with them: a key sees and asks only the documents its
 globs match (others 404 when named, unlisted, 403 on ask), a revoked key is 401 from the next request on, the key
 itself is never stored; and every served answer is recorded in the audit log with who asked (the key's name over
 TCP, the peer's uid on the Unix socket). One server run (the tiny random-weight model)."""
@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from clihelp import json_lines, starqa
-from starqa import audit, keys
+from starqa.governance import audit
+from starqa.governance import keys
 from test_serve import DTYPE, OTHERS, QUESTION, _free_port, serving
 
 ALL_KEY = "all-" + "y" * 28

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from starqa.answer import events
 from starqa.answer import passes
-from starqa.audit import document_version
+from starqa.governance.audit import document_version
 from starqa.engine.distributed import Ranks, share_outcome
 from starqa.errors import StarqaError, UsageError
 from starqa.answer.passes import EachToken, Emit, emit_replies, load_context_share, timer, timing_table

@@ -82,7 +82,7 @@ def answer_batch(opened, questions: list[str], first: int, settings, *, ranks, e
 
     from starqa.answer import events
     from starqa.answer import passes
-    from starqa.audit import document_version
+    from starqa.governance.audit import document_version
 
     engine, document = opened.engine, opened.document
     started = time.perf_counter()

@@ -176,7 +176,7 @@ def timing_table(answers: Sequence[Answer], engine, load_s: float | None = None,
 
 def emit_replies(emit: Emit, doc: str, first: int, replies: Sequence[Reply], version: dict | None = None) -> None:
     """The answer events of a batch whose first question is the document's question number `first`; `version`:
-    the stored version that answered (starqa.audit.document_version)."""
+    the stored version that answered (starqa.governance.audit.document_version)."""
     for row, reply in enumerate(replies):
         emit(events.answer(doc, first + row, reply.answer.to_row(), reply.text, answer_lines(reply.answer), version))
 

@@ -3,7 +3,7 @@
 - Over the store's Unix socket (0600: only the store's owner connects): the peer's uid, read with SO_PEERCRED when
   the connection is made (`PeerH11Protocol`); every document.
 - Over TCP with the `--api-key` key: every document, recorded as the key `--api-key`.
-- Over TCP with a scoped key (`starqa keys add`, starqa.keys): the documents its globs match. Others are not listed
+- Over TCP with a scoped key (`starqa keys add`, starqa.governance.keys): the documents its globs match. Others are not listed
   (`/v1/documents`, `/v1/models`), 404 when asked for by name there, and 403 on ask; a revoked key is 401.
 """
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from starqa.keys import Key, KeyRing
+from starqa.governance.keys import Key, KeyRing
 from starqa.serve.protocol import AskRequest, RequestError
 
 PEER = "starqa.peer"  # in the ASGI scope's state: {"uid", "pid"} of a Unix-socket peer
@@ -69,7 +69,7 @@ def peer(scope) -> str:
 def identify(scope, expected: bytes | None, ring: KeyRing | None) -> Identity | str:
     """The request's Identity, or why it is refused (401)."""
     if over_unix_socket(scope):
-        from starqa.audit import user_name
+        from starqa.governance.audit import user_name
 
         peer = (scope.get("state") or {}).get(PEER) or {}
         uid = peer.get("uid")

@@ -14,7 +14,7 @@ engine work happens in the worker (starqa.serve.worker). Every request is untrus
 Requests over TCP need `Authorization: Bearer <key>` (compared in constant time): the `--api-key` key (every
 document) or a scoped key of the store (`starqa keys add`: only the documents its globs match, see
 starqa.serve.access); over the store's Unix socket, which only the store's owner can open, they need none. Every
-answer is recorded in the store's audit log (starqa.audit) with who asked: the socket peer's uid, or the key's name.
+answer is recorded in the store's audit log (starqa.governance.audit) with who asked: the socket peer's uid, or the key's name.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def create_app(worker: Worker, *, api_key: str | None, log: Callable[[str], None
 
 class _RequireKey:
     """Requests that did not come through the Unix socket need `Authorization: Bearer <key>`: the `--api-key` key
-    or a scoped key of the store (`keys`, a starqa.keys.KeyRing read again whenever its file changes). The request's
+    or a scoped key of the store (`keys`, a starqa.governance.keys.KeyRing read again whenever its file changes). The request's
     Identity (starqa.serve.access) goes into its scope."""
 
     def __init__(self, app, api_key: str | None, log: Callable[[str], None], keys=None) -> None:
@@ -218,7 +218,7 @@ def _submit(worker: Worker, request: protocol.AskRequest, peer: str,
     them). The worker never waits for a client: events wait in this queue, up to `max_queued_events` of them,
     and beyond that the answer text is merged into fewer events (limits.EventQueue). The ask is recorded in the
     audit log (who: the identity of the `http` request) when it ends."""
-    from starqa import audit
+    from starqa.governance import audit
 
     queue = limits.EventQueue(asyncio.get_running_loop(), worker.settings.max_queued_events)
     identity = identity_of(http.scope) if http is not None else None
@@ -337,7 +337,7 @@ def _record_refusal(worker: Worker, http: Request, request: protocol.AskRequest 
                     log: Callable[[str], None]) -> None:
     """An ask refused after it was understood (403 for a key's other documents, 404, 400) is recorded too; one
     the CLI then answers itself (409) is recorded by the CLI."""
-    from starqa import audit
+    from starqa.governance import audit
 
     if request is None or error.status == 409:
         return

@@ -80,7 +80,7 @@ def serve(settings, *, trust_remote_code: bool, host: str | None, port: int | No
 def _run(settings, store, path: Path, tcp: socket.socket | None, *, trust_remote_code: bool, api_key: str | None,
          debug: bool) -> int:
     from starqa.engine.star_engine import StarEngine
-    from starqa.keys import KeyRing
+    from starqa.governance.keys import KeyRing
     from starqa.serve.access import PeerH11Protocol
     from starqa.serve.app import create_app
     from starqa.serve.worker import Worker
@@ -151,9 +151,9 @@ class _Server(uvicorn.Server):
 
 
 def _scoped_keys(settings) -> bool:
-    """Whether the store has a scoped key that is not revoked (starqa.keys): TCP may then be served without
+    """Whether the store has a scoped key that is not revoked (starqa.governance.keys): TCP may then be served without
     --api-key."""
-    from starqa.keys import read_keys
+    from starqa.governance.keys import read_keys
     from starqa.store.root import store_root
 
     return any(key.revoked is None for key in read_keys(store_root(settings.store)))

@@ -34,7 +34,7 @@ from starqa import report
 from starqa.answer import ask
 from starqa.answer import events
 from starqa.answer import passes
-from starqa.audit import document_version
+from starqa.governance.audit import document_version
 from starqa.engine.distributed import Ranks, requested_nproc
 from starqa.errors import StarqaError, UsageError, describe
 from starqa.serve import limits, protocol
@@ -57,7 +57,7 @@ class Job:
         self.id = next(_ids)
         self.request = request
         self.peer = peer
-        self.recorder = recorder  # starqa.audit.AskRecorder: sees every event; records the ask when it closes
+        self.recorder = recorder  # starqa.governance.audit.AskRecorder: sees every event; records the ask when it closes
         self._deliver = deliver
         self.cancelled = threading.Event()
         self.queued_at = time.monotonic()

@@ -1,4 +1,4 @@
-"""The `starqa audit` and `starqa keys` commands (the audit log: starqa.audit; scoped keys: starqa.keys), and the
+"""The `starqa audit` and `starqa keys` commands (the audit log: starqa.governance.audit; scoped keys: starqa.governance.keys), and the
 audit hook of an ask answered in its own process. torch-free, like the modules they use."""
 
 from __future__ import annotations
@@ -41,13 +41,13 @@ def _root(config: Optional[Path], quiet: bool = False):
 
 class AuditedAsk:
     """starqa.answer.ask as `starqa ask` uses it in its own process, with the audit hook: `run(...)` answers as
-    starqa.answer.ask.run does, its events watched by an audit recorder (starqa.audit.AskRecorder), and appends the ask's
+    starqa.answer.ask.run does, its events watched by an audit recorder (starqa.governance.audit.AskRecorder), and appends the ask's
     records when it ends, whatever the outcome. A record that cannot be written is a warning: the answers were
     given. Only the speaking rank of several processes records."""
 
     def __init__(self, asking, settings, *, questions: list[str], docs: list[str], attention: str,
                  speaker: bool = True) -> None:
-        from starqa import audit
+        from starqa.governance import audit
 
         self.asking = asking
         self.recorder = audit.recorder(settings, who=audit.os_user(), via="cli", questions=questions, docs=docs,
@@ -101,7 +101,7 @@ def audit_list(
     """List the audit log's records, oldest first (filters combine)."""
     if ctx.invoked_subcommand is not None:
         return
-    from starqa import audit
+    from starqa.governance import audit
 
     settings, root = _root(config, quiet)
     wanted = audit.Filter(doc=doc, since=audit.since_time(since) if since else None, user=user, key=key)
@@ -119,7 +119,7 @@ def audit_list(
 
 
 def _retention_note(root: Path, settings) -> None:
-    from starqa import audit
+    from starqa.governance import audit
 
     old = audit.older_than_retention(root, settings.audit_retention_days)
     if old:
@@ -130,7 +130,7 @@ def _retention_note(root: Path, settings) -> None:
 @audit_app.command("verify")
 def audit_verify(config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt) -> None:
     """Check the hash chain: one line per break (an edited, removed or reordered record) and exit 1."""
-    from starqa import audit
+    from starqa.governance import audit
 
     settings, root = _root(config, quiet)
     verdict = audit.verify(root)
@@ -156,7 +156,7 @@ def audit_export(
     config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """The records as stored (JSON lines, byte for byte: an export of the whole log verifies like the log)."""
-    from starqa import audit
+    from starqa.governance import audit
 
     _, root = _root(config, quiet)
     start = audit.since_time(since) if since else None
@@ -184,7 +184,7 @@ def audit_prune(
 ) -> None:
     """Drop the records older than the retention, saying how many; the log then starts with an anchor record
     (their count and the last one's hash), so what is kept still verifies."""
-    from starqa import audit
+    from starqa.governance import audit
 
     settings, root = _root(config, quiet)
     days = older_than if older_than is not None else settings.audit_retention_days
@@ -218,7 +218,7 @@ def keys_add(
     config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """Make a key and print it once (only its SHA-256 is stored)."""
-    from starqa import keys
+    from starqa.governance import keys
 
     _, root = _root(config, quiet)
     secret = keys.add_key(root, name, docs)
@@ -234,7 +234,7 @@ def keys_list(
     config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """List the keys: name, document globs, created, revoked."""
-    from starqa import keys
+    from starqa.governance import keys
 
     _, root = _root(config, quiet)
     found = keys.read_keys(root)
@@ -254,7 +254,7 @@ def keys_revoke(
     config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """Revoke a key: a running server refuses it (401) from its next request on."""
-    from starqa import keys
+    from starqa.governance import keys
 
     _, root = _root(config, quiet)
     key = keys.revoke_key(root, name)

@@ -90,7 +90,7 @@ class _KeysLock:
 
 
 def _write_keys(root: Path, keys: list[Key]) -> None:
-    from starqa.audit import write_private_file
+    from starqa.governance.audit import write_private_file
 
     data = json.dumps({"format": FORMAT, "keys": [key.row() for key in keys]}, indent=2).encode() + b"\n"
     write_private_file(keys_path(root), data)
