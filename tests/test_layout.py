@@ -1,5 +1,6 @@
 """The package's layout: imports run one way (no cycle between starqa's modules, counting imports inside functions,
-which still tie two modules together), and no module borrows another module's private names."""
+which still tie two modules together, nor between its subpackages), and no module borrows another module's private
+names."""
 
 import ast
 from pathlib import Path
@@ -88,6 +89,22 @@ def test_no_import_cycle_in_the_package():
     found = cycles(graph)
     assert not found, "modules that import each other (directly or round a loop): " + "; ".join(
         " <-> ".join(component) for component in found)
+
+
+def test_no_import_cycle_between_the_subpackages():
+    """The layout's floors (documents/, model/, store/, engine/, evidence/, answer/, ...): a module of one may import
+    from another only if nothing there imports back, so each phase reads from the ones below it."""
+    graph, _ = import_graph()
+    floors: dict[str, set[str]] = {}
+    for name, targets in graph.items():
+        for target in targets:
+            a, b = name.split(".")[1:2], target.split(".")[1:2]
+            if a and b and a != b:
+                floors.setdefault(a[0], set()).add(b[0])
+    assert floors["answer"] >= {"evidence", "engine"}  # the walk sees the floors
+    nodes = set(floors) | {floor for targets in floors.values() for floor in targets}
+    found = cycles({node: floors.get(node, set()) for node in nodes})
+    assert not found, "subpackages that import each other: " + "; ".join(" <-> ".join(c) for c in found)
 
 
 def test_no_module_borrows_another_modules_private_names():

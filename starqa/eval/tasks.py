@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from starqa.eval import haystack
 from starqa.eval.haystack import LengthError, largest_fitting, spread_depths
 from starqa.eval.qa_file import QAPair, QASource
-from starqa.eval.words import ADJECTIVES, NOUNS, cwe_vocabulary
+from starqa.words import ADJECTIVES, NOUNS, cwe_vocabulary
 
 CountTokens = Callable[[str, str], int]
 TOLERANCE = 0.02

@@ -1,7 +1,7 @@
 """Evidence for an answer: which passages of the stored text it drew on, quoted with their pages, and whether its
-content is found in them (`grounded`). Data flows one way, each module importing only those listed before it:
+content is found in them (`grounded`). Data flows one way, each module importing only those listed before it
+(and, from below, where each token and block sits in the text: starqa/documents/text_positions.py):
 
-    text_positions.py  where each token and block sits in the stored text and on its pages (ingest uses it too)
     scores.py          the attention scores of the row that predicts the next answer token over the held context
     heads.py           the model's retrieval heads: calibrated once per model on synthetic needles, recorded in
                        the store's models/ folder

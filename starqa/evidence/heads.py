@@ -104,7 +104,7 @@ class _TopTokens:
 
 
 def _filler_sentence(rng: random.Random) -> str:
-    from starqa.eval.words import ADJECTIVES, NOUNS
+    from starqa.words import ADJECTIVES, NOUNS
 
     noun, other = rng.choice(NOUNS), rng.choice(NOUNS)
     return rng.choice((f"The {noun} is {rng.choice(ADJECTIVES)}.", f"A {noun} stood next to the {other}.",
@@ -113,7 +113,7 @@ def _filler_sentence(rng: random.Random) -> str:
 
 def calibration_documents(count: int = DOCUMENTS, words: int = DOCUMENT_WORDS) -> list[tuple[str, str, str]]:
     """(document, question, value) triples: filler sentences with one magic number at depth i / (count - 1)."""
-    from starqa.eval.words import ADJECTIVES, NOUNS
+    from starqa.words import ADJECTIVES, NOUNS
 
     rng = random.Random(_SEED)
     documents = []
