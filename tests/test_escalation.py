@@ -16,10 +16,8 @@ import pytest
 
 from clihelp import json_lines
 from conftest import tiny_model
-from starqa.answer import passes
 from starqa import cli
-from starqa.evidence.quotes import Evidence
-from test_hybrid import DOCUMENT, DTYPE, QUESTIONS, UNGROUNDED
+from test_hybrid import DOCUMENT, QUESTIONS, UNGROUNDED, control_passes, stored  # noqa: F401 (stored: a fixture)
 
 
 @pytest.fixture(scope="session")
@@ -32,36 +30,10 @@ def larger_model_dir(tmp_path_factory, bundled_tokenizer):
 
 
 @pytest.fixture
-def stored(home, tmp_path, tiny_model_dir):
-    source = tmp_path / "terms.txt"
-    source.write_text(DOCUMENT)
-    (tmp_path / "questions.txt").write_text("\n".join(QUESTIONS) + "\n")
-    assert cli.main(["ingest", str(source), "--block-size", "48", "--model", str(tiny_model_dir), *DTYPE,
-                     "--quiet"]) == 0
-    return tmp_path
-
-
-@pytest.fixture
 def controlled(monkeypatch):
     """Grounded as UNGROUNDED says (for every model), and a log of (pass, model, questions)."""
     calls = []
-    real_star, real_full, real_evidence = passes.ask_star, passes.ask_full, passes.answer_evidence
-
-    def evidence(engine, document, observer, answer, question, ranks=None):
-        found = real_evidence(engine, document, observer, answer, question, ranks)
-        return Evidence(sources=found.sources, evidence=found.evidence, grounded=question not in UNGROUNDED)
-
-    def star(engine, ctx, document, questions, settings, **kwargs):
-        calls.append(("star", engine.model_name, list(questions)))
-        return real_star(engine, ctx, document, questions, settings, **kwargs)
-
-    def full(engine, document, context_ids, question, settings, **kwargs):
-        calls.append(("full", engine.model_name, [question]))
-        return real_full(engine, document, context_ids, question, settings, **kwargs)
-
-    monkeypatch.setattr(passes, "answer_evidence", evidence)
-    monkeypatch.setattr(passes, "ask_star", star)
-    monkeypatch.setattr(passes, "ask_full", full)
+    control_passes(monkeypatch, lambda kind, engine, questions: calls.append((kind, engine.model_name, questions)))
     return calls
 
 

@@ -37,10 +37,9 @@ def stored(home, tmp_path, tiny_model_dir):
     return tmp_path
 
 
-@pytest.fixture
-def controlled(monkeypatch):
-    """Grounded as the test says (UNGROUNDED), and a log of the Star batches and full-attention passes run."""
-    calls = []
+def control_passes(monkeypatch, record) -> None:
+    """Grounded as UNGROUNDED says (for every model); `record(kind, engine, questions)` hears of every Star batch
+    ("star") and every full-attention pass ("full", one question) before it runs."""
     real_star, real_full, real_evidence = passes.ask_star, passes.ask_full, passes.answer_evidence
 
     def evidence(engine, document, observer, answer, question, ranks=None):
@@ -48,16 +47,24 @@ def controlled(monkeypatch):
         return Evidence(sources=found.sources, evidence=found.evidence, grounded=question not in UNGROUNDED)
 
     def star(engine, ctx, document, questions, settings, **kwargs):
-        calls.append(("star", list(questions)))
+        record("star", engine, list(questions))
         return real_star(engine, ctx, document, questions, settings, **kwargs)
 
     def full(engine, document, context_ids, question, settings, **kwargs):
-        calls.append(("full", question))
+        record("full", engine, [question])
         return real_full(engine, document, context_ids, question, settings, **kwargs)
 
     monkeypatch.setattr(passes, "answer_evidence", evidence)
     monkeypatch.setattr(passes, "ask_star", star)
     monkeypatch.setattr(passes, "ask_full", full)
+
+
+@pytest.fixture
+def controlled(monkeypatch):
+    """Grounded as the test says (UNGROUNDED), and a log of the Star batches and full-attention passes run."""
+    calls = []
+    control_passes(monkeypatch, lambda kind, engine, questions: calls.append(
+        (kind, questions if kind == "star" else questions[0])))
     return calls
 
 
