@@ -13,8 +13,7 @@ import httpx
 import pytest
 
 from clihelp import json_lines, starqa
-from starqa.governance import audit
-from starqa.governance import keys
+from starqa.governance import audit, keys
 from test_serve import DTYPE, OTHERS, QUESTION, _free_port, serving
 
 ALL_KEY = "all-" + "y" * 28

@@ -13,8 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from starqa.answer import events
-from starqa.answer import passes
+from starqa.answer import events, passes
 from starqa.governance.audit import document_version
 from starqa.engine.distributed import Ranks, share_outcome
 from starqa.errors import StarqaError, UsageError

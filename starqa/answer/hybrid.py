@@ -80,8 +80,7 @@ def answer_batch(opened, questions: list[str], first: int, settings, *, ranks, e
     given again, and one timing table holding both passes. Answer text is not streamed: it is known once decided."""
     import time
 
-    from starqa.answer import events
-    from starqa.answer import passes
+    from starqa.answer import events, passes
     from starqa.governance.audit import document_version
 
     engine, document = opened.engine, opened.document

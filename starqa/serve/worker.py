@@ -31,9 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from starqa import report
-from starqa.answer import ask
-from starqa.answer import events
-from starqa.answer import passes
+from starqa.answer import ask, events, passes
 from starqa.governance.audit import document_version
 from starqa.engine.distributed import Ranks, requested_nproc
 from starqa.errors import StarqaError, UsageError, describe
