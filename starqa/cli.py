@@ -499,7 +499,8 @@ def serve(
 
 from starqa.eval.command import eval_command  # noqa: E402  (the eval command lives in its own package)
 app.command("eval")(eval_command)
-from starqa.governance.commands import audit_app, keys_app  # noqa: E402  (audit log and scoped keys: docs/governance.md)
+# the audit log and scoped keys: docs/governance.md
+from starqa.governance.commands import audit_app, keys_app  # noqa: E402
 app.add_typer(audit_app, name="audit")
 app.add_typer(keys_app, name="keys")
 

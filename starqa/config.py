@@ -49,7 +49,8 @@ class Settings:
     max_decode_memory: int  # bytes
     audit: str = "metadata"  # off | metadata | full (starqa.governance.audit)
     audit_retention_days: int | None = None  # `starqa audit prune` drops records older than this; None: keep all
-    escalate_to: str = "full"  # --attention hybrid's second pass: full attention, or a larger model (starqa.answer.escalation)
+    # --attention hybrid's second pass: full attention, or a larger model (starqa.answer.escalation)
+    escalate_to: str = "full"
 
     @property
     def effective_anchor_size(self) -> int:

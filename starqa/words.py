@@ -1,6 +1,6 @@
 """Plain English word lists for generated text (starqa eval's synthetic tasks, the retrieval-head calibration):
-needle keys (adjective-noun, as RULER's "words" keys) and the vocabulary of the common-words-extraction lists. Hand-written for this project; all lowercase, alphabetic, distinct.
-"""
+needle keys (adjective-noun, as RULER's "words" keys) and the vocabulary of the common-words-extraction lists.
+Hand-written for this project; all lowercase, alphabetic, distinct. """
 
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 documents, opened (or first ingested) one after another, their questions in batches, each batch a pass of
 starqa.answer.passes, or hybrid answering's two passes (starqa.answer.hybrid).
 
-Data flows one way: store -> engine (Phase 2) -> answer. Answering emits events (starqa.answer.events): the answer text as
-it is decoded, each question's Answer with its text and the lines printed under it, one timing table per batch, a
+Data flows one way: store -> engine (Phase 2) -> answer. Answering emits events (starqa.answer.events): the answer text
+as it is decoded, each question's Answer with its text and the lines printed under it, one timing table per batch, a
 line per document that failed. `starqa ask` prints them in its own process (starqa.answer.events.EventPrinter);
 `starqa serve` runs this same code and sends the same events to the client, which prints them the same way.
 """
@@ -113,7 +113,8 @@ def run(engine_loader, settings, store: DocumentStore, *, docs: Sequence[str], a
 
 
 def _escalation(settings, attention: str, engine_loader, store: DocumentStore):
-    """Hybrid's second pass when it goes to another model (settings.escalate_to, starqa.answer.escalation), else None."""
+    """Hybrid's second pass when it goes to another model (settings.escalate_to, starqa.answer.escalation), else
+    None."""
     if attention != "hybrid" or settings.escalate_to == "full":
         return None
     from starqa.answer.escalation import FULL, Escalation, check_target

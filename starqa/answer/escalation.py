@@ -79,7 +79,8 @@ class Target:
     phase1_s: float  # Phase 1 of the copy when this ask stored it, else 0
 
     def answer(self, questions: list[str], settings) -> list:
-        """The larger model's replies (starqa.answer.ask.Reply) to these questions, in order (Star: decoded together)."""
+        """The larger model's replies (starqa.answer.ask.Reply) to these questions, in order (Star: decoded
+        together)."""
         from starqa.answer import passes
 
         if TARGET_ATTENTION == "star":

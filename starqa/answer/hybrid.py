@@ -74,9 +74,9 @@ def _decode_s(answer) -> float:
 
 
 def answer_batch(opened, questions: list[str], first: int, settings, *, ranks, emit, each_token=None) -> None:
-    """One batch of a hybrid ask (starqa.answer.ask.answer_questions): every question answered with Star Attention, decoded
-    together; then only those whose answer is not grounded are answered again with full attention over the stored
-    text, one after another, in the same second pass; then the batch's answers in order, a note before each one
+    """One batch of a hybrid ask (starqa.answer.ask.answer_questions): every question answered with Star Attention,
+    decoded together; then only those whose answer is not grounded are answered again with full attention over the
+    stored text, one after another, in the same second pass; then the batch's answers in order, a note before each one
     given again, and one timing table holding both passes. Answer text is not streamed: it is known once decided."""
     import time
 

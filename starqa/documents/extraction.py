@@ -53,8 +53,8 @@ def extract_document(source: str | Path, *, password: str | None = None,
 
     A file whose bytes start with "%PDF-" is read as a PDF whatever its name (so is a PDF piped to stdin: kind
     "pdf"); a ".pdf" file that does not is reported as damaged; anything else is read as text (its encoding found by
-    `starqa.documents.decoding`, which refuses binary files), one page per form-feed-separated part. `on_page(done, total)`
-    is called after each PDF page is extracted.
+    `starqa.documents.decoding`, which refuses binary files), one page per form-feed-separated part. `on_page(done,
+    total)` is called after each PDF page is extracted.
     """
     if str(source) == "-":
         label = "standard input"

@@ -474,8 +474,9 @@ class TextEncoder:
         return ""
 
     def encode(self, text: str) -> list[int]:
-        """Ids of document `text`, exactly `starqa.documents.tokens.encode_document(hf_tokenizer, text)`: no BOS; special
-        token strings inside the text ("<|im_end|>") are plain text; non-special added tokens become their ids."""
+        """Ids of document `text`, exactly `starqa.documents.tokens.encode_document(hf_tokenizer, text)`: no BOS;
+        special token strings inside the text ("<|im_end|>") are plain text; non-special added tokens become their
+        ids."""
         if self._built is None:
             return encode_document(self.hf_tokenizer, text)
         ids: list[int] = []

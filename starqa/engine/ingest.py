@@ -24,12 +24,13 @@ from starqa import __version__, report
 from starqa.config import Settings
 from starqa.engine.star_engine import head_blocks, quantize_block
 from starqa.store.kv_quant import KEY_GROUP, resolve_kv_dtype
-from starqa.engine.distributed import RankFailure, Ranks, agree, block_plan, broadcast_object, gather_objects, share_outcome
+from starqa.engine.distributed import (RankFailure, Ranks, agree, block_plan, broadcast_object, gather_objects,
+                                      share_outcome)
 from starqa.errors import StarqaError, UsageError
 from starqa.store.reuse import anchor_from_block_files, block_keys, reusable_blocks
 from starqa.documents.text_positions import block_pages
-from starqa.store.document_store import (DamagedDocument, DocumentStore, StoredDocument, block_file_name, name_from_path,
-                          reingest_hint, validate_name, write_block_file)
+from starqa.store.document_store import (DamagedDocument, DocumentStore, StoredDocument, block_file_name,
+                                         name_from_path, reingest_hint, validate_name, write_block_file)
 from starqa.documents.tokens import PROMPT_LAYOUT_VERSION, context_ids_for, plan_blocks, prompt_template
 
 # Test hook: STARQA_FAIL_PHASE1_RANK=N makes rank N raise during Phase 1 (how the fault tests stage a failure).
@@ -293,8 +294,8 @@ def ingest(source: str, settings: Settings, engine, store: DocumentStore, *, nam
 def ingest_text(name: str, text: str, pages: list[dict], source: dict, settings: Settings, engine,
                 store: DocumentStore) -> IngestResult:
     """Store already extracted text with its page map as document `name` in this one process, replacing what the
-    name holds (blocks it already has are taken over): a stored document's copy for another model (starqa.answer.escalation
-    stores it from the stored text, so its pages and evidence offsets are the original's)."""
+    name holds (blocks it already has are taken over): a stored document's copy for another model
+    (starqa.answer.escalation stores it from the stored text, so its pages and evidence offsets are the original's)."""
     validate_name(name)
     prepared = _prepared_text(name, source, text, pages, settings, engine, allow_long=False, label=f"'{name}'")
     spans = plan_blocks(len(prepared.context_ids), settings.block_size)

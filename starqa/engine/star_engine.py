@@ -36,7 +36,8 @@ from starqa.documents.tokens import plan_blocks
 
 
 def quantize_block(block: EncodedBlock, kv_dtype: str) -> EncodedBlock:
-    """The block's KV in the stored precision `kv_dtype` (float32, bfloat16, float16 or int8; see starqa.store.kv_quant)."""
+    """The block's KV in the stored precision `kv_dtype` (float32, bfloat16, float16 or int8; see
+    starqa.store.kv_quant)."""
     if kv_dtype != "int8":
         dtype = storage_dtype(kv_dtype)
         return EncodedBlock(block.index, block.start, block.end, [k.to(dtype) for k in block.keys],
@@ -100,8 +101,8 @@ class StarEngine:
 
     `model` is a starqa.model.transformer.Transformer, or a transformers model object (converted: tests, and models
     whose weights are not in safetensors files). `tokenizer` answers prompt and answer text (an HF tokenizer or a
-    starqa.documents.light_tokenizer.LightTokenizer); `hf_tokenizer` is loaded on demand where document text is tokenized.
-    """
+    starqa.documents.light_tokenizer.LightTokenizer); `hf_tokenizer` is loaded on demand where document text is
+    tokenized. """
 
     def __init__(self, model, tokenizer, *, model_name: str = "", model_dir: Path | None = None,
                  attention_backend: str = "auto", store_root: Path | None = None,
@@ -200,7 +201,8 @@ class StarEngine:
         return self.text_encoder.reason
 
     def encode_document_text(self, text: str) -> list[int]:
-        """Ids of document text: exactly `starqa.documents.tokens.encode_document` (special-token strings are plain text)."""
+        """Ids of document text: exactly `starqa.documents.tokens.encode_document` (special-token strings are plain
+        text)."""
         return self.text_encoder.encode(text)
 
     @classmethod
@@ -316,8 +318,8 @@ class StarEngine:
         starting inside the anchor; block 0 alone when anchor_size <= block_size) are one causal pass over their
         tokens, whose first anchor_size tokens are the anchor. `anchor`: the anchor's KV [1, kv_heads, anchor_len,
         head_dim] in the compute dtype, when it is at hand without encoding the head here: the head blocks' stored
-        KV, which is what their own pass gives (a re-ingest that takes them over, see starqa.engine.ingest). Without it, a
-        process that holds no head block encodes the anchor alone."""
+        KV, which is what their own pass gives (a re-ingest that takes them over, see starqa.engine.ingest). Without it,
+        a process that holds no head block encodes the anchor alone."""
         anchor_size = block_size if anchor_size is None else anchor_size
         if block_size <= 0 or anchor_size <= 0:
             raise ValueError(f"need positive block_size ({block_size}) and anchor_size ({anchor_size})")
@@ -437,8 +439,8 @@ class StarEngine:
 
         Distributed: each rank passes its own blocks in `ctx`; `merge_across_ranks` combines the ranks' partial
         attention per layer; only the query host keeps the query's KV (`keep_local`); `sync_token` makes every
-        rank continue with the query host's tokens. `observe_prefix` (a starqa.evidence.observer.AttentionShares) sees every
-        step's scores over the context, for the answer's sources.
+        rank continue with the query host's tokens. `observe_prefix` (a starqa.evidence.observer.AttentionShares) sees
+        every step's scores over the context, for the answer's sources.
         """
         return self.generate_batch(
             ctx, [query_ids], max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
@@ -481,7 +483,8 @@ class StarEngine:
         The pass covers all prompt tokens but the last; those become the prefix that the last prompt token and the
         answer attend to, through the same decoding path as Star Attention (exact: one softmax over every earlier
         token, merged by log-sum-exp), so `observe_prefix` sees the same scores as in Phase 2, over the whole prompt
-        but its last token (a starqa.evidence.observer.AttentionShares keeps the context part: the tokens its spans name)."""
+        but its last token (a starqa.evidence.observer.AttentionShares keeps the context part: the tokens its spans
+        name)."""
         prompt = list(prompt_ids)
         self._check_reach(len(prompt) + max_new_tokens)
         head = len(prompt) - 1

@@ -1,4 +1,5 @@
-"""A case's prompt in starqa's layout (starqa.documents.tokens): the context part and the query part, tokenized separately.
+"""A case's prompt in starqa's layout (starqa.documents.tokens): the context part and the query part, tokenized
+separately.
 
     prompts = PromptBuilder(engine.tokenizer)
     context_ids, query_ids = prompts.context_ids(case.context_text), prompts.query_ids(case.question)

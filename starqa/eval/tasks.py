@@ -13,10 +13,10 @@ Tasks (RULER's names; templates, needles and answer prefixes follow RULER's):
     cwe              common words extraction: a numbered word list; name the 10 most frequent words
     qa               a question about the bundled sample contract, with essay documents as padding
 
-A case's prompt is starqa's usual one (starqa.documents.tokens): the context part holds RULER's preamble and the haystack, the
-query part holds RULER's question and, as an instruction, its answer prefix. `count_tokens(context_text, question)`
-gives the prompt's total tokens (context part + query part); every case is sized to within `tolerance` (2 %) below the
-requested length. Needles sit at depth i / (n - 1) for sample i of n (further needles evenly spaced after it).
+A case's prompt is starqa's usual one (starqa.documents.tokens): the context part holds RULER's preamble and the
+haystack, the query part holds RULER's question and, as an instruction, its answer prefix. `count_tokens(context_text,
+question)` gives the prompt's total tokens (context part + query part); every case is sized to within `tolerance` (2 %)
+below the requested length. Needles sit at depth i / (n - 1) for sample i of n (further needles evenly spaced after it).
 """
 
 from __future__ import annotations

@@ -41,9 +41,9 @@ def model_heads(engine, ranks=None):
 
 def answer_evidence(engine, document, observer, answer: str, question: str, ranks=None) -> Evidence:
     """Sources, evidence quotes and `grounded` for one answer about a stored document (a
-    starqa.store.document_store.StoredDocument), from `observer` (this process's `observer_for`). Under several processes every
-    rank must call it (the ranks' observations are gathered); the ranks other than the speaker get an empty
-    Evidence."""
+    starqa.store.document_store.StoredDocument), from `observer` (this process's `observer_for`). Under several
+    processes every rank must call it (the ranks' observations are gathered); the ranks other than the speaker get an
+    empty Evidence."""
     from starqa.engine.distributed import gather_objects
 
     parts = gather_objects(observer.stacked(), ranks) if ranks is not None else [observer.stacked()]
@@ -57,7 +57,8 @@ _VIEWS_KEPT = 4
 
 
 def document_view(document, tokenizer) -> DocumentView:
-    """The DocumentView of a starqa.store.document_store.StoredDocument version, kept for the next questions about it."""
+    """The DocumentView of a starqa.store.document_store.StoredDocument version, kept for the next questions about
+    it."""
     key = (str(document.path), id(tokenizer))
     view = _VIEWS.get(key)
     if view is None:

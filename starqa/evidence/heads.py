@@ -6,8 +6,8 @@ property of the model, so it is measured once, by a calibration on synthetic nee
 sentences with one planted "magic number" (a phrasing used nowhere else: not by the generated sets attribution is
 tuned or judged on), asked for and answered with Star Attention over one block. A head's retrieval score is the
 share of copied needle tokens at which its top-attended document token is that token's source. The heads scoring
-at least MIN_SCORE, at most MAX_HEADS of them, are the retrieval heads; starqa.evidence.observer follows only those while an
-answer is decoded, which is both what makes the sources precise and what keeps that cheap.
+at least MIN_SCORE, at most MAX_HEADS of them, are the retrieval heads; starqa.evidence.observer follows only those
+while an answer is decoded, which is both what makes the sources precise and what keeps that cheap.
 
 The outcome is recorded in the store's models/ folder (RECORD_FILE_NAME, keyed by model, tokenizer and this
 module's CALIBRATION_VERSION), as the tokenizer check is: the calibration runs on a model's first question.

@@ -59,8 +59,8 @@ class AttentionShares:
     `heads` are the retrieval heads (starqa.evidence.heads.RetrievalHeads, or {layer: [head, ...]}); None follows
     every head of every layer (for a model whose calibration found none: costlier and less precise).
 
-    The engine (starqa.engine.star_cache) asks `layer_heads(layer)` and calls `observe_scores(layer, scores)` with the rows
-    of exactly those heads, in that order, over the keys before the row: the held context first (under full
+    The engine (starqa.engine.star_cache) asks `layer_heads(layer)` and calls `observe_scores(layer, scores)` with the
+    rows of exactly those heads, in that order, over the keys before the row: the held context first (under full
     attention the prompt's question tokens follow it, and are left out here).
     """
 

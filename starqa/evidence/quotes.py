@@ -233,7 +233,8 @@ class DocumentView:
 
     @classmethod
     def from_stored(cls, document, tokenizer) -> "DocumentView":
-        """From a starqa.store.document_store.StoredDocument (its text, ids and page map are read and checked once here)."""
+        """From a starqa.store.document_store.StoredDocument (its text, ids and page map are read and checked once
+        here)."""
         text, pages, context_ids = document.text(), document.pages(), document.context_ids()
         offset = document.manifest["document_token_offset"]
         spans = [(block["start"], block["end"]) for block in document.blocks]
@@ -311,7 +312,8 @@ def passage_matches(document: DocumentView, terms: Sequence[Term], weights: dict
 def evidence_from_weights(document: DocumentView, weights, answer: str, question: str = "", *,
                           match_weight: float = MATCH_WEIGHT, question_weight: float = QUESTION_WEIGHT,
                           max_quotes: int = MAX_QUOTES, relative: float = RELATIVE) -> Evidence:
-    """Sources, quotes and grounded for `answer` from the attention per context token (starqa.evidence.observer.attended_tokens)."""
+    """Sources, quotes and grounded for `answer` from the attention per context token
+    (starqa.evidence.observer.attended_tokens)."""
     attention = passage_attention(document, weights)
     best_attention = max(attention, default=0.0)
     terms = content_terms(answer, question)

@@ -1,5 +1,6 @@
-"""The `starqa audit` and `starqa keys` commands (the audit log: starqa.governance.audit; scoped keys: starqa.governance.keys), and the
-audit hook of an ask answered in its own process. torch-free, like the modules they use."""
+"""The `starqa audit` and `starqa keys` commands (the audit log: starqa.governance.audit; scoped keys:
+starqa.governance.keys), and the audit hook of an ask answered in its own process. torch-free, like the modules they
+use."""
 
 from __future__ import annotations
 
@@ -41,9 +42,9 @@ def _root(config: Optional[Path], quiet: bool = False):
 
 class AuditedAsk:
     """starqa.answer.ask as `starqa ask` uses it in its own process, with the audit hook: `run(...)` answers as
-    starqa.answer.ask.run does, its events watched by an audit recorder (starqa.governance.audit.AskRecorder), and appends the ask's
-    records when it ends, whatever the outcome. A record that cannot be written is a warning: the answers were
-    given. Only the speaking rank of several processes records."""
+    starqa.answer.ask.run does, its events watched by an audit recorder (starqa.governance.audit.AskRecorder), and
+    appends the ask's records when it ends, whatever the outcome. A record that cannot be written is a warning: the
+    answers were given. Only the speaking rank of several processes records."""
 
     def __init__(self, asking, settings, *, questions: list[str], docs: list[str], attention: str,
                  speaker: bool = True) -> None:

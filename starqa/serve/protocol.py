@@ -1,6 +1,6 @@
 """What crosses the server's socket: the request bodies of `POST /v1/ask` and `POST /v1/chat/completions`, checked
-as untrusted input; the events a request streams back (starqa.answer.events, plus `failed`, `done` and `unserved`); error
-bodies; and where a store's socket is. torch-free: the CLI client imports this.
+as untrusted input; the events a request streams back (starqa.answer.events, plus `failed`, `done` and `unserved`);
+error bodies; and where a store's socket is. torch-free: the CLI client imports this.
 
 A request's settings are checked exactly as a config file's (starqa.config): unknown fields and wrong types are
 errors that name the field, so a typo never silently falls back to a default.

@@ -55,7 +55,8 @@ class Job:
         self.id = next(_ids)
         self.request = request
         self.peer = peer
-        self.recorder = recorder  # starqa.governance.audit.AskRecorder: sees every event; records the ask when it closes
+        # starqa.governance.audit.AskRecorder: sees every event; records the ask when it closes
+        self.recorder = recorder
         self._deliver = deliver
         self.cancelled = threading.Event()
         self.queued_at = time.monotonic()

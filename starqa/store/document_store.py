@@ -247,8 +247,8 @@ def read_block_file(path: Path, device: torch.device | str = "cpu") -> tuple[lis
 
 
 def write_block_file(staging: Path, block: EncodedBlock) -> None:
-    """One block's KV for every layer, in its stored precision (int8 with its scales, see starqa.store.kv_quant); any rank
-    may write its blocks into the staging folder of rank 0's writer."""
+    """One block's KV for every layer, in its stored precision (int8 with its scales, see starqa.store.kv_quant); any
+    rank may write its blocks into the staging folder of rank 0's writer."""
     tensors = {}
     for layer, (key, value) in enumerate(zip(block.keys, block.values)):
         tensors[f"layers.{layer}.key"] = key.detach().to("cpu").contiguous()  # [kv_heads, tokens, head_dim]

@@ -1,9 +1,9 @@
 """Block reuse on re-ingest: each block is keyed by what its KV is a pure function of, and a new version of a
 document takes over every block the version it replaces already holds, instead of encoding it again.
 
-Block i is encoded at global positions after the first min(anchor_size, start_i) tokens (starqa.engine.star_engine): block 0
-alone, a later block as [anchor, block i]; with an anchor larger than the block, the blocks that start inside the
-anchor see every token before them. So a block's KV depends only on the model, the tokenizer, the compute dtype, the
+Block i is encoded at global positions after the first min(anchor_size, start_i) tokens (starqa.engine.star_engine):
+block 0 alone, a later block as [anchor, block i]; with an anchor larger than the block, the blocks that start inside
+the anchor see every token before them. So a block's KV depends only on the model, the tokenizer, the compute dtype, the
 KV precision (and int8's key group), the anchor's token ids (which hold every token a head block saw before its
 own), its own token ids and its start; `block_keys` hashes exactly these, with the prompt layout version and the
 block file format. An edit changes the key of the block it falls in, of every later block whose tokens shift, and,
