@@ -102,3 +102,13 @@ def test_bad_input_is_one_line_and_exit_2_before_anything_runs(home, poc_files, 
     code, out, err = _eval(capsys, *args)
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not ran and not (poc_files / "poc.md").exists()
+
+
+def test_a_child_that_fails_is_one_error_naming_the_step_and_its_last_line(monkeypatch, tmp_path):
+    from starqa.config import load_settings
+    from starqa.errors import StarqaError
+
+    monkeypatch.setattr(poc_report, "run_process",
+                        lambda *a, **k: (1, "", "loading\nstarqa: error: the model is damaged\n", 0.1, 10.0))
+    with pytest.raises(StarqaError, match=r"^tiny: ingest failed: the model is damaged$"):
+        poc_report._ingest("tiny", tmp_path / "terms.txt", load_settings(), {})

@@ -152,11 +152,15 @@ class _RunLog:
 # ---------------------------------------------------------------- running the commands, one process each
 
 
-def _starqa(args: list[str], settings, options: dict) -> tuple[int, str, str, float, float]:
-    """(exit code, stdout, stderr, wall seconds, peak RSS MiB) of `starqa ARGS` in its own process."""
+def _starqa(args: list[str], settings, options: dict, what: str) -> tuple[str, float, float]:
+    """(stdout, wall seconds, peak RSS MiB) of `starqa ARGS` in its own process; a failure is a StarqaError naming
+    `what` ("MODEL: ingest") with the child's last stderr line."""
     if options.get("config") is not None:
         args = [*args, "--config", str(options["config"])]
-    return run_process(["-m", "starqa", *args], _child_environment(settings))
+    code, out, err, wall, peak = run_process(["-m", "starqa", *args], _child_environment(settings))
+    if code != 0:
+        raise StarqaError(f"{what} failed: {_last_line(err)}")
+    return out, wall, peak
 
 
 # Runs `python -m MODULE ARGS` and writes the process's own VmHWM (kB) to a file at exit.
@@ -239,12 +243,8 @@ def _ingest(model: str, source: Path, settings, options: dict) -> dict:
     if options.get("block_size") is not None:
         args += ["--block-size", str(options["block_size"])]
     report.info(f"{model}: ingesting {source.name} as '{name}' (its own process)")
-    code, _, err, wall, peak = _starqa(args, settings, options)
-    if code != 0:
-        raise StarqaError(f"{model}: ingest failed: {_last_line(err)}")
-    code, out, err, _, _ = _starqa(["info", name, "--json"], settings, options)
-    if code != 0:
-        raise StarqaError(f"{model}: info failed: {_last_line(err)}")
+    _, wall, peak = _starqa(args, settings, options, f"{model}: ingest")
+    out, _, _ = _starqa(["info", name, "--json"], settings, options, f"{model}: info")
     manifest = json.loads(out)
     return {"name": name, "phase1_s": manifest.get("phase1_s"), "kv_bytes": manifest.get("kv_bytes"),
             "context_tokens": manifest.get("context_tokens"), "block_size": manifest.get("block_size"),
@@ -260,9 +260,7 @@ def _ask(model: str, mode: str, stored: dict, questions_file: Path, pairs, setti
     if options.get("max_new_tokens") is not None:
         args += ["--max-new-tokens", str(options["max_new_tokens"])]
     report.info(f"{model} / {mode}: asking {len(pairs)} questions (their own process)")
-    code, out, err, wall, peak = _starqa(args, settings, options)
-    if code != 0:
-        raise StarqaError(f"{model} / {mode}: ask failed: {_last_line(err)}")
+    out, wall, peak = _starqa(args, settings, options, f"{model} / {mode}: ask")
     answers = [json.loads(line) for line in out.splitlines() if line.strip()]
     if len(answers) != len(pairs):
         raise StarqaError(f"{model} / {mode}: {len(answers)} answers for {len(pairs)} questions")
