@@ -105,6 +105,11 @@ def _offline(monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("STARQA_MODEL", TEST_MODEL)
     os.environ.pop("NO_COLOR", None)
+    # `--quiet` is process state: an in-process `cli.main([..., "--quiet"])` earlier on this worker would otherwise
+    # silence the messages a later test reads from stderr (which tests share a worker depends on the run).
+    from starqa import report
+
+    report.set_quiet(False)
 
 
 def planted_number_prompts(tokenizer):
