@@ -23,7 +23,7 @@ from starqa.eval.prompts import PromptBuilder
 from starqa.eval.qa_file import QAPair, QASource, bundled_sample, load_qa_file, parse_qa_lines
 from starqa.eval import runner as runner_module
 from starqa.eval.runner import QUARTER, EvalRunner, ResultLog, SizeSpec, StarSpec, modes_for
-from starqa.eval.scoring import score, string_match_all, string_match_part
+from starqa.eval.scoring import score, string_match_all, string_match_part, without_answer_prefix
 from starqa.eval.tasks import TASK_NAMES, TASKS, cwe_frequencies, generate_cases, spread_order
 
 ROW_KEYS = {"task", "length", "mode", "block_size", "anchor_size", "samples", "accuracy", "retention", "phase1_s",
@@ -230,6 +230,11 @@ def test_scoring_matches_ruler_definitions():
     assert score("all", f'"{prefix} apple, plum"', ["pear", "plum"], prefix) == 0.5
     assert score("all", f"{prefix} apple, plum", ["pear", "plum"]) == 1.0  # without the prefix: RULER's plain rule
     assert score("all", "apple, pear", ["pear"], prefix) == 1.0
+    # an "Answer:" label the model puts before the echo of a prefix that has none goes with the echo
+    vt_prefix = "According to the chain(s) of variable assignment in the text above, 2 variables are assigned"
+    assert without_answer_prefix(f"Answer: {vt_prefix} VAR ABCDE", vt_prefix) == " VAR ABCDE"
+    assert score("all", f"Answer: {vt_prefix} VAR ABCDE", ["ABCDE", "text"], vt_prefix) == 0.5
+    assert without_answer_prefix("Answer: something else", vt_prefix) == "Answer: something else"
 
 
 def test_resumed_records_are_scored_again_from_their_prediction(tmp_path, prompts):

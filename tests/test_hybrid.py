@@ -247,7 +247,7 @@ def test_eval_judges_grounded_against_the_users_question_not_the_suites_instruct
     calls = []
 
     def fake_evidence(view, parts, prediction, question):
-        calls.append(question)
+        calls.append((question, prediction))
         return Evidence(grounded=question == asked)
 
     import pytest as _pytest
@@ -256,7 +256,14 @@ def test_eval_judges_grounded_against_the_users_question_not_the_suites_instruct
         patch.setattr(runner_module, "evidence_for_answer", fake_evidence)
         judged, _, _ = runner_module._attribution(SimpleNamespace(tokenizer=None), case, [], 0, [],
                                                   SimpleNamespace(stacked=lambda: None), answer)
-    assert judged.grounded and calls == [case.question, asked]
+    # judged on the answer a user reads: the echo of the answer prefix (and an "Answer:" label before it) left out
+    assert judged.grounded and calls == [(case.question, answer), (asked, f": {value}.")]
+    calls.clear()
+    with _pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner_module, "evidence_for_answer", fake_evidence)
+        runner_module._attribution(SimpleNamespace(tokenizer=None), case, [], 0, [],
+                                   SimpleNamespace(stacked=lambda: None), "Answer: " + answer)
+    assert calls[-1] == (asked, f": {value}.")
 
 
 def test_a_hybrid_ask_is_counted_for_the_larger_of_its_two_passes_decode_buffers():

@@ -26,7 +26,7 @@ from pathlib import Path
 from starqa import report
 from starqa.errors import UsageError
 from starqa.eval.prompts import PromptBuilder
-from starqa.eval.scoring import clean_prediction, score
+from starqa.eval.scoring import clean_prediction, score, without_answer_prefix
 from starqa.eval.tasks import Case
 from starqa.evidence.collect import evidence_for_answer, observer_for
 from starqa.evidence.quotes import DocumentView
@@ -342,10 +342,14 @@ def _attribution(engine, case: Case, context_ids, document_offset: int, spans, o
     view = DocumentView(text, [{"number": 1, "start": 0, "end": len(text)}], list(context_ids), document_offset,
                         list(spans), [[1]] * len(spans), engine.tokenizer)
     found = evidence_for_answer(view, [observer.stacked()], prediction, case.question)
-    # `grounded` as `ask` would judge it: against the question a user asks, without the answer-prefix instruction
-    # the suite appends to it ("Begin your answer with: ..."), whose words are no part of what was asked
+    # `grounded` as `ask` would judge it: the answer a user reads against the question a user asks, both without
+    # the suite's answer prefix: neither its instruction ("Begin your answer with: ...") nor the model's echo of it
+    # ("The special magic numbers for X mentioned in the provided text are") is part of the question or the answer,
+    # and the echo's words ("mentioned", "provided") are in no passage, so every echoing answer was judged ungrounded
     asked = user_question(case)
-    judged = found if asked == case.question else evidence_for_answer(view, [observer.stacked()], prediction, asked)
+    answer = without_answer_prefix(clean_prediction(prediction), case.answer_prefix)
+    judged = found if (asked, answer) == (case.question, prediction) else \
+        evidence_for_answer(view, [observer.stacked()], answer, asked)
     position = text.find(case.answers[0]) if case.answers else -1
     if position < 0 or text.count(case.answers[0]) != 1:
         return judged, None, None

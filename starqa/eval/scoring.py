@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 METRICS = ("all", "part")
 _CONTROL = re.compile(r"[\x00-\x1f]")
+_ANSWER_LABEL = re.compile(r"answer\s*:\s*", re.IGNORECASE)  # a label some models put before the prefix
 
 
 def clean_prediction(text: str) -> str:
@@ -39,9 +40,13 @@ def without_answer_prefix(prediction: str, prefix: str) -> str:
 
     RULER puts the answer prefix at the end of the prompt, so a prediction never holds it; our prompt asks the model
     to begin with it, and its echo is not part of the answer (cwe's prefix contains words such as "appear" and
-    "that" that are substrings of words in its vocabulary, and an echo would score them).
+    "that" that are substrings of words in its vocabulary, and an echo would score them). An "Answer:" label
+    before the echo goes with it.
     """
     text = prediction.lstrip().lstrip("\"'\u201c").lstrip()
+    label = _ANSWER_LABEL.match(text)
+    if label and not _ANSWER_LABEL.match(prefix):
+        text = text[label.end():]  # "Answer: According to the chain(s) ..." (the 0.5B on vt and cwe)
     if prefix and text.lower().startswith(prefix.lower()):
         return text[len(prefix):]
     return prediction

@@ -30,7 +30,11 @@ class Passage:
 
 
 _BREAK = re.compile(r"\n\s*\n|\f|\n(?=\s*(?:\(?[0-9ivxa-zA-Z]{1,4}[.)]\s|[\u2022\u25cf*\u2013-]\s))")
-_SENTENCE_END = re.compile(r"(?<=[.!?;:])[\u201d\"'\u2019)\]]*\s+(?=[\"'\u201c\u2018(\[]?[A-Z0-9])")
+# A colon ends a passage only before a capital ("as follows: The Supplier ..."); before a number it introduces a
+# value ("Notice period: 30 days", "One of the special magic numbers for X is: 9828391."), and a label cut from its
+# value grounds neither the label's question nor the value's answer.
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?;])[\u201d\"'\u2019)\]]*\s+(?=[\"'\u201c\u2018(\[]?[A-Z0-9])"
+                           r"|(?<=:)[\u201d\"'\u2019)\]]*\s+(?=[\"'\u201c\u2018(\[]?[A-Z]))")
 _CLAUSE_CUT = re.compile(r"[;,:]\s+|\s+(?:and|or|but|which|where|unless|provided)\s+")
 _MIN_SENTENCE = 25  # a shorter "sentence" ("15.", "Ltd.") joins the next one
 
