@@ -206,7 +206,7 @@ class StarEngine:
         return self.text_encoder.encode(text)
 
     @classmethod
-    def load(cls, model: str = "smollm2-135m", *, device: str = "auto", dtype: str = "auto",
+    def load(cls, model: str, *, device: str = "auto", dtype: str = "auto",
              store_root: Path | str | None = None, attention_backend: str = "auto",
              trust_remote_code: bool = False, on_status: Callable[[str], None] | None = None,
              weights: str = "auto") -> "StarEngine":
