@@ -11,6 +11,7 @@ import pytest
 
 from starqa import cli
 from starqa.eval import poc_report
+from test_escalation import larger_model_dir  # noqa: F401 (a fixture: the escalation target)
 
 DOCUMENT = ("Clause 1. The supplier delivers the reports every Tuesday.\n\n"
             "Clause 2. Either party may end this agreement with ninety days of written notice.\n\n"
@@ -78,6 +79,34 @@ def test_the_report_has_a_row_per_model_and_mode_and_the_answers_side_by_side(ho
     assert code == 0 and err.count("not run again") == 3 and "asking" not in err
     assert json.loads(out)["rows"] == rows
     assert html_path.read_text().startswith("<!doctype html>") and "What is the fee?" in html_path.read_text()
+
+
+@pytest.mark.slow
+def test_escalate_to_a_model_adds_a_hybrid_row_answered_again_by_that_model(home, poc_files, capsys, tiny_model_dir,
+                                                                           larger_model_dir):
+    args = ["--doc", str(poc_files / "terms.txt"), "--qa", str(poc_files / "qa.jsonl"), "--models",
+            str(tiny_model_dir), "--attention", "hybrid", "--escalate-to", str(larger_model_dir), "--json",
+            "--report", str(poc_files / "poc.md"), "--max-new-tokens", "4", "--dtype", "float32",
+            "--block-size", "48"]
+    code, out, err = _eval(capsys, *args)
+    assert code == 0, err
+    document = json.loads(out)
+    hybrid, cascade = document["rows"]
+    label = f"hybrid→{larger_model_dir.name}"
+    assert (hybrid["mode"], cascade["mode"]) == ("hybrid", label) and document["modes"] == ["hybrid", label]
+    # the same Star pass decides in both rows (greedy decoding, one model); what answers again differs
+    assert cascade["escalated"] == hybrid["escalated"] and cascade["grounded"] <= 100
+    for item in document["questions"]:
+        plain, escalated = item["by_run"]
+        assert plain["escalated"] == escalated["escalated"]
+        if escalated["escalated"]:
+            assert plain["escalated_to"] == "full" and escalated["escalated_to"] == str(larger_model_dir.resolve())
+    # the target's copy was stored ahead of time, in its own process: its Phase 1 and KV count in the row
+    copies = [path.name for path in (home / "documents").iterdir() if "@" in path.name]
+    assert len(copies) == 1 and copies[0].startswith("terms-poc-")
+    assert cascade["phase1_s"] > hybrid["phase1_s"] > 0 and cascade["kv_bytes"] > hybrid["kv_bytes"]
+    assert f"| {label} |" in (poc_files / "poc.md").read_text()
+    assert err.count("ingesting terms.txt") == 2
 
 
 @pytest.mark.parametrize("change, message", [

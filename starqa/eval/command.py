@@ -184,9 +184,6 @@ def _eval(doc, qa, suite, lengths, samples, tasks, block_size, anchor_size, pair
     target = check_target(settings.escalate_to, settings, attention="hybrid" if "hybrid" in modes else attention,
                           explicit=escalate_to is not None)  # an unknown or missing model: before anything runs
     if models is not None or report_path is not None:
-        if target != FULL:
-            raise UsageError("--escalate-to MODEL is not part of the PoC report (--models/--report); run "
-                             "`starqa eval --doc FILE --qa QA --attention hybrid --escalate-to MODEL`")
         from starqa.eval import poc_report
 
         poc_report.run(settings, doc=doc, qa=qa, suite=suite, models=models, model=model, modes=modes,
@@ -194,7 +191,7 @@ def _eval(doc, qa, suite, lengths, samples, tasks, block_size, anchor_size, pair
                            lengths=lengths, samples=samples, tasks=tasks, block_size=block_size,
                            anchor_size=anchor_size, pairs=pairs, plot=plot, password=password, dtype=dtype,
                            device=device, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code,
-                           config=config, quiet=quiet))
+                           config=config, quiet=quiet), escalate_to=None if target == FULL else target)
         return
     if (doc is None) == (suite is None):
         raise UsageError("give --doc NAME --qa FILE (your document) or --suite ruler (synthetic), not both or neither")

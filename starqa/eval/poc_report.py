@@ -8,7 +8,9 @@ would hide the smaller modes): per model one `starqa ingest` (Phase 1 time, KV b
 difference from the same model's full attention), share grounded, share answered again (hybrid), time to first
 token, seconds per answer, decode speed, Phase 1 time, KV bytes, peak memory; then the answers side by side per
 question with their first evidence quote; then the machine and versions. `--resume FILE` keeps each finished
-(model, mode) run as a JSON line and does not run it again. This process never imports torch.
+(model, mode) run as a JSON line and does not run it again. With `--escalate-to MODEL`, every other model gets a
+`hybrid→MODEL` row too (the target's copy of the document ingested ahead of time in its own process). This process
+never imports torch.
 """
 
 from __future__ import annotations
@@ -32,8 +34,11 @@ from starqa.errors import StarqaError, UsageError
 Z95 = 1.959964
 
 
-def run(settings, *, doc, qa, suite, models, model, modes, report_path, resume, as_json, options: dict) -> None:
-    """Check everything first (one line, exit 2), then run each model x mode and write the report."""
+def run(settings, *, doc, qa, suite, models, model, modes, report_path, resume, as_json, options: dict,
+        escalate_to: str | None = None) -> None:
+    """Check everything first (one line, exit 2), then run each model x mode and write the report. With
+    `escalate_to` (a resolved model name) every other model with hybrid among the modes gets one more row,
+    `hybrid→MODEL`: its ungrounded Star answers answered again by that model from its own stored copy."""
     from starqa.eval.qa_file import load_qa_file
 
     if suite is not None or doc is None or qa is None:
@@ -57,7 +62,8 @@ def run(settings, *, doc, qa, suite, models, model, modes, report_path, resume, 
         raise UsageError(f"--doc {doc!r}: the PoC report needs the document's file (PDF, .txt or .md)")
     pairs = load_qa_file(qa)
     names = _model_list(models, model, settings)
-    _check_installed(names, settings)
+    resolved = _check_installed(names, settings)
+    target_mode = escalation_mode(escalate_to) if escalate_to is not None and "hybrid" in modes else None
     log = _RunLog(resume) if resume is not None else None
 
     key = {"doc_sha256": _sha256(source.read_bytes()), "qa_sha256": _sha256(Path(qa).read_bytes()),
@@ -68,7 +74,9 @@ def run(settings, *, doc, qa, suite, models, model, modes, report_path, resume, 
         questions_file.write_text("".join(pair.question + "\n" for pair in pairs), encoding="utf-8")
         for name in names:
             stored = None
-            for mode in modes:
+            escalates = target_mode is not None and resolved[name] != escalate_to  # to itself: the hybrid row
+            model_modes = [*modes, *([target_mode] if escalates else [])]
+            for mode in model_modes:
                 record_key = _run_key(name, mode, key)
                 if record_key in previous:
                     report.info(f"{name} / {mode}: in {log.path}, not run again")
@@ -76,12 +84,17 @@ def run(settings, *, doc, qa, suite, models, model, modes, report_path, resume, 
                     continue
                 if stored is None:
                     stored = _ingest(name, source, settings, options)
-                record = _ask(name, mode, stored, questions_file, pairs, settings, options)
+                if mode == target_mode:
+                    record = _ask_escalating(name, escalate_to, stored, source, questions_file, pairs, settings,
+                                             options)
+                else:
+                    record = _ask(name, mode, stored, questions_file, pairs, settings, options)
                 record.update(key=record_key, **key)
                 runs.append(record)
                 if log is not None:
                     log.append(record)
-    document = build(runs, pairs, source=str(source), qa=str(qa), modes=modes, models=names)
+    document = build(runs, pairs, source=str(source), qa=str(qa),
+                     modes=[*modes, *([target_mode] if target_mode is not None else [])], models=names)
     if report_path is not None:
         text = markdown(document) if report_path.suffix.lower() == ".md" else to_html(document)
         report_path.write_text(text, encoding="utf-8")
@@ -102,17 +115,20 @@ def _model_list(models: str | None, model: str | None, settings) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _check_installed(names: list[str], settings) -> None:
-    """Every model must resolve here without downloading (starqa.model.resolve.resolve_model), before anything runs."""
+def _check_installed(names: list[str], settings) -> dict[str, str]:
+    """Every model must resolve here without downloading (starqa.model.resolve.resolve_model), before anything runs;
+    each name as given -> the name it resolves to (a folder or file: its absolute path)."""
     from starqa.model.resolve import resolve_model
     from starqa.store.root import store_root
 
     root = store_root(settings.store) / "models"
+    resolved = {}
     for name in names:
         try:
-            resolve_model(name, root)
+            resolved[name] = resolve_model(name, root).name
         except StarqaError as exc:
             raise UsageError(f"model {name!r} is not installed: {exc}") from None
+    return resolved
 
 
 def _sha256(data: bytes) -> str:
@@ -237,8 +253,13 @@ def stored_name(source: Path, model: str) -> str:
     return f"{stem}-poc-{slug}"
 
 
-def _ingest(model: str, source: Path, settings, options: dict) -> dict:
-    name = stored_name(source, model)
+def escalation_mode(target: str) -> str:
+    """The row of hybrid answering that escalates to the model `target` (the plain `hybrid` row: to full attention)."""
+    return f"hybrid→{_short(target)}"
+
+
+def _ingest(model: str, source: Path, settings, options: dict, name: str | None = None) -> dict:
+    name = name or stored_name(source, model)
     args = ["ingest", str(source), "--name", name, "--update", "--model", model, *_common(settings, options)]
     if options.get("block_size") is not None:
         args += ["--block-size", str(options["block_size"])]
@@ -252,11 +273,15 @@ def _ingest(model: str, source: Path, settings, options: dict) -> dict:
             "ingest_peak_rss_mb": peak}
 
 
-def _ask(model: str, mode: str, stored: dict, questions_file: Path, pairs, settings, options: dict) -> dict:
+def _ask(model: str, mode: str, stored: dict, questions_file: Path, pairs, settings, options: dict,
+         escalate_to: str = "full") -> dict:
     from starqa.eval.scoring import score
 
-    args = ["ask", "--doc", stored["name"], "--questions", str(questions_file), "--attention", mode, "--json",
+    attention = "hybrid" if mode.startswith("hybrid") else mode
+    args = ["ask", "--doc", stored["name"], "--questions", str(questions_file), "--attention", attention, "--json",
             "--no-server", "--model", model, *_common(settings, options)]
+    if attention == "hybrid":  # named, so that a configuration file's escalate_to cannot change the row
+        args += ["--escalate-to", escalate_to]
     if options.get("max_new_tokens") is not None:
         args += ["--max-new-tokens", str(options["max_new_tokens"])]
     report.info(f"{model} / {mode}: asking {len(pairs)} questions (their own process)")
@@ -272,6 +297,26 @@ def _ask(model: str, mode: str, stored: dict, questions_file: Path, pairs, setti
             "kv_bytes": stored["kv_bytes"] if mode != "full" else None, "context_tokens": stored["context_tokens"],
             "block_size": stored["block_size"], "dtype": stored["dtype"], "kv_dtype": stored["kv_dtype"],
             "ingest_peak_rss_mb": stored["ingest_peak_rss_mb"]}
+
+
+def _ask_escalating(model: str, target: str, stored: dict, source: Path, questions_file: Path, pairs, settings,
+                    options: dict) -> dict:
+    """The `hybrid→TARGET` row: the target's copy of the document stored ahead of time in its own process (as a user
+    would, `starqa ingest FILE --name NAME@MODEL`), then one hybrid ask escalating to it, which holds both models.
+    Phase 1 and KV on disk are the two copies' together: what the cascade costs."""
+    from starqa.answer.escalation import copy_name
+
+    copy = _ingest(target, source, settings, options, name=copy_name(stored["name"], target))
+    record = _ask(model, escalation_mode(target), stored, questions_file, pairs, settings, options,
+                  escalate_to=target)
+    record.update(escalated_to=target, phase1_s=_sum(stored["phase1_s"], copy["phase1_s"]),
+                  kv_bytes=_sum(stored["kv_bytes"], copy["kv_bytes"]),
+                  ingest_peak_rss_mb=max(stored["ingest_peak_rss_mb"], copy["ingest_peak_rss_mb"]))
+    return record
+
+
+def _sum(first, second):
+    return None if first is None or second is None else first + second
 
 
 def _answer_seconds(answer: dict) -> float:
@@ -302,6 +347,7 @@ def build(runs: list[dict], pairs, *, source: str, qa: str, modes, models) -> di
              "correct": run["answers"][index]["score"] > 0, "grounded": run["answers"][index]["grounded"],
              "attention": run["answers"][index]["attention"],
              "escalated": bool((run["answers"][index].get("hybrid") or {}).get("escalated")),
+             "escalated_to": (run["answers"][index].get("hybrid") or {}).get("escalated_to"),
              "evidence": (run["answers"][index].get("evidence") or [{}])[0]} for run in runs]})
     return {"document": source, "qa": qa, "questions_count": len(pairs), "models": list(models), "modes": list(modes),
             "rows": rows, "questions": questions, "machine": machine()}
@@ -317,7 +363,7 @@ def _row(run: dict, full: dict | None) -> dict:
            "delta_vs_full": None, "delta_ci95": None,
            "grounded": round(100 * sum(bool(a["grounded"]) for a in answers) / n, 1),
            "escalated": (round(100 * sum(bool((a.get("hybrid") or {}).get("escalated")) for a in answers) / n, 1)
-                         if run["mode"] == "hybrid" else None),
+                         if run["mode"].startswith("hybrid") else None),
            "ttft_s": round(sum(a["ttft_s"] for a in answers) / n, 3),
            "answer_s": round(sum(a["answer_s"] for a in answers) / n, 3),
            "decode_tokens_per_s": round(sum(a["decode_tokens_per_s"] for a in answers) / n, 1),
@@ -395,6 +441,13 @@ def _cells(row: dict) -> list[str]:
     return cells
 
 
+def _answer_mode(answer: dict) -> str:
+    """The mode of one answer as the report shows it; one answered again names what answered ("hybrid → full")."""
+    if not answer["escalated"]:
+        return answer["mode"]
+    return f"hybrid → {_short(answer.get('escalated_to') or 'full')}"
+
+
 def _short(model: str) -> str:
     return Path(model).name if os.sep in model else model
 
@@ -418,7 +471,7 @@ def markdown(document: dict) -> str:
         for answer in item["by_run"]:
             evidence = answer["evidence"]
             quote = f"p. {evidence['page']}: “{' '.join(evidence['text'].split())}”" if evidence.get("text") else "–"
-            mode = answer["mode"] + (" → full" if answer["escalated"] else "")
+            mode = _answer_mode(answer)
             lines.append("| " + " | ".join(_md(cell) for cell in (
                 _short(answer["model"]), mode, answer["answer"], "yes" if answer["correct"] else "no",
                 "yes" if answer["grounded"] else "no", quote)) + " |")
@@ -457,7 +510,7 @@ def to_html(document: dict) -> str:
         for answer in item["by_run"]:
             evidence = answer["evidence"]
             quote = f"p. {evidence['page']}: “{' '.join(evidence['text'].split())}”" if evidence.get("text") else "–"
-            mode = answer["mode"] + (" → full" if answer["escalated"] else "")
+            mode = _answer_mode(answer)
             parts.append(f"<tr><td>{e(_short(answer['model']))}</td><td>{e(mode)}</td><td>{e(answer['answer'])}</td>"
                          f"<td class='{'yes' if answer['correct'] else 'no'}'>{'yes' if answer['correct'] else 'no'}"
                          f"</td><td>{'yes' if answer['grounded'] else 'no'}</td><td>{e(quote)}</td></tr>")
