@@ -101,6 +101,28 @@ def test_ungrounded_answers_are_answered_again_by_the_larger_model_from_its_own_
     assert json.loads((stored_copy / "manifest.json").read_text())["model"] == large
 
 
+def test_the_larger_models_pass_runs_the_per_token_check_as_the_first_pass_does(stored, monkeypatch, capsys,
+                                                                                 tiny_model_dir, larger_model_dir):
+    # A server passes `each_token` (its client-still-there check) into ask; the escalated pass must run it too, or
+    # a client that went away would keep the larger model decoding.
+    from starqa.answer import ask as asking
+    from starqa.errors import StarqaError
+
+    large = str(larger_model_dir.resolve())
+    passes_run = []
+    control_passes(monkeypatch, lambda kind, engine, questions: passes_run.append(engine.model_name))
+
+    def check():
+        if large in passes_run:
+            raise StarqaError("the client went away")
+
+    real_run = asking.run
+    monkeypatch.setattr(asking, "run", lambda *args, **kwargs: real_run(*args, **dict(kwargs, each_token=check)))
+    code, _, err = _ask(capsys, tiny_model_dir, "--questions", str(stored / "questions.txt"), "--json",
+                        "--attention", "hybrid", "--escalate-to", str(larger_model_dir))
+    assert passes_run[-1] == large and code == 1 and "the client went away" in err
+
+
 def test_a_second_escalation_reuses_the_stored_copy(stored, controlled, capsys, home, tiny_model_dir,
                                                      larger_model_dir):
     args = ("--questions", str(stored / "questions.txt"), "--json", "--attention", "hybrid", "--escalate-to",

@@ -78,15 +78,16 @@ class Target:
     context: object  # ContextKV (star) or the prompt's context ids (full)
     phase1_s: float  # Phase 1 of the copy when this ask stored it, else 0
 
-    def answer(self, questions: list[str], settings) -> list:
+    def answer(self, questions: list[str], settings, each_token=None) -> list:
         """The larger model's replies (starqa.answer.ask.Reply) to these questions, in order (Star: decoded
-        together)."""
+        together); `each_token()` runs for every token, as in the first pass."""
         from starqa.answer import passes
 
         if TARGET_ATTENTION == "star":
             return passes.ask_star(self.engine, self.context, self.document, questions, settings, cache_hit=True,
-                                   phase1_s=0.0)
-        return [passes.ask_full(self.engine, self.document, self.context, question, settings) for question in questions]
+                                   phase1_s=0.0, each_token=each_token)
+        return [passes.ask_full(self.engine, self.document, self.context, question, settings, each_token=each_token)
+                for question in questions]
 
 
 class Escalation:

@@ -104,7 +104,7 @@ def answer_batch(opened, questions: list[str], first: int, settings, *, ranks, e
                 full = passes.ask_full(engine, document, context_ids, questions[row], settings, each_token=each_token)
                 replies[row] = passes.Reply(combined_answer(stars[row], full.answer, reason), full.text)
         else:  # the larger model, every escalated question of the batch together
-            again = target.answer([questions[row] for row, _ in escalated], settings)
+            again = target.answer([questions[row] for row, _ in escalated], settings, each_token=each_token)
             for (row, reason), reply in zip(escalated, again):
                 replies[row] = passes.Reply(combined_answer(stars[row], reply.answer, reason, target), reply.text)
         full_s = time.perf_counter() - started
