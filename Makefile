@@ -46,10 +46,11 @@ demo: install
 
 # Two test processes: much of the suite waits on subprocesses (CLI runs, servers, ranks), so on our 2-core machines
 # two workers take ~0.7x the time of one (837 s vs 1212 s for the whole suite, same machine and commit).
+# --durations: the slowest tests end every run's log (CI's too), for whoever keeps the suite fast.
 TEST_WORKERS ?= 2
 
 test: install
-	$(PY) -m pytest -q -ra -n $(TEST_WORKERS)
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --durations=15
 
 bench: install
 	$(PY) benchmarks/phase1.py
