@@ -67,7 +67,7 @@ def test_ungrounded_answers_are_answered_again_by_the_larger_model_from_its_own_
     if TARGET_ATTENTION == "star":
         assert controlled[1:] == [("star", large, ungrounded)]
     else:
-        assert controlled[1:] == [("full", large, [q]) for q in ungrounded]
+        assert controlled[1:] == [("full", large, ungrounded)]
     copy = _copy_name(home, larger_model_dir)
     assert copy is not None and copy.startswith("terms@tiny-larger")
     assert [row["question"] for row in rows] == QUESTIONS and {row["doc"] for row in rows} == {"terms"}
@@ -183,7 +183,7 @@ def test_escalating_to_the_documents_own_model_is_full_attention(stored, control
                           "--attention", "hybrid", "--escalate-to", str(tiny_model_dir))
     assert code == 0, err
     small = str(tiny_model_dir.resolve())
-    assert controlled == [("star", small, QUESTIONS)] + [("full", small, [q]) for q in QUESTIONS if q in UNGROUNDED]
+    assert controlled == [("star", small, QUESTIONS), ("full", small, [q for q in QUESTIONS if q in UNGROUNDED])]
     assert {row["hybrid"].get("escalated_to") for row in json_lines(out)} == {None, "full"}
     assert _copy_name(home, tiny_model_dir) is None
 

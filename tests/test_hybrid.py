@@ -39,7 +39,7 @@ def stored(home, tmp_path, tiny_model_dir):
 
 def control_passes(monkeypatch, record) -> None:
     """Grounded as UNGROUNDED says (for every model); `record(kind, engine, questions)` hears of every Star batch
-    ("star") and every full-attention pass ("full", one question) before it runs."""
+    ("star") and every full-attention pass ("full": its questions, decoded together) before it runs."""
     real_star, real_full, real_evidence = passes.ask_star, passes.ask_full, passes.answer_evidence
 
     def evidence(engine, document, observer, answer, question, ranks=None):
@@ -50,9 +50,9 @@ def control_passes(monkeypatch, record) -> None:
         record("star", engine, list(questions))
         return real_star(engine, ctx, document, questions, settings, **kwargs)
 
-    def full(engine, document, context_ids, question, settings, **kwargs):
-        record("full", engine, [question])
-        return real_full(engine, document, context_ids, question, settings, **kwargs)
+    def full(engine, document, full_kv, questions, settings, **kwargs):
+        record("full", engine, list(questions))
+        return real_full(engine, document, full_kv, questions, settings, **kwargs)
 
     monkeypatch.setattr(passes, "answer_evidence", evidence)
     monkeypatch.setattr(passes, "ask_star", star)
@@ -63,8 +63,7 @@ def control_passes(monkeypatch, record) -> None:
 def controlled(monkeypatch):
     """Grounded as the test says (UNGROUNDED), and a log of the Star batches and full-attention passes run."""
     calls = []
-    control_passes(monkeypatch, lambda kind, engine, questions: calls.append(
-        (kind, questions if kind == "star" else questions[0])))
+    control_passes(monkeypatch, lambda kind, engine, questions: calls.append((kind, questions)))
     return calls
 
 
@@ -89,7 +88,7 @@ def test_only_the_ungrounded_answers_are_answered_again_with_full_attention_toge
     rows = json_lines(out)
     assert [row["question"] for row in rows] == QUESTIONS  # in the order asked
     # One Star batch of every question, then full attention for exactly the ungrounded ones, in order.
-    assert controlled == [("star", QUESTIONS)] + [("full", q) for q in QUESTIONS if q in UNGROUNDED]
+    assert controlled == [("star", QUESTIONS), ("full", [q for q in QUESTIONS if q in UNGROUNDED])]
     for row in rows:
         question = row["question"]
         if question in UNGROUNDED:
@@ -114,6 +113,40 @@ def test_text_mode_says_on_stderr_which_answers_were_given_again(stored, control
     assert "answered again (full attention)" in err and f"{len(UNGROUNDED)} of {len(QUESTIONS)}" in err
 
 
+def test_full_attention_encodes_the_document_once_and_answers_as_one_causal_pass_does(stored, home, tiny_model_dir,
+                                                                                         monkeypatch):
+    # `--attention full` and hybrid's second pass make the document's full-attention KV once (one causal pass) and
+    # answer every question over it; each answer must be the one a causal pass over document and question gives.
+    from types import SimpleNamespace
+
+    from starqa.config import load_settings
+    from starqa.documents.tokens import context_ids_for, prompt_template, query_ids_for
+    from starqa.engine.star_engine import StarEngine
+    from starqa.store.document_store import DocumentStore
+
+    engine = StarEngine.load(str(tiny_model_dir), device="cpu", dtype="float32", store_root=home)
+    document = DocumentStore(home).get("terms")
+    template = prompt_template(engine.tokenizer)
+    context_ids = context_ids_for(engine.tokenizer, template, engine.encode_document_text(document.text()))
+    settings = load_settings(None, max_new_tokens=6)
+    passes_run = []
+    real_encode = engine.encode_context
+    monkeypatch.setattr(engine, "encode_context", lambda ids, *a, **k: passes_run.append(list(ids))
+                        or real_encode(ids, *a, **k))
+    opened = SimpleNamespace(engine=engine, document=document, context=context_ids)
+    first, first_s = passes.full_context(opened)
+    again, again_s = passes.full_context(opened)
+    assert again is first and passes_run == [context_ids] and first_s > 0 and again_s == 0.0
+    # the stored blocks (48 tokens) still name the sources
+    assert first.spans == [(block["start"], block["end"]) for block in document.blocks]
+    replies = passes.ask_full(engine, document, first, QUESTIONS, settings, context_s=first_s)
+    for question, reply in zip(QUESTIONS, replies):
+        one_pass = engine.generate_full(context_ids + query_ids_for(engine.tokenizer, template, question),
+                                        max_new_tokens=6)
+        assert reply.answer.answer == passes.answer_text(engine, one_pass), question
+        assert reply.answer.attention == "full" and reply.answer.prefill_s >= first_s
+
+
 def test_a_grounded_answer_is_not_answered_again(stored, controlled, capsys, tiny_model_dir):
     code, out, err = _ask(capsys, tiny_model_dir, QUESTIONS[0], "--attention", "hybrid", "--json")
     assert code == 0 and [call[0] for call in controlled] == ["star"]
@@ -124,8 +157,8 @@ def test_batches_escalate_their_own_ungrounded_answers(stored, controlled, capsy
     code, out, _ = _ask(capsys, tiny_model_dir, "--questions", str(stored / "questions.txt"), "--attention",
                         "hybrid", "--json", "--batch-size", "2")
     assert code == 0
-    assert controlled == [("star", QUESTIONS[:2]), ("full", QUESTIONS[1]), ("star", QUESTIONS[2:]),
-                          ("full", QUESTIONS[3])]
+    assert controlled == [("star", QUESTIONS[:2]), ("full", [QUESTIONS[1]]), ("star", QUESTIONS[2:]),
+                          ("full", [QUESTIONS[3]])]
     assert [row["attention"] for row in json_lines(out)] == ["star", "full", "star", "full"]
 
 
@@ -266,7 +299,7 @@ def test_eval_judges_grounded_against_the_users_question_not_the_suites_instruct
     assert calls[-1] == (asked, f": {value}.")
 
 
-def test_a_hybrid_ask_is_counted_for_the_larger_of_its_two_passes_decode_buffers():
+def test_a_hybrid_ask_is_counted_for_its_star_batch_and_the_documents_full_attention_kv():
     import types
 
     import torch
@@ -275,10 +308,11 @@ def test_a_hybrid_ask_is_counted_for_the_larger_of_its_two_passes_decode_buffers
     from starqa.serve import limits
 
     engine = types.SimpleNamespace(num_layers=30, kv_heads=3, head_dim=64, dtype=torch.bfloat16)
+    per_token = limits.kv_bytes_per_token(engine)
     settings = load_settings(None, max_new_tokens=100)
     questions = tuple(f"Question number {n}?" for n in range(8))
     star = limits.decode_bytes(engine, settings, questions, "star", 5000)
-    full = limits.decode_bytes(engine, settings, questions, "full", 5000)
-    assert limits.decode_bytes(engine, settings, questions, "hybrid", 5000) == max(star, full) == full
-    short_full = limits.decode_bytes(engine, settings, questions, "full", 10)  # a short document: 8 rows weigh more
-    assert limits.decode_bytes(engine, settings, questions, "hybrid", 10) == star > short_full
+    full = limits.decode_bytes(engine, settings, questions[:1], "full", 5000)
+    # the escalated questions (up to a batch) are decoded together over the document's full-attention KV
+    assert limits.decode_bytes(engine, settings, questions, "hybrid", 5000) == per_token * 5000 + star > full
+    assert full == per_token * 5000 + star // 8  # one question: the document's KV and one row

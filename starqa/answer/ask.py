@@ -222,8 +222,9 @@ def answer_questions(opened: OpenDocument, questions: list[str], settings, *, at
                                phase1_s=opened.phase1_s if first == 0 else 0.0, stream=send, ranks=ranks,
                                each_token=each_token)
         elif ranks.is_speaker:
-            replies = [passes.ask_full(engine, document, opened.context, asked[0], settings, stream=send,
-                                each_token=each_token)]
+            full, context_s = passes.full_context(opened)  # the document's causal pass: once, for every question
+            replies = passes.ask_full(engine, document, full, asked, settings, context_s=context_s, stream=send,
+                                      each_token=each_token)
         else:
             continue  # one full-attention pass needs one process; the other ranks of a torchrun job only wait
         emit_replies(emit, document.name, first, replies, document_version(document, engine))

@@ -75,7 +75,7 @@ class Target:
     model: str
     engine: object
     document: object  # starqa.store.document_store.StoredDocument: the copy
-    context: object  # ContextKV (star) or the prompt's context ids (full)
+    context: object  # ContextKV: the copy's stored KV (star) or its full-attention KV (full)
     phase1_s: float  # Phase 1 of the copy when this ask stored it, else 0
 
     def answer(self, questions: list[str], settings, each_token=None) -> list:
@@ -86,8 +86,7 @@ class Target:
         if TARGET_ATTENTION == "star":
             return passes.ask_star(self.engine, self.context, self.document, questions, settings, cache_hit=True,
                                    phase1_s=0.0, each_token=each_token)
-        return [passes.ask_full(self.engine, self.document, self.context, question, settings, each_token=each_token)
-                for question in questions]
+        return passes.ask_full(self.engine, self.document, self.context, questions, settings, each_token=each_token)
 
 
 class Escalation:
@@ -126,10 +125,11 @@ class Escalation:
 
             context = load_context(engine, self.store, document)
         else:
+            from starqa.answer.passes import full_attention_kv
             from starqa.documents.tokens import context_ids_for, prompt_template
 
-            context = context_ids_for(engine.tokenizer, prompt_template(engine.tokenizer),
-                                      engine.encode_document_text(document.text()))
+            context = full_attention_kv(engine, document, context_ids_for(
+                engine.tokenizer, prompt_template(engine.tokenizer), engine.encode_document_text(document.text())))
         return Target(engine.model_name, engine, document, context, phase1_s)
 
 

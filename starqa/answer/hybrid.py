@@ -98,11 +98,12 @@ def answer_batch(opened, questions: list[str], first: int, settings, *, ranks, e
         started = time.perf_counter()
         escalation = getattr(opened, "escalation", None)  # --escalate-to MODEL (starqa.answer.escalation), else None
         target = escalation.target(opened, settings) if escalation is not None else None
-        if target is None:  # full attention with the document's own model, one question after another
-            context_ids = full_context_ids(opened)
-            for row, reason in escalated:
-                full = passes.ask_full(engine, document, context_ids, questions[row], settings, each_token=each_token)
-                replies[row] = passes.Reply(combined_answer(stars[row], full.answer, reason), full.text)
+        if target is None:  # full attention with the document's own model, the escalated questions together
+            full, context_s = passes.full_context(opened)
+            again = passes.ask_full(engine, document, full, [questions[row] for row, _ in escalated], settings,
+                                    context_s=context_s, each_token=each_token)
+            for (row, reason), reply in zip(escalated, again):
+                replies[row] = passes.Reply(combined_answer(stars[row], reply.answer, reason), reply.text)
         else:  # the larger model, every escalated question of the batch together
             again = target.answer([questions[row] for row, _ in escalated], settings, each_token=each_token)
             for (row, reason), reply in zip(escalated, again):
@@ -131,20 +132,6 @@ def _configured_target(escalation, document) -> str:
     """What would answer again when no question of a batch was escalated: the target model, or full attention."""
     model = getattr(escalation, "model", None)
     return model if model and model != document.manifest.get("model") else "full attention"
-
-
-def full_context_ids(opened) -> list[int]:
-    """The prompt's context ids for full attention over the stored text (as `--attention full` builds them),
-    worked out on the first escalation of a document and kept for its next batches."""
-    ids = getattr(opened, "full_context_ids", None)
-    if ids is None:
-        from starqa.documents.tokens import context_ids_for, prompt_template
-
-        engine = opened.engine
-        ids = context_ids_for(engine.tokenizer, prompt_template(engine.tokenizer),
-                              engine.encode_document_text(opened.document.text()))
-        opened.full_context_ids = ids
-    return ids
 
 
 def escalated_rows(answers: Sequence) -> list[tuple[int, str]]:

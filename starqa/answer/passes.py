@@ -1,6 +1,6 @@
-"""One pass of answers over one stored document: Star Attention over its stored KV (a batch of questions decoded
-together) or, for comparison, full attention over its text and one question; each answer with its evidence, the
-events that print it, and the timing table of the pass. `starqa ask` (starqa.answer.ask), hybrid answering
+"""One pass of answers over one stored document: Star Attention over its stored KV or, for comparison, full attention
+over its text (the document's causal pass made once, then every question over it), a batch of questions decoded
+together; each answer with its evidence, the events that print it, and the timing table of the pass. `starqa ask` (starqa.answer.ask), hybrid answering
 (starqa.answer.hybrid), the escalation to a larger model (starqa.answer.escalation) and the server's worker run these.
 """
 
@@ -19,7 +19,7 @@ from starqa.errors import StarqaError
 from starqa.evidence.collect import answer_evidence, observer_for
 from starqa.evidence.quotes import answer_trailer_lines
 from starqa.store.document_store import DocumentStore, StoredDocument, reingest_hint
-from starqa.documents.tokens import prompt_template, query_ids_for
+from starqa.documents.tokens import context_ids_for, plan_blocks, prompt_template, query_ids_for
 
 Emit = Callable[[dict], None]  # where events go: a printer, or a server's queue for one request
 Stream = Callable[[int, str], None]  # (row of the batch, text decoded since the last call)
@@ -100,6 +100,26 @@ def ask_star(engine, ctx: ContextKV, document: StoredDocument, questions: Sequen
              ranks: Ranks | None = None, each_token: EachToken | None = None) -> list[Reply]:
     """Phase 2 for a batch of questions over the document's context KV (decoded together), replies in order;
     `stream(row, text)` receives each row's text as it is decoded."""
+    return _over_context(engine, ctx, document, questions, settings, attention="star", cache_hit=cache_hit,
+                         phase1_s=phase1_s, stream=stream, ranks=ranks, each_token=each_token)
+
+
+def ask_full(engine, document: StoredDocument, full: ContextKV, questions: Sequence[str], settings, *,
+             context_s: float = 0.0, stream: Stream | None = None, each_token: EachToken | None = None) -> list[Reply]:
+    """Full attention: the questions over the document's full-attention KV (`full_context`), decoded together.
+    `context_s`: the seconds of the document's causal pass when these answers paid for it (the first full-attention
+    answers of a document), counted in their prefill and time to first token."""
+    replies = _over_context(engine, full, document, questions, settings, attention="full", cache_hit=False,
+                            phase1_s=0.0, stream=stream, ranks=None, each_token=each_token)
+    for reply in replies:
+        reply.answer.prefill_s += context_s
+        reply.answer.ttft_s += context_s
+    return replies
+
+
+def _over_context(engine, ctx: ContextKV, document: StoredDocument, questions: Sequence[str], settings, *,
+                  attention: str, cache_hit: bool, phase1_s: float, stream: Stream | None, ranks: Ranks | None,
+                  each_token: EachToken | None) -> list[Reply]:
     ranks = ranks or Ranks()
     template = prompt_template(engine.tokenizer)
     query_ids = [query_ids_for(engine.tokenizer, template, question) for question in questions]
@@ -116,7 +136,7 @@ def ask_star(engine, ctx: ContextKV, document: StoredDocument, questions: Sequen
         text = texts.text(row)
         found = answer_evidence(engine, document, observer, text.strip(), question, ranks)  # every rank calls it
         replies.append(Reply(Answer(
-            question=question, answer=text.strip(), doc=document.name, attention="star", cache_hit=cache_hit,
+            question=question, answer=text.strip(), doc=document.name, attention=attention, cache_hit=cache_hit,
             context_tokens=ctx.n_tokens, query_tokens=len(query_ids[row]), answer_tokens=len(ids),
             phase1_s=phase1_s if row == 0 else 0.0, prefill_s=stats.prefill_s, ttft_s=stats.ttft_s,
             decode_tokens_per_s=stats.decode_tokens_per_s, sources=found.sources, evidence=found.evidence,
@@ -124,24 +144,32 @@ def ask_star(engine, ctx: ContextKV, document: StoredDocument, questions: Sequen
     return replies
 
 
-def ask_full(engine, document: StoredDocument, context_ids: list[int], question: str, settings, *,
-             stream: Stream | None = None, each_token: EachToken | None = None) -> Reply:
-    """Full attention for comparison: document and question in one causal pass, no stored KV used."""
-    query_ids = query_ids_for(engine.tokenizer, prompt_template(engine.tokenizer), question)
-    texts = _TextStream(engine.tokenizer, engine.stop_ids, 1, stream, each_token)
-    spans = [(block["start"], block["end"]) for block in document.blocks]  # the stored blocks name the sources
-    observer = observer_for(engine, spans, document.manifest["document_token_offset"])
-    new_ids = engine.generate_full(context_ids + query_ids, max_new_tokens=settings.max_new_tokens,
-                                   temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
-                                   on_token=lambda token: texts(0, token), observe_prefix=observer)
-    stats = engine.last_stats
-    text = texts.text(0)
-    found = answer_evidence(engine, document, observer, text.strip(), question)
-    return Reply(Answer(question=question, answer=text.strip(), doc=document.name, attention="full",
-                        cache_hit=False, context_tokens=len(context_ids), query_tokens=len(query_ids),
-                        answer_tokens=len(new_ids), phase1_s=0.0, prefill_s=stats.prefill_s, ttft_s=stats.ttft_s,
-                        decode_tokens_per_s=stats.decode_tokens_per_s, sources=found.sources,
-                        evidence=found.evidence, grounded=found.grounded), text)
+def full_context(opened) -> tuple[ContextKV, float]:
+    """The opened document's full-attention KV (`full_attention_kv`), made on its first full-attention question and
+    kept on `opened` for the next ones: (the KV, the seconds spent making it now, else 0.0)."""
+    held = getattr(opened, "full_kv", None)
+    if held is not None:
+        return held, 0.0
+    engine = opened.engine
+    ids = opened.context if isinstance(opened.context, list) else context_ids_for(
+        engine.tokenizer, prompt_template(engine.tokenizer), engine.encode_document_text(opened.document.text()))
+    started = time.perf_counter()
+    opened.full_kv = full_attention_kv(engine, opened.document, ids)
+    return opened.full_kv, time.perf_counter() - started
+
+
+def full_attention_kv(engine, document: StoredDocument, context_ids: Sequence[int]) -> ContextKV:
+    """The document's KV under full attention: one causal pass over the whole context, i.e. what Star Attention keeps
+    with one block spanning it (no anchor: the first block has none). Phase 2 over it answers a question exactly as
+    one causal pass over document and question does (one softmax over every earlier token), so the document is
+    encoded once for all of a document's full-attention questions, not once per question. The blocks the document
+    was stored in name the answers' sources, as they do for Star."""
+    n = len(context_ids)
+    kv = engine.encode_context(context_ids, n, batch=1)
+    spans = [(block["start"], block["end"]) for block in document.blocks]
+    if not spans or spans[0][0] != 0 or spans[-1][1] != n or any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
+        spans = plan_blocks(n, document.manifest["block_size"])  # the stored blocks do not tile this context
+    return ContextKV(n_tokens=n, spans=spans, keys=kv.keys, values=kv.values)
 
 
 def timing_table(answers: Sequence[Answer], engine, load_s: float | None = None, kv_dtype: str | None = None,

@@ -38,17 +38,17 @@ def query_tokens_bound(question: str) -> int:
 
 
 def decode_bytes(engine, settings, questions: tuple[str, ...], attention: str, context_tokens: int) -> int:
-    """The decode buffers an ask preallocates at once (engine.generate_batch / generate_full): star attention
-    decodes up to `batch_size` questions together, each row holding its longest question's prompt and
-    `max_new_tokens`; full attention decodes one question over the whole document (`context_tokens`)."""
+    """The decode buffers an ask holds at once (engine.generate_batch): star attention decodes up to `batch_size`
+    questions together, each row holding its longest question's prompt and `max_new_tokens`; full attention holds
+    the document's full-attention KV (`context_tokens`, starqa.answer.passes.full_attention_kv) and decodes one
+    question over it; hybrid, after its Star batch, the same KV and up to a batch of escalated questions."""
     per_token = kv_bytes_per_token(engine)
     longest = max(query_tokens_bound(question) for question in questions)
-    full = per_token * (context_tokens + longest + settings.max_new_tokens)
+    row = per_token * (longest + settings.max_new_tokens)
     if attention == "full":
-        return full
-    rows = min(len(questions), settings.batch_size)
-    star = per_token * rows * (longest + settings.max_new_tokens)
-    return max(star, full) if attention == "hybrid" else star  # hybrid: a Star batch, then full attention's passes
+        return per_token * context_tokens + row
+    star = min(len(questions), settings.batch_size) * row
+    return per_token * context_tokens + star if attention == "hybrid" else star
 
 
 def decode_refusal(needed: int, budget: int) -> protocol.RequestError:
