@@ -1,7 +1,8 @@
 """One pass of answers over one stored document: Star Attention over its stored KV or, for comparison, full attention
 over its text (the document's causal pass made once, then every question over it), a batch of questions decoded
-together; each answer with its evidence, the events that print it, and the timing table of the pass. `starqa ask` (starqa.answer.ask), hybrid answering
-(starqa.answer.hybrid), the escalation to a larger model (starqa.answer.escalation) and the server's worker run these.
+together; each answer with its evidence, the events that print it, and the timing table of the pass. `starqa ask`
+(starqa.answer.ask), hybrid answering (starqa.answer.hybrid), the escalation to a larger model
+(starqa.answer.escalation) and the server's worker run these.
 """
 
 from __future__ import annotations
