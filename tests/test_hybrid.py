@@ -147,6 +147,18 @@ def test_full_attention_encodes_the_document_once_and_answers_as_one_causal_pass
         assert reply.answer.attention == "full" and reply.answer.prefill_s >= first_s
 
 
+def test_full_attention_timing_tables_count_the_documents_pass_once(stored, capsys, tiny_model_dir):
+    import re
+
+    code, out, err = _ask(capsys, tiny_model_dir, "--questions", str(stored / "questions.txt"), "--json",
+                          "--attention", "full")
+    rows = json_lines(out)
+    assert code == 0 and len(rows) == len(QUESTIONS)
+    counted = [int(tokens) for tokens in re.findall(r"full-attention prefill\D*?[\d.]+ s \((\d+) tokens\)", err)]
+    # the first question's prefill holds the document's causal pass; the later ones only their own tokens
+    assert counted == [rows[0]["context_tokens"] + rows[0]["query_tokens"]] + [row["query_tokens"] for row in rows[1:]]
+
+
 def test_a_grounded_answer_is_not_answered_again(stored, controlled, capsys, tiny_model_dir):
     code, out, err = _ask(capsys, tiny_model_dir, QUESTIONS[0], "--attention", "hybrid", "--json")
     assert code == 0 and [call[0] for call in controlled] == ["star"]

@@ -217,6 +217,7 @@ def answer_questions(opened: OpenDocument, questions: list[str], settings, *, at
 
             hybrid.answer_batch(opened, asked, first, settings, ranks=ranks, emit=emit, each_token=each_token)
             continue
+        document_pass = True
         if attention == "star":
             replies = passes.ask_star(engine, opened.context, document, asked, settings, cache_hit=opened.cache_hit,
                                phase1_s=opened.phase1_s if first == 0 else 0.0, stream=send, ranks=ranks,
@@ -225,12 +226,14 @@ def answer_questions(opened: OpenDocument, questions: list[str], settings, *, at
             full, context_s = passes.full_context(opened)  # the document's causal pass: once, for every question
             replies = passes.ask_full(engine, document, full, asked, settings, context_s=context_s, stream=send,
                                       each_token=each_token)
+            document_pass = context_s > 0
         else:
             continue  # one full-attention pass needs one process; the other ranks of a torchrun job only wait
         emit_replies(emit, document.name, first, replies, document_version(document, engine))
         emit(events.timings(*timing_table([reply.answer for reply in replies], engine,
                                           opened.load_s if first == 0 else None,
-                                          document.kv_dtype if attention == "star" else None)))
+                                          document.kv_dtype if attention == "star" else None,
+                                          document_pass=document_pass)))
 
 
 def is_valid_name(doc: str) -> bool:

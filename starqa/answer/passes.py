@@ -174,9 +174,11 @@ def full_attention_kv(engine, document: StoredDocument, context_ids: Sequence[in
 
 
 def timing_table(answers: Sequence[Answer], engine, load_s: float | None = None, kv_dtype: str | None = None,
-                 together: int | None = None) -> tuple[str, list[tuple[str, str]]]:
+                 together: int | None = None, document_pass: bool = True) -> tuple[str, list[tuple[str, str]]]:
     """The title and rows of one batch's timing table (stderr). `together`: the questions decoded at once, when a
-    server decoded other requests' questions with these."""
+    server decoded other requests' questions with these; `document_pass` (full attention): whether these answers'
+    prefill includes the document's causal pass (the first full-attention answers of an ask) or only the
+    questions' tokens over the document's KV made before."""
     answer = answers[0]
     together = len(answers) if together is None else together
     rows = []
@@ -186,7 +188,8 @@ def timing_table(answers: Sequence[Answer], engine, load_s: float | None = None,
     if answer.phase1_s:
         rows.append(("Phase 1", f"{answer.phase1_s:.2f} s"))
     label = "Phase 2 prefill" if answer.attention == "star" else "full-attention prefill"
-    prompt_tokens = sum(a.query_tokens for a in answers) + (answer.context_tokens if answer.attention == "full" else 0)
+    prompt_tokens = sum(a.query_tokens for a in answers) + (
+        answer.context_tokens if answer.attention == "full" and document_pass else 0)
     rows += [
         (label, f"{answer.prefill_s:.3f} s ({prompt_tokens} tokens)"),
         ("time to first token", f"{answer.ttft_s:.3f} s"),
