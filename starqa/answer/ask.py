@@ -19,7 +19,6 @@ from starqa.engine.distributed import Ranks, share_outcome
 from starqa.errors import StarqaError, UsageError
 from starqa.answer.passes import EachToken, Emit, emit_replies, load_context_share, timer, timing_table
 from starqa.store.document_store import DocumentReplaced, DocumentStore, StoredDocument
-from starqa.documents.tokens import context_ids_for, prompt_template
 
 __all__ = ["answer_document", "open_document", "run"]
 
@@ -194,8 +193,7 @@ def open_document(load_engine, settings, store: DocumentStore, *, doc: str, atte
             elif attention in ("star", "hybrid"):
                 context = load_context_share(engine, store, document, ranks, len(document.blocks))
             else:  # full attention encodes the stored text again, once for all the questions
-                context = context_ids_for(engine.tokenizer, prompt_template(engine.tokenizer),
-                                          engine.encode_document_text(document.text())) if ranks.is_speaker else None
+                context = passes.full_context_ids(engine, document) if ranks.is_speaker else None
             break
         except DocumentReplaced:  # (several processes agree on failures as a RankFailure, not retried)
             if attempt == _READ_ATTEMPTS - 1:

@@ -125,11 +125,9 @@ class Escalation:
 
             context = load_context(engine, self.store, document)
         else:
-            from starqa.answer.passes import full_attention_kv
-            from starqa.documents.tokens import context_ids_for, prompt_template
+            from starqa.answer.passes import full_attention_kv, full_context_ids
 
-            context = full_attention_kv(engine, document, context_ids_for(
-                engine.tokenizer, prompt_template(engine.tokenizer), engine.encode_document_text(document.text())))
+            context = full_attention_kv(engine, document, full_context_ids(engine, document))
         return Target(engine.model_name, engine, document, context, phase1_s)
 
 

@@ -151,12 +151,16 @@ def full_context(opened) -> tuple[ContextKV, float]:
     held = getattr(opened, "full_kv", None)
     if held is not None:
         return held, 0.0
-    engine = opened.engine
-    ids = opened.context if isinstance(opened.context, list) else context_ids_for(
-        engine.tokenizer, prompt_template(engine.tokenizer), engine.encode_document_text(opened.document.text()))
+    ids = opened.context if isinstance(opened.context, list) else full_context_ids(opened.engine, opened.document)
     started = time.perf_counter()
-    opened.full_kv = full_attention_kv(engine, opened.document, ids)
+    opened.full_kv = full_attention_kv(opened.engine, opened.document, ids)
     return opened.full_kv, time.perf_counter() - started
+
+
+def full_context_ids(engine, document: StoredDocument) -> list[int]:
+    """The prompt's context ids for full attention over the document's stored text."""
+    return context_ids_for(engine.tokenizer, prompt_template(engine.tokenizer),
+                           engine.encode_document_text(document.text()))
 
 
 def full_attention_kv(engine, document: StoredDocument, context_ids: Sequence[int]) -> ContextKV:
