@@ -4,6 +4,7 @@ isolated store per test. The real bundled model is converted once per test sessi
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -64,9 +65,12 @@ def tiny_model_dir(tmp_path_factory, bundled_tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
-def shared_home(tmp_path_factory) -> Path:
-    """A store shared by the tests that need the real bundled model, so it is converted once."""
-    return tmp_path_factory.mktemp("starqa-shared-home")
+def shared_home(tmp_path_factory):
+    """A store shared by the tests that need the real bundled model, so it is converted once. Removed when the
+    session ends: converted models are hundreds of MB, and the CI machine's disk is shared and can run short."""
+    root = tmp_path_factory.mktemp("starqa-shared-home")
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

@@ -248,19 +248,21 @@ def test_eval_of_a_stored_document_uses_the_model_it_was_stored_with(tmp_path, t
 
 
 @pytest.mark.slow
-def test_the_default_model_answers_a_planted_fact(tmp_path, shared_home):
-    """The default catalogue model, end to end through the CLI: assembled, converted, ingested and asked."""
+def test_the_default_model_answers_a_planted_fact(tmp_path):
+    """The default catalogue model, end to end through the CLI: assembled, converted, ingested and asked (in this
+    test's own store, removed when it passes: no other test uses the 1.5B's 3 GB copy)."""
+    home = tmp_path / "home"
     document = tmp_path / "lease.txt"
     filler = ("The tenant shall keep the premises in good repair and shall not make alterations without consent. "
               "Rent is payable monthly in advance by bank transfer to the account the landlord names. ")
     document.write_text(filler * 6 + "The security deposit is exactly 4,750 euros. " + filler * 6)
     env = {"STARQA_MODEL": "", "OMP_NUM_THREADS": "2"}
-    stored = starqa("ingest", str(document), home=shared_home, env=env, timeout=1200)
+    stored = starqa("ingest", str(document), home=home, env=env, timeout=1200)
     assert stored.returncode == 0, stored.stderr
     result = starqa("ask", "--doc", "lease", "How much is the security deposit?", "--max-new-tokens", "24",
-                    "--json", home=shared_home, env=env, timeout=600)
+                    "--json", home=home, env=env, timeout=600)
     assert result.returncode == 0, result.stderr
     answer = json_lines(result.stdout)[0]
     assert "4,750" in answer["answer"] or "4750" in answer["answer"]
-    info = starqa("info", "lease", "--json", home=shared_home, env=env)
+    info = starqa("info", "lease", "--json", home=home, env=env)
     assert json.loads(info.stdout)["model"] == "qwen2.5-coder-1.5b"
