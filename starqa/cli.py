@@ -208,8 +208,9 @@ def ask(
     all_documents: bool = typer.Option(False, "--all", help="Ask every stored document."),
     questions: Optional[Path] = typer.Option(None, "--questions", help="File with one question per line."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per question on stdout."),
-    attention: str = typer.Option("star", "--attention", help="star (stored KV), full (one pass, no cache) or hybrid "
-                                  "(star; an answer not grounded is answered again with full attention)."),
+    attention: str = typer.Option("star", "--attention", help="star (over the stored KV), full (the stored "
+                                  "text encoded again in one causal pass per ask) or hybrid (star; an answer not "
+                                  "grounded is answered again with full attention)."),
     escalate_to: Optional[str] = typer.Option(None, "--escalate-to", help="With --attention hybrid: full (full "
                                               "attention, the default) or a larger MODEL that answers again what "
                                               "is not grounded (docs/hybrid.md)."),

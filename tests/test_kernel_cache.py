@@ -5,6 +5,7 @@ starts without running the compiler, and the C wrappers refuse tensors that woul
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 
@@ -183,3 +184,22 @@ def test_chunks_that_start_before_the_keys_are_refused_by_the_kernel():
         kernels.decode_attention(q, keys, keys.clone(), torch.tensor([-16, 48, 64], dtype=torch.int32))
     out, _, _ = kernels.decode_attention(q, keys, keys.clone(), torch.tensor([0, 48, 64], dtype=torch.int32))
     assert torch.isfinite(out).all()
+
+
+def test_every_file_the_build_reads_is_in_its_cache_key(monkeypatch, tmp_path):
+    """A changed source or shared header must give a new library name: a build keyed on the .c files alone would go
+    on loading a library compiled from the old header."""
+    compiler = kernels._compiler()
+    if compiler is None:
+        pytest.skip("no C compiler")
+    before = kernels._cache_key(compiler)
+    for original in [*kernels._SOURCES, *kernels._HEADERS]:
+        copy = tmp_path / original.name
+        copy.write_bytes(original.read_bytes() + b"\n/* changed */\n")
+        monkeypatch.setattr(kernels, "_SOURCES", [copy if p == original else p for p in kernels._SOURCES])
+        monkeypatch.setattr(kernels, "_HEADERS", [copy if p == original else p for p in kernels._HEADERS])
+        assert kernels._cache_key(compiler) != before, original.name
+        monkeypatch.undo()
+    included = {name for source in kernels._SOURCES
+                for name in re.findall(r'#include "([^"]+)"', source.read_text(encoding="utf-8"))}
+    assert included == {header.name for header in kernels._HEADERS}

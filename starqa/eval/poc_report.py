@@ -64,6 +64,7 @@ def run(settings, *, doc, qa, suite, models, model, modes, report_path, resume, 
     names = _model_list(models, model, settings)
     resolved = _check_installed(names, settings)
     target_mode = escalation_mode(escalate_to) if escalate_to is not None and "hybrid" in modes else None
+    report_modes = [*modes, *([target_mode] if target_mode is not None else [])]
     log = _RunLog(resume) if resume is not None else None
 
     key = {"doc_sha256": _sha256(source.read_bytes()), "qa_sha256": _sha256(Path(qa).read_bytes()),
@@ -75,8 +76,7 @@ def run(settings, *, doc, qa, suite, models, model, modes, report_path, resume, 
         for name in names:
             stored = None
             escalates = target_mode is not None and resolved[name] != escalate_to  # to itself: the hybrid row
-            model_modes = [*modes, *([target_mode] if escalates else [])]
-            for mode in model_modes:
+            for mode in (report_modes if escalates else modes):
                 record_key = _run_key(name, mode, key)
                 if record_key in previous:
                     report.info(f"{name} / {mode}: in {log.path}, not run again")
@@ -94,7 +94,7 @@ def run(settings, *, doc, qa, suite, models, model, modes, report_path, resume, 
                 if log is not None:
                     log.append(record)
     document = build(runs, pairs, source=str(source), qa=str(qa),
-                     modes=[*modes, *([target_mode] if target_mode is not None else [])], models=names)
+                     modes=report_modes, models=names)
     if report_path is not None:
         text = markdown(document) if report_path.suffix.lower() == ".md" else to_html(document)
         report_path.write_text(text, encoding="utf-8")

@@ -43,6 +43,7 @@ __all__ = ["available", "unavailable_reason", "linear_bf16", "rms_norm_bf16", "r
 
 _SOURCE = Path(__file__).with_name("cpu_decode.c")
 _SOURCES = [_SOURCE, Path(__file__).with_name("cpu_quant.c")]  # compiled into one library
+_HEADERS = [Path(__file__).with_name("bf16.h")]  # included by both: part of what a build depends on
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 _OFF_ENV = "STARQA_KERNELS"  # "off": use plain torch everywhere (comparisons, or a machine where the build misbehaves)
 _CACHE_ENV = "STARQA_KERNEL_CACHE"
@@ -90,7 +91,7 @@ def _compiler_identity(compiler: str) -> str:
 
 def _cache_key(compiler: str) -> str:
     """What the library built here depends on: the source, the compiler, the flags and the CPU."""
-    sources = b"".join(path.read_bytes() for path in _SOURCES)
+    sources = b"".join(path.read_bytes() for path in [*_SOURCES, *_HEADERS])
     return hashlib.sha256(sources + _compiler_identity(compiler).encode() + " ".join(_FLAGS).encode()
                           + _cpu_identity().encode()).hexdigest()[:16]
 

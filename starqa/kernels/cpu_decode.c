@@ -23,6 +23,7 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
+#include "bf16.h"
 
 int starqa_kernels_available(void) { return 1; }
 
@@ -30,25 +31,6 @@ enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2, KV_I8 = 3 };
 #define MAX_ROWS 64   /* query rows per KV head in one call (callers split larger batches) */
 #define MAX_CHUNK 256 /* keys per chunk */
 #define MAX_DIM 256   /* head_dim, a multiple of 16 */
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline __m512 bf16x16_to_f32(__m256i h) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-/* float32 -> bfloat16, round to nearest even (finite values; a NaN stays a NaN) */
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
 
 static inline __m512 load16(int fmt, const void* base, size_t offset) {
     switch (fmt) {

@@ -24,25 +24,12 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
 #include <immintrin.h>
+#include "bf16.h"
 
 int starqa_quant_available(void) { return 1; }
 
 #define Q_MAX_ROWS 8   /* rows of x per call (a GEMV; larger batches go to torch's matrix kernels) */
 #define Q_ROW_BLOCK 4  /* rows that share one unpacked weight chunk in registers */
-
-static inline float q_bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t q_f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
 
 /* Per row of x, the sum of x over each group (the asymmetric term's factor), float32 [rows, groups]. */
 static float* group_sums(const uint16_t* x, int rows, int in, int group) {
@@ -54,8 +41,7 @@ static float* group_sums(const uint16_t* x, int rows, int in, int group) {
             __m512 acc = _mm512_setzero_ps();
             const uint16_t* xg = x + (size_t)r * in + (size_t)g * group;
             for (int i = 0; i < group; i += 16)
-                acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(
-                          _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(xg + i))), 16)));
+                acc = _mm512_add_ps(acc, bf16x16_to_f32(_mm256_loadu_si256((const __m256i*)(xg + i))));
             sums[(size_t)r * groups + g] = _mm512_reduce_add_ps(acc);
         }
     return sums;
@@ -74,8 +60,8 @@ static inline float zero_term(const float* z, const float* xs, int groups) {
 }
 
 static inline void store_out(uint16_t* y, long ldy, const uint16_t* residual, long ldr, int r, int o, float v) {
-    uint16_t out = q_f32_to_bf16(v);
-    if (residual) out = q_f32_to_bf16(q_bf16_to_f32(out) + q_bf16_to_f32(residual[(size_t)r * ldr + o]));
+    uint16_t out = f32_to_bf16(v);
+    if (residual) out = f32_to_bf16(bf16_to_f32(out) + bf16_to_f32(residual[(size_t)r * ldr + o]));
     y[(size_t)r * ldy + o] = out;
 }
 
