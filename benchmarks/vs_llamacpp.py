@@ -120,7 +120,8 @@ def main() -> None:
 
     from starqa.answer.passes import load_context
     from starqa.engine.star_engine import StarEngine, _attach_weights
-    from starqa.model.resolve import BUNDLED_MODELS, bundled_gguf_path
+    from starqa.model.catalogue import CATALOGUE
+    from starqa.model.resolve import bundled_gguf_path
     from starqa.model.quantized_weights import gguf_source
     from starqa.store.document_store import DocumentStore
 
@@ -129,8 +130,10 @@ def main() -> None:
     decode_lengths = [int(x) for x in args.decode_lengths.split(",")]
     engine = StarEngine.load(args.model, device="cpu", dtype="auto", store_root=args.store, weights="bfloat16")
     source = gguf_source(engine.model_dir)
-    gguf = (str(bundled_gguf_path(args.model)) if args.model in BUNDLED_MODELS
-            else str(source[0]) if source else args.model)
+    # the GGUF the model was converted from (recorded by the conversion), else the one a catalogue model's
+    # package holds whole (smollm2-135m), else --model itself (a .gguf file)
+    gguf = (str(source[0]) if source else str(bundled_gguf_path(args.model)) if args.model in CATALOGUE
+            else args.model)
     rng = random.Random(0)
     vocabulary = range(100, 30000)
     question = [rng.choice(vocabulary) for _ in range(20)]

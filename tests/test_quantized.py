@@ -155,6 +155,38 @@ def test_quantized_linear_equals_a_float64_reference_of_the_same_weights(kind, r
 
 
 @needs_kernels
+def test_the_quantized_wrapper_refuses_inputs_that_would_read_past_a_buffer():
+    out, features = 16, 256
+    part, = qw.pack_parts([_matrices(out, features)["int4"]], [out], features)
+    x = torch.randn(1, features).bfloat16()
+    y = torch.empty(1, out, dtype=torch.bfloat16)
+
+    def call(**changes):
+        arguments = dict(bits=4, weight=part.weight, scales=part.scales, zeros=part.zeros, group=32, y=y)
+        arguments.update(changes)
+        kernels.linear_quantized(x, arguments["bits"], arguments["weight"], arguments["scales"], arguments["zeros"],
+                                 arguments["group"], arguments["y"])
+
+    call()
+    with pytest.raises(ValueError, match="scales"):
+        call(scales=part.scales[:8].contiguous())  # fewer rows of scales than of weights
+    with pytest.raises(ValueError, match="zeros"):
+        call(zeros=part.zeros[:, :4].contiguous())
+    with pytest.raises(ValueError, match="need zeros"):
+        call(zeros=None)
+    with pytest.raises(ValueError, match="does not take"):
+        call(weight=part.weight[:, :64].contiguous())  # narrower than x
+    with pytest.raises(ValueError, match="does not take"):
+        call(y=torch.empty(1, out // 2, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="bits"):
+        call(bits=2)
+    with pytest.raises(ValueError, match="whole groups"):
+        call(bits=8, weight=torch.zeros(out, features, dtype=torch.int8), group=48)
+    with pytest.raises(ValueError, match="bfloat16"):
+        call(y=torch.empty(1, out))
+
+
+@needs_kernels
 def test_a_fused_projection_of_mixed_formats_writes_each_part_into_its_columns():
     """q|k|v with q in int4, k in int8 groups of 16 and v left in bfloat16: one output, each part's columns."""
     features = 256

@@ -470,9 +470,8 @@ def linear_quantized(x: torch.Tensor, bits: int, weight: torch.Tensor, scales: t
     bits 4: weight uint8 [out, in / 2], scales/zeros float32 [out, in / 32]. bits 8: weight int8 [out, in], scales
     (zeros optional) float32 [out, in / group]; `wide`: some q lies outside -64..63 (the kernel's slower exact path)."""
     rows, features = x.shape
-    out = scales.shape[0]
-    if y.stride(1) != 1 or (residual is not None and residual.stride(1) != 1):
-        raise ValueError("linear_quantized needs unit column strides")
+    out = weight.shape[0]
+    _check_quantized_inputs(x, bits, weight, scales, zeros, group, y, residual)
     res_pointer, res_stride = (None, 0) if residual is None else (residual.data_ptr(), residual.stride(0))
     library = _library()
     if bits == 4:
@@ -483,6 +482,36 @@ def linear_quantized(x: torch.Tensor, bits: int, weight: torch.Tensor, scales: t
                                  out, features, group, int(wide), rows, y.stride(0), res_pointer, res_stride)
     if code != 0:
         raise RuntimeError(f"linear_q{bits} failed ({code}) for x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+
+
+def _check_quantized_inputs(x, bits, weight, scales, zeros, group, y, residual) -> None:
+    """Shapes and dtypes the C kernels trust (a wrong one would read past a buffer)."""
+    rows, features = x.shape
+    out = weight.shape[0]
+    _check_bf16("linear_quantized", x, y, *([] if residual is None else [residual]))
+    if not x.is_contiguous() or y.stride(1) != 1 or (residual is not None and residual.stride(1) != 1):
+        raise ValueError("linear_quantized needs a contiguous x and unit column strides")
+    if y.shape[0] != rows or y.shape[1] < out or (residual is not None and (residual.shape[0] != rows
+                                                                            or residual.shape[1] < out)):
+        raise ValueError(f"linear_quantized: y {tuple(y.shape)} or the residual does not take {rows} x {out}")
+    if bits == 4:
+        expected, group = (torch.uint8, (out, features // 2)), 32
+    elif bits == 8:
+        expected = (torch.int8, (out, features))
+    else:
+        raise ValueError(f"linear_quantized: bits must be 4 or 8, not {bits}")
+    if (weight.dtype, tuple(weight.shape)) != expected or not weight.is_contiguous():
+        raise ValueError(f"linear_quantized: weight {weight.dtype} {tuple(weight.shape)} does not take x "
+                         f"{tuple(x.shape)} in {bits} bits")
+    if group <= 0 or features % group:
+        raise ValueError(f"linear_quantized: {features} inputs are not whole groups of {group}")
+    if bits == 4 and zeros is None:
+        raise ValueError("linear_quantized: 4-bit weights need zeros")
+    for name, values in (("scales", scales), ("zeros", zeros)):
+        if values is not None and (values.dtype != torch.float32 or tuple(values.shape) != (out, features // group)
+                                   or not values.is_contiguous()):
+            raise ValueError(f"linear_quantized: {name} {values.dtype} {tuple(values.shape)}, expected float32 "
+                             f"{(out, features // group)}")
 
 
 def linear_packed(x: torch.Tensor, parts: list, weight: torch.Tensor,
