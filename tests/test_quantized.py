@@ -102,6 +102,30 @@ def test_the_bundled_gguf_maps_onto_the_converted_models_weights(bundled_engine)
     assert not np.array_equal(unpermuted.dequantize(), pieces["model.layers.0.self_attn.q_proj.weight"].numpy())
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_packing_lets_the_pages_of_the_gguf_it_has_read_go():
+    """A mapped file's pages count as the process's memory until unmapped: packing the 1.5B held its whole GGUF
+    beside the bf16 model and the packed copy (7.2 GB at the peak). release_pages gives them back."""
+    from starqa.model.resolve import bundled_gguf_path
+
+    def file_pages_kib() -> int:
+        status = open("/proc/self/status", encoding="ascii").read()
+        return int(status.split("RssFile:")[1].split()[0])
+
+    weights = qw.GGUFWeights(bundled_gguf_path("smollm2-135m"), None)
+    size_kib = weights.mapping.nbytes // 1024
+    tensor = weights.tensors["blk.0.ffn_down.weight"]
+    checksum = int(np.asarray(tensor.data, dtype=np.uint8).astype(np.int64).sum())
+    weights.release_pages()
+    before = file_pages_kib()
+    assert int(np.asarray(weights.mapping[::4096], dtype=np.int64).sum()) >= 0  # one byte of every page: all read
+    read = file_pages_kib()
+    assert read - before > 0.5 * size_kib, (before, read, size_kib)
+    weights.release_pages()
+    assert file_pages_kib() - before < 0.1 * size_kib
+    assert int(np.asarray(tensor.data, dtype=np.uint8).astype(np.int64).sum()) == checksum  # read again, the same
+
+
 def _reference_bound(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """What a correct kernel may differ from the float64 product by: one bfloat16 rounding of the result (2^-8
     relative, with margin) plus float32 accumulation over the terms."""

@@ -172,12 +172,26 @@ class GGUFWeights:
         self.path = Path(gguf_path)
         self.args = args
         reader = gguf.GGUFReader(str(gguf_path))
+        self.mapping = reader.data  # the file, memory-mapped (np.memmap)
         self.tensors = {tensor.name: tensor for tensor in reader.tensors}
         field_ = reader.fields.get("general.architecture")
         self.architecture = field_.contents() if field_ is not None else ""
         self.has_output = "output.weight" in self.tensors
         self.output_finer = self.has_output and _bits_per_weight(self.tensors["output.weight"]) > _bits_per_weight(
             self.tensors["token_embd.weight"])
+
+    def release_pages(self) -> None:
+        """Let the kernel drop the file's pages read so far: a mapped file's pages count as this process's memory
+        until unmapped, so packing the 1.5B held its whole 1.1 GB GGUF beside the bf16 model and the packed copy. The
+        pieces taken out are copies; a page touched again is read again (from the page cache)."""
+        import ctypes
+        import ctypes.util
+
+        if os.name != "posix" or not self.mapping.size:
+            return
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        madv_dontneed = 4  # Linux and the BSDs
+        libc.madvise(ctypes.c_void_p(self.mapping.ctypes.data), ctypes.c_size_t(self.mapping.nbytes), madv_dontneed)
 
     def __getitem__(self, name: str) -> QuantizedMatrix | np.ndarray:
         args = self.args
@@ -407,6 +421,8 @@ def build_packed(transformer, mode: str, gguf_path: Path | None) -> dict[str, li
                 start += count
             packed[key] = pack_parts([choose(matrices[name], mode) for name in pieces], counts,
                                      linears[key].weight.shape[1])
+            del matrices
+            weights.release_pages()
         return packed
     for key, linear in linears.items():
         values = linear.weight.detach().float().cpu().numpy()
