@@ -185,13 +185,13 @@ class GGUFWeights:
         until unmapped, so packing the 1.5B held its whole 1.1 GB GGUF beside the bf16 model and the packed copy. The
         pieces taken out are copies; a page touched again is read again (from the page cache)."""
         import ctypes
-        import ctypes.util
+        import mmap
 
-        if os.name != "posix" or not self.mapping.size:
+        if os.name != "posix" or not hasattr(mmap, "MADV_DONTNEED") or not self.mapping.size:
             return
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        madv_dontneed = 4  # Linux and the BSDs
-        libc.madvise(ctypes.c_void_p(self.mapping.ctypes.data), ctypes.c_size_t(self.mapping.nbytes), madv_dontneed)
+        # The process's own symbols hold libc's madvise (ctypes.util.find_library would start a process per call).
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+        madvise(ctypes.c_void_p(self.mapping.ctypes.data), ctypes.c_size_t(self.mapping.nbytes), mmap.MADV_DONTNEED)
 
     def __getitem__(self, name: str) -> QuantizedMatrix | np.ndarray:
         args = self.args
