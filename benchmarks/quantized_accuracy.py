@@ -11,7 +11,8 @@ of the mean of paired differences), and how often the answer text differs from b
 JSON lines (--out) so that a stopped run can be read.
 
     .venv/bin/python benchmarks/quantized_accuracy.py --model qwen2.5-coder-0.5b --suite --lengths 4096 --samples 2
-    .venv/bin/python benchmarks/quantized_accuracy.py --model /work/gguf/qwen2.5-coder-0.5b.gguf --contract
+    .venv/bin/python benchmarks/quantized_accuracy.py --model qwen2.5-coder-1.5b --contract --suite \
+        --precisions bfloat16,auto,auto+int8
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-PRECISIONS = ("bfloat16", "int8", "int4", "auto")
+PRECISIONS = ("bfloat16", "int8", "int4", "auto", "auto+int8")  # MODE+int8: with --activations int8
 
 
 def paired_summary(scores: dict[str, list[float]], answers: dict[str, list[str]]) -> list[str]:
     base, base_answers = scores["bfloat16"], answers["bfloat16"]
-    lines = [f"{'weights':>9} {'cases':>6} {'accuracy':>9} {'vs bfloat16 (95% CI)':>24} {'answer text changed':>20}"]
+    lines = [f"{'weights':>10} {'cases':>6} {'accuracy':>9} {'vs bfloat16 (95% CI)':>24} {'answer text changed':>20}"]
     for name, values in scores.items():
         n = len(values)
         accuracy = sum(values) / n if n else float("nan")
@@ -39,7 +40,7 @@ def paired_summary(scores: dict[str, list[float]], answers: dict[str, list[str]]
         sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else 0.0
         half = 1.96 * sd / math.sqrt(n) if n else float("nan")
         changed = sum(a != b for a, b in zip(answers[name], base_answers))
-        lines.append(f"{name:>9} {n:>6} {accuracy:>9.1%} {mean:>+10.1%} [{mean - half:+.1%}, {mean + half:+.1%}] "
+        lines.append(f"{name:>10} {n:>6} {accuracy:>9.1%} {mean:>+10.1%} [{mean - half:+.1%}, {mean + half:+.1%}] "
                      f"{changed:>9} of {n} ({changed / n:.0%})")
     return lines
 
@@ -72,9 +73,10 @@ def main() -> None:
     root = DocumentStore(args.store).root
     precisions = args.precisions.split(",")
     packed, summaries = {}, {}
-    for name in precisions:
-        summaries[name] = _attach_weights(engine.model, name, engine.model_dir, root, None)
-        packed[name] = {key: linear.packed for key, linear in engine.model.projections()}
+    for name in precisions:  # "MODE" or "MODE+int8": --weights MODE --activations int8
+        mode, _, activations = name.partition("+")
+        summaries[name] = _attach_weights(engine.model, mode, engine.model_dir, root, None, activations or "bfloat16")
+        packed[name] = {key: (linear.packed, linear.activations) for key, linear in engine.model.projections()}
     print(f"{engine.model_name}, compute {engine.dtype}; decoding weights: "
           + "; ".join(f"{name}: {summaries[name]}" for name in precisions), flush=True)
 
@@ -106,7 +108,7 @@ def main() -> None:
             ctx = encoded[1]
             for name in precisions:
                 for key, linear in engine.model.projections():
-                    linear.packed = packed[name][key]
+                    linear.packed, linear.activations = packed[name][key]
                 new_ids = engine.generate(ctx, query_ids, max_new_tokens=case.max_new_tokens, temperature=0.0)
                 prediction = prediction_text(engine, new_ids)
                 value = score(case.metric, prediction, case.answers, case.answer_prefix)

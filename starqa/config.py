@@ -51,6 +51,8 @@ class Settings:
     audit_retention_days: int | None = None  # `starqa audit prune` drops records older than this; None: keep all
     # --attention hybrid's second pass: full attention, or a larger model (starqa.answer.escalation)
     escalate_to: str = "full"
+    # what x is rounded to before a 4/8-bit decoding GEMV (starqa/kernels/cpu_quant.c)
+    activations: str = "bfloat16"
 
     @property
     def effective_anchor_size(self) -> int:
@@ -85,6 +87,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "audit": (str,),
     "audit_retention_days": (int, type(None)),
     "escalate_to": (str,),
+    "activations": (str,),
 }
 # Settings given as a size: bytes, or a number with a unit ("512MiB", "4GiB", "1.5GB").
 _SIZE_KEYS = ("max_kv_memory", "max_request_bytes", "max_decode_memory")
@@ -94,6 +97,7 @@ _CHOICES = {
     "dtype": {"auto", "float32", "bfloat16", "float16"},
     "kv_dtype": {"auto", "float32", "bfloat16", "float16", "int8"},
     "weights": {"auto", "bfloat16", "int8", "int4"},
+    "activations": {"bfloat16", "int8"},
     "device": None,  # "auto", "cpu", "cuda", "cuda:N": checked in validate()
     "attention_backend": {"auto", "torch", "triton"},
     "audit": {"off", "metadata", "full"},

@@ -209,7 +209,7 @@ class StarEngine:
     def load(cls, model: str, *, device: str = "auto", dtype: str = "auto",
              store_root: Path | str | None = None, attention_backend: str = "auto",
              trust_remote_code: bool = False, on_status: Callable[[str], None] | None = None,
-             weights: str = "auto") -> "StarEngine":
+             weights: str = "auto", activations: str = "bfloat16") -> "StarEngine":
         from starqa.model import resolve as models
         from starqa.documents.light_tokenizer import PROFILE_FILE_NAME, LightTokenizer, read_profile, write_profile
         from starqa.store.document_store import default_store_root
@@ -230,7 +230,7 @@ class StarEngine:
         else:  # weights in PyTorch's own format: transformers reads them (safely), then we take them over
             transformer = Transformer.from_hf_model(_hf_model(source.directory, torch_dtype, trust_remote_code)
                                                     .to(torch_device))
-        weights_summary = _attach_weights(transformer, weights, source.directory, root, on_status)
+        weights_summary = _attach_weights(transformer, weights, source.directory, root, on_status, activations)
         profile_path = record_path(root, source.directory, PROFILE_FILE_NAME)
         profile = read_profile(profile_path, source.directory)
         engine_args = dict(model_name=source.name, model_dir=source.directory, attention_backend=attention_backend,
@@ -267,7 +267,8 @@ class StarEngine:
             on_status(f"loading model {name}")
         return cls.load(name, device=device or settings.device, dtype=settings.dtype,
                         store_root=DocumentStore(settings.store).root, attention_backend=settings.attention_backend,
-                        trust_remote_code=trust_remote_code, on_status=on_status, weights=settings.weights)
+                        trust_remote_code=trust_remote_code, on_status=on_status, weights=settings.weights,
+                        activations=settings.activations)
 
     def _stop_token_ids(self) -> set[int]:
         if self.tokenizer_profile is not None and "stop_ids" in self.tokenizer_profile:
@@ -567,12 +568,14 @@ def record_path(store_root: Path, model_dir: Path | None, file_name: str) -> Pat
     return models_root / file_name
 
 
-def _attach_weights(transformer, mode: str, model_dir: Path, store_root: Path, on_status) -> str:
-    """Decoding's weights under --weights `mode` (starqa.model.quantized_weights), cached beside the model."""
+def _attach_weights(transformer, mode: str, model_dir: Path, store_root: Path, on_status,
+                    activations: str = "bfloat16") -> str:
+    """Decoding's weights under --weights `mode` and --activations (starqa.model.quantized_weights), cached beside
+    the model."""
     from starqa.model import quantized_weights
 
     if mode == "bfloat16":
-        return "bfloat16"
+        return quantized_weights.attach(transformer, mode, activations=activations)
     from starqa.model.resolve import model_fingerprint
 
     key = model_fingerprint(model_dir)
@@ -582,7 +585,7 @@ def _attach_weights(transformer, mode: str, model_dir: Path, store_root: Path, o
         folder = folder.with_name(f"{quantized_weights.CACHE_FOLDER}-{key[:16]}")
     cache = folder / f"{mode}.safetensors"
     return quantized_weights.attach(transformer, mode, model_dir=model_dir, cache_path=cache, model_key=key,
-                                    on_status=on_status)
+                                    on_status=on_status, activations=activations)
 
 
 def _hf_model(directory: Path, dtype: torch.dtype, trust_remote_code: bool):

@@ -156,6 +156,7 @@ def eval_command(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: auto, float32, bfloat16 or float16 (default: auto, from the config: bfloat16 on CUDA and on CPUs with native bfloat16 (AMX, AVX512-BF16), else float32)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Weights decoding reads: auto, bfloat16, int8 or int4 (see docs/quantized-decoding.md)."),
+    activations: Optional[str] = typer.Option(None, "--activations", help="What 4/8-bit decoding multiplies the weights with: bfloat16 (exact) or int8 (faster; see docs/quantized-decoding.md)."),
     password: Optional[str] = typer.Option(None, "--password", help="With --doc FILE: password of an encrypted PDF."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a model directory's own Python code to run."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file layered over configs/default.yaml."),
@@ -169,15 +170,15 @@ def eval_command(
 
 
 def _eval(doc, qa, suite, lengths, samples, tasks, block_size, anchor_size, pairs, seed, attention, escalate_to,
-          models, report_path, as_json, plot, resume, max_new_tokens, model, dtype, device, weights, password,
-          trust_remote_code, config, quiet, debug) -> None:
+          models, report_path, as_json, plot, resume, max_new_tokens, model, dtype, device, weights, activations,
+          password, trust_remote_code, config, quiet, debug) -> None:
     from starqa.config import load_settings
     from starqa.eval import summary
     from starqa.eval.runner import ResultLog
 
     report.set_quiet(quiet)
     settings = load_settings(config, model=model, dtype=dtype, device=device, max_new_tokens=max_new_tokens,
-                             weights=weights, escalate_to=escalate_to)
+                             weights=weights, activations=activations, escalate_to=escalate_to)
     modes = parse_attention(attention)
     from starqa.answer.escalation import FULL, check_target
 
@@ -191,7 +192,7 @@ def _eval(doc, qa, suite, lengths, samples, tasks, block_size, anchor_size, pair
                            lengths=lengths, samples=samples, tasks=tasks, block_size=block_size,
                            anchor_size=anchor_size, pairs=pairs, plot=plot, password=password, dtype=dtype,
                            device=device, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code,
-                           config=config, quiet=quiet), escalate_to=None if target == FULL else target)
+                           config=config, quiet=quiet, weights=weights, activations=activations), escalate_to=None if target == FULL else target)
         return
     if (doc is None) == (suite is None):
         raise UsageError("give --doc NAME --qa FILE (your document) or --suite ruler (synthetic), not both or neither")

@@ -244,6 +244,12 @@ def _common(settings, options: dict) -> list[str]:
     return args
 
 
+def _decoding(options: dict) -> list[str]:
+    """An ask's flags for what decoding reads, where the eval command was given them (else the config's apply)."""
+    return [item for flag, key in (("--weights", "weights"), ("--activations", "activations"))
+            if options.get(key) is not None for item in (flag, str(options[key]))]
+
+
 def stored_name(source: Path, model: str) -> str:
     """The PoC's document name for one model: the file's stem and the model's (the store keeps one model's KV per
     name)."""
@@ -279,7 +285,7 @@ def _ask(model: str, mode: str, stored: dict, questions_file: Path, pairs, setti
 
     attention = "hybrid" if mode.startswith("hybrid") else mode
     args = ["ask", "--doc", stored["name"], "--questions", str(questions_file), "--attention", attention, "--json",
-            "--no-server", "--model", model, *_common(settings, options)]
+            "--no-server", "--model", model, *_common(settings, options), *_decoding(options)]
     if attention == "hybrid":  # named, so that a configuration file's escalate_to cannot change the row
         args += ["--escalate-to", escalate_to]
     if options.get("max_new_tokens") is not None:

@@ -186,6 +186,190 @@ int linear_q8(const int8_t* restrict W, const float* restrict S, const float* re
     return 0;
 }
 
+/* ---- int8 activations (--activations int8): x rounded to int8 per 32 inputs, the products summed in int32 ----
+ *
+ * The kernels above keep x in bfloat16 and turn every weight into a bfloat16 integer first (a table lookup or an
+ * add per 16-bit lane): that work, not the bytes, bounds them.  These give the integers as they are, one byte per
+ * weight, to AVX512-VNNI's vpdpbusd (four u8 x s8 products per 32-bit lane).  x is rounded per group of 32 inputs to
+ * x ~ dx[g] * xq, xq = round-to-even(x / dx) in -127..127, dx = max|x| / 127 -- the one rounding they add (as
+ * llama.cpp's 8-bit activations); sum q * xq is exact in int32, then scaled in float32 by s[g] * dx[g].  The zero
+ * term z[g] * sum x takes the exact sums of the bfloat16 x, as above.
+ */
+#if defined(__AVX512VNNI__)
+int starqa_quant_x8_available(void) { return 1; }
+
+typedef struct {
+    int8_t* q;        /* [rows, in] */
+    float* d;         /* [rows, in / 32] */
+    int32_t* sums16;  /* [rows, in / 16]: sum of q over each 16 inputs */
+} x8_rows;
+
+static void free_x8(x8_rows* xq) { free(xq->q); free(xq->d); free(xq->sums16); }
+
+static void* alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
+
+/* Round x bf16 [rows, in] to int8 per 32 inputs.  `step128`: lay each full 128-input step out as its groups
+ * [0, 2, 1, 3] (q and d alike), the order linear_q4_x8's nibbles meet them in. */
+static int quantize_x8(const uint16_t* x, int rows, int in, int step128, x8_rows* out) {
+    const size_t n = (size_t)rows * in, groups = n / 32;
+    out->q = alloc64(n);
+    out->d = alloc64(sizeof(float) * groups);
+    out->sums16 = alloc64(sizeof(int32_t) * 2 * groups);
+    if (!out->q || !out->d || !out->sums16) return -3;
+    const __m512i hi = _mm512_set1_epi32(127), lo = _mm512_set1_epi32(-127);
+    const int per_row = in / 32, full = step128 ? in / 128 * 4 : 0;
+    for (size_t g = 0; g < groups; g++) {
+        const uint16_t* xg = x + 32 * g;
+        const __m512 a = bf16x16_to_f32(_mm256_loadu_si256((const __m256i*)xg));
+        const __m512 b = bf16x16_to_f32(_mm256_loadu_si256((const __m256i*)(xg + 16)));
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+        const float d = amax / 127.0f;
+        const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        /* |x| * 127 / amax can round to 127.00001: clamp */
+        const __m512i qa = _mm512_max_epi32(lo, _mm512_min_epi32(hi, _mm512_cvtps_epi32(_mm512_mul_ps(a, inv))));
+        const __m512i qb = _mm512_max_epi32(lo, _mm512_min_epi32(hi, _mm512_cvtps_epi32(_mm512_mul_ps(b, inv))));
+        const size_t row = g / per_row;
+        int k = (int)(g % per_row);
+        if (k < full) {  /* group k of its step moves to slot [0, 2, 1, 3][k % 4] */
+            static const int slot[4] = {0, 2, 1, 3};
+            k = k / 4 * 4 + slot[k % 4];
+        }
+        const size_t at = row * per_row + k;
+        _mm_storeu_si128((__m128i*)(out->q + 32 * at), _mm512_cvtepi32_epi8(qa));
+        _mm_storeu_si128((__m128i*)(out->q + 32 * at + 16), _mm512_cvtepi32_epi8(qb));
+        out->d[at] = d;
+        out->sums16[2 * at] = _mm512_reduce_add_epi32(qa);
+        out->sums16[2 * at + 1] = _mm512_reduce_add_epi32(qb);
+    }
+    return 0;
+}
+
+static inline float hsum256(__m256 v) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+/* 4-bit weights (linear_q4's layout): 512-bit steps of 128 inputs -- the 64 low nibbles of a step are inputs 0..31
+ * of its two 64-input chunks (groups 0 and 2), the high nibbles inputs 32..63 (groups 1 and 3), which is why
+ * quantize_x8 lays xq out as [0, 2, 1, 3]; a last 64-input chunk (in % 128 == 64) in 256-bit steps. */
+int linear_q4_x8(const uint8_t* restrict W, const float* restrict S, const float* restrict Z,
+                 const uint16_t* restrict x, uint16_t* restrict y, int out, int in, int rows, long ldy,
+                 const uint16_t* restrict residual, long ldr) {
+    if (in % 64 || rows < 1 || rows > Q_MAX_ROWS || out < 1) return -1;
+    const int groups = in / 32, steps = in / 128;
+    x8_rows xq;
+    float* xs = group_sums(x, rows, in, 32);
+    const int bad = !xs || quantize_x8(x, rows, in, 1, &xq);
+    if (bad) { free(xs); free_x8(&xq); return -3; }
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    const __m256i low4y = _mm256_set1_epi8(0x0F);
+    const __m512i slots_a = _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i slots_b = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1);
+    #pragma omp parallel for schedule(static)
+    for (int o = 0; o < out; o++) {
+        const uint8_t* wrow = W + (size_t)o * (in / 2);
+        const float* srow = S + (size_t)o * groups;
+        for (int r = 0; r < rows; r++) {
+            const int8_t* xr = xq.q + (size_t)r * in;
+            const float* dr = xq.d + (size_t)r * groups;
+            __m512 acc = _mm512_setzero_ps();
+            for (int k = 0; k < steps; k++) {
+                if (r == 0) _mm_prefetch((const char*)(wrow + 64 * k + 512), _MM_HINT_T0);
+                const __m512i bytes = _mm512_loadu_si512(wrow + 64 * k);
+                const __m512i wa = _mm512_and_si512(bytes, low4);
+                const __m512i wb = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4);
+                const __m512i ia = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wa, _mm512_loadu_si512(xr + 128 * k));
+                const __m512i ib = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wb,
+                                                       _mm512_loadu_si512(xr + 128 * k + 64));
+                /* s * dx of groups 0..3 (s in the weights' order, dx in the [0, 2, 1, 3] order) */
+                const __m128 sd = _mm_mul_ps(_mm_loadu_ps(srow + 4 * k),
+                                             _mm_permute_ps(_mm_loadu_ps(dr + 4 * k), _MM_SHUFFLE(3, 1, 2, 0)));
+                const __m512 sd4 = _mm512_castps128_ps512(sd);
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia), _mm512_permutexvar_ps(slots_a, sd4), acc);
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ib), _mm512_permutexvar_ps(slots_b, sd4), acc);
+            }
+            float v = _mm512_reduce_add_ps(acc);
+            if (in % 128) {  /* the last 64 inputs: groups 2 * (in / 64) - 2 and - 1, in natural order */
+                const int c = in / 64 - 1;
+                const __m256i bytes = _mm256_loadu_si256((const __m256i*)(wrow + 32 * c));
+                const __m256i ia = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_and_si256(bytes, low4y),
+                                                       _mm256_loadu_si256((const __m256i*)(xr + 64 * c)));
+                const __m256i ib = _mm256_dpbusd_epi32(_mm256_setzero_si256(),
+                                                       _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4y),
+                                                       _mm256_loadu_si256((const __m256i*)(xr + 64 * c + 32)));
+                v += hsum256(_mm256_cvtepi32_ps(ia)) * (srow[2 * c] * dr[2 * c])
+                   + hsum256(_mm256_cvtepi32_ps(ib)) * (srow[2 * c + 1] * dr[2 * c + 1]);
+            }
+            v += zero_term(Z + (size_t)o * groups, xs + (size_t)r * groups, groups);
+            store_out(y, ldy, residual, ldr, r, o, v);
+        }
+    }
+    free(xs);
+    free_x8(&xq);
+    return 0;
+}
+
+/* 8-bit weights (linear_q8's layout): vpdpbusd takes unsigned bytes, so q + 128 (q ^ 0x80) meets xq and
+ * s * dx * 128 * sum xq is taken off per group (sum xq is exact: the quantisation counted it).  Groups of 16 (Q6_K)
+ * scale lanes 0..3 and 4..7 of a 32-input chunk apart. */
+int linear_q8_x8(const int8_t* restrict W, const float* restrict S, const float* restrict Z,
+                 const uint16_t* restrict x, uint16_t* restrict y, int out, int in, int group, int rows,
+                 long ldy, const uint16_t* restrict residual, long ldr) {
+    if (in % 32 || !(group == 16 || (group % 32 == 0 && in % group == 0)) || rows < 1 || rows > Q_MAX_ROWS
+        || out < 1)
+        return -1;
+    const int groups = in / group, chunks = in / 32, per_group = group / 32;
+    x8_rows xq;
+    float* xs = Z ? group_sums(x, rows, in, group) : NULL;
+    /* per row and 16 inputs: 128 * dx * sum xq, the offset that q + 128 adds */
+    float* offset = alloc64(sizeof(float) * (size_t)rows * chunks * 2);
+    const int bad = (Z && !xs) || !offset || quantize_x8(x, rows, in, 0, &xq);
+    if (bad) { free(xs); free(offset); free_x8(&xq); return -3; }
+    for (size_t i = 0; i < (size_t)rows * chunks * 2; i++) offset[i] = 128.0f * xq.d[i / 2] * (float)xq.sums16[i];
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    #pragma omp parallel for schedule(static)
+    for (int o = 0; o < out; o++) {
+        const int8_t* wrow = W + (size_t)o * in;
+        const float* srow = S + (size_t)o * groups;
+        for (int r = 0; r < rows; r++) {
+            const int8_t* xr = xq.q + (size_t)r * in;
+            const float* dr = xq.d + (size_t)r * chunks;
+            const float* orow = offset + (size_t)r * chunks * 2;
+            __m256 acc = _mm256_setzero_ps();
+            float off = 0.0f;
+            for (int c = 0; c < chunks; c++) {
+                if (r == 0 && (c & 1) == 0) _mm_prefetch((const char*)(wrow + 32 * c + 1024), _MM_HINT_T0);
+                const __m256i w = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(wrow + 32 * c)), flip);
+                const __m256i i32 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w,
+                                                        _mm256_loadu_si256((const __m256i*)(xr + 32 * c)));
+                float s0, s1;
+                __m256 sv;
+                if (per_group == 0) {
+                    s0 = srow[2 * c], s1 = srow[2 * c + 1];
+                    sv = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(s0)), _mm_set1_ps(s1), 1);
+                } else {
+                    s0 = s1 = srow[c / per_group];
+                    sv = _mm256_set1_ps(s0);
+                }
+                acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(i32), sv), _mm256_broadcast_ss(dr + c), acc);
+                off += s0 * orow[2 * c] + s1 * orow[2 * c + 1];
+            }
+            float v = hsum256(acc) - off;
+            if (Z) v += zero_term(Z + (size_t)o * groups, xs + (size_t)r * groups, groups);
+            store_out(y, ldy, residual, ldr, r, o, v);
+        }
+    }
+    free(offset);
+    free(xs);
+    free_x8(&xq);
+    return 0;
+}
+#else  /* no AVX512-VNNI: --activations int8 is not offered */
+int starqa_quant_x8_available(void) { return 0; }
+#endif
+
 #else  /* no AVX512-BF16: quantized decoding is not offered (starqa.quantized_weights says so) */
 int starqa_quant_available(void) { return 0; }
+int starqa_quant_x8_available(void) { return 0; }
 #endif

@@ -539,16 +539,25 @@ def gguf_source(model_dir: Path | None) -> tuple[Path, str] | None:
 
 
 def attach(transformer, mode: str, *, model_dir: Path | None = None, cache_path: Path | None = None,
-           model_key: str = "", on_status=None) -> str:
-    """Give the transformer's projections the weights decoding reads under `mode`; returns a one-line summary
-    ("bfloat16", or e.g. "int4 (Q4_K) 71%, int8 (Q6_K) 27%, bfloat16 2% of the decoding bytes").
+           model_key: str = "", on_status=None, activations: str = "bfloat16") -> str:
+    """Give the transformer's projections the weights decoding reads under `mode`, multiplied with x in
+    `activations` (bfloat16, or int8: rounded per 32 inputs, see starqa/kernels/cpu_quant.c); returns a one-line
+    summary ("bfloat16", or e.g. "int4 (Q4_K) 71%, int8 (Q6_K) 27%, bfloat16 2% of the decoding bytes", followed by
+    "; int8 activations" when they apply).
 
     The packed weights come from `cache_path` when it holds them for this model and mode, else they are built
-    (from the GGUF the model was converted from, else from its weights) and written there."""
+    (from the GGUF the model was converted from, else from its weights) and written there. int8 activations apply
+    to 4/8-bit weights only: over bfloat16 weights (`--weights bfloat16`, or `auto` on an HF-format model) decoding
+    stays as it is."""
+    from starqa import kernels
+
     if mode not in WEIGHT_MODES:
         raise UsageError(f"--weights must be one of {', '.join(WEIGHT_MODES)}, not '{mode}'")
+    if activations not in kernels.ACTIVATIONS:
+        raise UsageError(f"--activations must be one of {', '.join(kernels.ACTIVATIONS)}, not '{activations}'")
     for _, linear in transformer.projections():
         linear.packed = None
+        linear.activations = "bfloat16"
     if mode == "bfloat16":
         return "bfloat16"
     reason = unsupported_reason(transformer.device, transformer.dtype)
@@ -578,6 +587,9 @@ def attach(transformer, mode: str, *, model_dir: Path | None = None, cache_path:
                     packed = read_packed(cache_path, identity)
                     if packed is None:
                         raise StarqaError(f"cannot read back the packed weights {cache_path}")
+    if activations == "int8" and not kernels.quantized_x8_available():
+        raise UsageError("--activations int8 needs AVX512-VNNI, which this CPU (or compiler) lacks; use "
+                         "--activations bfloat16")
     linears = dict(transformer.projections())
     for key, parts in packed.items():
         if key not in linears or sum(p.rows for p in parts) != linears[key].weight.shape[0]:
@@ -585,7 +597,8 @@ def attach(transformer, mode: str, *, model_dir: Path | None = None, cache_path:
         if all(p.bits == 16 for p in parts):
             continue
         linears[key].packed = parts
-    return summary(packed)
+        linears[key].activations = activations
+    return summary(packed) + ("; int8 activations" if activations == "int8" else "")
 
 
 def summary(packed: dict[str, list[PackedPart]]) -> str:

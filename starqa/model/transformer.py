@@ -121,11 +121,12 @@ def _config_for_rope(args: ModelArgs) -> dict:
 class Linear:
     """One (possibly fused) projection: weight [out, in] and optional bias [out], in the compute dtype; `packed`:
     the same rows in 4/8 bits for decoding (starqa.model.quantized_weights), read instead of `weight` by few-row
-    calls."""
+    calls, with x in bfloat16 or rounded to int8 first (`activations`, --activations)."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     packed: list | None = None
+    activations: str = "bfloat16"  # what x is rounded to before the packed parts' GEMV (kernels.ACTIVATIONS)
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x @ weight.T (+ bias), and `residual + that` with a residual (rounded as torch rounds each op)."""
@@ -133,7 +134,8 @@ class Linear:
         if self.packed is not None and rows <= GEMV_MAX_ROWS and x.dtype == torch.bfloat16 and x.device.type == "cpu":
             fused = residual if self.bias is None else None
             y = kernels.linear_packed(x.reshape(rows, x.shape[-1]), self.packed, self.weight,
-                                      None if fused is None else fused.reshape(rows, -1)).view(*x.shape[:-1], -1)
+                                      None if fused is None else fused.reshape(rows, -1),
+                                      activations=self.activations).view(*x.shape[:-1], -1)
             if self.bias is not None:
                 y = y + self.bias
             return y if residual is None or fused is not None else residual + y

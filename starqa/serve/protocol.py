@@ -24,7 +24,7 @@ MAX_BATCH_SIZE = 64
 
 # The settings a request may give (as a config file would); the server's own are the defaults.
 SETTING_FIELDS = ("dtype", "device", "block_size", "anchor_size", "max_new_tokens", "batch_size", "temperature",
-                  "top_p", "seed", "nproc", "attention_backend", "weights")
+                  "top_p", "seed", "nproc", "attention_backend", "weights", "activations")
 # The fields of `POST /v1/ask` besides the settings: (accepted types, what it is).
 ASK_FIELDS = {
     "doc": ((str, list), "a stored document name or a glob over stored names, or a list of them"),

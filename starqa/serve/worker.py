@@ -156,6 +156,9 @@ class Worker:
                    f"{self.settings.attention_backend}")
         elif settings.weights != self.settings.weights:  # what decoding reads: the answer may differ
             why = f"this ask decodes with --weights {settings.weights}, the server with {self.settings.weights}"
+        elif settings.activations != self.settings.activations:
+            why = (f"this ask decodes with --activations {settings.activations}, the server with "
+                   f"{self.settings.activations}")
         elif request.trust_remote_code != self.trust_remote_code:
             why = "this ask and the server differ in --trust-remote-code"
         elif settings.max_new_tokens > self.engine.context_window:  # each answer preallocates its KV for this many
