@@ -9,7 +9,8 @@ fastest a step can be (the floor). In one run, on the bundled model, this prints
       against it;
   (3) batched questions: 1 vs 8 questions over one context, wall time of prefill + decode (each answers
       --new-tokens tokens);
-  (4) with --weights-models: per model and --weights (bfloat16, auto, int8, int4), one question decoded over one
+  (4) with --weights-models: per model and --weights (bfloat16, auto, auto with --activations int8, int8, int4:
+      --precisions), one question decoded over one
       stored --weights-length context (default 8K; encoded once, the same KV for every precision): the bytes a step
       reads (the weights in the precision decoding reads them + the KV), the floor, starqa's tokens/s and its share
       of the floor, and each precision's speed-up over bfloat16, measured back to back in one run;
@@ -35,6 +36,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import decode_precisions  # noqa: E402  (benchmarks/, the script's own folder)
 
 from starqa import kernels  # noqa: E402
 from starqa.engine.star_engine import StarEngine  # noqa: E402
@@ -62,33 +65,28 @@ def decode_weight_bytes(engine) -> int:
     return total
 
 
-def weights_table(models: list[str], length: int, new_tokens: int, store: str | None, bandwidth: float) -> None:
-    from starqa.engine.star_engine import _attach_weights
+def weights_table(models: list[str], length: int, new_tokens: int, store: str | None, bandwidth: float,
+                  precisions: list[str]) -> None:
     from starqa.store.document_store import DocumentStore
 
     print(f"\n(4) decoding with the weights in their stored precision: one question over a {length:,}-token context "
           f"(bfloat16 KV), {new_tokens} tokens, best of 2; ratios from this one run")
-    print(f"{'model':>22} {'weights':>9} {'weights MB':>11} {'KV MB':>7} {'floor tok/s':>12} {'starqa tok/s':>13} "
+    print(f"{'model':>22} {'weights':>10} {'weights MB':>11} {'KV MB':>7} {'floor tok/s':>12} {'starqa tok/s':>13} "
           f"{'of floor':>9} {'vs bf16':>8}  what decoding reads")
     root = DocumentStore(store).root
     rng = random.Random(1)
     for name in models:
         engine = StarEngine.load(name, device="cpu", store_root=store, weights="bfloat16")
         engine.stop_ids = set()
-        packed = {}
-        summaries = {}
-        for mode in ("bfloat16", "auto", "int8", "int4"):
-            summaries[mode] = _attach_weights(engine.model, mode, engine.model_dir, root, print)
-            packed[mode] = {key: linear.packed for key, linear in engine.model.projections()}
+        summaries, packed = decode_precisions.attach_all(engine, precisions, root, print)
         ctx = engine.encode_context([rng.randrange(100, 30000) for _ in range(length)], 1024, 1024)
         rates = {}
         for mode in packed:
-            for key, linear in engine.model.projections():
-                linear.packed = packed[mode][key]
+            decode_precisions.use(engine, packed[mode])
             weights = decode_weight_bytes(engine)
             floor = bandwidth / (weights + kv_bytes(ctx))
             rates[mode] = decode_rate(engine, ctx, new_tokens)
-            print(f"{Path(name).stem[:22]:>22} {mode:>9} {weights / 1e6:>11.0f} {kv_bytes(ctx) / 1e6:>7.0f} "
+            print(f"{Path(name).stem[:22]:>22} {mode:>10} {weights / 1e6:>11.0f} {kv_bytes(ctx) / 1e6:>7.0f} "
                   f"{floor:>12.1f} {rates[mode]:>13.1f} {rates[mode] / floor:>8.0%} "
                   f"{rates[mode] / rates['bfloat16']:>7.2f}x  {summaries[mode]}", flush=True)
         del engine, ctx, packed
@@ -126,10 +124,12 @@ def kernels_table(models: list[str], store: str | None, repeat: int = 20) -> Non
 
         for mode in ("int8", "int4"):
             _attach_weights(engine.model, mode, engine.model_dir, root, print)
-            for key, linear in chosen.items():
-                x = torch.randn(1, linear.weight.shape[1]).to(torch.bfloat16)
-                add(f"starqa {mode}", sum(part_bytes(p) for p in linear.packed),
-                    timed(lambda: kernels.linear_packed(x, linear.packed, linear.weight)))
+            for activations in kernels.ACTIVATIONS if kernels.quantized_x8_available() else ("bfloat16",):
+                label = f"starqa {mode}" + (" (int8 activations)" if activations == "int8" else "")
+                for key, linear in chosen.items():
+                    x = torch.randn(1, linear.weight.shape[1]).to(torch.bfloat16)
+                    add(label, sum(part_bytes(p) for p in linear.packed),
+                        timed(lambda: kernels.linear_packed(x, linear.packed, linear.weight, activations=activations)))
         for key, linear in chosen.items():
             weight = linear.weight
             out, features = weight.shape
@@ -186,6 +186,8 @@ def main() -> None:
     parser.add_argument("--weights-models", default="", help="models for (4) and (5), comma-separated")
     parser.add_argument("--weights-length", type=int, default=8192, help="context of (4)")
     parser.add_argument("--only-weights", action="store_true", help="run (4) and (5) only")
+    parser.add_argument("--precisions", default="bfloat16,auto,auto+int8,int8,int4",
+                        help="(4): --weights modes, MODE+int8 for --activations int8 (default: %(default)s)")
     args = parser.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     rng = random.Random(0)
@@ -198,7 +200,8 @@ def main() -> None:
     models = [m for m in args.weights_models.split(",") if m]
     if args.only_weights:
         if models:
-            weights_table(models, args.weights_length, args.new_tokens, args.store, bandwidth)
+            weights_table(models, args.weights_length, args.new_tokens, args.store, bandwidth,
+                          args.precisions.split(","))
             kernels_table(models, args.store)
             print(f"\nread bandwidth again: {kernels.read_bandwidth() / 1e9:.1f} GB/s")
         return
@@ -255,7 +258,8 @@ def main() -> None:
 
 
     if models:
-        weights_table(models, args.weights_length, args.new_tokens, args.store, bandwidth)
+        weights_table(models, args.weights_length, args.new_tokens, args.store, bandwidth,
+                          args.precisions.split(","))
         kernels_table(models, args.store)
 
 

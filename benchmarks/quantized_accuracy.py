@@ -26,6 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import decode_precisions  # noqa: E402  (benchmarks/, the script's own folder)
+
 PRECISIONS = ("bfloat16", "int8", "int4", "auto", "auto+int8")  # MODE+int8: with --activations int8
 
 
@@ -60,7 +62,7 @@ def main() -> None:
 
     from starqa import report
     from starqa.model import quantized_weights
-    from starqa.engine.star_engine import StarEngine, _attach_weights
+    from starqa.engine.star_engine import StarEngine
     from starqa.eval.command import _document_cases, _suite_cases, _suite_qa_source, parse_lengths, parse_tasks
     from starqa.eval.prompts import PromptBuilder
     from starqa.eval.qa_file import load_qa_file
@@ -72,11 +74,7 @@ def main() -> None:
     engine = StarEngine.load(args.model, device="cpu", store_root=args.store, weights="bfloat16")
     root = DocumentStore(args.store).root
     precisions = args.precisions.split(",")
-    packed, summaries = {}, {}
-    for name in precisions:  # "MODE" or "MODE+int8": --weights MODE --activations int8
-        mode, _, activations = name.partition("+")
-        summaries[name] = _attach_weights(engine.model, mode, engine.model_dir, root, None, activations or "bfloat16")
-        packed[name] = {key: (linear.packed, linear.activations) for key, linear in engine.model.projections()}
+    summaries, packed = decode_precisions.attach_all(engine, precisions, root)
     print(f"{engine.model_name}, compute {engine.dtype}; decoding weights: "
           + "; ".join(f"{name}: {summaries[name]}" for name in precisions), flush=True)
 
@@ -107,8 +105,7 @@ def main() -> None:
                 encoded = ((case.context_text, block), engine.encode_context(context_ids, block, block))
             ctx = encoded[1]
             for name in precisions:
-                for key, linear in engine.model.projections():
-                    linear.packed, linear.activations = packed[name][key]
+                decode_precisions.use(engine, packed[name])
                 new_ids = engine.generate(ctx, query_ids, max_new_tokens=case.max_new_tokens, temperature=0.0)
                 prediction = prediction_text(engine, new_ids)
                 value = score(case.metric, prediction, case.answers, case.answer_prefix)

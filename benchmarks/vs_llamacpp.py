@@ -35,6 +35,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import decode_precisions  # noqa: E402  (benchmarks/, the script's own folder)
+
 
 def _timed(function, repeat: int = 1) -> float:
     times = []
@@ -100,7 +102,8 @@ def run_llama(gguf: str, threads: int, new_tokens: int, question, prefill_ids, d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="a GGUF file or a bundled/catalogue model name")
-    parser.add_argument("--weights", default="bfloat16,auto", help="starqa --weights to decode with (comma-separated)")
+    parser.add_argument("--weights", default="bfloat16,auto,auto+int8",
+                        help="starqa --weights to decode with, comma-separated; MODE+int8: with --activations int8")
     parser.add_argument("--store", default=None, help="STARQA_HOME holding the converted model")
     parser.add_argument("--lengths", default="2048,4096,8192,16384")
     parser.add_argument("--decode-lengths", default="512,8192")
@@ -119,7 +122,7 @@ def main() -> None:
     import torch
 
     from starqa.answer.passes import load_context
-    from starqa.engine.star_engine import StarEngine, _attach_weights
+    from starqa.engine.star_engine import StarEngine
     from starqa.model.catalogue import CATALOGUE
     from starqa.model.resolve import bundled_gguf_path
     from starqa.model.quantized_weights import gguf_source
@@ -142,10 +145,7 @@ def main() -> None:
     decode_tokens = [rng.choice(vocabulary) for _ in range(args.new_tokens)]
     peer = run_llama(gguf, args.threads, args.new_tokens, question, prefill_ids, decode_ids, decode_tokens)
     root = DocumentStore(args.store).root
-    packed, summaries = {}, {}
-    for mode in args.weights.split(","):
-        summaries[mode] = _attach_weights(engine.model, mode, engine.model_dir, root, print)
-        packed[mode] = {key: linear.packed for key, linear in engine.model.projections()}
+    summaries, packed = decode_precisions.attach_all(engine, args.weights.split(","), root, print)
     lines = [f"starqa ({engine.dtype} compute, decode kernels on CPU) vs llama.cpp {peer['version']} "
              f"(llama-cpp-python in its own process, same GGUF {Path(gguf).name}, its own weights, f16 KV), "
              f"{args.threads} threads, one run; other processes may share this CPU",
@@ -182,8 +182,7 @@ def main() -> None:
         ctx = engine.encode_context(ids, 1024, 1024)
         parts = []
         for mode in packed:
-            for key, linear in engine.model.projections():
-                linear.packed = packed[mode][key]
+            decode_precisions.use(engine, packed[mode])
             best = 0.0
             for _ in range(2):
                 engine.generate(ctx, question[:3], max_new_tokens=args.new_tokens)
