@@ -58,6 +58,24 @@ def test_decode_attention_equals_float64_attention(dtype, rows):
     assert float((lse.double() - ref_lse).abs().max()) < 1e-5
 
 
+@pytest.mark.parametrize("dim", [64, 128, 48])  # 48: not whole 32-wide steps, the float32 path
+@pytest.mark.parametrize("rows", [1, 6, 7])
+def test_a_bfloat16_query_over_bfloat16_keys_equals_float64_attention(rows, dim):
+    """The decoding case (bfloat16 q and KV, the scale given): q and k meet as they are, the scale on the scores."""
+    generator = torch.Generator().manual_seed(rows + dim)
+    spans = [(0, 300), (300, 317), (317, 700)]
+    keys = torch.randn(2, 700, dim, generator=generator).bfloat16()
+    values = torch.randn(2, 700, dim, generator=generator).bfloat16()
+    q = (torch.randn(2, rows, dim, generator=generator) * 3).bfloat16()
+    scale = dim ** -0.5
+    out, lse, scores = kernels.decode_attention(q, keys, values, chunk_starts_for(spans, 128), scale=scale,
+                                                want_scores=True)
+    ref_out, ref_lse, ref_scores = _reference(q.double() * scale, keys, values)
+    _assert_close_to(ref_out, out)
+    _assert_close_to(ref_scores, scores)
+    assert float((lse.double() - ref_lse).abs().max()) < 1e-5
+
+
 def test_decode_attention_reads_int8_with_its_scales():
     generator = torch.Generator().manual_seed(0)
     spans = [(0, 100), (100, 227)]

@@ -31,6 +31,11 @@ enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2, KV_I8 = 3 };
 #define MAX_ROWS 64   /* query rows per KV head in one call (callers split larger batches) */
 #define MAX_CHUNK 256 /* keys per chunk */
 #define MAX_DIM 256   /* head_dim, a multiple of 16 */
+#if defined(__AVX512BF16__)
+#define BF16_DOT 1    /* bfloat16 query x bfloat16 keys through vdpbf16ps */
+#else
+#define BF16_DOT 0
+#endif
 
 static inline __m512 load16(int fmt, const void* base, size_t offset) {
     switch (fmt) {
@@ -128,11 +133,33 @@ static inline __m512 hsum16(const __m512* v) {
  * scales (int8).  Writes part_out [R, d] (unnormalised), part_m [R] (max score), part_l [R] (sum of exp). */
 static inline __attribute__((always_inline)) void chunk_attention_dv(
         int fmt, const void* K, const void* V, const float* kscale, const float* vscale, int k0, int k1, int d,
-        const float* q, int R, float* part_out, float* part_m, float* part_l, float* scores, size_t scores_row_stride,
-        const int dv) {
+        const float* q, const uint16_t* qb, float scale, int R, float* part_out, float* part_m, float* part_l,
+        float* scores, size_t scores_row_stride, const int dv) {
     float s[MAX_ROWS * MAX_CHUNK] __attribute__((aligned(64)));
     __m512 qv[MAX_ROWS][MAX_DIM / 16];
     const int len = k1 - k0;
+#if defined(__AVX512BF16__)
+    if (qb) {  /* bfloat16 keys and query: vdpbf16ps takes both as they are (every product exact in float32) */
+        const __m512 sv = _mm512_set1_ps(scale);
+        for (int j = 0; j < len; j += 16) {
+            const int kn = len - j < 16 ? len - j : 16;
+            const uint16_t* kj = (const uint16_t*)K + (size_t)(k0 + j) * d;
+            for (int r = 0; r < R; r++) {
+                const uint16_t* qr = qb + (size_t)r * d;
+                __m512 acc[16];
+                for (int t = 0; t < 16; t++) {
+                    acc[t] = _mm512_setzero_ps();
+                    if (t < kn)
+                        for (int c = 0; c < dv / 2; c++)
+                            acc[t] = _mm512_dpbf16_ps(acc[t], (__m512bh)_mm512_loadu_si512(kj + (size_t)t * d + 32 * c),
+                                                      (__m512bh)_mm512_loadu_si512(qr + 32 * c));
+                }
+                _mm512_store_ps(s + r * MAX_CHUNK + j, _mm512_mul_ps(hsum16(acc), sv));
+            }
+        }
+    } else
+#endif
+    {
     for (int r = 0; r < R; r++)  /* per-channel key scales fold into the query */
         for (int c = 0; c < dv; c++) {
             qv[r][c] = _mm512_loadu_ps(q + (size_t)r * d + 16 * c);
@@ -152,6 +179,7 @@ static inline __attribute__((always_inline)) void chunk_attention_dv(
             }
             _mm512_store_ps(s + r * MAX_CHUNK + j, hsum16(acc));
         }
+    }
     }
     for (int r = 0; r < R; r++) {
         float* sr = s + r * MAX_CHUNK;
@@ -194,19 +222,19 @@ static inline __attribute__((always_inline)) void chunk_attention_dv(
 /* head_dim 64 and 128 get their own copies with the vector count known to the compiler, so that the
  * accumulators of a row block stay in registers. */
 static void chunk_attention(int fmt, const void* K, const void* V, const float* kscale, const float* vscale,
-                            int k0, int k1, int d, const float* q, int R, float* part_out, float* part_m,
-                            float* part_l, float* scores, size_t scores_row_stride) {
+                            int k0, int k1, int d, const float* q, const uint16_t* qb, float scale, int R,
+                            float* part_out, float* part_m, float* part_l, float* scores, size_t scores_row_stride) {
     switch (d) {
     case 64:
-        chunk_attention_dv(fmt, K, V, kscale, vscale, k0, k1, d, q, R, part_out, part_m, part_l, scores,
+        chunk_attention_dv(fmt, K, V, kscale, vscale, k0, k1, d, q, qb, scale, R, part_out, part_m, part_l, scores,
                            scores_row_stride, 4);
         break;
     case 128:
-        chunk_attention_dv(fmt, K, V, kscale, vscale, k0, k1, d, q, R, part_out, part_m, part_l, scores,
+        chunk_attention_dv(fmt, K, V, kscale, vscale, k0, k1, d, q, qb, scale, R, part_out, part_m, part_l, scores,
                            scores_row_stride, 8);
         break;
     default:
-        chunk_attention_dv(fmt, K, V, kscale, vscale, k0, k1, d, q, R, part_out, part_m, part_l, scores,
+        chunk_attention_dv(fmt, K, V, kscale, vscale, k0, k1, d, q, qb, scale, R, part_out, part_m, part_l, scores,
                            scores_row_stride, d / 16);
     }
 }
@@ -269,11 +297,14 @@ int decode_attention(const Segment* prefix, const Segment* local, int hk, int d,
         const int sc = c < prefix->n_chunks ? c : c - prefix->n_chunks;
         const size_t elem = s->fmt == KV_F32 ? 4 : s->fmt == KV_I8 ? 1 : 2;
         float* w = work + (size_t)t * part;
+        /* bfloat16 keys and a bfloat16 query meet as they are (the scale applied to the scores) */
+        const uint16_t* qb = (BF16_DOT && s->fmt == KV_BF16 && q_fmt == KV_BF16 && d % 32 == 0)
+                                 ? (const uint16_t*)q_in + (size_t)h * R * d : NULL;
         chunk_attention(s->fmt, (const char*)s->K + (size_t)h * s->head_stride * elem,
                         (const char*)s->V + (size_t)h * s->head_stride * elem,
                         s->fmt == KV_I8 ? s->kscale + ((size_t)h * s->n_chunks + sc) * d : NULL,
                         s->fmt == KV_I8 ? s->vscale + (size_t)h * s->n : NULL, chunk_bound(s, sc),
-                        chunk_bound(s, sc + 1), d, q + (size_t)h * R * d, R, w, w + (size_t)R * d,
+                        chunk_bound(s, sc + 1), d, q + (size_t)h * R * d, qb, scale, R, w, w + (size_t)R * d,
                         w + (size_t)R * d + R, s->scores ? s->scores + (size_t)h * R * s->n : NULL, (size_t)s->n);
     }
     free(q);
