@@ -144,11 +144,19 @@ def test_an_ask_not_streamed_stops_at_the_next_token_when_its_client_goes_away(s
     assert spied.steps <= 3, spied.steps  # the prefill and a step or two, not 200
 
 
-def test_an_ask_for_other_weights_than_the_servers_is_answered_by_its_own_process(served):
+def test_an_ask_for_other_weights_or_activations_than_the_servers_is_answered_by_its_own_process(served):
     worker, _, settings = served
     other = "int8" if settings.weights != "int8" else "bfloat16"
     request = protocol.parse_ask({"doc": "terms", "question": QUESTION, "weights": other}, settings, False)
     with pytest.raises(protocol.RequestError) as refused:
         worker.prepare(request)
     assert refused.value.status == 409 and f"--weights {other}" in refused.value.message
+    other = "int8" if settings.activations != "int8" else "bfloat16"
+    request = protocol.parse_ask({"doc": "terms", "question": QUESTION, "activations": other}, settings, False)
+    with pytest.raises(protocol.RequestError) as refused:
+        worker.prepare(request)
+    assert refused.value.status == 409 and f"--activations {other}" in refused.value.message
+    with pytest.raises(protocol.RequestError) as refused:
+        protocol.parse_ask({"doc": "terms", "question": QUESTION, "activations": "int4"}, settings, False)
+    assert refused.value.status == 400 and "activations" in refused.value.message
     worker.prepare(protocol.parse_ask({"doc": "terms", "question": QUESTION}, settings, False))  # its own: served
