@@ -487,7 +487,7 @@ def linear_quantized(x: torch.Tensor, bits: int, weight: torch.Tensor, scales: t
     bits 4: weight uint8 [out, in / 2], scales/zeros float32 [out, in / 32]. bits 8: weight int8 [out, in], scales
     (zeros optional) float32 [out, in / group]; `wide`: some q lies outside -64..63 (the kernel's slower exact path).
     activations "int8": x rounded to int8 per 32 inputs first (x ~ dx * xq), the products summed exactly in int32
-    (AVX512-VNNI; about 2x the bfloat16 path's speed, see docs/quantized-decoding.md)."""
+    (AVX512-VNNI): bound by the bytes it reads rather than by the work per weight (docs/quantized-decoding.md)."""
     rows, features = x.shape
     out = weight.shape[0]
     _check_quantized_inputs(x, bits, weight, scales, zeros, group, y, residual)
