@@ -192,7 +192,8 @@ def _eval(doc, qa, suite, lengths, samples, tasks, block_size, anchor_size, pair
                            lengths=lengths, samples=samples, tasks=tasks, block_size=block_size,
                            anchor_size=anchor_size, pairs=pairs, plot=plot, password=password, dtype=dtype,
                            device=device, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code,
-                           config=config, quiet=quiet, weights=weights, activations=activations), escalate_to=None if target == FULL else target)
+                           config=config, quiet=quiet, weights=weights, activations=activations),
+                       escalate_to=None if target == FULL else target)
         return
     if (doc is None) == (suite is None):
         raise UsageError("give --doc NAME --qa FILE (your document) or --suite ruler (synthetic), not both or neither")

@@ -128,38 +128,12 @@ static inline __m512 hsum16(const __m512* v) {
 
 #define ROW_BLOCK 4
 
-/* One (head, chunk): the partial softmax state of R rows over keys [k0, k1).  K and V point at this head's first
- * key (token stride d).  kscale: this chunk's per-channel key scales (int8); vscale: this head's per-token value
- * scales (int8).  Writes part_out [R, d] (unnormalised), part_m [R] (max score), part_l [R] (sum of exp). */
-static inline __attribute__((always_inline)) void chunk_attention_dv(
-        int fmt, const void* K, const void* V, const float* kscale, const float* vscale, int k0, int k1, int d,
-        const float* q, const uint16_t* qb, float scale, int R, float* part_out, float* part_m, float* part_l,
-        float* scores, size_t scores_row_stride, const int dv) {
-    float s[MAX_ROWS * MAX_CHUNK] __attribute__((aligned(64)));
+/* The scores s[r, j] (row stride MAX_CHUNK) of R query rows q (float32, the scale applied) over keys [k0, k1),
+ * each key widened to float32 once per 16 and met by every row.  kscale: per-channel key scales (int8). */
+static inline __attribute__((always_inline)) void scores_widened(
+        int fmt, const void* K, const float* kscale, int k0, int len, int d, const float* q, int R, float* s,
+        const int dv) {
     __m512 qv[MAX_ROWS][MAX_DIM / 16];
-    const int len = k1 - k0;
-#if defined(__AVX512BF16__)
-    if (qb) {  /* bfloat16 keys and query: vdpbf16ps takes both as they are (every product exact in float32) */
-        const __m512 sv = _mm512_set1_ps(scale);
-        for (int j = 0; j < len; j += 16) {
-            const int kn = len - j < 16 ? len - j : 16;
-            const uint16_t* kj = (const uint16_t*)K + (size_t)(k0 + j) * d;
-            for (int r = 0; r < R; r++) {
-                const uint16_t* qr = qb + (size_t)r * d;
-                __m512 acc[16];
-                for (int t = 0; t < 16; t++) {
-                    acc[t] = _mm512_setzero_ps();
-                    if (t < kn)
-                        for (int c = 0; c < dv / 2; c++)
-                            acc[t] = _mm512_dpbf16_ps(acc[t], (__m512bh)_mm512_loadu_si512(kj + (size_t)t * d + 32 * c),
-                                                      (__m512bh)_mm512_loadu_si512(qr + 32 * c));
-                }
-                _mm512_store_ps(s + r * MAX_CHUNK + j, _mm512_mul_ps(hsum16(acc), sv));
-            }
-        }
-    } else
-#endif
-    {
     for (int r = 0; r < R; r++)  /* per-channel key scales fold into the query */
         for (int c = 0; c < dv; c++) {
             qv[r][c] = _mm512_loadu_ps(q + (size_t)r * d + 16 * c);
@@ -180,7 +154,49 @@ static inline __attribute__((always_inline)) void chunk_attention_dv(
             _mm512_store_ps(s + r * MAX_CHUNK + j, hsum16(acc));
         }
     }
+}
+
+#if BF16_DOT
+/* The same for bfloat16 keys and a bfloat16 query qb (unscaled): vdpbf16ps takes both as they are, every product
+ * exact in float32, and `scale` multiplies the sums -- no key is widened (d % 32 == 0). */
+static inline __attribute__((always_inline)) void scores_bf16(
+        const uint16_t* K, int k0, int len, int d, const uint16_t* qb, float scale, int R, float* s, const int dv) {
+    const __m512 sv = _mm512_set1_ps(scale);
+    for (int j = 0; j < len; j += 16) {
+        const int kn = len - j < 16 ? len - j : 16;
+        const uint16_t* kj = K + (size_t)(k0 + j) * d;
+        for (int r = 0; r < R; r++) {
+            const uint16_t* qr = qb + (size_t)r * d;
+            __m512 acc[16];
+            for (int t = 0; t < 16; t++) {
+                acc[t] = _mm512_setzero_ps();
+                if (t < kn)
+                    for (int c = 0; c < dv / 2; c++)
+                        acc[t] = _mm512_dpbf16_ps(acc[t], (__m512bh)_mm512_loadu_si512(kj + (size_t)t * d + 32 * c),
+                                                  (__m512bh)_mm512_loadu_si512(qr + 32 * c));
+            }
+            _mm512_store_ps(s + r * MAX_CHUNK + j, _mm512_mul_ps(hsum16(acc), sv));
+        }
     }
+}
+#endif
+
+/* One (head, chunk): the partial softmax state of R rows over keys [k0, k1).  K and V point at this head's first
+ * key (token stride d).  kscale: this chunk's per-channel key scales (int8); vscale: this head's per-token value
+ * scales (int8); qb: the query in bfloat16, unscaled, where the keys are bfloat16 too (else NULL: q, float32,
+ * scaled).  Writes part_out [R, d] (unnormalised), part_m [R] (max score), part_l [R] (sum of exp). */
+static inline __attribute__((always_inline)) void chunk_attention_dv(
+        int fmt, const void* K, const void* V, const float* kscale, const float* vscale, int k0, int k1, int d,
+        const float* q, const uint16_t* qb, float scale, int R, float* part_out, float* part_m, float* part_l,
+        float* scores, size_t scores_row_stride, const int dv) {
+    float s[MAX_ROWS * MAX_CHUNK] __attribute__((aligned(64)));
+    const int len = k1 - k0;
+#if BF16_DOT
+    if (qb)
+        scores_bf16((const uint16_t*)K, k0, len, d, qb, scale, R, s, dv);
+    else
+#endif
+        scores_widened(fmt, K, kscale, k0, len, d, q, R, s, dv);
     for (int r = 0; r < R; r++) {
         float* sr = s + r * MAX_CHUNK;
         if (scores) memcpy(scores + (size_t)r * scores_row_stride + k0, sr, sizeof(float) * (size_t)len);
