@@ -203,3 +203,22 @@ def test_every_file_the_build_reads_is_in_its_cache_key(monkeypatch, tmp_path):
     included = {name for source in kernels._SOURCES
                 for name in re.findall(r'#include "([^"]+)"', source.read_text(encoding="utf-8"))}
     assert included == {header.name for header in kernels._HEADERS}
+
+
+@pytest.mark.parametrize("without", [["-mno-avx512bf16"], ["-mno-avx512vnni"], ["-mno-avx512bf16", "-mno-avx512vnni"]])
+def test_a_cpu_without_bf16_or_vnni_still_gets_every_symbol(tmp_path, without):
+    """Built for an AVX-512 CPU that lacks AVX512-BF16 or -VNNI (Skylake-X, Ice Lake), the library still exports
+    every function the Python side checks for (a missing one would turn all the kernels off) and says which
+    quantized kernels it offers."""
+    import ctypes
+
+    if not kernels.available():
+        pytest.skip(f"no decode kernels here: {kernels.unavailable_reason()}")
+    target = tmp_path / "reduced.so"
+    subprocess.run([kernels._compiler(), *kernels._FLAGS, *without, *map(str, kernels._SOURCES), "-o", str(target),
+                    "-lm"], check=True, capture_output=True)
+    library = ctypes.CDLL(str(target))
+    assert [name for name in kernels._SYMBOLS if not hasattr(library, name)] == []
+    assert library.starqa_kernels_available() == 1
+    assert library.starqa_quant_available() == int("-mno-avx512bf16" not in without)
+    assert library.starqa_quant_x8_available() == 0

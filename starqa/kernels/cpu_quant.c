@@ -365,11 +365,19 @@ int linear_q8_x8(const int8_t* restrict W, const float* restrict S, const float*
     free_x8(&xq);
     return 0;
 }
-#else  /* no AVX512-VNNI: --activations int8 is not offered */
+#else  /* no AVX512-VNNI: --activations int8 is not offered, but the library keeps every symbol (a missing one
+        * would make starqa/kernels/__init__.py refuse the whole library, the bfloat16 kernels with it) */
 int starqa_quant_x8_available(void) { return 0; }
+int linear_q4_x8(void) { return -2; }
+int linear_q8_x8(void) { return -2; }
 #endif
 
-#else  /* no AVX512-BF16: quantized decoding is not offered (starqa.quantized_weights says so) */
+#else  /* no AVX512-BF16: quantized decoding is not offered (starqa.quantized_weights says so); stubs keep every
+      * symbol, so that the other kernels still load */
 int starqa_quant_available(void) { return 0; }
 int starqa_quant_x8_available(void) { return 0; }
+int linear_q4(void) { return -2; }
+int linear_q8(void) { return -2; }
+int linear_q4_x8(void) { return -2; }
+int linear_q8_x8(void) { return -2; }
 #endif
