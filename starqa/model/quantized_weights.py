@@ -568,6 +568,9 @@ def attach(transformer, mode: str, *, model_dir: Path | None = None, cache_path:
         raise UsageError(f"--weights {mode}: {reason}")
     if mode == "auto" and source is None:
         return "bfloat16"  # an HF-format model stays in its own precision unless asked
+    if activations == "int8" and not kernels.quantized_x8_available():  # before any packing
+        raise UsageError("--activations int8 needs AVX512-VNNI, which this CPU (or compiler) lacks; use "
+                         "--activations bfloat16")
     identity = {"mode": mode, "gguf_sha256": source[1] if source else "", "model": model_key}
     packed = read_packed(cache_path, identity) if cache_path is not None else None
     if packed is None:
@@ -587,9 +590,6 @@ def attach(transformer, mode: str, *, model_dir: Path | None = None, cache_path:
                     packed = read_packed(cache_path, identity)
                     if packed is None:
                         raise StarqaError(f"cannot read back the packed weights {cache_path}")
-    if activations == "int8" and not kernels.quantized_x8_available():
-        raise UsageError("--activations int8 needs AVX512-VNNI, which this CPU (or compiler) lacks; use "
-                         "--activations bfloat16")
     linears = dict(transformer.projections())
     for key, parts in packed.items():
         if key not in linears or sum(p.rows for p in parts) != linears[key].weight.shape[0]:
