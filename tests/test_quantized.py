@@ -16,6 +16,7 @@ import torch
 
 from conftest import REPO, planted_number_prompts, tiny_model
 from starqa import kernels
+from starqa.errors import StarqaError
 from starqa.model import quantized_weights as qw
 
 needs_kernels = pytest.mark.skipif(not kernels.quantized_available(),
@@ -124,6 +125,34 @@ def test_packing_lets_the_pages_of_the_gguf_it_has_read_go():
     weights.release_pages()
     assert file_pages_kib() - before < 0.1 * size_kib
     assert int(np.asarray(tensor.data, dtype=np.uint8).astype(np.int64).sum()) == checksum  # read again, the same
+
+
+def test_packing_holds_no_float32_copy_or_second_copy_of_a_matrix():
+    """Packing the 1.5B's first load peaked at 6.5 GiB, over the 6 GB budget: checking three rows de-quantised its
+    whole LM head to float32 (~1 GB, twice over in temporaries) and a lone piece's integers were copied twice. Now
+    the check de-quantises the rows it compares and a lone piece is packed without a copy (numpy's allocations are
+    traced by tracemalloc)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    out, features = 4096, 1024
+    matrix = qw.QuantizedMatrix(rng.integers(-32, 32, (out, features), dtype=np.int8),
+                                rng.random((out, features // 16), dtype=np.float32), None, 16, "Q6_K")
+    weight = torch.from_numpy(matrix.dequantize()).to(torch.bfloat16)
+    tracemalloc.start()
+    try:
+        qw._check_rows("lm_head.weight", matrix, weight)
+        checked = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        parts = qw.pack_parts([(matrix, 8)], [out], features)
+        packed = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert checked < 0.05 * out * features * 4, checked  # the float32 matrix would be 16.8 MB
+    assert packed < 0.05 * out * features, packed  # its integers: 4.2 MB
+    assert np.shares_memory(parts[0].weight.numpy(), matrix.q)
+    with pytest.raises(StarqaError, match="does not hold the converted model"):
+        qw._check_rows("lm_head.weight", matrix, weight.flip(0))
 
 
 def _reference_bound(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -285,11 +285,14 @@ def pack_parts(choices: list[tuple[QuantizedMatrix, int] | None], row_counts: li
         else:
             bits, group, has_zeros = key(first)
             matrices = [choice[0] for choice, _ in pending]
-            q = np.concatenate([m.q for m in matrices])
-            scales = torch.from_numpy(np.ascontiguousarray(np.concatenate([m.scales for m in matrices])))
-            zeros = (torch.from_numpy(np.ascontiguousarray(np.concatenate([m.zeros for m in matrices])))
-                     if has_zeros else None)
-            weight = torch.from_numpy(pack_int4(q) if bits == 4 else np.ascontiguousarray(q.astype(np.int8)))
+
+            def joined(arrays: list[np.ndarray]) -> np.ndarray:  # no copy of a lone piece (the LM head: 233 MB)
+                return np.ascontiguousarray(arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
+
+            q = joined([m.q for m in matrices])
+            scales = torch.from_numpy(joined([m.scales for m in matrices]))
+            zeros = torch.from_numpy(joined([m.zeros for m in matrices])) if has_zeros else None
+            weight = torch.from_numpy(pack_int4(q) if bits == 4 else q.astype(np.int8, copy=False))
             wide = bits == 8 and bool(q.min() < -64 or q.max() > 63)
             parts.append(PackedPart(rows, bits, features, group, weight, scales, zeros,
                                     sorted({m.source for m in matrices}), wide))
@@ -388,10 +391,15 @@ def _bits_per_weight(tensor) -> float:
 def _check_rows(name: str, matrix, weight: torch.Tensor) -> None:
     """The GGUF's values, rounded as the conversion rounded them, must be the model's weights: a few rows of each
     piece are compared (a wrong tensor, row order or layout would differ)."""
-    values = matrix.dequantize() if isinstance(matrix, QuantizedMatrix) else matrix
-    rows = sorted({0, 1, values.shape[0] - 1})
+    rows = sorted({0, 1, _rows(matrix) - 1})
+    if isinstance(matrix, QuantizedMatrix):  # only the rows compared: the whole LM head in float32 is ~1 GB
+        values = QuantizedMatrix(matrix.q[rows], matrix.scales[rows],
+                                 None if matrix.zeros is None else matrix.zeros[rows], matrix.group,
+                                 matrix.source).dequantize()
+    else:
+        values = matrix[rows]
     expected = weight[rows].float()
-    got = torch.from_numpy(np.ascontiguousarray(values[rows])).to(weight.dtype).float()
+    got = torch.from_numpy(np.ascontiguousarray(values)).to(weight.dtype).float()
     if got.shape != expected.shape or not torch.equal(got, expected):
         raise StarqaError(f"the GGUF's {name} does not hold the converted model's values; its packed weights were "
                           "not used (delete the model from the store's models/ folder to convert it again)")
