@@ -45,12 +45,6 @@ from starqa.engine.star_engine import StarEngine  # noqa: E402
 LLAMA_CPP_8K = 26.7  # tokens/s, llama.cpp on the same GGUF at 8K depth, 2 threads (issue #14; vs_llamacpp.py measures it)
 
 
-def weight_bytes(engine) -> int:
-    """Bytes a step reads of the weights: every matrix once (the tied embedding as the LM head; one embedding row
-    is negligible)."""
-    return sum(p.numel() * p.element_size() for p in engine.model.parameters())
-
-
 def decode_weight_bytes(engine) -> int:
     """Bytes a decoding step reads of the projections in the precision decoding reads them (4/8-bit parts with
     their scales, else bfloat16), plus the norms; one embedding row is negligible."""
@@ -213,7 +207,7 @@ def main() -> None:
     for dtype, kv_dtypes in (("bfloat16", ("bfloat16", "int8")), ("float32", ("float32",))):
         engine = StarEngine.load("smollm2-135m", device="cpu", dtype=dtype, store_root=args.store)
         engine.stop_ids = set()  # decode the full count
-        weights = weight_bytes(engine)
+        weights = decode_weight_bytes(engine)  # as decoding reads them (--weights auto: 4/8-bit parts)
         for n in lengths:
             for kv_dtype in kv_dtypes:
                 ctx = engine.encode_context(contexts[n], 1024, 1024, kv_dtype=kv_dtype)

@@ -22,10 +22,11 @@ def attach_all(engine, names, store_root, on_status=None) -> tuple[dict[str, str
     for name in names:
         mode, activations = parse(name)
         summaries[name] = _attach_weights(engine.model, mode, engine.model_dir, store_root, on_status, activations)
-        states[name] = {key: (linear.packed, linear.activations) for key, linear in engine.model.projections()}
+        states[name] = {key: (linear.packed, linear.activations, linear.weight)  # weight None: auto dropped it
+                        for key, linear in engine.model.projections()}
     return summaries, states
 
 
 def use(engine, state: dict) -> None:
     for key, linear in engine.model.projections():
-        linear.packed, linear.activations = state[key]
+        linear.packed, linear.activations, linear.weight = state[key]

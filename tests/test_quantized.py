@@ -207,6 +207,44 @@ def test_quantized_linear_equals_a_float64_reference_of_the_same_weights(kind, r
     assert torch.equal(with_residual, (got.float() + residual.float()).bfloat16())  # rounded twice, as torch does
 
 
+@needs_kernels
+def test_dequantized_parts_are_exactly_the_bfloat16_rounding_of_their_values():
+    """What a projection held only as its integers multiplies by in a call of many rows: bfloat16(fp32(s * q) + z)
+    for every kind, each part into its rows of a fused weight -- the values the GGUF's conversion to bfloat16 holds."""
+    out, features = 97, 640
+    matrices = _matrices(out, features)
+    for kind, choice in matrices.items():
+        parts = qw.pack_parts([choice], [out], features)
+        expected = torch.from_numpy(choice[0].dequantize()).bfloat16()
+        assert torch.equal(kernels.dequantize_packed(parts, features), expected), kind
+    fused = qw.pack_parts([matrices["int4"], matrices["int8-g16"], matrices["int8-wide"]], [out] * 3, features)
+    assert [p.bits for p in fused] == [4, 8, 8]
+    expected = torch.cat([torch.from_numpy(matrices[k][0].dequantize()).bfloat16()
+                          for k in ("int4", "int8-g16", "int8-wide")])
+    assert torch.equal(kernels.dequantize_packed(fused, features), expected)
+    # Weights whose bfloat16 value differs when s * q + z rounds once (an FMA) instead of twice: rare among random
+    # ones, so looked for, and one group of 32 given each found (s, z) with its q throughout.
+    rng = np.random.default_rng(1)
+    s_all = (rng.random(1 << 20) * 0.02 + 0.001).astype(np.float32)
+    z_all = (rng.standard_normal(1 << 20) * 0.05).astype(np.float32)
+    found = []
+    for q in range(16):
+        twice = torch.from_numpy(s_all * np.float32(q) + z_all).bfloat16()
+        once = torch.from_numpy((s_all.astype(np.float64) * q + z_all).astype(np.float32)).bfloat16()
+        found += [(index, q) for index in torch.nonzero(twice != once).flatten()[:8].tolist()]
+    assert len(found) >= 32, len(found)
+    index, q = (np.array(column) for column in zip(*found[:32]))
+    sensitive = qw.QuantizedMatrix(np.repeat(q, 32).reshape(16, 64).astype(np.int16),
+                                   s_all[index].reshape(16, 2), z_all[index].reshape(16, 2), 32, "Q4_K")
+    for bits in (4, 8):
+        parts = qw.pack_parts([(sensitive, bits)], [16], 64)
+        assert torch.equal(kernels.dequantize_packed(parts, 64), torch.from_numpy(sensitive.dequantize()).bfloat16())
+    with pytest.raises(ValueError, match="no integers"):
+        kernels.dequantize_packed([qw.PackedPart(rows=4, bits=16, features=features)], features)
+    with pytest.raises(ValueError, match="does not hold"):
+        kernels.dequantize_packed(fused, 2 * features)
+
+
 needs_x8 = pytest.mark.skipif(not kernels.quantized_x8_available(),
                               reason="int8 activations need AVX512-VNNI and a C compiler")
 
@@ -271,7 +309,7 @@ def test_the_quantized_wrapper_refuses_inputs_that_would_read_past_a_buffer():
         call(zeros=part.zeros[:, :4].contiguous())
     with pytest.raises(ValueError, match="need zeros"):
         call(zeros=None)
-    with pytest.raises(ValueError, match="does not take"):
+    with pytest.raises(ValueError, match="does not hold"):
         call(weight=part.weight[:, :64].contiguous())  # narrower than x
     with pytest.raises(ValueError, match="does not take"):
         call(y=torch.empty(1, out // 2, dtype=torch.bfloat16))
@@ -400,6 +438,65 @@ def test_explicit_quantized_weights_are_refused_where_the_kernels_cannot_run():
     assert qw.attach(engine.model, "auto") == "bfloat16"
     with pytest.raises(UsageError, match="bfloat16 compute dtype"):
         qw.attach(engine.model, "int4")
+
+
+@needs_kernels
+@pytest.mark.slow
+def test_auto_keeps_one_copy_of_the_weights_and_prefills_exactly_as_with_the_bfloat16_copy(shared_home):
+    """--weights auto drops the bfloat16 projections beside their GGUF integers (the 1.5B held both: 4.7 GiB per
+    ask). A prefill de-quantises them to exactly those bfloat16 weights: its KV is bit for bit the bfloat16 engine's;
+    attaching bfloat16 again gives back the very weights the bfloat16 engine holds."""
+    from starqa.engine.star_engine import StarEngine
+    from starqa.model.transformer import Transformer
+
+    def load(mode: str) -> StarEngine:
+        return StarEngine.load("smollm2-135m", device="cpu", dtype="bfloat16", store_root=shared_home, weights=mode)
+
+    engines = {mode: load(mode) for mode in ("bfloat16", "auto")}  # (auto packs its weights now if not yet)
+    reading = Transformer.from_directory
+    loaded_without = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Transformer, "from_directory",
+                      lambda *a, **k: loaded_without.append(k.get("without")) or reading(*a, **k))
+        engines["auto"] = load("auto")  # with its packed weights cached: their bfloat16 weights are never read
+    lean, full = engines["auto"].model, engines["bfloat16"].model
+    assert loaded_without == [frozenset(key for key, _ in lean.projections() if key != "lm_head")]
+    assert lean.lm_head.weight is lean.embed  # tied: the embedding lookups still read it
+    assert all(linear.weight is None for key, linear in lean.projections() if key != "lm_head")
+
+    def weight_bytes(model) -> int:
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+
+    assert weight_bytes(lean) < 0.6 * weight_bytes(full)
+
+    def prefill_kv(engine, count: int) -> torch.Tensor:
+        """Every layer's keys and values of `count` tokens (the next-token logits would be one row: a GEMV)."""
+        cache = engine._new_cache(batch=1, capacity=count)
+        engine.model.forward(torch.arange(400, 400 + count)[None], torch.arange(count)[None], cache, logits=False)
+        return torch.stack([torch.stack([k, v]) for k, v in zip(cache.keys, cache.values)]).float()
+
+    for count in (9, 41):  # more rows than a GEMV: de-quantised, into one buffer reused by every projection
+        assert torch.equal(prefill_kv(engines["auto"], count), prefill_kv(engines["bfloat16"], count)), count
+    few = prefill_kv(engines["auto"], 5)  # a GEMV over the integers: close, not equal
+    reference = prefill_kv(engines["bfloat16"], 5)
+    assert not torch.equal(few, reference)
+    assert float((few - reference).abs().max()) < 0.05 * float(reference.abs().max())
+
+    qw.attach(lean, "bfloat16")
+    for (key, restored), (_, kept) in zip(lean.projections(), full.projections()):
+        assert restored.packed is None and torch.equal(restored.weight, kept.weight), key
+
+    from starqa.engine.star_engine import _attach_weights
+
+    model_dir = engines["auto"].model_dir
+    stripped = Transformer.from_directory(model_dir, dtype=torch.bfloat16, device=torch.device("cpu"),
+                                          without=frozenset({"layers.0.o"}))
+    with pytest.raises(StarqaError, match="loaded without"):
+        qw.attach(stripped, "bfloat16")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(qw, "read_packed", lambda *a, **k: None)  # gone between the check and the attach
+        with pytest.raises(StarqaError, match="went away"):
+            _attach_weights(stripped, "auto", model_dir, shared_home, None)
 
 
 @needs_kernels

@@ -226,7 +226,9 @@ class StarEngine:
         config = json.loads((source.directory / "config.json").read_text(encoding="utf-8"))
         models.check_architecture(config)
         if any(source.directory.glob("*.safetensors")):
-            transformer = Transformer.from_directory(source.directory, dtype=torch_dtype, device=torch_device)
+            without = _integers_only(weights, source.directory, root, config, torch_device, torch_dtype)
+            transformer = Transformer.from_directory(source.directory, dtype=torch_dtype, device=torch_device,
+                                                     without=without)
         else:  # weights in PyTorch's own format: transformers reads them (safely), then we take them over
             transformer = Transformer.from_hf_model(_hf_model(source.directory, torch_dtype, trust_remote_code)
                                                     .to(torch_device))
@@ -568,6 +570,32 @@ def record_path(store_root: Path, model_dir: Path | None, file_name: str) -> Pat
     return models_root / file_name
 
 
+def _packed_cache(mode: str, model_dir: Path, store_root: Path) -> tuple[Path, str]:
+    """(where the model's packed weights for --weights `mode` are cached, the model's fingerprint)."""
+    from starqa.model import quantized_weights
+    from starqa.model.resolve import model_fingerprint
+
+    key = model_fingerprint(model_dir)
+    # A folder, not *.safetensors beside the weights: those are the model (its fingerprint and its loading).
+    folder = record_path(store_root, model_dir, quantized_weights.CACHE_FOLDER)
+    if folder.parent != Path(model_dir):  # a user's model directory: one folder per model in models/
+        folder = folder.with_name(f"{quantized_weights.CACHE_FOLDER}-{key[:16]}")
+    return folder / f"{mode}.safetensors", key
+
+
+def _integers_only(mode: str, model_dir: Path, store_root: Path, config: dict, device, dtype) -> frozenset[str]:
+    """The projections to load without their bfloat16 weights: those the cached packed weights hold as the GGUF's
+    own integers under `mode` (starqa.model.quantized_weights.cached_integers_only)."""
+    from starqa.model import quantized_weights
+    from starqa.model.transformer import ModelArgs
+
+    if mode != "auto":
+        return frozenset()
+    cache, key = _packed_cache(mode, model_dir, store_root)
+    return quantized_weights.cached_integers_only(mode, model_dir=model_dir, cache_path=cache, model_key=key,
+                                                  args=ModelArgs.from_config(config), device=device, dtype=dtype)
+
+
 def _attach_weights(transformer, mode: str, model_dir: Path, store_root: Path, on_status,
                     activations: str = "bfloat16") -> str:
     """Decoding's weights under --weights `mode` and --activations (starqa.model.quantized_weights), cached beside
@@ -576,14 +604,7 @@ def _attach_weights(transformer, mode: str, model_dir: Path, store_root: Path, o
 
     if mode == "bfloat16":
         return quantized_weights.attach(transformer, mode, activations=activations)
-    from starqa.model.resolve import model_fingerprint
-
-    key = model_fingerprint(model_dir)
-    # A folder, not *.safetensors beside the weights: those are the model (its fingerprint and its loading).
-    folder = record_path(store_root, model_dir, quantized_weights.CACHE_FOLDER)
-    if folder.parent != Path(model_dir):  # a user's model directory: one folder per model in models/
-        folder = folder.with_name(f"{quantized_weights.CACHE_FOLDER}-{key[:16]}")
-    cache = folder / f"{mode}.safetensors"
+    cache, key = _packed_cache(mode, model_dir, store_root)
     return quantized_weights.attach(transformer, mode, model_dir=model_dir, cache_path=cache, model_key=key,
                                     on_status=on_status, activations=activations)
 

@@ -39,7 +39,7 @@ from starqa import report
 __all__ = ["available", "unavailable_reason", "linear_bf16", "rms_norm_bf16", "rope_bf16_", "silu_mul_bf16",
            "decode_attention", "read_bandwidth", "quantized_available", "quantized_x8_available", "linear_quantized",
            "ACTIVATIONS",
-           "linear_packed", "KV_FORMATS",
+           "linear_packed", "dequantize_packed", "KV_FORMATS",
            "MAX_ROWS", "MAX_CHUNK", "cache_folder"]
 
 _SOURCE = Path(__file__).with_name("cpu_decode.c")
@@ -100,7 +100,7 @@ def _cache_key(compiler: str) -> str:
 # Every function the Python side calls: a library lacking one (a damaged or foreign file) is not used.
 _SYMBOLS = ("starqa_kernels_available", "linear_bf16", "rms_norm_bf16", "rope_bf16", "silu_mul_bf16", "stream_read",
             "decode_attention", "starqa_quant_available", "linear_q4", "linear_q8", "starqa_quant_x8_available",
-            "linear_q4_x8", "linear_q8_x8")
+            "linear_q4_x8", "linear_q8_x8", "dequantize_q")
 _STALE_BUILD_S = 600  # a `.tmp-*.so` older than this is left by a killed build (a build takes seconds)
 
 
@@ -265,6 +265,8 @@ def _library() -> ctypes.CDLL | None:
     library.linear_q8.restype = ctypes.c_int
     library.linear_q8.argtypes = [_P, _P, _P, _P, _P, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                   ctypes.c_int, ctypes.c_long, _P, ctypes.c_long]
+    library.dequantize_q.restype = ctypes.c_int
+    library.dequantize_q.argtypes = [ctypes.c_int, _P, _P, _P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P]
     library.starqa_quant_x8_available.restype = ctypes.c_int
     library.linear_q4_x8.restype = ctypes.c_int
     library.linear_q4_x8.argtypes = library.linear_q4.argtypes
@@ -527,34 +529,40 @@ def _check_quantized_inputs(x, bits, weight, scales, zeros, group, y, residual) 
     if y.shape[0] != rows or y.shape[1] < out or (residual is not None and (residual.shape[0] != rows
                                                                             or residual.shape[1] < out)):
         raise ValueError(f"linear_quantized: y {tuple(y.shape)} or the residual does not take {rows} x {out}")
+    _check_quantized_weight("linear_quantized", bits, weight, scales, zeros, group, features)
+
+
+def _check_quantized_weight(caller: str, bits, weight, scales, zeros, group, features) -> None:
+    """A 4/8-bit weight's integers, scales and zeros have the shapes and dtypes the C kernels trust."""
+    out = weight.shape[0]
     if bits == 4:
         expected, group = (torch.uint8, (out, features // 2)), 32
     elif bits == 8:
         expected = (torch.int8, (out, features))
     else:
-        raise ValueError(f"linear_quantized: bits must be 4 or 8, not {bits}")
+        raise ValueError(f"{caller}: bits must be 4 or 8, not {bits}")
     if (weight.dtype, tuple(weight.shape)) != expected or not weight.is_contiguous():
-        raise ValueError(f"linear_quantized: weight {weight.dtype} {tuple(weight.shape)} does not take x "
-                         f"{tuple(x.shape)} in {bits} bits")
+        raise ValueError(f"{caller}: weight {weight.dtype} {tuple(weight.shape)} does not hold {features} inputs "
+                         f"in {bits} bits")
     if group <= 0 or features % group:
-        raise ValueError(f"linear_quantized: {features} inputs are not whole groups of {group}")
+        raise ValueError(f"{caller}: {features} inputs are not whole groups of {group}")
     if bits == 4 and zeros is None:
-        raise ValueError("linear_quantized: 4-bit weights need zeros")
+        raise ValueError(f"{caller}: 4-bit weights need zeros")
     for name, values in (("scales", scales), ("zeros", zeros)):
         if values is not None and (values.dtype != torch.float32 or tuple(values.shape) != (out, features // group)
                                    or not values.is_contiguous()):
-            raise ValueError(f"linear_quantized: {name} {values.dtype} {tuple(values.shape)}, expected float32 "
+            raise ValueError(f"{caller}: {name} {values.dtype} {tuple(values.shape)}, expected float32 "
                              f"{(out, features // group)}")
 
 
-def linear_packed(x: torch.Tensor, parts: list, weight: torch.Tensor,
+def linear_packed(x: torch.Tensor, parts: list, weight: torch.Tensor | None,
                   residual: torch.Tensor | None = None, activations: str = "bfloat16") -> torch.Tensor:
     """x [rows, in] bf16 @ a projection held as row parts (starqa.model.quantized_weights.PackedPart: 4 or 8 bits, or
-    16: that part's rows of the bf16 `weight`), each written into its columns of one output [rows, out];
-    `activations` as in linear_quantized (the 4/8-bit parts only)."""
+    16: that part's rows of the bf16 `weight`, which only such parts need), each written into its columns of one
+    output [rows, out]; `activations` as in linear_quantized (the 4/8-bit parts only)."""
     x = x.contiguous()
     rows = x.shape[0]
-    y = torch.empty((rows, weight.shape[0]), dtype=torch.bfloat16)
+    y = torch.empty((rows, sum(part.rows for part in parts)), dtype=torch.bfloat16)
     start = 0
     for part in parts:
         columns = y[:, start:start + part.rows]
@@ -566,6 +574,36 @@ def linear_packed(x: torch.Tensor, parts: list, weight: torch.Tensor,
                              wide=part.wide, activations=activations)
         start += part.rows
     return y
+
+
+def dequantize_packed(parts: list, features: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """A projection held as 4/8-bit row parts (no bfloat16 part) as its bfloat16 weight [out, in]: exactly the values
+    the GGUF's conversion to bfloat16 gives (cpu_quant.c's dequantize_q), for the calls with many rows. Written into
+    the start of `buffer` (bf16, contiguous) when given: a fresh tensor per call costs ~8x the de-quantisation itself
+    in page faults."""
+    library = _library()
+    if library is None or not library.starqa_quant_available():
+        raise RuntimeError("dequantize_packed needs the 4/8-bit kernels")
+    shape = (sum(part.rows for part in parts), features)
+    if buffer is None:
+        weight = torch.empty(shape, dtype=torch.bfloat16)
+    elif buffer.dtype != torch.bfloat16 or not buffer.is_contiguous() or buffer.numel() < shape[0] * shape[1]:
+        raise ValueError(f"dequantize_packed: the buffer {buffer.dtype} {tuple(buffer.shape)} does not hold {shape}")
+    else:
+        weight = buffer.view(-1)[:shape[0] * shape[1]].view(shape)
+    start = 0
+    for part in parts:
+        if part.bits not in (4, 8):
+            raise ValueError(f"dequantize_packed: a {part.bits}-bit part has no integers to de-quantise")
+        rows = weight[start:start + part.rows]
+        group = 32 if part.bits == 4 else part.group
+        _check_quantized_weight("dequantize_packed", part.bits, part.weight, part.scales, part.zeros, group, features)
+        code = library.dequantize_q(part.bits, part.weight.data_ptr(), part.scales.data_ptr(), _pointer(part.zeros),
+                                    group, part.rows, features, rows.data_ptr())
+        if code != 0:
+            raise RuntimeError(f"dequantize_q failed ({code}) for a {part.bits}-bit part {tuple(part.weight.shape)}")
+        start += part.rows
+    return weight
 
 
 def read_bandwidth(megabytes: int = 1024, repeat: int = 5) -> float:

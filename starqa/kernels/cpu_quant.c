@@ -186,6 +186,74 @@ int linear_q8(const int8_t* restrict W, const float* restrict S, const float* re
     return 0;
 }
 
+/* ---- de-quantisation to bfloat16, for the calls with many rows (a question's or a block's prefill) ----
+ *
+ * Under --weights auto the bfloat16 copy of a projection is not kept beside its GGUF integers (it would be the
+ * model's weights twice over): a call with more rows than a GEMV takes de-quantises the projection into a bfloat16
+ * buffer and gives it to torch's matrix multiply.  The values are bfloat16(fp32(s * q) + z), rounded where the GGUF
+ * de-quantisers and the bfloat16 conversion round (mul and add with explicit rounding, never fused into an FMA): the
+ * very weights the converted model holds, so the prefill is bit for bit what it was with the bfloat16 copy.
+ */
+static inline __m512 dequantized(__m512i q, float s, const float* z) {  /* fp32(s * q) + z, rounded twice */
+    __m512 v = _mm512_mul_round_ps(_mm512_set1_ps(s), _mm512_cvtepi32_ps(q), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return z ? _mm512_add_round_ps(v, _mm512_set1_ps(*z), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC) : v;
+}
+
+static inline __m256i bf16x16_round(__m512 v) {  /* float32 -> bfloat16, round to nearest even: f32_to_bf16's rule */
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
+}
+
+static inline void store32(uint16_t* d, __m512 low, __m512 high) {  /* 32 values as bfloat16 */
+    _mm256_storeu_si256((__m256i*)d, bf16x16_round(low));
+    _mm256_storeu_si256((__m256i*)(d + 16), bf16x16_round(high));
+}
+
+/* dst bf16 [out, in] = the weights W (linear_q4's or linear_q8's layout, scales S and zeros Z) as values. */
+int dequantize_q(int bits, const void* restrict W, const float* restrict S, const float* restrict Z, int group,
+                 int out, int in, uint16_t* restrict dst) {
+    if (bits == 4) {
+        if (in % 64 || !Z) return -1;
+        group = 32;
+    } else if (bits != 8 || in % 32 || !(group == 16 || (group % 32 == 0 && in % group == 0))) {
+        return -1;
+    }
+    const int groups = in / group;
+    #pragma omp parallel for schedule(static)
+    for (int o = 0; o < out; o++) {
+        const float* s = S + (size_t)o * groups;
+        const float* z = Z ? Z + (size_t)o * groups : NULL;
+        uint16_t* d = dst + (size_t)o * in;
+        if (bits == 4) {
+            const uint8_t* w = (const uint8_t*)W + (size_t)o * (in / 2);
+            for (int c = 0; c < in; c += 64) {  /* byte j: q[c + j] low nibble, q[c + 32 + j] high */
+                __m256i bytes = _mm256_loadu_si256((const __m256i*)(w + c / 2));
+                __m256i halves[2] = {_mm256_and_si256(bytes, _mm256_set1_epi8(0x0f)),
+                                     _mm256_and_si256(_mm256_srli_epi16(bytes, 4), _mm256_set1_epi8(0x0f))};
+                for (int h = 0; h < 2; h++) {  /* one group of 32 */
+                    const int g = c / 32 + h;
+                    store32(d + c + 32 * h,
+                            dequantized(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(halves[h])), s[g], z + g),
+                            dequantized(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(halves[h], 1)), s[g], z + g));
+                }
+            }
+        } else {
+            const int8_t* w = (const int8_t*)W + (size_t)o * in;
+            for (int i = 0; i < in; i += 32) {  /* groups of 16 or of a multiple of 32 */
+                const int g0 = i / group, g1 = (i + 16) / group;
+                store32(d + i,
+                        dequantized(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + i))), s[g0],
+                                    z ? z + g0 : NULL),
+                        dequantized(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + i + 16))), s[g1],
+                                    z ? z + g1 : NULL));
+            }
+        }
+    }
+    return 0;
+}
+
 /* ---- int8 activations (--activations int8): x rounded to int8 per 32 inputs, the products summed in int32 ----
  *
  * The kernels above keep x in bfloat16 and turn every weight into a bfloat16 integer first (a table lookup or an
@@ -378,6 +446,7 @@ int starqa_quant_available(void) { return 0; }
 int starqa_quant_x8_available(void) { return 0; }
 int linear_q4(void) { return -2; }
 int linear_q8(void) { return -2; }
+int dequantize_q(void) { return -2; }
 int linear_q4_x8(void) { return -2; }
 int linear_q8_x8(void) { return -2; }
 #endif

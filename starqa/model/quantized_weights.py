@@ -346,6 +346,15 @@ def projection_names(num_layers: int) -> dict[str, list[str]]:
     return names
 
 
+def projection_shape(args, key: str) -> tuple[int, int]:
+    """(rows, inputs) of a projection (a key of projection_names) from the model's configuration."""
+    attention = args.num_heads * args.head_dim
+    return {"qkv": ((args.num_heads + 2 * args.num_kv_heads) * args.head_dim, args.hidden_size),
+            "o": (args.hidden_size, attention), "gate_up": (2 * args.intermediate_size, args.hidden_size),
+            "down": (args.hidden_size, args.intermediate_size),
+            "lm_head": (args.vocab_size, args.hidden_size)}[key.rsplit(".", 1)[-1]]
+
+
 _GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
                "mlp.down_proj": "ffn_down"}
@@ -564,23 +573,26 @@ def attach(transformer, mode: str, *, model_dir: Path | None = None, cache_path:
     if activations not in kernels.ACTIVATIONS:
         raise UsageError(f"--activations must be one of {', '.join(kernels.ACTIVATIONS)}, not '{activations}'")
     for _, linear in transformer.projections():
+        if linear.weight is None and linear.packed is not None:  # an earlier attach kept only the integers
+            linear.weight = kernels.dequantize_packed(linear.packed, linear.packed[0].features)  # exactly
         linear.packed = None
         linear.activations = "bfloat16"
-    if mode == "bfloat16":
-        return "bfloat16"
     reason = unsupported_reason(transformer.device, transformer.dtype)
     source = gguf_source(model_dir)
+    if mode == "bfloat16" or (mode == "auto" and (reason or source is None)):
+        # (an HF-format model stays in its own precision unless asked)
+        _check_complete(transformer)
+        return "bfloat16"
     if reason:
-        if mode == "auto":
-            return "bfloat16"
         raise UsageError(f"--weights {mode}: {reason}")
-    if mode == "auto" and source is None:
-        return "bfloat16"  # an HF-format model stays in its own precision unless asked
     if activations == "int8" and not kernels.quantized_x8_available():  # before any packing
         raise UsageError("--activations int8 needs AVX512-VNNI, which this CPU (or compiler) lacks; use "
                          "--activations bfloat16")
     identity = {"mode": mode, "gguf_sha256": source[1] if source else "", "model": model_key}
     packed = read_packed(cache_path, identity) if cache_path is not None else None
+    if packed is None and any(linear.weight is None for _, linear in transformer.projections()):
+        raise StarqaError(f"the packed weights {cache_path} went away while the model loaded without the "
+                          "weights they hold; run the command again")
     if packed is None:
         if cache_path is None:
             packed = build_packed(transformer, mode, source[0] if source else None)
@@ -599,14 +611,57 @@ def attach(transformer, mode: str, *, model_dir: Path | None = None, cache_path:
                     if packed is None:
                         raise StarqaError(f"cannot read back the packed weights {cache_path}")
     linears = dict(transformer.projections())
+    tied = transformer.lm_head.weight is transformer.embed
     for key, parts in packed.items():
-        if key not in linears or sum(p.rows for p in parts) != linears[key].weight.shape[0]:
+        linear = linears.get(key)
+        shape = (sum(p.rows for p in parts), parts[0].features)
+        if linear is None or shape != (tuple(linear.weight.shape) if linear.weight is not None
+                                       else projection_shape(transformer.args, key)):
             raise StarqaError(f"the packed weights do not match the model ({key})")
         if all(p.bits == 16 for p in parts):
             continue
-        linears[key].packed = parts
-        linears[key].activations = activations
+        linear.packed = parts
+        linear.activations = activations
+        if key in integers_only(mode, source is not None, {key: parts}, tied):
+            linear.weight = None
+    _check_complete(transformer)
     return summary(packed) + ("; int8 activations" if activations == "int8" else "")
+
+
+def _check_complete(transformer) -> None:
+    """Every projection has a weight or packed parts (one loaded without its weight gets the parts it is held as)."""
+    missing = [key for key, linear in transformer.projections() if linear.weight is None and linear.packed is None]
+    if missing:
+        raise StarqaError(f"the model was loaded without the weights of {', '.join(missing[:3])}, and its packed "
+                          "weights do not hold them; run the command again")
+
+
+def integers_only(mode: str, from_gguf: bool, packed: dict[str, list[PackedPart]], tied: bool) -> frozenset[str]:
+    """The projections that need no bfloat16 weight beside their packed parts: under auto every part is a GGUF
+    integer as it is, and the bfloat16 weight is their rounding (checked by _check_rows when they were packed), so
+    calls with many rows de-quantise them (starqa.model.transformer.Linear) instead: the 1.5B then holds 1.3 GB of
+    weights where it held 2.9 + 1.3 GB. A tied LM head is the embedding, which lookups still read."""
+    if mode != "auto" or not from_gguf:
+        return frozenset()
+    return frozenset(key for key, parts in packed.items()
+                     if parts and all(p.bits in (4, 8) for p in parts) and not (key == "lm_head" and tied))
+
+
+def cached_integers_only(mode: str, *, model_dir: Path, cache_path: Path, model_key: str, args, device: torch.device,
+                         dtype: torch.dtype) -> frozenset[str]:
+    """integers_only for the packed weights already cached at `cache_path` (none when they are not, or cannot be
+    used here): the projections a model can be loaded without (Transformer.from_directory's `without`), so that an
+    ask never holds their bfloat16 weights, not even while loading."""
+    source = gguf_source(model_dir)
+    if mode != "auto" or source is None or unsupported_reason(device, dtype):
+        return frozenset()
+    packed = read_packed(cache_path, {"mode": mode, "gguf_sha256": source[1], "model": model_key})
+    if packed is None:
+        return frozenset()
+    if any((sum(p.rows for p in parts), parts[0].features) != projection_shape(args, key)
+           for key, parts in packed.items()):
+        return frozenset()  # attach says why
+    return integers_only(mode, True, packed, bool(args.tie_word_embeddings))
 
 
 def summary(packed: dict[str, list[PackedPart]]) -> str:

@@ -11,8 +11,10 @@ through the CPU GEMV kernel (starqa.kernels).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,13 +119,27 @@ def _config_for_rope(args: ModelArgs) -> dict:
                 partial_rotary_factor=args.partial_rotary_factor)
 
 
+_DEQUANTIZED = threading.local()  # per thread: the buffer projections held as integers are de-quantised into
+
+
+def _dequantized_buffer(numel: int) -> torch.Tensor:
+    """This thread's buffer of at least `numel` bfloat16 values (as large as the largest projection de-quantised:
+    55 MB for the 1.5B's gate_up), reused by every call: a fresh one per call cost 8x the de-quantisation."""
+    buffer = getattr(_DEQUANTIZED, "buffer", None)
+    if buffer is None or buffer.numel() < numel:
+        _DEQUANTIZED.buffer = buffer = torch.empty(numel, dtype=torch.bfloat16)
+    return buffer
+
+
 @dataclass
 class Linear:
     """One (possibly fused) projection: weight [out, in] and optional bias [out], in the compute dtype; `packed`:
     the same rows in 4/8 bits for decoding (starqa.model.quantized_weights), read instead of `weight` by few-row
-    calls, with x in bfloat16 or rounded to int8 first (`activations`, --activations)."""
+    calls, with x in bfloat16 or rounded to int8 first (`activations`, --activations). `weight` is None when the
+    packed rows are the GGUF's own integers (--weights auto): calls with more rows de-quantise them, to exactly the
+    bfloat16 weight the conversion gave, instead of keeping the model's weights in memory twice."""
 
-    weight: torch.Tensor
+    weight: torch.Tensor | None
     bias: torch.Tensor | None = None
     packed: list | None = None
     activations: str = "bfloat16"  # what x is rounded to before the packed parts' GEMV (kernels.ACTIVATIONS)
@@ -131,24 +147,28 @@ class Linear:
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x @ weight.T (+ bias), and `residual + that` with a residual (rounded as torch rounds each op)."""
         rows = x.numel() // x.shape[-1]
-        if self.packed is not None and rows <= GEMV_MAX_ROWS and x.dtype == torch.bfloat16 and x.device.type == "cpu":
-            fused = residual if self.bias is None else None
-            y = kernels.linear_packed(x.reshape(rows, x.shape[-1]), self.packed, self.weight,
-                                      None if fused is None else fused.reshape(rows, -1),
-                                      activations=self.activations).view(*x.shape[:-1], -1)
-            if self.bias is not None:
-                y = y + self.bias
-            return y if residual is None or fused is not None else residual + y
-        if (x.device.type == "cpu" and self.weight.dtype == torch.bfloat16 and rows <= GEMV_MAX_ROWS
-                and x.shape[-1] % 32 == 0 and kernels.available()):
-            fused = residual if self.bias is None else None
-            y = kernels.linear_bf16(x.reshape(rows, x.shape[-1]), self.weight,
-                                    None if fused is None else fused.reshape(rows, -1)).view(*x.shape[:-1], -1)
-            if self.bias is not None:
-                y = y + self.bias
-            return y if residual is None or fused is not None else residual + y
-        y = F.linear(x, self.weight, self.bias)
+        on_cpu_bf16 = x.dtype == torch.bfloat16 and x.device.type == "cpu"
+        if self.packed is not None and on_cpu_bf16 and rows <= GEMV_MAX_ROWS:
+            gemv = functools.partial(kernels.linear_packed, parts=self.packed, weight=self.weight,
+                                     activations=self.activations)
+            return self._gemv(gemv, x, rows, residual)
+        # Held as integers only: de-quantised into a reused buffer (benchmarks/prefill_weights.py: 1.1-1.6x the
+        # time of a prefill over a kept bfloat16 copy on the 1.5B; GEMVs of 8 rows at a time were slower from 16 rows)
+        weight = self.weight if self.weight is not None else kernels.dequantize_packed(
+            self.packed, x.shape[-1], _dequantized_buffer(sum(part.rows for part in self.packed) * x.shape[-1]))
+        if on_cpu_bf16 and rows <= GEMV_MAX_ROWS and x.shape[-1] % 32 == 0 and kernels.available():
+            return self._gemv(functools.partial(kernels.linear_bf16, weight=weight), x, rows, residual)
+        y = F.linear(x, weight, self.bias)
         return y if residual is None else residual + y
+
+    def _gemv(self, gemv, x: torch.Tensor, rows: int, residual: torch.Tensor | None) -> torch.Tensor:
+        """A GEMV kernel's product (rows <= GEMV_MAX_ROWS); the residual fused into it where there is no bias."""
+        fused = residual if self.bias is None else None
+        y = gemv(x.reshape(rows, x.shape[-1]),
+                 residual=None if fused is None else fused.reshape(rows, -1)).view(*x.shape[:-1], -1)
+        if self.bias is not None:
+            y = y + self.bias
+        return y if residual is None or fused is not None else residual + y
 
 
 @dataclass
@@ -165,7 +185,7 @@ class Transformer:
     """The decoder: embeddings, layers, final norm and LM head; see the module docstring."""
 
     def __init__(self, args: ModelArgs, embed: torch.Tensor, layers: list[Layer], norm: torch.Tensor,
-                 lm_head: torch.Tensor) -> None:
+                 lm_head: torch.Tensor | None) -> None:
         self.args = args
         self.embed = embed
         self.layers = layers
@@ -181,8 +201,11 @@ class Transformer:
     # ------------------------------------------------------------------------------------------------ loading
 
     @classmethod
-    def from_directory(cls, directory: Path, *, dtype: torch.dtype, device: torch.device) -> "Transformer":
-        """Weights from the safetensors files of an HF model directory, memory-mapped and fused on the way in."""
+    def from_directory(cls, directory: Path, *, dtype: torch.dtype, device: torch.device,
+                       without: frozenset[str] = frozenset()) -> "Transformer":
+        """Weights from the safetensors files of an HF model directory, memory-mapped and fused on the way in;
+        the projections named in `without` (keys of `projections()`) are not read: their weight stays None, for
+        starqa.model.quantized_weights.attach to give them the GGUF's integers they are held as."""
         from safetensors import safe_open
 
         directory = Path(directory)
@@ -210,7 +233,8 @@ class Transformer:
             return opened[path].get_tensor(name)
 
         try:
-            return cls._from_tensors(args, tensor, dtype=dtype, device=device)
+            return cls._from_tensors(args, tensor, dtype=dtype, device=device, without=without,
+                                     present=where.__contains__)
         finally:
             opened.clear()
 
@@ -224,7 +248,8 @@ class Transformer:
         return cls._from_tensors(args, state.get, dtype=parameter.dtype, device=parameter.device)
 
     @classmethod
-    def _from_tensors(cls, args: ModelArgs, tensor, *, dtype: torch.dtype, device: torch.device) -> "Transformer":
+    def _from_tensors(cls, args: ModelArgs, tensor, *, dtype: torch.dtype, device: torch.device,
+                      without: frozenset[str] = frozenset(), present=None) -> "Transformer":
         def fused(names: list[str], required: bool = True) -> torch.Tensor | None:
             parts = [tensor(name) for name in names]
             if any(part is None for part in parts):
@@ -240,23 +265,33 @@ class Transformer:
                 offset += part.shape[0]
             return out
 
-        def linear(names: list[str]) -> Linear:
-            return Linear(fused([f"{n}.weight" for n in names]), fused([f"{n}.bias" for n in names], required=False))
+        def weight(key: str, names: list[str]) -> torch.Tensor | None:
+            if key not in without:
+                return fused(names)
+            missing = [name for name in names if not present(name)]
+            if missing:
+                raise StarqaError(f"the model's weights lack {', '.join(missing)}")
+            return None
+
+        def linear(key: str, names: list[str]) -> Linear:
+            return Linear(weight(key, [f"{n}.weight" for n in names]),
+                          fused([f"{n}.bias" for n in names], required=False))
 
         layers = []
         for i in range(args.num_layers):
             prefix = f"model.layers.{i}"
             attention, mlp = f"{prefix}.self_attn", f"{prefix}.mlp"
             layers.append(Layer(
-                qkv=linear([f"{attention}.q_proj", f"{attention}.k_proj", f"{attention}.v_proj"]),
-                o=linear([f"{attention}.o_proj"]),
-                gate_up=linear([f"{mlp}.gate_proj", f"{mlp}.up_proj"]),
-                down=linear([f"{mlp}.down_proj"]),
+                qkv=linear(f"layers.{i}.qkv", [f"{attention}.q_proj", f"{attention}.k_proj", f"{attention}.v_proj"]),
+                o=linear(f"layers.{i}.o", [f"{attention}.o_proj"]),
+                gate_up=linear(f"layers.{i}.gate_up", [f"{mlp}.gate_proj", f"{mlp}.up_proj"]),
+                down=linear(f"layers.{i}.down", [f"{mlp}.down_proj"]),
                 input_norm=fused([f"{prefix}.input_layernorm.weight"]),
                 post_norm=fused([f"{prefix}.post_attention_layernorm.weight"]),
             ))
         embed = fused(["model.embed_tokens.weight"])
-        lm_head = embed if args.tie_word_embeddings or tensor("lm_head.weight") is None else fused(["lm_head.weight"])
+        own_head = present("lm_head.weight") if present is not None else tensor("lm_head.weight") is not None
+        lm_head = embed if args.tie_word_embeddings or not own_head else weight("lm_head", ["lm_head.weight"])
         return cls(args, embed, layers, fused(["model.norm.weight"]), lm_head)
 
     def projections(self):
@@ -270,13 +305,14 @@ class Transformer:
         yield self.embed
         for layer in self.layers:
             for linear in (layer.qkv, layer.o, layer.gate_up, layer.down):
-                yield linear.weight
+                if linear.weight is not None:  # None: held as its GGUF integers (Linear)
+                    yield linear.weight
                 if linear.bias is not None:
                     yield linear.bias
             yield layer.input_norm
             yield layer.post_norm
         yield self.norm
-        if self.lm_head.weight is not self.embed:
+        if self.lm_head.weight is not None and self.lm_head.weight is not self.embed:
             yield self.lm_head.weight
 
     # ------------------------------------------------------------------------------------------------ forward
