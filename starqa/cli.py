@@ -53,7 +53,8 @@ WeightsOpt = typer.Option(None, "--weights", help="Weights decoding reads: auto 
                           "bfloat16, int8 or int4 (see docs/quantized-decoding.md).")
 ActivationsOpt = typer.Option(None, "--activations", help="What 4/8-bit decoding multiplies the weights with: "
                               "bfloat16 (exact) or int8 (rounded per 32 inputs; faster with AVX512-VNNI).")
-BlockOpt = typer.Option(None, "--block-size", help="Phase 1 block size in tokens.")
+BlockOpt = typer.Option(None, "--block-size", help="Phase 1 block size in tokens, or auto (a quarter of the "
+                        "document, to the nearest multiple of 1,024, at least 1,024).")
 AnchorOpt = typer.Option(None, "--anchor-size", help="Anchor size in tokens (default: the block size).")
 TrustOpt = typer.Option(False, "--trust-remote-code", help="Allow a model directory's own Python code to run.")
 NprocOpt = typer.Option(None, "--nproc", help="Processes (GPUs) for Phase 1/2: a number or auto (visible GPUs).")
@@ -137,7 +138,7 @@ def ingest(
     allow_long: bool = typer.Option(False, "--allow-long", help="Encode documents longer than the model's context."),
     password: Optional[str] = typer.Option(None, "--password", help="Password of an encrypted PDF."),
     model: Optional[str] = ModelOpt, dtype: Optional[str] = DtypeOpt, kv_dtype: Optional[str] = KvDtypeOpt,
-    device: Optional[str] = DeviceOpt, block_size: Optional[int] = BlockOpt, anchor_size: Optional[int] = AnchorOpt,
+    device: Optional[str] = DeviceOpt, block_size: Optional[str] = BlockOpt, anchor_size: Optional[int] = AnchorOpt,
     nproc: Optional[str] = NprocOpt, trust_remote_code: bool = TrustOpt,
     config: Optional[Path] = ConfigOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
@@ -228,7 +229,7 @@ def ask(
                                     "the model's context."),
     password: Optional[str] = typer.Option(None, "--password", help="With --doc FILE: password of an encrypted PDF."),
     model: Optional[str] = ModelOpt, dtype: Optional[str] = DtypeOpt, kv_dtype: Optional[str] = KvDtypeOpt,
-    device: Optional[str] = DeviceOpt, block_size: Optional[int] = BlockOpt, anchor_size: Optional[int] = AnchorOpt,
+    device: Optional[str] = DeviceOpt, block_size: Optional[str] = BlockOpt, anchor_size: Optional[int] = AnchorOpt,
     nproc: Optional[str] = NprocOpt, trust_remote_code: bool = TrustOpt, weights: Optional[str] = WeightsOpt,
     activations: Optional[str] = ActivationsOpt,
     no_server: bool = typer.Option(False, "--no-server", help="Answer in this process even if `starqa serve` is "

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from starqa import __version__, report
-from starqa.config import Settings
+from starqa.config import AUTO_BLOCK_SIZE, Settings
 from starqa.engine.star_engine import head_blocks, quantize_block
 from starqa.store.kv_quant import KEY_GROUP, resolve_kv_dtype
 from starqa.engine.distributed import (RankFailure, Ranks, agree, block_plan, broadcast_object, gather_objects,
@@ -55,6 +55,7 @@ class _Prepared:
     text: str
     pages: list[dict]
     stored: bool  # already stored with the same source and settings: nothing to do
+    settings: Settings | None = None  # the settings it is stored with: an `auto` block size made a number
 
 
 def expand_sources(arguments: list[str]) -> list[str]:
@@ -103,10 +104,14 @@ def settings_signature(engine, settings: Settings) -> dict:
 
 
 def chosen_signature(signature: dict, settings: Settings) -> dict:
-    """The signature without what the user left to `auto` (dtype, KV dtype): a document stored from the same
-    source in another precision (e.g. float32 by an earlier starqa) is still the document asked for."""
-    return {key: value for key, value in signature.items()
-            if not (key == "dtype" and settings.dtype == "auto") and not (key == "kv_dtype" and settings.kv_dtype == "auto")}
+    """The signature without what the user left to `auto` (dtype, KV dtype, block size): a document stored from the
+    same source in another precision (e.g. float32 by an earlier starqa), or with other block sizes, is still the
+    document asked for."""
+    auto = {key for key, left in (("dtype", settings.dtype == "auto"), ("kv_dtype", settings.kv_dtype == "auto"),
+                                  ("block_size", settings.block_size == AUTO_BLOCK_SIZE),
+                                  ("anchor_size", settings.block_size == AUTO_BLOCK_SIZE
+                                   and settings.anchor_size is None)) if left}
+    return {key: value for key, value in signature.items() if key not in auto}
 
 
 def differences(manifest: dict, signature: dict) -> list[str]:
@@ -211,14 +216,17 @@ def _prepare(source, settings, engine, store, *, name, force, update, allow_long
     record = {"path": str(Path(source).resolve()) if source != "-" else "-", "sha256": source_sha256,
               "kind": extracted.kind}
     pages = [{"number": p.number, "start": p.start, "end": p.end} for p in extracted.pages]
+    # An update keeps the stored version's sizes where they were left to `auto`, so its unchanged blocks are taken over
+    keep = stored.manifest if update and stored is not None else None
     return _prepared_text(name, record, extracted.text, pages, settings, engine, allow_long=allow_long,
-                          label=f"'{source}'")
+                          label=f"'{source}'", keep_sizes_of=keep)
 
 
 def _prepared_text(name: str, source: dict, text: str, pages: list[dict], settings, engine, *, allow_long: bool,
-                   label: str) -> _Prepared:
+                   label: str, keep_sizes_of: dict | None = None) -> _Prepared:
     """The document to store from its extracted text and page map: its prompt's ids (checked against the model's
-    window) and manifest; `source` ({"path", "sha256", "kind"}) is what it was extracted from."""
+    window), the settings it is stored with (Settings.sized_for) and its manifest; `source` ({"path", "sha256",
+    "kind"}) is what it was extracted from."""
     template = prompt_template(engine.tokenizer)
     document_ids = engine.encode_document_text(text)
     context_ids = context_ids_for(engine.tokenizer, template, document_ids)
@@ -237,6 +245,7 @@ def _prepared_text(name: str, source: dict, text: str, pages: list[dict], settin
             f"last {sliding:,} tokens in some layers (sliding-window attention), which starqa does not implement; "
             "use a model without a sliding window (e.g. Mistral v0.2 or later) or a shorter document"
         )
+    settings = settings.sized_for(len(context_ids), stored=keep_sizes_of)
     manifest = {
         "source": dict(source),
         "model": engine.model_name,
@@ -250,7 +259,7 @@ def _prepared_text(name: str, source: dict, text: str, pages: list[dict], settin
         "pages": len(pages),
         "starqa_version": __version__,
     }
-    return _Prepared(name, context_ids, manifest, text, pages, stored=False)
+    return _Prepared(name, context_ids, manifest, text, pages, stored=False, settings=settings)
 
 
 def ingest(source: str, settings: Settings, engine, store: DocumentStore, *, name: str | None = None,
@@ -268,6 +277,7 @@ def ingest(source: str, settings: Settings, engine, store: DocumentStore, *, nam
         document = store.get(prepared.name) if ranks.is_speaker else None
         return IngestResult(name=prepared.name, document=document, phase1_ran=False)
 
+    settings = prepared.settings
     spans = plan_blocks(len(prepared.context_ids), settings.block_size)
     if ranks.is_speaker:
         stored = _store_as_speaker(prepared, settings, engine, store, spans, ranks, force=force, update=update)
@@ -298,6 +308,7 @@ def ingest_text(name: str, text: str, pages: list[dict], source: dict, settings:
     (starqa.answer.escalation stores it from the stored text, so its pages and evidence offsets are the original's)."""
     validate_name(name)
     prepared = _prepared_text(name, source, text, pages, settings, engine, allow_long=False, label=f"'{name}'")
+    settings = prepared.settings
     spans = plan_blocks(len(prepared.context_ids), settings.block_size)
     stored = _store_as_speaker(prepared, settings, engine, store, spans, Ranks(), force=True, update=False)
     phase1_s, document = stored
@@ -515,7 +526,7 @@ def check_usable(document: StoredDocument, engine, settings: Settings, *, explic
     precision is read as it is)."""
     signature = settings_signature(engine, settings)
     signature.pop("kv_dtype")
-    if not explicit_sizes:  # block sizes are the document's own unless the user asked for others
+    if not explicit_sizes or settings.block_size == AUTO_BLOCK_SIZE:  # the document's own unless asked for others
         signature.pop("block_size")
         signature.pop("anchor_size")
     diffs = differences(document.manifest, signature)

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from starqa import report
+from starqa.config import AUTO_BLOCK_SIZE
 from starqa.errors import StarqaError, UsageError
 
 Z95 = 1.959964
@@ -48,8 +49,9 @@ def run(settings, *, doc, qa, suite, models, model, modes, report_path, resume, 
     if unsupported:
         raise UsageError(f"{', '.join(unsupported)} do not apply to the PoC report (--models / --report)")
     block_size = options.get("block_size")
-    if block_size is not None and not str(block_size).isdigit():
-        raise UsageError(f"--block-size for the PoC report is one number of tokens (the ingest's), not {block_size!r}")
+    if block_size is not None and not (str(block_size).isdigit() or block_size == AUTO_BLOCK_SIZE):
+        raise UsageError(f"--block-size for the PoC report is one number of tokens or auto (the ingest's), "
+                         f"not {block_size!r}")
     if report_path is None and not as_json:
         raise UsageError("--models needs --report FILE (.html or .md) or --json")
     if report_path is not None:
