@@ -105,7 +105,7 @@ def test_config_file_layers_over_defaults_and_flags_win(tmp_path):
     settings = load_settings(config, max_new_tokens=8)
     assert settings.block_size == 512 and settings.effective_anchor_size == 512
     assert settings.max_new_tokens == 8
-    assert load_settings().block_size == 1024
+    assert load_settings().block_size == "auto"
 
 
 def test_config_rejects_unknown_keys_and_wrong_types_by_name(tmp_path):
