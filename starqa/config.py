@@ -67,7 +67,7 @@ class Settings:
         if stored is not None:
             anchor = stored["anchor_size"] if self.anchor_size is None else self.anchor_size
             return dataclasses.replace(self, block_size=stored["block_size"], anchor_size=anchor)
-        return dataclasses.replace(self, block_size=auto_block_size(context_tokens))
+        return dataclasses.replace(self, block_size=block_size_for(self.block_size, context_tokens))
 
 
 AUTO_BLOCK_SIZE = "auto"
@@ -82,6 +82,11 @@ def auto_block_size(context_tokens: int) -> int:
     much. Multiples of 1,024 keep the sizes few, so documents of similar length share block sizes."""
     steps = max(1, (context_tokens + 2 * _AUTO_BLOCK_STEP) // (4 * _AUTO_BLOCK_STEP))  # nearest, halves up
     return steps * _AUTO_BLOCK_STEP
+
+
+def block_size_for(block_size: int | str, context_tokens: int) -> int:
+    """A block size setting (tokens, or auto) as tokens for a context this long."""
+    return auto_block_size(context_tokens) if block_size == AUTO_BLOCK_SIZE else block_size
 
 
 # Accepted Python types per key (bool is excluded from int on purpose: `block_size: yes` is a typo).

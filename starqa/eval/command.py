@@ -361,8 +361,7 @@ def _run(engine, cases, specs, settings, max_new_tokens, log, keep=None):
         progress_id = bar.add_task("eval", total=sum(len(modes) for _, modes in plan))
         runner = EvalRunner(engine, phase1_batch=settings.phase1_batch, max_new_tokens=max_new_tokens, log=log,
                             on_record=lambda record: bar.advance(progress_id),
-                            full_attention_block_size=settings.block_size if isinstance(settings.block_size, int)
-                            else None)
+                            full_attention_block_size=settings.block_size)
         if runner.previous:
             runner.check_log(plan)  # before hours of measuring, not when the first mismatching case comes up
             report.info(f"resuming: {len(runner.previous)} results already in {log.path}")

@@ -32,7 +32,7 @@ from starqa.evidence.collect import evidence_for_answer, observer_for
 from starqa.evidence.quotes import DocumentView
 from starqa.documents.text_positions import block_char_spans
 from starqa.documents.tokens import plan_blocks
-from starqa.config import auto_block_size
+from starqa.config import block_size_for
 
 RecordKey = tuple  # (task, length, index, mode, block_size, anchor_size)
 
@@ -201,7 +201,7 @@ class EvalRunner:
 
     def __init__(self, engine, *, phase1_batch: int = 4, max_new_tokens: int | None = None,
                  log: ResultLog | None = None, on_record: Callable[[dict], None] | None = None,
-                 full_attention_block_size: int | None = 1024) -> None:
+                 full_attention_block_size: int | str = 1024) -> None:
         self.engine = engine
         self.prompts = PromptBuilder(engine.hf_tokenizer)
         self.phase1_batch = phase1_batch
@@ -295,7 +295,7 @@ class EvalRunner:
         if mode.name == "full":
             # The sources of a full-attention answer are named by the blocks of the default size (as `ask` names
             # them by the stored document's blocks).
-            spans = plan_blocks(len(context_ids), self.full_attention_block_size or auto_block_size(len(context_ids)))
+            spans = plan_blocks(len(context_ids), block_size_for(self.full_attention_block_size, len(context_ids)))
             observer = observer_for(engine, spans, document_offset)
             new_ids = engine.generate_full(list(context_ids) + list(query_ids), max_new_tokens=budget,
                                            temperature=0.0, observe_prefix=observer)
